@@ -1,0 +1,196 @@
+"""The one place that imports diffusers / transformers model classes.
+
+Flax models end at diffusers 0.39.x and transformers 4.57.x; keeping every import of their classes here
+makes replacing them a one-place change. Everything else in jaxconcept sees plain Flax modules, param
+pytrees and the small functions below.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any
+
+import jax.numpy as jnp
+
+
+class _DropDeprecation(logging.Filter):
+    """diffusers' Flax modules log a deprecation warning on every `setup` (i.e. every trace)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Flax classes are deprecated" in msg or "will be removed in Diffusers" in msg)
+
+
+def _silence_deprecations() -> None:
+    for name in ("diffusers", "transformers"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropDeprecation) for f in lg.filters):
+            lg.addFilter(_DropDeprecation())
+    # the filter above must sit on the loggers that emit, not just on the parent
+    from diffusers.utils import logging as dlogging
+
+    for mod in (
+        "diffusers.models.attention_flax",
+        "diffusers.models.unets.unet_2d_blocks_flax",
+        "diffusers.models.unets.unet_2d_condition_flax",
+        "diffusers.models.resnet_flax",
+        "diffusers.models.vae_flax",
+        "diffusers.models.embeddings_flax",
+        "diffusers.models.modeling_flax_utils",
+        "diffusers.schedulers.scheduling_utils_flax",
+        "diffusers.schedulers.scheduling_ddpm_flax",
+        "diffusers.schedulers.scheduling_ddim_flax",
+    ):
+        lg = dlogging.get_logger(mod)
+        if not any(isinstance(f, _DropDeprecation) for f in lg.filters):
+            lg.addFilter(_DropDeprecation())
+    # "ftfy or spacy is not installed": harmless, CLIP falls back to its BasicTokenizer.
+    logging.getLogger("transformers.models.clip.tokenization_clip").setLevel(logging.ERROR)
+
+
+_silence_deprecations()
+
+from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_flax import FlaxAttention  # noqa: E402
+from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
+
+__all__ = [
+    "CrossAttentionModule",
+    "ddpm_scheduler",
+    "is_attention_module",
+    "load_clip_text",
+    "load_flax_unet",
+    "load_flax_vae",
+    "load_tokenizer",
+    "pt_to_flax_key",
+    "save_flax_components",
+    "text_encoder_from_config",
+    "text_encoder_with_vocab",
+    "tokenizer_from_files",
+    "unet_from_config",
+    "vae_from_config",
+]
+
+CrossAttentionModule = FlaxAttention
+
+
+def is_attention_module(module: Any) -> bool:
+    return isinstance(module, FlaxAttention)
+
+
+# ---------------------------------------------------------------- UNet / VAE
+
+
+def unet_from_config(config: dict, dtype=jnp.float32):
+    return FlaxUNet2DConditionModel.from_config(dict(config), dtype=dtype)
+
+
+def vae_from_config(config: dict, dtype=jnp.float32):
+    return FlaxAutoencoderKL.from_config(dict(config), dtype=dtype)
+
+
+def load_flax_unet(folder: str, dtype=jnp.float32):
+    """(module, params) from a folder holding `config.json` + `diffusion_flax_model.msgpack`."""
+    return FlaxUNet2DConditionModel.from_pretrained(folder, dtype=dtype)
+
+
+def load_flax_vae(folder: str, dtype=jnp.float32):
+    return FlaxAutoencoderKL.from_pretrained(folder, dtype=dtype)
+
+
+def unet_config_dict(module) -> dict:
+    return _public_config(module.config)
+
+
+def vae_config_dict(module) -> dict:
+    return _public_config(module.config)
+
+
+def _public_config(cfg) -> dict:
+    return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+
+
+def pt_to_flax_key(pt_key: str, tensor, flax_shapes: dict):
+    """Map one PyTorch state-dict entry to (flax tuple key, array) using diffusers' own renaming rules."""
+    tuple_key = tuple(rename_key(pt_key).split("."))
+    return rename_key_and_reshape_tensor(tuple_key, tensor, flax_shapes)
+
+
+# ---------------------------------------------------------------- text
+
+
+def text_encoder_from_config(config: dict, dtype=jnp.float32):
+    return FlaxCLIPTextModule(CLIPTextConfig(**config), dtype=dtype)
+
+
+def text_encoder_with_vocab(module, vocab_size: int):
+    """Same text encoder, embedding table of `vocab_size` rows (linen checks param shapes)."""
+    cfg = copy.deepcopy(module.config)
+    cfg.vocab_size = int(vocab_size)
+    return FlaxCLIPTextModule(cfg, dtype=module.dtype)
+
+
+def text_config_dict(module) -> dict:
+    return module.config.to_dict()
+
+
+def load_clip_text(folder: str, dtype=jnp.float32):
+    """(module, params) from a transformers folder with `flax_model.msgpack` or PyTorch `model.safetensors`.
+
+    transformers reads a PyTorch safetensors file into Flax without torch.
+    """
+    model, params = FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)
+    return model.module, params
+
+
+def tokenizer_from_files(vocab_file: str, merges_file: str, **kwargs):
+    return CLIPTokenizer(vocab_file, merges_file, **kwargs)
+
+
+def load_tokenizer(folder: str):
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- schedulers
+
+
+def _accepted(cls, config: dict) -> dict:
+    # SD folders ship e.g. a PNDM config; keep the keys this class takes (betas, steps, prediction type)
+    names = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in dict(config or {}).items() if k in names and k != "dtype"}
+
+
+def ddpm_scheduler(config: dict | None = None):
+    """(scheduler, state) for the training noise schedule."""
+    sched = FlaxDDPMScheduler(**_accepted(FlaxDDPMScheduler, config))
+    return sched, sched.create_state()
+
+
+def ddim_scheduler(config: dict):
+    sched = FlaxDDIMScheduler(**_accepted(FlaxDDIMScheduler, config))
+    return sched, sched.create_state()
+
+
+def scheduler_config_dict(scheduler) -> dict:
+    return _public_config(scheduler.config)
+
+
+# ---------------------------------------------------------------- saving (Flax format)
+
+
+def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, scheduler, params) -> None:
+    """Write a diffusers-layout folder with Flax weights (msgpack), loadable by `load_model(folder)`."""
+    import os
+
+    unet_cls = FlaxUNet2DConditionModel.from_config(unet_config_dict(unet))
+    unet_cls.save_pretrained(os.path.join(folder, "unet"), params=params["unet"])
+    vae_cls = FlaxAutoencoderKL.from_config(vae_config_dict(vae))
+    vae_cls.save_pretrained(os.path.join(folder, "vae"), params=params["vae"])
+    te = FlaxCLIPTextModel(text_encoder.config, _do_init=False)
+    te.save_pretrained(os.path.join(folder, "text_encoder"), params=params["text_encoder"])
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    scheduler.save_config(os.path.join(folder, "scheduler"))

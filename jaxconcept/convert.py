@@ -1,0 +1,88 @@
+"""PyTorch diffusers weights -> Flax params, without torch.
+
+Reads `*.safetensors` with `safetensors.numpy`, renames and reshapes each entry with diffusers' own rules
+against a shape-only tree of the Flax module (`jax.eval_shape` of its init), and checks that every Flax
+parameter was filled with the right shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import load_file
+
+from . import adapter
+from .errors import ModelSourceError
+
+log = logging.getLogger(__name__)
+
+
+def read_safetensors(folder: str, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
+    """All tensors of `<stem>[.<variant>].safetensors`, or of its shards listed in the `.index.json`."""
+    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    single, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
+    if os.path.isfile(single):
+        return _load(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        out: dict[str, np.ndarray] = {}
+        for shard in shards:
+            out.update(_load(os.path.join(folder, shard)))
+        return out
+    raise ModelSourceError(f"no {name} (or {name}.index.json) in {folder}")
+
+
+def _load(path: str) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except Exception as first:  # safetensors raises its own error types for truncated/corrupt files
+        try:  # numpy has no bfloat16: the Flax reader does (via ml_dtypes)
+            from safetensors.flax import load_file as load_flax
+
+            return {k: np.asarray(v.astype(jnp.float32)) for k, v in load_flax(path).items()}
+        except Exception:
+            raise ModelSourceError(
+                f"cannot read weights file {path}: {first}. Re-download or re-save it."
+            ) from first
+
+
+def pt_state_to_flax(
+    pt_state: Mapping[str, np.ndarray], shapes: Mapping, *, what: str, dtype=jnp.float32
+) -> dict:
+    """Flax params (nested dict) for a PyTorch state dict, given the module's shape tree."""
+    flat_shapes = flatten_dict(shapes)
+    flat: dict[tuple, np.ndarray] = {}
+    unexpected = []
+    for pt_key, tensor in pt_state.items():
+        key, value = adapter.pt_to_flax_key(pt_key, tensor, flat_shapes)
+        if key not in flat_shapes:
+            unexpected.append(pt_key)
+            continue
+        if tuple(value.shape) != tuple(flat_shapes[key].shape):
+            raise ModelSourceError(
+                f"{what}: weight {pt_key} has shape {tuple(value.shape)} but the model built from its "
+                f"config.json expects {tuple(flat_shapes[key].shape)}; config and weights do not match."
+            )
+        flat[key] = value
+    missing = [".".join(k) for k in flat_shapes if k not in flat]
+    if missing:
+        raise ModelSourceError(
+            f"{what}: {len(missing)} parameters are missing from the PyTorch weights, e.g. {missing[:3]}. "
+            "The weights do not belong to this architecture (or use a layout diffusers' Flax models lack)."
+        )
+    if unexpected:
+        log.warning("%s: ignored %d unexpected weights, e.g. %s", what, len(unexpected), unexpected[:3])
+    return unflatten_dict({k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype) for k, v in flat.items()})
+
+
+def shape_tree(init_fn) -> dict:
+    """Shapes of a module's params without computing them."""
+    return jax.eval_shape(init_fn, jax.random.key(0))

@@ -1,0 +1,306 @@
+"""Loading a Stable Diffusion model into a small immutable bundle of Flax modules and params.
+
+`load_model(source)` takes
+  * a named configuration: "tiny" (seeded random weights, for tests and quick runs);
+  * a local diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) with Flax weights
+    (`*.msgpack`) or PyTorch weights (`*.safetensors`, converted without torch);
+  * a Hugging Face hub id, downloaded (only the files needed) or taken from the local cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from . import adapter, bpe, convert
+from .errors import ModelSourceError
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+
+# Stable Diffusion's training noise schedule, used when a folder has no scheduler config.
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    """Modules (static, hashable) and params (a pytree) of one Stable Diffusion model."""
+
+    tokenizer: Any
+    text_encoder: Any  # flax.linen.Module: input_ids -> hidden states
+    unet: Any  # flax.linen.Module: (latents NCHW, t, context) -> eps
+    vae: Any  # flax.linen.Module with .encode / .decode
+    scheduler: Any  # diffusers Flax DDPM scheduler (training noise schedule)
+    scheduler_state: Any
+    params: dict  # {"text_encoder": ..., "unet": ..., "vae": ...}
+    dtype: Any = jnp.float32
+    source: str = ""
+
+    def replace(self, **changes) -> "ModelBundle":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_factor(self) -> int:
+        """Image pixels per latent pixel."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image size the UNet was trained at."""
+        return int(self.unet.config.sample_size) * self.vae_factor
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt, including the start and end tokens."""
+        return int(self.text_encoder.config.max_position_embeddings)
+
+
+def as_dtype(dtype) -> Any:
+    names = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise ModelSourceError(f"unknown dtype {dtype!r}: use 'float32' or 'bfloat16'")
+        return names[dtype]
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ModelSourceError(f"unsupported dtype {dtype}: use float32 or bfloat16")
+    return dtype
+
+
+def cast_floating(tree, dtype):
+    """Cast floating leaves (diffusers' own to_bf16 uses the removed jax.tree_map)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def load_model(
+    source: str = "tiny", dtype="float32", *, revision: str | None = None, variant: str | None = None,
+    seed: int = 0,
+) -> ModelBundle:
+    """Load a model bundle from a named config, a local folder or a hub id (see module docstring)."""
+    dtype = as_dtype(dtype)
+    if source in NAMED_MODELS:
+        return NAMED_MODELS[source](dtype=dtype, seed=seed)
+    if os.path.exists(source):
+        return load_folder(source, dtype, variant=variant)
+    if _looks_like_hub_id(source):
+        return load_folder(download(source, revision=revision), dtype, variant=variant, source=source)
+    raise ModelSourceError(
+        f"model source {source!r} is neither a named model ({', '.join(NAMED_MODELS)}), an existing folder, "
+        "nor a hub id of the form 'owner/name'."
+    )
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
+
+
+# ------------------------------------------------------------------------------------------ hub
+
+
+def _hub_patterns(files: list[str] | None, variant: str | None) -> list[str]:
+    configs = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    suffix = f".{variant}" if variant else ""
+    flax = ["unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack", "text_encoder/flax_model.msgpack"]
+    torch = [
+        f"unet/diffusion_pytorch_model{suffix}.safetensors*", f"vae/diffusion_pytorch_model{suffix}.safetensors*",
+        f"text_encoder/model{suffix}.safetensors*",
+    ]
+    if files is not None and all(f in files for f in flax):
+        return configs + flax  # a repo with Flax weights: take only those
+    if files is not None:
+        return configs + torch
+    return configs + flax + torch  # unknown listing (offline): the cache decides
+
+
+def download(repo_id: str, revision: str | None = None, variant: str | None = None) -> str:
+    """Local folder with the files `load_folder` needs, from the hub or the local cache."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = None
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            files = HfApi().list_repo_files(repo_id, revision=revision)
+        except Exception as e:  # offline, private, missing: snapshot_download says which below
+            log.info("could not list %s on the hub (%s); trying the local cache", repo_id, e)
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=_hub_patterns(files, variant))
+    except Exception as e:
+        raise ModelSourceError(
+            f"could not get model {repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            "It is neither downloadable now nor in the local Hugging Face cache. Either connect to the network "
+            f"(and log in with `huggingface-cli login` if the repo is gated), download it once with "
+            f"`huggingface-cli download {repo_id}`, or pass a local diffusers folder instead."
+        ) from e
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, source: str | None = None) -> ModelBundle:
+    if not os.path.isdir(folder):
+        raise ModelSourceError(f"model folder {folder!r} is not a directory")
+    missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(folder, c))]
+    if missing:
+        raise ModelSourceError(
+            f"model folder {folder!r} lacks {', '.join(m + '/' for m in missing)}: expected a diffusers-layout "
+            "Stable Diffusion folder (as written by save_pretrained) with unet/, vae/, text_encoder/, tokenizer/."
+        )
+    unet, unet_params = _load_diffusers_component(folder, "unet", adapter.unet_from_config, adapter.load_flax_unet, dtype, variant)
+    vae, vae_params = _load_diffusers_component(folder, "vae", adapter.vae_from_config, adapter.load_flax_vae, dtype, variant)
+    try:
+        text_encoder, text_params = adapter.load_clip_text(os.path.join(folder, "text_encoder"), dtype=dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelSourceError(f"cannot load text_encoder/ of {folder!r}: {e}") from e
+    try:
+        tokenizer = adapter.load_tokenizer(os.path.join(folder, "tokenizer"))
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelSourceError(f"cannot load tokenizer/ of {folder!r}: {e}") from e
+    sched_cfg = os.path.join(folder, "scheduler", "scheduler_config.json")
+    sched_config = _read_json(sched_cfg) if os.path.isfile(sched_cfg) else SD_SCHEDULER
+    scheduler, scheduler_state = adapter.ddpm_scheduler(sched_config)
+    params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
+    return ModelBundle(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
+        scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source or folder,
+    )
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"cannot read {path}: {e}") from e
+
+
+def _load_diffusers_component(folder, name, from_config, load_flax, dtype, variant):
+    sub = os.path.join(folder, name)
+    if not os.path.isfile(os.path.join(sub, "config.json")):
+        raise ModelSourceError(f"{sub} has no config.json")
+    if os.path.isfile(os.path.join(sub, "diffusion_flax_model.msgpack")):
+        try:
+            return load_flax(sub, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ModelSourceError(f"cannot load Flax weights of {sub}: {e}") from e
+    stems = [f for f in os.listdir(sub) if f.endswith(".safetensors") or f.endswith(".safetensors.index.json")]
+    if not stems:
+        only_bin = any(f.endswith(".bin") for f in os.listdir(sub))
+        raise ModelSourceError(
+            f"{sub} has no Flax (.msgpack) or safetensors weights"
+            + (": only PyTorch .bin files, which need torch; re-save them as safetensors." if only_bin else ".")
+        )
+    module = from_config(_read_json(os.path.join(sub, "config.json")), dtype=dtype)
+    shapes = convert.shape_tree(module.init_weights)
+    state = convert.read_safetensors(sub, "diffusion_pytorch_model", variant)
+    return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype)
+
+
+def save_flax(bundle: ModelBundle, folder: str) -> None:
+    """Write the bundle as a diffusers-layout folder with Flax weights."""
+    os.makedirs(folder, exist_ok=True)
+    adapter.save_flax_components(
+        folder, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
+        scheduler=bundle.scheduler, params=cast_floating(bundle.params, jnp.float32),
+    )
+
+
+# ------------------------------------------------------------------------------------------ tiny
+
+
+TINY_WORDS = (
+    "a photo of an and the at in on with by painting drawing sketch "
+    "person man woman dog cat bear teddy toy car chair vase cup "
+    "background beach forest city street room grass sand snow "
+    "red green blue yellow white black striped dotted small big"
+).split()
+
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=32,
+)
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=4, cross_attention_dim=32,
+)
+
+TINY_VAE = dict(
+    sample_size=32, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, scaling_factor=0.18215,
+)
+
+
+def random_params(shapes, seed: int) -> dict:
+    """Seeded params with Flax's default scaling, from a shape tree: compiling `init` of a UNet on CPU
+    takes ~30 s, this takes milliseconds. Kernels lecun-normal, embeddings N(0, 1), scales 1, biases 0."""
+    rng = np.random.default_rng(seed)
+    flat = flatten_dict(shapes)
+    out = {}
+    for path in sorted(flat):
+        shape, name = flat[path].shape, path[-1]
+        if name == "scale":
+            value = np.ones(shape, np.float32)
+        elif name == "bias":
+            value = np.zeros(shape, np.float32)
+        elif name == "embedding":
+            value = rng.standard_normal(shape, np.float32)
+        else:
+            fan_in = int(np.prod(shape[:-1])) or 1
+            value = rng.standard_normal(shape, np.float32) / np.sqrt(fan_in)
+        out[path] = jnp.asarray(value)
+    return unflatten_dict(out)
+
+
+def tiny_tokenizer(words=TINY_WORDS, max_length: int = 77):
+    with tempfile.TemporaryDirectory() as d:
+        vocab, merges = bpe.write_vocab(d, words)
+        return adapter.tokenizer_from_files(vocab, merges, model_max_length=max_length)
+
+
+def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
+    """A tiny SD (latent 16x16, image 32x32) with seeded random weights: every real code path, no download."""
+    tokenizer = tiny_tokenizer()
+    text_cfg = dict(TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = adapter.text_encoder_from_config(text_cfg, dtype=dtype)
+    unet = adapter.unet_from_config(TINY_UNET, dtype=dtype)
+    vae = adapter.vae_from_config(TINY_VAE, dtype=dtype)
+    ids = jnp.zeros((1, TINY_TEXT["max_position_embeddings"]), jnp.int32)
+    text_init = lambda rng: text_encoder.init(rng, ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))["params"]
+    params = {
+        "text_encoder": random_params(convert.shape_tree(text_init), seed),
+        "unet": random_params(convert.shape_tree(unet.init_weights), seed + 1),
+        "vae": random_params(convert.shape_tree(vae.init_weights), seed + 2),
+    }
+    scheduler, scheduler_state = adapter.ddpm_scheduler(SD_SCHEDULER)
+    return ModelBundle(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
+        scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source="tiny",
+    )
+
+
+NAMED_MODELS = {"tiny": tiny_model}
