@@ -20,32 +20,35 @@ class _DropDeprecation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not ("Flax classes are deprecated" in msg or "will be removed in Diffusers" in msg)
+        return not ("classes are deprecated" in msg and "will be removed" in msg)
+
+
+_NOISY_LOGGERS = (
+    "diffusers.models.attention_flax",
+    "diffusers.models.unets.unet_2d_blocks_flax",
+    "diffusers.models.unets.unet_2d_condition_flax",
+    "diffusers.models.resnet_flax",
+    "diffusers.models.vae_flax",
+    "diffusers.models.embeddings_flax",
+    "diffusers.models.modeling_flax_utils",
+    "diffusers.schedulers.scheduling_utils_flax",
+    "diffusers.schedulers.scheduling_ddpm_flax",
+    "diffusers.schedulers.scheduling_ddim_flax",
+    "transformers.modeling_flax_utils",
+    "transformers.models.clip.modeling_flax_clip",
+)
 
 
 def _silence_deprecations() -> None:
-    for name in ("diffusers", "transformers"):
-        lg = logging.getLogger(name)
-        if not any(isinstance(f, _DropDeprecation) for f in lg.filters):
-            lg.addFilter(_DropDeprecation())
-    # the filter above must sit on the loggers that emit, not just on the parent
-    from diffusers.utils import logging as dlogging
-
-    for mod in (
-        "diffusers.models.attention_flax",
-        "diffusers.models.unets.unet_2d_blocks_flax",
-        "diffusers.models.unets.unet_2d_condition_flax",
-        "diffusers.models.resnet_flax",
-        "diffusers.models.vae_flax",
-        "diffusers.models.embeddings_flax",
-        "diffusers.models.modeling_flax_utils",
-        "diffusers.schedulers.scheduling_utils_flax",
-        "diffusers.schedulers.scheduling_ddpm_flax",
-        "diffusers.schedulers.scheduling_ddim_flax",
-    ):
-        lg = dlogging.get_logger(mod)
-        if not any(isinstance(f, _DropDeprecation) for f in lg.filters):
-            lg.addFilter(_DropDeprecation())
+    # A logger's filters only see records logged on that logger, not those propagated from children:
+    # attach to each emitting module logger and to the libraries' own handlers.
+    drop = _DropDeprecation()
+    targets = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    for lib in ("diffusers", "transformers"):
+        targets += logging.getLogger(lib).handlers
+    for target in targets:
+        if not any(isinstance(f, _DropDeprecation) for f in target.filters):
+            target.addFilter(drop)
     # "ftfy or spacy is not installed": harmless, CLIP falls back to its BasicTokenizer.
     logging.getLogger("transformers.models.clip.tokenization_clip").setLevel(logging.ERROR)
 
@@ -57,12 +60,17 @@ from diffusers.models.attention_flax import FlaxAttention  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
+from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor as _hf_rename  # noqa: E402
+
+_silence_deprecations()  # again: the imports above created the libraries' handlers
 
 __all__ = [
     "CrossAttentionModule",
     "ddpm_scheduler",
     "is_attention_module",
-    "load_clip_text",
+    "load_flax_clip_text",
+    "pt_to_flax_text_key",
+    "text_init_fn",
     "load_flax_unet",
     "load_flax_vae",
     "load_tokenizer",
@@ -138,13 +146,27 @@ def text_config_dict(module) -> dict:
     return module.config.to_dict()
 
 
-def load_clip_text(folder: str, dtype=jnp.float32):
-    """(module, params) from a transformers folder with `flax_model.msgpack` or PyTorch `model.safetensors`.
-
-    transformers reads a PyTorch safetensors file into Flax without torch.
-    """
+def load_flax_clip_text(folder: str, dtype=jnp.float32):
+    """(module, params) from a transformers folder with `flax_model.msgpack`."""
     model, params = FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)
     return model.module, params
+
+
+def text_init_fn(module, length: int | None = None):
+    """rng -> params of a CLIP text module (for shape trees)."""
+    length = length or module.config.max_position_embeddings
+
+    def init(rng):
+        ids = jnp.zeros((1, length), jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(length), ids.shape)
+        return module.init(rng, ids, jnp.ones_like(ids), pos)["params"]
+
+    return init
+
+
+def pt_to_flax_text_key(pt_key: str, tensor, flax_shapes: dict):
+    """Map one PyTorch CLIPTextModel entry to (flax tuple key, array) with transformers' rules."""
+    return _hf_rename(tuple(pt_key.split(".")), tensor, flax_shapes, "text_model")
 
 
 def tokenizer_from_files(vocab_file: str, merges_file: str, **kwargs):

@@ -54,15 +54,26 @@ def _load(path: str) -> dict[str, np.ndarray]:
             ) from first
 
 
+# PyTorch buffers with no Flax counterpart (CLIP's position_ids in older checkpoints)
+_BUFFERS = ("position_ids",)
+
+
 def pt_state_to_flax(
-    pt_state: Mapping[str, np.ndarray], shapes: Mapping, *, what: str, dtype=jnp.float32
+    pt_state: Mapping[str, np.ndarray], shapes: Mapping, *, what: str, dtype=jnp.float32,
+    rename=adapter.pt_to_flax_key,
 ) -> dict:
-    """Flax params (nested dict) for a PyTorch state dict, given the module's shape tree."""
+    """Flax params (nested dict) for a PyTorch state dict, given the module's shape tree.
+
+    rename: (pt_key, tensor, flat_shapes) -> (flax tuple key, tensor); diffusers' rules by default,
+    `adapter.pt_to_flax_text_key` for transformers' CLIP.
+    """
     flat_shapes = flatten_dict(shapes)
     flat: dict[tuple, np.ndarray] = {}
     unexpected = []
     for pt_key, tensor in pt_state.items():
-        key, value = adapter.pt_to_flax_key(pt_key, tensor, flat_shapes)
+        if pt_key.endswith(_BUFFERS):
+            continue
+        key, value = rename(pt_key, tensor, flat_shapes)
         if key not in flat_shapes:
             unexpected.append(pt_key)
             continue

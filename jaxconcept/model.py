@@ -102,6 +102,8 @@ def load_model(
         return NAMED_MODELS[source](dtype=dtype, seed=seed)
     if os.path.exists(source):
         return load_folder(source, dtype, variant=variant)
+    if source.startswith((".", "/", "~")) or source.endswith("/") or source.count("/") > 1:
+        raise ModelSourceError(f"model folder {source!r} does not exist")
     if _looks_like_hub_id(source):
         return load_folder(download(source, revision=revision), dtype, variant=variant, source=source)
     raise ModelSourceError(
@@ -137,13 +139,16 @@ def download(repo_id: str, revision: str | None = None, variant: str | None = No
     from huggingface_hub import HfApi, snapshot_download
 
     files = None
-    if not os.environ.get("HF_HUB_OFFLINE"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline:
         try:
             files = HfApi().list_repo_files(repo_id, revision=revision)
         except Exception as e:  # offline, private, missing: snapshot_download says which below
             log.info("could not list %s on the hub (%s); trying the local cache", repo_id, e)
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=_hub_patterns(files, variant))
+        return snapshot_download(
+            repo_id, revision=revision, allow_patterns=_hub_patterns(files, variant), local_files_only=offline
+        )
     except Exception as e:
         raise ModelSourceError(
             f"could not get model {repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
@@ -168,10 +173,7 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
         )
     unet, unet_params = _load_diffusers_component(folder, "unet", adapter.unet_from_config, adapter.load_flax_unet, dtype, variant)
     vae, vae_params = _load_diffusers_component(folder, "vae", adapter.vae_from_config, adapter.load_flax_vae, dtype, variant)
-    try:
-        text_encoder, text_params = adapter.load_clip_text(os.path.join(folder, "text_encoder"), dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelSourceError(f"cannot load text_encoder/ of {folder!r}: {e}") from e
+    text_encoder, text_params = _load_text_encoder(os.path.join(folder, "text_encoder"), dtype, variant)
     try:
         tokenizer = adapter.load_tokenizer(os.path.join(folder, "tokenizer"))
     except (OSError, ValueError, TypeError) as e:
@@ -216,6 +218,20 @@ def _load_diffusers_component(folder, name, from_config, load_flax, dtype, varia
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype)
 
 
+def _load_text_encoder(sub: str, dtype, variant):
+    if not os.path.isfile(os.path.join(sub, "config.json")):
+        raise ModelSourceError(f"{sub} has no config.json")
+    if os.path.isfile(os.path.join(sub, "flax_model.msgpack")):
+        try:
+            return adapter.load_flax_clip_text(sub, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ModelSourceError(f"cannot load Flax weights of {sub}: {e}") from e
+    module = adapter.text_encoder_from_config(_read_json(os.path.join(sub, "config.json")), dtype=dtype)
+    shapes = convert.shape_tree(adapter.text_init_fn(module))
+    state = convert.read_safetensors(sub, "model", variant)
+    return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype, rename=adapter.pt_to_flax_text_key)
+
+
 def save_flax(bundle: ModelBundle, folder: str) -> None:
     """Write the bundle as a diffusers-layout folder with Flax weights."""
     os.makedirs(folder, exist_ok=True)
@@ -228,12 +244,12 @@ def save_flax(bundle: ModelBundle, folder: str) -> None:
 # ------------------------------------------------------------------------------------------ tiny
 
 
-TINY_WORDS = (
+TINY_WORDS = tuple((
     "a photo of an and the at in on with by painting drawing sketch "
     "person man woman dog cat bear teddy toy car chair vase cup "
     "background beach forest city street room grass sand snow "
     "red green blue yellow white black striped dotted small big"
-).split()
+).split())
 
 TINY_TEXT = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -289,10 +305,8 @@ def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     text_encoder = adapter.text_encoder_from_config(text_cfg, dtype=dtype)
     unet = adapter.unet_from_config(TINY_UNET, dtype=dtype)
     vae = adapter.vae_from_config(TINY_VAE, dtype=dtype)
-    ids = jnp.zeros((1, TINY_TEXT["max_position_embeddings"]), jnp.int32)
-    text_init = lambda rng: text_encoder.init(rng, ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))["params"]
     params = {
-        "text_encoder": random_params(convert.shape_tree(text_init), seed),
+        "text_encoder": random_params(convert.shape_tree(adapter.text_init_fn(text_encoder)), seed),
         "unet": random_params(convert.shape_tree(unet.init_weights), seed + 1),
         "vae": random_params(convert.shape_tree(vae.init_weights), seed + 2),
     }

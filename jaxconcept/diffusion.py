@@ -1,0 +1,29 @@
+"""Diffusion math and the VAE, as pure functions.
+
+Conventions: images are B x H x W x 3 floats in [-1, 1]; latents are B x C x h x w (the UNet's layout),
+unscaled out of the VAE and multiplied by the bundle's `latent_scale` before the UNet sees them.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def encode_images(vae, vae_params, images_BxHxWx3):
+    """(mean, std) of the VAE posterior, each B x C x h x w, unscaled."""
+    images_BxCxHxW = jnp.transpose(images_BxHxWx3, (0, 3, 1, 2))
+    dist = vae.apply({"params": vae_params}, images_BxCxHxW, method=vae.encode).latent_dist
+    # diffusers' Flax posterior is channels-last
+    return jnp.transpose(dist.mean, (0, 3, 1, 2)), jnp.transpose(dist.std, (0, 3, 1, 2))
+
+
+def decode_latents(vae, vae_params, latents_BxCxhxw):
+    """Images B x H x W x 3 (about [-1, 1]) from unscaled latents."""
+    images_BxCxHxW = vae.apply({"params": vae_params}, latents_BxCxhxw, method=vae.decode).sample
+    return jnp.transpose(images_BxCxHxW, (0, 2, 3, 1))
+
+
+def add_noise(alphas_cumprod_T, latents_BxCxhxw, noise_BxCxhxw, timesteps_B):
+    """Forward process q(z_t | z_0) = sqrt(a_t) z_0 + sqrt(1 - a_t) eps."""
+    a_t = alphas_cumprod_T[timesteps_B].astype(latents_BxCxhxw.dtype)[:, None, None, None]
+    return jnp.sqrt(a_t) * latents_BxCxhxw + jnp.sqrt(1.0 - a_t) * noise_BxCxhxw

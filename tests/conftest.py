@@ -1,0 +1,25 @@
+"""Test set-up: 4 simulated CPU devices for the multi-device tests (must be set before jax starts)."""
+
+import os
+
+_flag = "--xla_force_host_platform_device_count=4"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from jaxconcept import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_with_concepts(tiny):
+    from jaxconcept import tokens
+
+    return tokens.add_concept_tokens(tiny, ["<v1>", "<v2>"], ["dog", None], seed=0)

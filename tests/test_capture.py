@@ -1,0 +1,97 @@
+"""Attention capture through intercepted Flax modules: exactness, selection, gradients to concept rows."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxconcept import aggregate, capture, tokens
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_with_concepts):
+    bundle, concepts = tiny_with_concepts
+    ids = tokens.tokenize(bundle.tokenizer, ["a photo of <v1> and <v2>"] * 2, bundle.max_length)
+    latents = jax.random.normal(jax.random.key(0), (2, 4, 16, 16))
+    t = jnp.array([10, 700])
+    context = tokens.text_hidden_states(bundle.text_encoder, bundle.params["text_encoder"], jnp.asarray(ids))
+    return ids, latents, t, context
+
+
+def test_capture_changes_nothing(tiny_with_concepts, batch):
+    bundle, _ = tiny_with_concepts
+    _, latents, t, context = batch
+    p = bundle.params["unet"]
+    plain = jax.jit(functools.partial(capture.unet_eps, bundle.unet))(p, latents, t, context)
+    eps, maps = jax.jit(functools.partial(capture.unet_with_attention, bundle.unet))(p, latents, t, context)
+    np.testing.assert_array_equal(eps, plain)
+    assert len(maps) == 7
+    for name, probs in maps.items():
+        assert name.endswith("attn2") and probs.shape[0] == 2 and probs.shape[-1] == 77
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_selector_keeps_only_what_it_names(tiny_with_concepts, batch):
+    bundle, _ = tiny_with_concepts
+    _, latents, _, context = batch
+    p = bundle.params["unet"]
+    by_res = capture.layer_names(bundle.unet, p, latents, context, capture.LayerSelector(resolutions=(8,)))
+    assert set(by_res) == {
+        "down_blocks_1/attentions_0/transformer_blocks_0/attn2",
+        "up_blocks_1/attentions_0/transformer_blocks_0/attn2",
+        "up_blocks_1/attentions_1/transformer_blocks_0/attn2",
+    }
+    assert all(grid == (8, 8) and heads == 4 for grid, heads in by_res.values())
+    sel = capture.LayerSelector(resolutions=(8, 4), include=("down_blocks", "mid_block"), exclude=("mid_block",))
+    assert set(capture.layer_names(bundle.unet, p, latents, context, sel)) == {
+        "down_blocks_1/attentions_0/transformer_blocks_0/attn2"
+    }
+    assert capture.grid_of(16, (4, 16)) == (2, 8) and capture.grid_of(4, (4, 16)) == (1, 4)
+    with pytest.raises(ValueError, match="do not tile"):
+        capture.grid_of(32, (4, 16))
+
+
+def test_split_head_dim_path_gives_the_same_maps(tiny_with_concepts, batch):
+    bundle, _ = tiny_with_concepts
+    _, latents, t, context = batch
+    sel = capture.LayerSelector(resolutions=(16,))
+    fn = lambda unet: jax.jit(functools.partial(capture.unet_with_attention, unet, selector=sel))
+    eps_a, maps_a = fn(bundle.unet)(bundle.params["unet"], latents, t, context)
+    eps_b, maps_b = fn(bundle.unet.clone(split_head_dim=True))(bundle.params["unet"], latents, t, context)
+    np.testing.assert_allclose(eps_a, eps_b, rtol=1e-5, atol=1e-5)
+    for k in maps_a:
+        np.testing.assert_allclose(maps_a[k], maps_b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_loss_gradient_reaches_only_concept_rows(tiny_with_concepts, batch):
+    bundle, c = tiny_with_concepts
+    ids, latents, t, _ = batch
+    positions = tokens.token_positions(ids[0], c.ids)
+    target = jnp.zeros((2, 2, 16, 16)).at[:, 0, :8].set(1.0).at[:, 1, 8:].set(1.0)
+    te, tp, unet, up = bundle.text_encoder, bundle.params["text_encoder"], bundle.unet, bundle.params["unet"]
+
+    def loss(rows):
+        context = tokens.text_hidden_states(te, tp, jnp.asarray(ids), c.ids_array, rows)
+        _, maps = capture.unet_with_attention(unet, up, latents, t, context)
+        return jnp.mean((aggregate.aggregate_maps(maps, (16, 16), positions) - target) ** 2)
+
+    rows = jnp.asarray(c.init_rows)
+    opt = optax.adamw(5e-4, weight_decay=1e-2)
+    state = opt.init(rows)
+
+    @jax.jit
+    def step(rows, state):
+        value, grad = jax.value_and_grad(loss)(rows)
+        updates, state = opt.update(grad, state, rows)
+        return optax.apply_updates(rows, updates), state, value, grad
+
+    new_rows, _, value, grad = step(rows, state)
+    assert np.isfinite(value) and np.isfinite(grad).all()
+    assert (np.abs(np.asarray(grad)).sum(axis=1) > 0).all()  # each concept row gets a gradient
+    table = tokens.embedding_table(tp)
+    spliced = tokens.splice_rows(table, c.ids_array, new_rows)
+    changed = np.flatnonzero(np.abs(np.asarray(spliced) - np.asarray(table)).sum(axis=1) > 0)
+    assert sorted(changed.tolist()) == sorted(c.ids)
