@@ -56,7 +56,7 @@ def _silence_deprecations() -> None:
 _silence_deprecations()
 
 from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: E402
-from diffusers.models.attention_flax import FlaxAttention  # noqa: E402
+from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
@@ -88,6 +88,21 @@ CrossAttentionModule = FlaxAttention
 
 def is_attention_module(module: Any) -> bool:
     return isinstance(module, FlaxAttention)
+
+
+def is_geglu_module(module: Any) -> bool:
+    return isinstance(module, FlaxGEGLU)
+
+
+def is_transformer_group_norm(module: Any) -> bool:
+    """The GroupNorm at the input of a UNet Transformer2D block."""
+    import flax.linen as nn
+
+    return isinstance(module, nn.GroupNorm) and isinstance(module.parent, FlaxTransformer2DModel)
+
+
+# PyTorch's Transformer2DModel GroupNorm eps (diffusers' Flax port hard-codes 1e-5)
+TRANSFORMER_NORM_EPS = 1e-6
 
 
 # ---------------------------------------------------------------- UNet / VAE

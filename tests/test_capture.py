@@ -95,3 +95,40 @@ def test_attention_loss_gradient_reaches_only_concept_rows(tiny_with_concepts, b
     spliced = tokens.splice_rows(table, c.ids_array, new_rows)
     changed = np.flatnonzero(np.abs(np.asarray(spliced) - np.asarray(table)).sum(axis=1) > 0)
     assert sorted(changed.tolist()) == sorted(c.ids)
+
+
+def test_memory_efficient_unet_captures_plain_maps(tiny_with_concepts, batch):
+    """Captured layers form probabilities (plain attention); the others keep the chunked path."""
+    bundle, _ = tiny_with_concepts
+    _, latents, t, context = batch
+    sel = capture.LayerSelector(resolutions=(16,))
+    fn = lambda unet: jax.jit(functools.partial(capture.unet_with_attention, unet, selector=sel))
+    eps_a, maps_a = fn(bundle.unet)(bundle.params["unet"], latents, t, context)
+    eps_b, maps_b = fn(bundle.unet.clone(use_memory_efficient_attention=True))(bundle.params["unet"], latents, t, context)
+    np.testing.assert_allclose(eps_b, eps_a, rtol=1e-4, atol=1e-5)
+    assert set(maps_a) == set(maps_b)
+    for k in maps_a:
+        np.testing.assert_allclose(maps_b[k], maps_a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_capture_runs_close_to_float32(tiny, batch):
+    from jaxconcept import load_model
+
+    bf = load_model("tiny", dtype="bfloat16")
+    _, latents, t, _ = batch
+    ids = tokens.tokenize(tiny.tokenizer, ["a photo of a dog", "a red car"], tiny.max_length)
+    f32_ctx = tokens.text_hidden_states(tiny.text_encoder, tiny.params["text_encoder"], jnp.asarray(ids))
+    bf_ctx = tokens.text_hidden_states(bf.text_encoder, bf.params["text_encoder"], jnp.asarray(ids))
+    assert bf_ctx.dtype == jnp.bfloat16
+    sel = capture.LayerSelector(resolutions=(16,))
+    eps32, maps32 = jax.jit(functools.partial(capture.unet_with_attention, tiny.unet, selector=sel))(
+        tiny.params["unet"], latents, t, f32_ctx)
+    eps16, maps16 = jax.jit(functools.partial(capture.unet_with_attention, bf.unet, selector=sel))(
+        bf.params["unet"], latents.astype(jnp.bfloat16), t, bf_ctx)
+    assert eps16.dtype == jnp.bfloat16
+    e16, e32 = np.asarray(eps16, np.float32), np.asarray(eps32)
+    assert np.isfinite(e16).all()
+    assert np.linalg.norm(e16 - e32) / np.linalg.norm(e32) < 0.05
+    a16 = aggregate.aggregate_maps(maps16, (16, 16), [4])
+    a32 = aggregate.aggregate_maps(maps32, (16, 16), [4])
+    assert a16.dtype == jnp.float32 and float(jnp.abs(a16 - a32).max()) < 0.1

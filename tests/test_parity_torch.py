@@ -52,7 +52,8 @@ def test_unet_eps_and_every_cross_attention_map_match(pair, inputs):
     fn = jax.jit(lambda p, x, tt, c: capture.unet_with_attention(bundle.unet, p, x, tt, c))
     eps, maps = fn(bundle.params["unet"], latents, t, jnp.asarray(context.numpy()))
     err = rel_err(eps, ref_eps)
-    assert err <= TOL, f"UNet eps relative error {err:.2e}"
+    # diffusers' own Flax UNet is at 7.4e-5 here (tanh GELU, GroupNorm eps); ours restores PyTorch's: ~2e-6
+    assert err <= 2e-5, f"UNet eps relative error {err:.2e}"
     assert set(maps) == set(store) and len(maps) == 7  # every cross-attention layer of the tiny UNet
     for name, ref in store.items():
         assert maps[name].shape == ref.shape, name
