@@ -212,6 +212,16 @@ def ddim_scheduler(config: dict):
     return sched, sched.create_state()
 
 
+INFERENCE_SCHEDULERS = ("ddim",)
+
+
+def inference_scheduler(name: str, config: dict):
+    """(scheduler, state) of a sampling scheduler built from a model's scheduler config."""
+    if name == "ddim":
+        return ddim_scheduler(config)
+    raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(INFERENCE_SCHEDULERS)}")
+
+
 def scheduler_config_dict(scheduler) -> dict:
     return _public_config(scheduler.config)
 

@@ -32,7 +32,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 # Stable Diffusion's training noise schedule, used when a folder has no scheduler config.
 SD_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", clip_sample=False,
+    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
 )
 
 
@@ -49,6 +49,7 @@ class ModelBundle:
     params: dict  # {"text_encoder": ..., "unet": ..., "vae": ...}
     dtype: Any = jnp.float32
     source: str = ""
+    scheduler_config: dict = dataclasses.field(default_factory=dict)  # as shipped: inference schedulers read it
 
     def replace(self, **changes) -> "ModelBundle":
         return dataclasses.replace(self, **changes)
@@ -185,6 +186,7 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
         scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source or folder,
+        scheduler_config=dict(sched_config),
     )
 
 
@@ -314,6 +316,7 @@ def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
         scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source="tiny",
+        scheduler_config=dict(SD_SCHEDULER),
     )
 
 
