@@ -299,14 +299,16 @@ def tiny_tokenizer(words=TINY_WORDS, max_length: int = 77):
         return adapter.tokenizer_from_files(vocab, merges, model_max_length=max_length)
 
 
-def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
-    """A tiny SD (latent 16x16, image 32x32) with seeded random weights: every real code path, no download."""
-    tokenizer = tiny_tokenizer()
-    text_cfg = dict(TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, *, dtype=jnp.float32,
+                 seed: int = 0, source: str = "random", max_length: int = 77) -> ModelBundle:
+    """A model from configs with seeded random weights and a vocabulary of `words` (each one token)."""
+    tokenizer = tiny_tokenizer(words, max_length)
+    text_cfg = dict(text_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    max_position_embeddings=max_length)
     text_encoder = adapter.text_encoder_from_config(text_cfg, dtype=dtype)
-    unet = adapter.unet_from_config(TINY_UNET, dtype=dtype)
-    vae = adapter.vae_from_config(TINY_VAE, dtype=dtype)
+    unet = adapter.unet_from_config(unet_config, dtype=dtype)
+    vae = adapter.vae_from_config(vae_config, dtype=dtype)
     params = {
         "text_encoder": random_params(convert.shape_tree(adapter.text_init_fn(text_encoder)), seed),
         "unet": random_params(convert.shape_tree(unet.init_weights), seed + 1),
@@ -315,9 +317,20 @@ def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     scheduler, scheduler_state = adapter.ddpm_scheduler(SD_SCHEDULER)
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
-        scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source="tiny",
+        scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source,
         scheduler_config=dict(SD_SCHEDULER),
     )
 
 
-NAMED_MODELS = {"tiny": tiny_model}
+def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
+    """A tiny SD (latent 16x16, image 32x32) with seeded random weights: every real code path, no download."""
+    return build_random(TINY_WORDS, TINY_TEXT, TINY_UNET, TINY_VAE, dtype=dtype, seed=seed, source="tiny")
+
+
+def _toy_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
+    from .toy.sd import load_toy  # the toy package builds on this module
+
+    return load_toy(dtype, seed)
+
+
+NAMED_MODELS = {"tiny": tiny_model, "toy": _toy_model}

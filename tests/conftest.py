@@ -8,7 +8,15 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Identical programs compiled by several tests (or by a resumed run) come from this session's cache.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxconcept-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")

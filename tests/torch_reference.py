@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from jaxconcept import model as jc_model
@@ -39,7 +39,7 @@ def build_folder(folder: str, seed: int = 0):
     vae.save_pretrained(os.path.join(folder, "vae"))
     text.save_pretrained(os.path.join(folder, "text_encoder"))
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-    DDPMScheduler(**jc_model.SD_SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
+    DDIMScheduler(**jc_model.SD_SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
     return unet, vae, text
 
 

@@ -1,0 +1,69 @@
+"""The toy Stable Diffusion: real component classes (CLIP tokenizer and text encoder, AutoencoderKL,
+UNet2DConditionModel, DDPM schedule) at a size that trains on 2 CPU cores.
+
+64 px scenes -> VAE (factor 4) -> 16x16x4 latents; UNet widths 32/64/64 with cross-attention at 16x16
+and 8x8; a 2-layer, 64-wide CLIP text encoder over the scene vocabulary (one token per word).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from .. import model
+from ..errors import ModelSourceError
+from . import scene
+
+IMAGE_SIZE = 64
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64)
+
+UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=4, cross_attention_dim=64,
+)
+
+VAE = dict(
+    sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32, scaling_factor=1.0,
+)
+
+# Captions are short; 32 positions keep the text encoder and the attention maps small.
+MAX_LENGTH = 32
+
+WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
+
+
+def words() -> tuple[str, ...]:
+    return tuple(scene.vocabulary())
+
+
+def architecture(name: str) -> tuple[dict, dict, dict, int]:
+    """(text, unet, vae configs, image size) of "toy" or of the smaller "tiny" (for tests)."""
+    if name == "toy":
+        return TEXT, UNET, VAE, IMAGE_SIZE
+    if name == "tiny":
+        return model.TINY_TEXT, model.TINY_UNET, model.TINY_VAE, 32
+    raise ValueError(f"unknown toy architecture {name!r}: 'toy' or 'tiny'")
+
+
+def random_toy(arch: str = "toy", seed: int = 0, dtype=jnp.float32) -> model.ModelBundle:
+    """Untrained toy model over the scene vocabulary (the starting point of pre-training)."""
+    text, unet, vae, _ = architecture(arch)
+    return model.build_random(words(), dict(text), unet, vae, dtype=dtype, seed=seed, source=f"random-{arch}",
+                              max_length=MAX_LENGTH)
+
+
+def load_toy(dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
+    """The shipped, pre-trained toy model (`load_model("toy")`)."""
+    if not os.path.isdir(os.path.join(WEIGHTS, "unet")):
+        raise ModelSourceError(
+            f"the toy model's weights are not in {WEIGHTS}: train them with `python launch/train_toy.py` "
+            "and copy the run's model/ folder there."
+        )
+    return model.load_folder(WEIGHTS, dtype, source="toy")

@@ -1,0 +1,226 @@
+"""Pre-training the toy Stable Diffusion from scratch, with the project's own modules.
+
+Two phases, each a jit-compiled step with donated state, resumable from Orbax checkpoints:
+  1. VAE: reconstruction + a small KL on generated scenes;
+  2. text encoder + UNet: the usual epsilon-prediction loss on cached latents, classifier-free-guidance
+     dropout (empty caption), and an optional weak auxiliary loss that pulls the cross-attention of
+     each caption's shape words towards their objects' masks (never applied to concept tokens).
+The result is written as a diffusers-layout folder (`model/`) that `load_model` reads.
+Run with `python launch/train_toy.py` (see configs/toy_pretrain.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from .. import aggregate, capture, diffusion, model, tokens
+from ..errors import JaxconceptError
+from . import scene as scenes
+from . import sd
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def make_dataset(num: int, size: int, seed: int, max_length: int, tokenizer, latent_hw) -> dict:
+    """Scenes (held-out combinations excluded) as arrays: images, caption ids, shape-word positions and
+    their objects' masks at latent resolution (for the auxiliary attention loss)."""
+    images, ids, positions, masks = [], [], [], []
+    for i in range(num):
+        s = scenes.make_scene(seed * 1_000_003 + i, size=size, exclude=scenes.HELD_OUT)
+        images.append(s.image.astype(np.float32) / 127.5 - 1.0)
+        ids.append(tokens.tokenize(tokenizer, [s.caption], max_length)[0])
+        pos, msk = object_word_targets(s, tokenizer, ids[-1], latent_hw)
+        positions.append(pos)
+        masks.append(msk)
+    return {"images": np.stack(images), "ids": np.stack(ids), "positions": np.stack(positions),
+            "masks": np.stack(masks)}
+
+
+MAX_OBJECTS = 3
+
+
+def object_word_targets(s, tokenizer, ids_L, latent_hw):
+    """Prompt positions of each object's shape word (-1 if absent) and the object's mask at latent size.
+
+    Objects are named in the caption in order, so the k-th occurrence of a shape word is the k-th object
+    with that shape.
+    """
+    positions = np.full((MAX_OBJECTS,), -1, np.int32)
+    masks = np.zeros((MAX_OBJECTS,) + tuple(latent_hw), np.float32)
+    seen: dict[str, int] = {}
+    for k, obj in enumerate(s.objects[:MAX_OBJECTS]):
+        word_id = tokenizer.convert_tokens_to_ids(obj.shape + "</w>")
+        where = np.flatnonzero(np.asarray(ids_L) == word_id)
+        n = seen.get(obj.shape, 0)
+        seen[obj.shape] = n + 1
+        if n < where.size:
+            positions[k] = where[n]
+            masks[k] = downsample_mask(s.masks[obj.name], latent_hw)
+    return positions, masks
+
+
+def downsample_mask(mask_HxW: np.ndarray, out_hw) -> np.ndarray:
+    """Area-average a boolean mask to out_hw (fractions in [0, 1])."""
+    h, w = mask_HxW.shape
+    fh, fw = h // out_hw[0], w // out_hw[1]
+    return mask_HxW.reshape(out_hw[0], fh, out_hw[1], fw).mean(axis=(1, 3)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def vae_loss(vae, vae_params, images_BxHxWx3, key, kl_weight: float):
+    images_BxCxHxW = jnp.transpose(images_BxHxWx3, (0, 3, 1, 2))
+    dist = vae.apply({"params": vae_params}, images_BxCxHxW, method=vae.encode).latent_dist
+    z = dist.sample(key)
+    recon = vae.apply({"params": vae_params}, z, method=vae.decode).sample
+    rec = jnp.mean((recon - images_BxCxHxW) ** 2)
+    kl = jnp.mean(dist.kl())
+    return rec + kl_weight * kl, {"recon": rec, "kl": kl}
+
+
+def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: float,
+                 selector: capture.LayerSelector, empty_ids_L):
+    """eps-MSE (+ aux attention loss on shape words); params = {"text_encoder", "unet"}."""
+    latents, ids, positions, masks = batch["latents"], batch["ids"], batch["positions"], batch["masks"]
+    b = latents.shape[0]
+    k_t, k_n, k_d = jax.random.split(key, 3)
+    t = jax.random.randint(k_t, (b,), 0, bundle.scheduler.config.num_train_timesteps)
+    noise = jax.random.normal(k_n, latents.shape, latents.dtype)
+    noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod, latents, noise, t)
+    dropped = jax.random.uniform(k_d, (b,)) < cfg_dropout
+    ids = jnp.where(dropped[:, None], empty_ids_L[None], ids)
+    context = tokens.text_hidden_states(bundle.text_encoder, params["text_encoder"], ids)
+    eps, maps = capture.unet_with_attention(bundle.unet, params["unet"], noisy, t, context, selector)
+    mse = jnp.mean((eps - noise) ** 2)
+    if not aux_weight:
+        return mse, {"mse": mse}
+    valid = (positions >= 0) & ~dropped[:, None]  # B x K
+    attn = aggregate.aggregate_maps(maps, latents.shape[2:], jnp.maximum(positions, 0), normalize="max")
+    per = jnp.mean((attn - masks) ** 2, axis=(-2, -1))
+    aux = jnp.sum(per * valid) / jnp.maximum(valid.sum(), 1)
+    return mse + aux_weight * aux, {"mse": mse, "aux": aux}
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float = 1e-2):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def make_step(loss_fn, opt, data: dict, batch_size: int):
+    """jit((params, opt_state), step, base_key) -> new state, metrics; the batch is drawn on device."""
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state, step_i, base_key):
+        params, opt_state = state
+        key = jax.random.fold_in(base_key, step_i)
+        k_idx, k_loss = jax.random.split(key)
+        n = next(iter(data.values())).shape[0]
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
+        batch = {k: v[idx] for k, v in data.items()}
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+    return step
+
+
+def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int, ckpt_every: int,
+              log_every: int, metrics_file) -> tuple:
+    """One readable loop: resume from the latest checkpoint, step, log, checkpoint, with a progress bar."""
+    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), f"ckpt_{name}"),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    start = mngr.latest_step() or 0
+    if start:
+        state = mngr.restore(start, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)))
+        log.info("%s: resumed at step %d", name, start)
+    base_key = jax.random.key(seed)
+    bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=name, dynamic_ncols=True)
+    t0 = time.time()
+    for i in bar:
+        state, metrics = step_fn(state, jnp.asarray(i), base_key)
+        done = i + 1
+        if done % log_every == 0 or done == num_steps:
+            m = {k: float(v) for k, v in metrics.items()}  # host sync only at logging steps
+            if not np.isfinite(m["loss"]):
+                raise JaxconceptError(f"{name}: loss became {m['loss']} at step {done}; the last good checkpoint "
+                                      f"is step {mngr.latest_step()} in {workdir}. Lower the learning rate.")
+            bar.set_postfix({k: f"{v:.4f}" for k, v in m.items()})
+            metrics_file.write(json.dumps({"phase": name, "step": done, "sec": round(time.time() - t0, 1), **m}) + "\n")
+            metrics_file.flush()
+        if done % ckpt_every == 0 or done == num_steps:
+            mngr.save(done, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+    return state
+
+
+# ------------------------------------------------------------------------------------------ main loop
+
+
+def train(cfg, workdir: str) -> model.ModelBundle:
+    """Pre-train the toy model described by `cfg` (configs/toy_pretrain.py) into workdir/model."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json(indent=2))
+    bundle = sd.random_toy(cfg.arch, seed=cfg.seed)
+    _, _, _, size = sd.architecture(cfg.arch)
+    latent_hw = (size // bundle.vae_factor,) * 2
+    data = make_dataset(cfg.num_scenes, size, cfg.seed, sd.MAX_LENGTH, bundle.tokenizer, latent_hw)
+    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    # phase 1: VAE
+    images = jnp.asarray(data["images"])
+    vopt = make_optimizer(cfg.vae.lr, cfg.vae.steps, cfg.vae.warmup)
+    vloss = lambda p, batch, key: vae_loss(bundle.vae, p, batch["images"], key, cfg.vae.kl_weight)
+    vstep = make_step(vloss, vopt, {"images": images}, cfg.batch_size)
+    vparams = bundle.params["vae"]
+    vparams, _ = run_phase("vae", workdir, vstep, (vparams, vopt.init(vparams)), cfg.vae.steps, cfg.seed,
+                           cfg.checkpoint_every, cfg.log_every, metrics_file)
+
+    # cache latents once (posterior means, scaled to unit variance)
+    encode = jax.jit(functools.partial(diffusion.encode_images, bundle.vae))
+    means = np.concatenate([np.asarray(encode(vparams, images[i:i + 64])[0]) for i in range(0, len(images), 64)])
+    scale = float(1.0 / means.std())
+    vae_cfg = dict(bundle.vae.config, scaling_factor=scale)
+    from .. import adapter
+
+    bundle = bundle.replace(vae=adapter.vae_from_config({k: v for k, v in vae_cfg.items() if not k.startswith("_")}),
+                            params={**bundle.params, "vae": vparams})
+    del images
+
+    # phase 2: text encoder + UNet
+    dev_data = {"latents": jnp.asarray(means * scale), "ids": jnp.asarray(data["ids"]),
+                "positions": jnp.asarray(data["positions"]), "masks": jnp.asarray(data["masks"])}
+    empty = jnp.asarray(tokens.tokenize(bundle.tokenizer, [""], sd.MAX_LENGTH)[0])
+    selector = capture.LayerSelector(resolutions=tuple(cfg.denoise.aux_resolutions))
+    dloss = functools.partial(denoise_loss, bundle, cfg_dropout=cfg.denoise.cfg_dropout,
+                              aux_weight=cfg.denoise.aux_weight, selector=selector, empty_ids_L=empty)
+    dopt = make_optimizer(cfg.denoise.lr, cfg.denoise.steps, cfg.denoise.warmup)
+    dstep = make_step(lambda p, batch, key: dloss(p, batch, key), dopt, dev_data, cfg.batch_size)
+    dparams = {"text_encoder": bundle.params["text_encoder"], "unet": bundle.params["unet"]}
+    dparams, _ = run_phase("denoise", workdir, dstep, (dparams, dopt.init(dparams)), cfg.denoise.steps,
+                           cfg.seed + 1, cfg.checkpoint_every, cfg.log_every, metrics_file)
+    metrics_file.close()
+
+    trained = bundle.replace(params={**bundle.params, **dparams}, source=os.path.join(workdir, "model"))
+    model.save_flax(trained, os.path.join(workdir, "model"))
+    log.info("toy model written to %s", os.path.join(workdir, "model"))
+    return trained
