@@ -108,21 +108,28 @@ TRANSFORMER_NORM_EPS = 1e-6
 # ---------------------------------------------------------------- UNet / VAE
 
 
+def _hashable(config: dict) -> dict:
+    # JSON configs hold lists; modules must be hashable to serve as static jit arguments and cache keys
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def unet_from_config(config: dict, dtype=jnp.float32):
-    return FlaxUNet2DConditionModel.from_config(dict(config), dtype=dtype)
+    return FlaxUNet2DConditionModel.from_config(_hashable(config), dtype=dtype)
 
 
 def vae_from_config(config: dict, dtype=jnp.float32):
-    return FlaxAutoencoderKL.from_config(dict(config), dtype=dtype)
+    return FlaxAutoencoderKL.from_config(_hashable(config), dtype=dtype)
 
 
 def load_flax_unet(folder: str, dtype=jnp.float32):
     """(module, params) from a folder holding `config.json` + `diffusion_flax_model.msgpack`."""
-    return FlaxUNet2DConditionModel.from_pretrained(folder, dtype=dtype)
+    module, params = FlaxUNet2DConditionModel.from_pretrained(folder, dtype=dtype)
+    return unet_from_config(module.config, dtype), params
 
 
 def load_flax_vae(folder: str, dtype=jnp.float32):
-    return FlaxAutoencoderKL.from_pretrained(folder, dtype=dtype)
+    module, params = FlaxAutoencoderKL.from_pretrained(folder, dtype=dtype)
+    return vae_from_config(module.config, dtype), params
 
 
 def unet_config_dict(module) -> dict:

@@ -42,17 +42,27 @@ def check_batch(batch: int, mesh: Mesh, axis: str = DATA) -> None:
         )
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_capture(unet, mesh: Mesh, selector: capture.LayerSelector):
+    # modules, meshes and selectors are hashable: equal arguments reuse one compiled program
+    fn = functools.partial(capture.unet_with_attention, unet, selector=selector)
+    rep, bat = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(fn, in_shardings=(rep, bat, bat, bat), out_shardings=(bat, bat))
+
+
 def jit_attention_capture(bundle_unet, mesh: Mesh, selector: capture.LayerSelector = capture.ALL_LAYERS):
     """Jitted (unet_params, latents, timesteps, context) -> (eps, {layer: probs}), batch-sharded.
 
     Params are replicated; every batch-led input and output is split over the mesh's data axis.
     """
-    fn = functools.partial(capture.unet_with_attention, bundle_unet, selector=selector)
+    jitted = _jitted_capture(bundle_unet, mesh, selector)
     rep, bat = replicated(mesh), batch_sharded(mesh)
-    jitted = jax.jit(fn, in_shardings=(rep, bat, bat, bat), out_shardings=(bat, bat))
 
     def run(unet_params, latents, timesteps, context):
         check_batch(latents.shape[0], mesh)
+        # inputs may sit committed elsewhere (e.g. on device 0 after an eager op): place them explicitly
+        unet_params = jax.device_put(unet_params, rep)
+        latents, timesteps, context = (jax.device_put(x, bat) for x in (latents, timesteps, context))
         return jitted(unet_params, latents, timesteps, context)
 
     run.jitted = jitted

@@ -35,6 +35,7 @@ def test_flax_folder_round_trip(tiny, tmp_path):
     for path, leaf in flat_a:
         np.testing.assert_array_equal(np.asarray(flat_b[path]), np.asarray(leaf))
     assert loaded.tokenizer.get_vocab() == tiny.tokenizer.get_vocab()
+    assert loaded.unet == tiny.unet and hash(loaded.vae) == hash(tiny.vae)  # hashable: static jit arguments
 
 
 def test_bfloat16(tiny):

@@ -24,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from .. import aggregate, capture, diffusion, model, tokens
+from .. import adapter, aggregate, capture, diffusion, model, tokens
 from ..errors import JaxconceptError
 from . import scene as scenes
 from . import sd
@@ -199,10 +199,7 @@ def train(cfg, workdir: str) -> model.ModelBundle:
     encode = jax.jit(functools.partial(diffusion.encode_images, bundle.vae))
     means = np.concatenate([np.asarray(encode(vparams, images[i:i + 64])[0]) for i in range(0, len(images), 64)])
     scale = float(1.0 / means.std())
-    vae_cfg = dict(bundle.vae.config, scaling_factor=scale)
-    from .. import adapter
-
-    bundle = bundle.replace(vae=adapter.vae_from_config({k: v for k, v in vae_cfg.items() if not k.startswith("_")}),
+    bundle = bundle.replace(vae=adapter.vae_from_config(dict(bundle.vae.config, scaling_factor=scale)),
                             params={**bundle.params, "vae": vparams})
     del images
 

@@ -1,0 +1,62 @@
+"""Masks from cross-attention maps (DESIGN §3): one label per pixel, then host-side clean-up.
+
+`labels_from_maps` is pure JAX: concept maps (normalised per token) are stacked with a constant
+background channel and the argmax gives non-overlapping labels (0 = background, k + 1 = concept k).
+A concept of kind "background" has no map of its own: it gets the background label's pixels.
+`clean_mask` (numpy, host) fills holes and drops specks; `nonempty_or_fallback` never lets a mask be
+silently empty.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+
+def labels_from_maps(maps_KxHxW, background_level: float = 0.45) -> jnp.ndarray:
+    """H x W int32 labels: 0 where every map is below `background_level`, else 1 + argmax over maps."""
+    k, h, w = maps_KxHxW.shape
+    bg = jnp.full((1, h, w), background_level, maps_KxHxW.dtype)
+    return jnp.argmax(jnp.concatenate([bg, maps_KxHxW]), axis=0).astype(jnp.int32)
+
+
+def upsample_maps(maps_KxhxW, out_hw: tuple[int, int]) -> jnp.ndarray:
+    """Bilinear upsampling of token maps to image resolution, clamped to >= 0."""
+    k = maps_KxhxW.shape[0]
+    return jnp.maximum(jax.image.resize(maps_KxhxW, (k,) + tuple(out_hw), "bilinear"), 0.0)
+
+
+def masks_from_labels(labels_HxW: np.ndarray, num_concepts: int) -> np.ndarray:
+    """K x H x W bool, mask k = pixels labelled k + 1."""
+    labels_HxW = np.asarray(labels_HxW)
+    return np.stack([labels_HxW == k + 1 for k in range(num_concepts)])
+
+
+def clean_mask(mask_HxW: np.ndarray, min_fraction: float = 0.002) -> np.ndarray:
+    """Fill holes and drop connected components smaller than `min_fraction` of the image."""
+    mask = ndimage.binary_fill_holes(np.asarray(mask_HxW, bool))
+    labelled, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = ndimage.sum(mask, labelled, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes >= max(1, min_fraction * mask.size)) + 1
+    return np.isin(labelled, keep)
+
+
+def nonempty_or_fallback(mask_HxW: np.ndarray, soft_map_HxW: np.ndarray, top_fraction: float = 0.05):
+    """(mask, fallback used?): an empty mask becomes the top `top_fraction` pixels of its soft map."""
+    mask_HxW = np.asarray(mask_HxW, bool)
+    if mask_HxW.any():
+        return mask_HxW, False
+    soft = np.asarray(soft_map_HxW, np.float32)
+    cut = np.quantile(soft, 1.0 - top_fraction)
+    return soft >= cut, True
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
