@@ -293,7 +293,7 @@ def random_params(shapes, seed: int) -> dict:
     return unflatten_dict(out)
 
 
-def tiny_tokenizer(words=TINY_WORDS, max_length: int = 77):
+def word_tokenizer(words=TINY_WORDS, max_length: int = 77):
     with tempfile.TemporaryDirectory() as d:
         vocab, merges = bpe.write_vocab(d, words)
         return adapter.tokenizer_from_files(vocab, merges, model_max_length=max_length)
@@ -302,7 +302,7 @@ def tiny_tokenizer(words=TINY_WORDS, max_length: int = 77):
 def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, *, dtype=jnp.float32,
                  seed: int = 0, source: str = "random", max_length: int = 77) -> ModelBundle:
     """A model from configs with seeded random weights and a vocabulary of `words` (each one token)."""
-    tokenizer = tiny_tokenizer(words, max_length)
+    tokenizer = word_tokenizer(words, max_length)
     text_cfg = dict(text_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                     max_position_embeddings=max_length)

@@ -12,7 +12,6 @@ heads, layers, resolutions and timesteps. Writes `attention.png` and `attention.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -23,8 +22,6 @@ import numpy as np
 from . import aggregate, capture, diffusion, images, sharding, tokens, viz
 from .errors import JaxconceptError
 from .model import ModelBundle, load_model
-
-log = logging.getLogger("jaxconcept")
 
 
 def prompt_words(bundle: ModelBundle, ids_L: np.ndarray) -> tuple[list[int], list[str]]:
@@ -96,7 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
         resolutions = tuple(int(r) for r in args.resolutions.split(",")) if args.resolutions else None
@@ -118,9 +114,9 @@ def main(argv=None) -> int:
     png, npz = os.path.join(args.out, "attention.png"), os.path.join(args.out, "attention.npz")
     images.save_image(picture, png)
     np.savez(npz, maps=result["maps"], words=np.array(result["words"]), timesteps=result["timesteps"])
-    log.info("model %s, %d layers, %d timesteps on %d device(s)", bundle.source, len(result["layers"]),
-             len(result["timesteps"]), jax.device_count())
-    log.info("per-word attention maps: %s\narrays: %s", png, npz)
+    print(f"model {bundle.source}, {len(result['layers'])} cross-attention layers, "
+          f"{len(result['timesteps'])} timesteps on {jax.device_count()} device(s)")
+    print(f"per-word attention maps: {png}\narrays: {npz}")
     return 0
 
 

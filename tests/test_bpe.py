@@ -7,7 +7,7 @@ from jaxconcept import bpe, model
 
 def test_every_word_is_one_token_and_round_trips():
     words = model.TINY_WORDS + ("banana", "band", "and", "an", "bandana", "nan")
-    tok = model.tiny_tokenizer(words)
+    tok = model.word_tokenizer(words)
     for w in words:
         ids = tok(w, add_special_tokens=False).input_ids
         assert len(ids) == 1, (w, tok.tokenize(w))
@@ -18,7 +18,7 @@ def test_every_word_is_one_token_and_round_trips():
 
 def test_our_bpe_matches_clip_on_unlisted_words():
     words = ("cat", "catalog", "dog")
-    tok = model.tiny_tokenizer(words)
+    tok = model.word_tokenizer(words)
     vocab, merges = bpe.build_vocab(words)
     ranks = {m: i for i, m in enumerate(merges)}
     for w in ("cats", "dogcat", "tacocat", "catalogs", "xyz"):
@@ -26,7 +26,7 @@ def test_our_bpe_matches_clip_on_unlisted_words():
 
 
 def test_unknown_characters_become_unk_and_bad_words_are_refused():
-    tok = model.tiny_tokenizer(("dog",))
+    tok = model.word_tokenizer(("dog",))
     assert tok.unk_token_id in tok("d\u00f6g", add_special_tokens=False).input_ids
     with pytest.raises(ValueError, match="outside the base set"):
         bpe.build_vocab(["caf\u00e9"])

@@ -122,3 +122,12 @@ def test_scheduler_config_from_other_class_is_accepted(tiny, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     loaded = load_model(str(tmp_path))
     assert loaded.scheduler.config.beta_end == 0.02
+
+
+def test_toy_model_not_yet_shipped_says_how_to_make_it():
+    from jaxconcept.toy import sd
+
+    if os.path.isdir(os.path.join(sd.WEIGHTS, "unet")):
+        pytest.skip("toy weights are shipped")
+    with pytest.raises(ModelSourceError, match="launch/train_toy.py"):
+        load_model("toy")

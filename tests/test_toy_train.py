@@ -21,7 +21,7 @@ def _config():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
-    cfg.arch, cfg.num_scenes, cfg.batch_size = "tiny", 8, 4
+    cfg.arch, cfg.num_scenes, cfg.batch_size, cfg.vae.batch_size = "tiny", 8, 4, 4
     cfg.vae.steps, cfg.denoise.steps, cfg.denoise.aux_weight = 1, 1, 0.1
     cfg.checkpoint_every = cfg.log_every = 1
     return cfg
@@ -56,7 +56,7 @@ def test_object_word_targets_follow_caption_order():
     s = scene.make_scene(4, size=32)  # "a yellow dotted cross and a black striped circle and a purple striped square ..."
     from jaxconcept import model
 
-    tok = model.tiny_tokenizer(scene.vocabulary())
+    tok = model.word_tokenizer(scene.vocabulary())
     ids = tok(s.caption, padding="max_length", max_length=32).input_ids
     pos, masks = train.object_word_targets(s, tok, ids, (16, 16))
     words = s.caption.split()

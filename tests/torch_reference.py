@@ -26,7 +26,7 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
 def build_folder(folder: str, seed: int = 0):
     """Write tiny SD components into `folder`; returns the PyTorch modules."""
     torch.manual_seed(seed)
-    tokenizer = jc_model.tiny_tokenizer()
+    tokenizer = jc_model.word_tokenizer()
     unet = UNet2DConditionModel(**jc_model.TINY_UNET).eval()
     vae = AutoencoderKL(**jc_model.TINY_VAE).eval()
     text = CLIPTextModel(CLIPTextConfig(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -26,8 +25,6 @@ from ..errors import JaxconceptError
 from ..model import ModelBundle, load_model
 from ..show_attention import token_attention
 from . import analysis, scene, train
-
-log = logging.getLogger("jaxconcept")
 
 # Training scenes use seeds seed * 1_000_003 + i for i < num_scenes; evaluation seeds start far away.
 EVAL_SEEDS = range(10_000_000, 10_000_050)
@@ -102,7 +99,6 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m jaxconcept.toy.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy")
     p.add_argument("--seeds", default=f"{EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}")
@@ -131,9 +127,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "gates.json"), "w") as f:
         json.dump({"summary": summary, "attention": ious, "samples": fidelity}, f, indent=1)
     images.save_image(gates_figure(scenes, soft, pictures), os.path.join(args.out, "gates.png"))
+    # results go to stdout: other libraries (absl via Orbax) may own the logging set-up
     for k, v in summary.items():
-        log.info("%-24s %s", k, f"{v:.3f}" if isinstance(v, float) else v)
-    log.info("details: %s, picture: %s", os.path.join(args.out, "gates.json"), os.path.join(args.out, "gates.png"))
+        print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
+    print(f"details: {os.path.join(args.out, 'gates.json')}\npicture: {os.path.join(args.out, 'gates.png')}")
     return 0
 
 

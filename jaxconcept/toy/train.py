@@ -190,7 +190,7 @@ def train(cfg, workdir: str) -> model.ModelBundle:
     images = jnp.asarray(data["images"])
     vopt = make_optimizer(cfg.vae.lr, cfg.vae.steps, cfg.vae.warmup)
     vloss = lambda p, batch, key: vae_loss(bundle.vae, p, batch["images"], key, cfg.vae.kl_weight)
-    vstep = make_step(vloss, vopt, {"images": images}, cfg.batch_size)
+    vstep = make_step(vloss, vopt, {"images": images}, cfg.vae.batch_size)
     vparams = bundle.params["vae"]
     vparams, _ = run_phase("vae", workdir, vstep, (vparams, vopt.init(vparams)), cfg.vae.steps, cfg.seed,
                            cfg.checkpoint_every, cfg.log_every, metrics_file)
