@@ -65,7 +65,6 @@ from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tens
 _silence_deprecations()  # again: the imports above created the libraries' handlers
 
 __all__ = [
-    "CrossAttentionModule",
     "ddpm_scheduler",
     "is_attention_module",
     "load_flax_clip_text",
@@ -82,9 +81,6 @@ __all__ = [
     "unet_from_config",
     "vae_from_config",
 ]
-
-CrossAttentionModule = FlaxAttention
-
 
 def is_attention_module(module: Any) -> bool:
     return isinstance(module, FlaxAttention)
@@ -164,10 +160,6 @@ def text_encoder_with_vocab(module, vocab_size: int):
     return FlaxCLIPTextModule(cfg, dtype=module.dtype)
 
 
-def text_config_dict(module) -> dict:
-    return module.config.to_dict()
-
-
 def load_flax_clip_text(folder: str, dtype=jnp.float32):
     """(module, params) from a transformers folder with `flax_model.msgpack`."""
     model, params = FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)
@@ -227,10 +219,6 @@ def inference_scheduler(name: str, config: dict):
     if name == "ddim":
         return ddim_scheduler(config)
     raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(INFERENCE_SCHEDULERS)}")
-
-
-def scheduler_config_dict(scheduler) -> dict:
-    return _public_config(scheduler.config)
 
 
 # ---------------------------------------------------------------- saving (Flax format)
