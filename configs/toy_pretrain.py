@@ -21,7 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.vae = ml_collections.ConfigDict(dict(steps=600, batch_size=8, lr=1e-3, warmup=50, kl_weight=1e-6))
     c.denoise = ml_collections.ConfigDict(dict(
         steps=6000, lr=1e-3, warmup=200, cfg_dropout=0.1,
-        aux_weight=0.0,  # weak attention pull on shape words; 0 = plain denoising training
+        # Attention pull of the words naming each object (colour, pattern, shape) towards its mask.
+        # Plain training (0.0) and 0.05 on shape words alone levelled off near IoU 0.27 with every shape
+        # word covering all objects; this weight teaches object-vs-object discrimination.
+        aux_weight=0.5,
+        aux_max_timestep=800,  # no pull at higher noise, where nothing is left to localise
         aux_resolutions=(16, 8),
     ))
     return c

@@ -224,6 +224,11 @@ def inference_scheduler(name: str, config: dict):
 # ---------------------------------------------------------------- saving (Flax format)
 
 
+def save_flax_unet(folder: str, unet, params) -> None:
+    """Write one UNet as a diffusers Flax folder (config.json + msgpack), e.g. a run's tuned UNet."""
+    FlaxUNet2DConditionModel.from_config(unet_config_dict(unet)).save_pretrained(folder, params=params)
+
+
 def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, scheduler, params) -> None:
     """Write a diffusers-layout folder with Flax weights (msgpack), loadable by `load_model(folder)`."""
     import os

@@ -28,6 +28,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put_replicated(tree, mesh: Mesh):
+    """Place a pytree replicated on the mesh: a jitted program then sees the same input shardings on its
+    first call as on later ones (its own outputs), so it compiles once."""
+    return jax.device_put(tree, replicated(mesh))
+
+
 def batch_sharded(mesh: Mesh, axis: str = DATA) -> NamedSharding:
     """Leading (batch) dimension split over `axis`, the rest whole."""
     return NamedSharding(mesh, P(axis))

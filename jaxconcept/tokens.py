@@ -194,7 +194,7 @@ def _init_word_id(tokenizer, word: str, tokens: list[str]) -> int:
             "or leave the init word empty for a random start."
         )
     if len(pieces) > 1:
-        log.info("init word %r is %d pieces %s; using the first, %r", word, len(pieces),
+        log.warning("init word %r is %d pieces %s; using the first, %r", word, len(pieces),
                  tokenizer.convert_ids_to_tokens(pieces), tokenizer.convert_ids_to_tokens(pieces[0]))
     return int(pieces[0])
 

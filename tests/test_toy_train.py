@@ -58,8 +58,11 @@ def test_object_word_targets_follow_caption_order():
 
     tok = model.word_tokenizer(scene.vocabulary())
     ids = tok(s.caption, padding="max_length", max_length=32).input_ids
-    pos, masks = train.object_word_targets(s, tok, ids, (16, 16))
+    pos, owners, masks = train.object_word_targets(s, (16, 16))
     words = s.caption.split()
     for k, obj in enumerate(s.objects):
-        assert words[pos[k] - 1] == obj.shape  # position 0 is the start token
+        named = [words[p - 1] for p, o in zip(pos, owners) if p >= 0 and o == k]  # position 0: start token
+        assert named == list(scene.object_words(obj.color, obj.shape, obj.pattern))
+        assert all(ids[p] == tok.convert_tokens_to_ids(w + "</w>") for p, w in zip(pos[(owners == k) & (pos >= 0)], named))
         assert masks[k].sum() > 0 and abs(masks[k].mean() - s.masks[obj.name].mean()) < 1e-6
+    assert (pos >= 0).sum() == sum(len(obj.words) for obj in s.objects)

@@ -4,7 +4,7 @@ Two phases, each a jit-compiled step with donated state, resumable from Orbax ch
   1. VAE: reconstruction + a small KL on generated scenes;
   2. text encoder + UNet: the usual epsilon-prediction loss on cached latents, classifier-free-guidance
      dropout (empty caption), and an optional weak auxiliary loss that pulls the cross-attention of
-     each caption's shape words towards their objects' masks (never applied to concept tokens).
+     each caption's object words (colour, pattern, shape) towards their objects' masks (never applied to concept tokens).
 The result is written as a diffusers-layout folder (`model/`) that `load_model` reads.
 Run with `python launch/train_toy.py` (see configs/toy_pretrain.py).
 """
@@ -36,41 +36,56 @@ log = logging.getLogger(__name__)
 
 
 def make_dataset(num: int, size: int, seed: int, max_length: int, tokenizer, latent_hw) -> dict:
-    """Scenes (held-out combinations excluded) as arrays: images, caption ids, shape-word positions and
-    their objects' masks at latent resolution (for the auxiliary attention loss)."""
-    images, ids, positions, masks = [], [], [], []
+    """Scenes (held-out combinations excluded) as arrays: images, caption ids, the prompt positions of the
+    objects' words, which object each word names, and the objects' masks at latent resolution (for the
+    auxiliary attention loss)."""
+    images, ids, positions, owners, masks = [], [], [], [], []
     for i in range(num):
         s = scenes.make_scene(seed * 1_000_003 + i, size=size, exclude=scenes.HELD_OUT)
         images.append(s.image.astype(np.float32) / 127.5 - 1.0)
         ids.append(tokens.tokenize(tokenizer, [s.caption], max_length)[0])
-        pos, msk = object_word_targets(s, tokenizer, ids[-1], latent_hw)
+        pos, own, msk = object_word_targets(s, latent_hw)
         positions.append(pos)
+        owners.append(own)
         masks.append(msk)
     return {"images": np.stack(images), "ids": np.stack(ids), "positions": np.stack(positions),
-            "masks": np.stack(masks)}
+            "owners": np.stack(owners), "masks": np.stack(masks)}
 
 
 MAX_OBJECTS = 3
+WORDS_PER_OBJECT = 3  # colour, pattern (when not solid), shape
 
 
-def object_word_targets(s, tokenizer, ids_L, latent_hw):
-    """Prompt positions of each object's shape word (-1 if absent) and the object's mask at latent size.
+def object_word_positions(s) -> list[list[int]]:
+    """Prompt positions (start token = 0) of each object's words, in the scene's object order.
 
-    Objects are named in the caption in order, so the k-th occurrence of a shape word is the k-th object
-    with that shape.
+    The toy tokenizer gives every vocabulary word one token, so a word's position is its index in the
+    caption plus one; objects are named in order, so each is searched after the previous one.
     """
-    positions = np.full((MAX_OBJECTS,), -1, np.int32)
+    words = s.caption.split()
+    out, cursor = [], 0
+    for obj in s.objects:
+        seq = list(scenes.object_words(obj.color, obj.shape, obj.pattern))
+        i = next(j for j in range(cursor, len(words)) if words[j:j + len(seq)] == seq)
+        out.append([1 + i + j for j in range(len(seq))])
+        cursor = i + len(seq)
+    return out
+
+
+def object_word_targets(s, latent_hw):
+    """(positions W, owners W, masks K x h x w): every word naming an object (-1 padding), the index of the
+    object it names, and each object's mask area-averaged to latent size."""
+    n_words = MAX_OBJECTS * WORDS_PER_OBJECT
+    positions = np.full((n_words,), -1, np.int32)
+    owners = np.zeros((n_words,), np.int32)
     masks = np.zeros((MAX_OBJECTS,) + tuple(latent_hw), np.float32)
-    seen: dict[str, int] = {}
-    for k, obj in enumerate(s.objects[:MAX_OBJECTS]):
-        word_id = tokenizer.convert_tokens_to_ids(obj.shape + "</w>")
-        where = np.flatnonzero(np.asarray(ids_L) == word_id)
-        n = seen.get(obj.shape, 0)
-        seen[obj.shape] = n + 1
-        if n < where.size:
-            positions[k] = where[n]
-            masks[k] = downsample_mask(s.masks[obj.name], latent_hw)
-    return positions, masks
+    w = 0
+    for k, (obj, pos) in enumerate(zip(s.objects[:MAX_OBJECTS], object_word_positions(s))):
+        masks[k] = downsample_mask(s.masks[obj.name], latent_hw)
+        for p in pos:
+            positions[w], owners[w] = p, k
+            w += 1
+    return positions, owners, masks
 
 
 def downsample_mask(mask_HxW: np.ndarray, out_hw) -> np.ndarray:
@@ -94,9 +109,12 @@ def vae_loss(vae, vae_params, images_BxHxWx3, key, kl_weight: float):
 
 
 def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: float,
-                 selector: capture.LayerSelector, empty_ids_L):
-    """eps-MSE (+ aux attention loss on shape words); params = {"text_encoder", "unet"}."""
-    latents, ids, positions, masks = batch["latents"], batch["ids"], batch["positions"], batch["masks"]
+                 selector: capture.LayerSelector, empty_ids_L, aux_max_timestep: int = 1000):
+    """eps-MSE (+ aux attention loss on the words naming objects); params = {"text_encoder", "unet"}.
+
+    The aux term is the mean squared error between each object word's max-normalised attention map and its
+    object's mask, only below `aux_max_timestep` (at higher noise there is nothing left to localise)."""
+    latents, ids, positions = batch["latents"], batch["ids"], batch["positions"]
     b = latents.shape[0]
     k_t, k_n, k_d = jax.random.split(key, 3)
     t = jax.random.randint(k_t, (b,), 0, bundle.scheduler.config.num_train_timesteps)
@@ -109,9 +127,10 @@ def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: 
     mse = jnp.mean((eps - noise) ** 2)
     if not aux_weight:
         return mse, {"mse": mse}
-    valid = (positions >= 0) & ~dropped[:, None]  # B x K
-    attn = aggregate.aggregate_maps(maps, latents.shape[2:], jnp.maximum(positions, 0), normalize="max")
-    per = jnp.mean((attn - masks) ** 2, axis=(-2, -1))
+    valid = (positions >= 0) & ~dropped[:, None] & (t < aux_max_timestep)[:, None]  # B x W
+    attn_BxWxhxw = aggregate.aggregate_maps(maps, latents.shape[2:], jnp.maximum(positions, 0), normalize="max")
+    target_BxWxhxw = jnp.take_along_axis(batch["masks"], batch["owners"][:, :, None, None], axis=1)
+    per = jnp.mean((attn_BxWxhxw - target_BxWxhxw) ** 2, axis=(-2, -1))
     aux = jnp.sum(per * valid) / jnp.maximum(valid.sum(), 1)
     return mse + aux_weight * aux, {"mse": mse, "aux": aux}
 
@@ -205,11 +224,13 @@ def train(cfg, workdir: str) -> model.ModelBundle:
 
     # phase 2: text encoder + UNet
     dev_data = {"latents": jnp.asarray(means * scale), "ids": jnp.asarray(data["ids"]),
-                "positions": jnp.asarray(data["positions"]), "masks": jnp.asarray(data["masks"])}
+                "positions": jnp.asarray(data["positions"]), "owners": jnp.asarray(data["owners"]),
+                "masks": jnp.asarray(data["masks"])}
     empty = jnp.asarray(tokens.tokenize(bundle.tokenizer, [""], sd.MAX_LENGTH)[0])
     selector = capture.LayerSelector(resolutions=tuple(cfg.denoise.aux_resolutions))
     dloss = functools.partial(denoise_loss, bundle, cfg_dropout=cfg.denoise.cfg_dropout,
-                              aux_weight=cfg.denoise.aux_weight, selector=selector, empty_ids_L=empty)
+                              aux_weight=cfg.denoise.aux_weight, selector=selector, empty_ids_L=empty,
+                              aux_max_timestep=cfg.denoise.get("aux_max_timestep", 1000))
     dopt = make_optimizer(cfg.denoise.lr, cfg.denoise.steps, cfg.denoise.warmup)
     dstep = make_step(lambda p, batch, key: dloss(p, batch, key), dopt, dev_data, cfg.batch_size)
     dparams = {"text_encoder": bundle.params["text_encoder"], "unet": bundle.params["unet"]}

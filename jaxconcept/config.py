@@ -1,0 +1,47 @@
+"""Default configuration of the concept learner: the toy model and the bundled toy scene.
+
+    python -m jaxconcept.train                                   # this config, every stage, on the toy scene
+    python -m jaxconcept.train --config.mode=attention --out runs/attention_baseline
+    python -m jaxconcept.train --concepts "dog.jpg:<dog>=dog,<rug>=rug,<room>=room/background" \\
+        --config.model=stabilityai/stable-diffusion-2-1-base
+
+Every field can be overridden with --config.<field>=<value>; `configs/` holds variants.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "toy"  # "toy", "tiny", a diffusers folder or a hub id
+    c.dtype = "float32"  # or "bfloat16"
+    c.seed = 0
+    c.mode = "em"  # "em" (masks re-estimated), "attention" (stage-1 masks kept), "user" (mask files)
+    # images and their concepts: a list of {"path", "concepts": [{"token", "init_word", "kind", "mask"}]};
+    # empty = the bundled toy scene (or what --concepts names)
+    c.images = []
+    c.template = "a photo of {}"
+    c.flip_prob = 0.5
+    c.log_every = 10
+
+    # stage 1: tokens from init words (random without one) or a short unmasked inversion after that
+    c.init = ml_collections.ConfigDict(dict(method="words", inversion_steps=100, inversion_lr=5e-3))
+    # mask estimation (E-step): cross-attention over random timesteps, labels against a background level,
+    # DenseCRF on the host, clean-up
+    c.masks = ml_collections.ConfigDict(dict(
+        num_timesteps=50,
+        resolutions=(16, 32),  # query-grid heights averaged (the coarsest, 8x8, is skipped)
+        background_level=0.45,
+        crf=True,
+        crf_min_iou=0.5,
+    ))
+    # stage 2: token optimisation with L_mask + attn_weight * L_attn, masks re-estimated every estep_every
+    c.tokens = ml_collections.ConfigDict(dict(
+        steps=400, estep_every=50, lr=5e-4, attn_weight=0.01, attn_resolution=16, batch_size=1, clip=1.0,
+        weight_decay=1e-2,
+    ))
+    # stage 3: tokens and UNet (text encoder optional) with the masks fixed
+    c.joint = ml_collections.ConfigDict(dict(steps=400, lr=2e-6, text_encoder=False))
+    # optional prior preservation: a folder of class images and their prompt
+    c.prior = ml_collections.ConfigDict(dict(folder="", prompt="a photo at the beach", weight=1.0))
+    return c

@@ -1,0 +1,145 @@
+"""Jit-compiled steps of the concept learner: the token step (stage 2), the joint step (stage 3) and the
+attention pass of the E-step, each with its shardings spelled out at `jax.jit`.
+
+State is a small pytree {"params": trainables, "opt_state", "step"}; in the token stage the only
+trainable parameters are the concept rows (N x D), spliced into the frozen embedding table inside the
+loss. Frozen weights are arguments (replicated), never closed over, so one compiled program serves
+every step, round and stage restart. The step's randomness is `fold_in(base_key, step)`: a resumed run
+draws exactly what an uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from . import aggregate, capture, data, diffusion, losses, sharding, tokens
+from .model import ModelBundle
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the concept loss needs besides arrays (hashable: part of the compiled program's identity)."""
+
+    batch_size: int = 1
+    attn_weight: float = 0.01  # lambda
+    attn_resolution: int = 16  # query-grid height of the layers the attention loss reads
+    flip_prob: float = 0.5
+    prior_weight: float = 1.0  # used only when prior latents are given
+
+
+def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2) -> optax.GradientTransformation:
+    """AdamW with a constant rate after a global-norm clip (Break-a-Scene's settings)."""
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+
+
+def init_state(params, opt: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: ModelBundle, concept_ids,
+                 cfg: LossConfig, mesh: Mesh | None = None):
+    """L_mask + lambda * L_attn (+ prior) for one drawn batch; returns (loss, metrics)."""
+    # joint tuning moves the UNet (and optionally the text encoder) from `frozen` into `trainable`
+    text_params = trainable["text_encoder"] if "text_encoder" in trainable else frozen["text_encoder"]
+    unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
+    k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
+    batch = data.draw_batch(k_draw, run_data["table"], run_data["latents"], masks_Cxhxw, cfg.batch_size,
+                            cfg.flip_prob)
+    ids, latents = batch["ids"], batch["latents"]
+    b = cfg.batch_size
+    prior = "prior_latents" in run_data
+    if prior:  # one class image per instance, with the class prompt; no attention loss on it
+        idx = jax.random.randint(k_prior, (b,), 0, run_data["prior_latents"].shape[0])
+        latents = jnp.concatenate([latents, run_data["prior_latents"][idx]])
+        ids = jnp.concatenate([ids, jnp.broadcast_to(run_data["prior_ids"], ids.shape)])
+    if mesh is not None and latents.shape[0] % mesh.size == 0:
+        latents, ids = (jax.lax.with_sharding_constraint(x, sharding.batch_sharded(mesh)) for x in (latents, ids))
+    n = latents.shape[0]
+    t = jax.random.randint(k_t, (n,), 0, bundle.scheduler.config.num_train_timesteps)
+    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod, latents, noise, t)
+    context = tokens.text_hidden_states(bundle.text_encoder, text_params, ids, concept_ids, trainable["rows"])
+    selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
+    eps, maps = capture.unet_with_attention(bundle.unet, unet_params, noisy, t, context, selector)
+
+    present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
+    masks_BxCxhxw = batch["masks"].astype(jnp.float32)
+    l_mask = losses.masked_diffusion_loss(eps[:b], noise[:b], losses.union_mask(masks_BxCxhxw, present_BxC))
+    grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
+    attn_BxCxgxg = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latents.shape[2:],
+                                            jnp.maximum(batch["positions"], 0), out_hw=grid, normalize="max")
+    l_attn = losses.attention_loss(attn_BxCxgxg, data.nearest_resize(masks_BxCxhxw, grid), present_BxC)
+    total = l_mask + cfg.attn_weight * l_attn
+    metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
+    if prior:
+        l_prior = losses.diffusion_loss(eps[b:], noise[b:])
+        total = total + cfg.prior_weight * l_prior
+        metrics["loss_prior"] = l_prior
+    return total, metrics
+
+
+def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: optax.GradientTransformation,
+                    mesh: Mesh):
+    """jit(state, frozen, run_data, masks, base_key) -> (state, metrics), state donated.
+
+    Everything but the drawn batch is replicated over the mesh; the batch is split over its data axis when
+    it divides (a batch of 1 runs replicated)."""
+    loss_fn = functools.partial(concept_loss, bundle=bundle, concept_ids=jnp.asarray(concept_ids, jnp.int32),
+                                cfg=cfg, mesh=mesh)
+
+    def step(state, frozen, run_data, masks_Cxhxw, base_key):
+        key = jax.random.fold_in(base_key, state["step"])
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], frozen, run_data, masks_Cxhxw, key)
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=rep, out_shardings=rep, donate_argnums=(0,))
+
+
+def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
+                      map_hw: tuple[int, int], mesh: Mesh):
+    """jit(rows, frozen, latents C' x h x w, ids L, positions C, key) -> soft maps C x map_h x map_w.
+
+    Each concept's cross-attention (conditional branch only) averaged over heads, the selected layers and
+    `num_timesteps` random timesteps, then min-max normalised; concepts absent from the prompt get zeros.
+    The timesteps form one batch, split over the mesh when they divide."""
+    concept_ids = jnp.asarray(concept_ids, jnp.int32)
+    latent_hw = (bundle.resolution // bundle.vae_factor,) * 2
+
+    def maps_fn(rows, frozen, latents_Cxhxw, ids_L, positions_C, key):
+        k_t, k_n = jax.random.split(key)
+        t = jax.random.randint(k_t, (num_timesteps,), 0, bundle.scheduler.config.num_train_timesteps)
+        noise = jax.random.normal(k_n, (num_timesteps,) + latents_Cxhxw.shape, latents_Cxhxw.dtype)
+        noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod,
+                                    jnp.broadcast_to(latents_Cxhxw, noise.shape), noise, t)
+        if num_timesteps % mesh.size == 0:
+            noisy = jax.lax.with_sharding_constraint(noisy, sharding.batch_sharded(mesh))
+        context = tokens.text_hidden_states(bundle.text_encoder, frozen["text_encoder"], ids_L[None],
+                                            concept_ids, rows)
+        context = jnp.broadcast_to(context, (num_timesteps,) + context.shape[1:])
+        _, maps = capture.unet_with_attention(bundle.unet, frozen["unet"], noisy, t, context, selector)
+        agg_TxCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=map_hw,
+                                               normalize=None)
+        soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_TxCxHxW, axis=0), "minmax")
+        return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)
+
+    rep = sharding.replicated(mesh)
+    jitted = jax.jit(maps_fn, in_shardings=rep, out_shardings=rep)
+
+    def run(*args):
+        # arguments placed like the program's own outputs: one compile for every image and round
+        return jitted(*sharding.put_replicated(args, mesh))
+
+    run.jitted = jitted
+    return run

@@ -1,0 +1,78 @@
+"""Learn one token per concept from images, with masks estimated on the way (the EM learner).
+
+    python -m jaxconcept.train                       # toy model + the bundled toy scene, every stage
+    python -m jaxconcept.train --out runs/mine --concepts "dog.jpg:<dog>=dog,<rug>=rug,<room>=room/background"
+    python -m jaxconcept.train --config configs/em_toy.py --config.mode=attention --config.tokens.steps=200
+
+--concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/inputs.py).
+Starting again with the same --out resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from . import inputs, learner
+from .errors import JaxconceptError
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+TOY_SCENE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "examples", "heldout_scene")
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "learner config (ml_collections file)")
+_OUT = flags.DEFINE_string("out", "runs/train", "run folder (resumes if it has checkpoints)")
+_CONCEPTS = flags.DEFINE_multi_string("concepts", [], "IMAGE:TOKEN[=INIT][/KIND][@MASK],... (one per image)")
+
+
+def resolve_specs(cfg, concept_args) -> tuple:
+    """Images and concepts from --concepts, else from the config, else the bundled toy scene."""
+    if concept_args:
+        return tuple(inputs.parse_concepts_arg(a) for a in concept_args)
+    if cfg.images:
+        return inputs.specs_from_config(cfg.images)
+    return (inputs.from_toy_scene_folder(TOY_SCENE),)
+
+
+def summary_text(summary: dict) -> str:
+    lines = [f"done in {summary['seconds']:.0f} s: {len(summary['tokens'])} concepts in "
+             f"{len(summary['images'])} image(s), mode {summary['mode']}, {summary['rounds']} rounds"]
+    for token, area in summary["mask_area"].items():
+        iou = summary.get("iou_final", {}).get(token)
+        lines.append(f"  {token:<20} mask {area:6.1%} of the image" + ("" if iou is None else f"   IoU {iou:.3f}"))
+    if summary.get("iou_by_round"):
+        lines.append("  mean IoU by round: " + " ".join(f"{v:.3f}" for v in summary["iou_by_round"] if v is not None))
+    run = summary["run"]
+    lines += [f"results in {run}:",
+              "  concepts.safetensors, masks/final/, overlays/, masks_evolution.png, metrics.jsonl"]
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --concepts, --config and --out")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs its whole configuration at INFO
+    pylogging.getLogger("jaxconcept").setLevel(pylogging.WARNING)
+    cfg = _CONFIG.value
+    try:
+        specs = resolve_specs(cfg, _CONCEPTS.value)
+        summary = learner.learn(cfg, specs, _OUT.value)
+    except JaxconceptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: start the same command again to resume from the last checkpoint in {_OUT.value}",
+              file=sys.stderr)
+        sys.exit(130)
+    print(summary_text(summary))
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

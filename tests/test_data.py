@@ -1,0 +1,60 @@
+"""Union-sampling prompt table and the on-device batch draw."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconcept import data, model
+
+
+def _tokenizer(new=("<a>", "<b>", "<c>", "<d>")):
+    tok = model.word_tokenizer(model.TINY_WORDS)
+    tok.add_tokens(list(new))
+    return tok, [tok.convert_tokens_to_ids(t) for t in new]
+
+
+def test_prompt_table_lists_ordered_subsets_with_positions():
+    tok, ids = _tokenizer()
+    toks = ["<a>", "<b>", "<c>", "<d>"]
+    owner = [0, 0, 0, 1]  # three concepts in image 0, one in image 1
+    table = data.prompt_table(tok, toks, owner, ids, 16)
+    assert len(table.texts) == data.num_prompts([3, 1]) == 3 + 6 + 6 + 1
+    assert "a photo of <c> and <a>" in table.texts
+    np.testing.assert_allclose(table.weight_P.sum(), 1.0)
+    for text, ids_L, pos, img in zip(table.texts, table.ids_PxL, table.positions_PxC, table.image_P):
+        named = [t for t in toks if t in text.split()]
+        for c, t in enumerate(toks):
+            assert (pos[c] >= 0) == (t in named)
+            if pos[c] >= 0:
+                assert ids_L[pos[c]] == ids[c]
+        assert all(owner[toks.index(t)] == img for t in named)
+    # images equally likely, then k uniform among 1..N
+    w = collections.defaultdict(float)
+    for text, img, wt in zip(table.texts, table.image_P, table.weight_P):
+        w[(int(img), text.count("<"))] += wt
+    np.testing.assert_allclose([w[(0, k)] for k in (1, 2, 3)], [1 / 6] * 3)
+    np.testing.assert_allclose(w[(1, 1)], 0.5)
+
+
+def test_draw_batch_follows_weights_and_flips_masks_with_latents():
+    tok, ids = _tokenizer()
+    table = data.prompt_table(tok, ["<a>", "<b>"], [0, 0], ids[:2], 16)
+    arrays = data.table_arrays(table)
+    lat = jnp.stack([jnp.arange(2.0)[:, None, None, None] * jnp.ones((2, 1, 2, 3))])  # N=1, flip index visible
+    masks = jnp.asarray(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
+    draw = jax.jit(lambda k: data.draw_batch(k, arrays, lat, masks, 256))
+    b = draw(jax.random.key(0))
+    flip = np.asarray(b["flip"])
+    assert 0.35 < flip.mean() < 0.65
+    np.testing.assert_array_equal(np.asarray(b["latents"])[:, 0, 0, 0], flip)  # latent of the flipped copy
+    np.testing.assert_array_equal(np.asarray(b["masks"])[flip == 1], np.broadcast_to(masks[:, :, ::-1], (int(flip.sum()), 2, 2, 3)))
+    np.testing.assert_array_equal(np.asarray(b["masks"])[flip == 0], np.broadcast_to(masks, (int((1 - flip).sum()), 2, 2, 3)))
+    k_counts = (np.asarray(b["positions"]) >= 0).sum(1)
+    assert 0.35 < (k_counts == 2).mean() < 0.65  # k uniform in 1..2
+
+
+def test_nearest_resize_picks_top_left_of_each_cell():
+    m = jnp.arange(16.0).reshape(4, 4)
+    np.testing.assert_array_equal(data.nearest_resize(m, (2, 2)), [[0, 2], [8, 10]])

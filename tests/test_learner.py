@@ -1,0 +1,202 @@
+"""The EM learner end to end on the tiny model: outputs, one compile per program, resume equivalence,
+the three modes, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxconcept import config, inputs, learner, outputs, steps
+from jaxconcept.errors import JaxconceptError
+from jaxconcept.toy import scene
+
+
+@pytest.fixture(scope="module")
+def scene_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scene")
+    scene.write_scene(scene.make_scene(340, 32, 2), str(folder))  # a red triangle and a purple dotted ring
+    return folder
+
+
+def _spec(folder, with_masks=True):
+    m = (lambda name: str(folder / f"mask_{name}.png")) if with_masks else (lambda name: None)
+    return inputs.ImageSpec(str(folder / "image.png"), (
+        inputs.ConceptSpec("<tri>", "red", "object", m("red_triangle")),
+        inputs.ConceptSpec("<ring>", None, "object", m("purple_dotted_ring")),
+        inputs.ConceptSpec("<bg>", "background", "background", m("background")),
+    ))
+
+
+def _cfg(**changes):
+    c = config.get_config()
+    c.model = "tiny"
+    c.tokens.steps, c.tokens.estep_every, c.joint.steps = 4, 2, 2
+    c.masks.num_timesteps, c.log_every = 4, 2
+    for k, v in changes.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def em_run(scene_dir, tmp_path_factory):
+    """One uninterrupted run; counts how often the token step is compiled."""
+    made = []
+    original = steps.make_train_step
+
+    def recording(*a, **k):
+        fn = original(*a, **k)
+        made.append(fn)
+        return fn
+
+    steps.make_train_step = recording
+    try:
+        out = tmp_path_factory.mktemp("em") / "run"
+        summary = learner.learn(_cfg(), [_spec(scene_dir)], str(out), progress=False)
+    finally:
+        steps.make_train_step = original
+    return out, summary, made
+
+
+def test_run_writes_every_output(em_run):
+    out, summary, _ = em_run
+    for name in ("config.json", "concepts.safetensors", "metrics.jsonl", "summary.json", "masks_evolution.png",
+                 "overlays/image.png", "images/image.png", "unet/config.json"):
+        assert (out / name).exists(), name
+    for folder in ("round_00", "round_01", "round_02", "final"):
+        for token in ("tri", "ring", "bg"):
+            png = np.asarray(Image.open(out / "masks" / folder / f"image__{token}.png"))
+            assert png.shape == (32, 32) and set(np.unique(png)) <= {0, 255}
+    final = np.stack([np.asarray(Image.open(out / "masks" / "final" / f"image__{t}.png")) > 0
+                      for t in ("tri", "ring", "bg")])
+    assert (final.sum(0) <= 1).all(), "masks overlap"
+    assert final[2].sum() > 0 and final[0].sum() > 0 and final[1].sum() > 0, "a mask is empty"
+    rows = outputs.load_concepts(str(out / "concepts.safetensors"))
+    assert sorted(rows) == ["<bg>", "<ring>", "<tri>"] and rows["<tri>"].shape == (32,)
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    rounds = [x for x in lines if "round" in x]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all("iou" in r and "crf_seconds" in r for r in rounds) and "mask_change" in rounds[1]
+    assert any(x.get("stage") == "joint" for x in lines)
+    assert summary["rounds"] == 2 and set(summary["iou_final"]) == {"<tri>", "<ring>", "<bg>"}
+
+
+def test_token_step_compiles_once_across_steps_and_rounds(em_run):
+    _, _, made = em_run
+    token_step, joint_step = made  # 4 token steps over 2 rounds, then 2 joint steps
+    assert token_step._cache_size() == 1
+    assert joint_step._cache_size() == 1
+
+
+def test_rows_moved_and_only_rows_in_token_stage(em_run, tiny):
+    out, _, _ = em_run
+    rows = outputs.load_concepts(str(out / "concepts.safetensors"))
+    from jaxconcept import tokens
+
+    table = np.asarray(tokens.embedding_table(tiny.params["text_encoder"]))
+    red = tiny.tokenizer.convert_tokens_to_ids("red</w>")
+    assert not np.allclose(rows["<tri>"], table[red])  # trained away from its init word
+    assert np.abs(rows["<tri>"] - table[red]).max() < 0.1  # ... by a few AdamW steps
+
+
+def test_resume_after_interruption_matches_uninterrupted(em_run, scene_dir, tmp_path):
+    out_a, _, _ = em_run
+    out_b = tmp_path / "run"
+
+    def stop_after_round_1(meta):
+        if meta.get("round") == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        learner.learn(_cfg(), [_spec(scene_dir)], str(out_b), on_checkpoint=stop_after_round_1, progress=False)
+    assert not (out_b / "concepts.safetensors").exists()
+    learner.learn(_cfg(), [_spec(scene_dir)], str(out_b), progress=False)
+    a = outputs.load_concepts(str(out_a / "concepts.safetensors"))
+    b = outputs.load_concepts(str(out_b / "concepts.safetensors"))
+    for token in a:
+        np.testing.assert_array_equal(a[token], b[token])
+    for name in os.listdir(out_a / "masks" / "final"):
+        np.testing.assert_array_equal(np.asarray(Image.open(out_a / "masks" / "final" / name)),
+                                      np.asarray(Image.open(out_b / "masks" / "final" / name)))
+
+
+@pytest.mark.parametrize("mode", ["attention", "user"])
+def test_modes_keep_their_masks(mode, scene_dir, tmp_path):
+    out = tmp_path / mode
+    learner.learn(_cfg(mode=mode, **{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+    rounds = [np.stack([np.asarray(Image.open(out / "masks" / f"round_{r:02d}" / f"image__{t}.png"))
+                        for t in ("tri", "ring", "bg")]) for r in range(3)]
+    assert np.array_equal(rounds[0], rounds[1]) and np.array_equal(rounds[1], rounds[2])
+    if mode == "user":
+        truth = np.stack([np.asarray(Image.open(scene_dir / f"mask_{n}.png")) for n in
+                          ("red_triangle", "purple_dotted_ring", "background")])
+        np.testing.assert_array_equal(rounds[2] > 0, truth > 0)
+        assert not (out / "unet").exists()  # no joint steps asked for
+
+
+def test_user_mode_needs_every_mask(scene_dir, tmp_path):
+    with pytest.raises(JaxconceptError, match="needs a mask file for every concept"):
+        learner.learn(_cfg(mode="user"), [_spec(scene_dir, with_masks=False)], str(tmp_path / "r"), progress=False)
+
+
+def _write_bad_inputs(tmp_path, scene_dir):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n not really")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small_mask.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty_mask.png")
+    (tmp_path / "a_file").write_text("x")
+
+
+BAD = {
+    "missing image": (lambda d, s: [inputs.ImageSpec(str(d / "nope.png"), s.concepts)], {}, "does not exist"),
+    "corrupt image": (lambda d, s: [inputs.ImageSpec(str(d / "corrupt.png"), s.concepts)], {}, "cannot be read"),
+    "unknown init word": (lambda d, s: [inputs.ImageSpec(s.path, (inputs.ConceptSpec("<v>", "snow☃man"),))], {},
+                          "unknown to this model"),
+    "duplicate token": (lambda d, s: [inputs.ImageSpec(s.path, (inputs.ConceptSpec("<v>"),) * 2)], {}, "<v>"),
+    "token in vocabulary": (lambda d, s: [inputs.ImageSpec(s.path, (inputs.ConceptSpec("dog"),))], {}, "dog"),
+    "mask of wrong size": (lambda d, s: [inputs.ImageSpec(s.path, (inputs.ConceptSpec("<v>", mask=str(d / "small_mask.png")),))],
+                           {}, "10"),
+    "empty mask": (lambda d, s: [inputs.ImageSpec(s.path, (inputs.ConceptSpec("<v>", mask=str(d / "empty_mask.png")),))],
+                   {}, "empty"),
+    "no concepts": (lambda d, s: [inputs.ImageSpec(s.path, ())], {}, "no concepts"),
+    "prompt too long": (lambda d, s: [s], {"template": "a " * 80 + "{}"}, "at most"),
+    "unknown mode": (lambda d, s: [s], {"mode": "magic"}, "unknown mode"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_a_clear_error(case, scene_dir, tmp_path):
+    _write_bad_inputs(tmp_path, scene_dir)
+    make_specs, changes, message = BAD[case]
+    with pytest.raises(JaxconceptError, match=message.replace("?", r"\?")):
+        learner.learn(_cfg(**changes), make_specs(tmp_path, _spec(scene_dir, with_masks=False)),
+                      str(tmp_path / "run"), progress=False)
+
+
+def test_unwritable_output_folder(scene_dir, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(JaxconceptError, match="cannot write to the output folder"):
+        learner.learn(_cfg(), [_spec(scene_dir)], str(tmp_path / "a_file" / "run"), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(scene_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(learner.TrainingError, match="last good checkpoint"):
+        learner.learn(_cfg(**{"tokens.lr": 1e38, "joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+    assert (out / "checkpoints").exists() and (out / "masks" / "round_00" / "image__tri.png").exists()
+    assert learner.latest_meta(learner.checkpoint_manager(str(out)))["index"] == 0
+
+
+def test_command_line_error_exits_cleanly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxconcept.train", "--config.model=tiny", "--out", str(tmp_path / "r"),
+         "--concepts", f"{tmp_path / 'missing.png'}:<v1>=dog"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,34 @@
+"""Losses against hand-computed small cases."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxconcept import losses
+
+
+def test_masked_diffusion_loss_is_mean_over_all_elements():
+    eps = jnp.zeros((1, 2, 2, 2))
+    noise = jnp.ones((1, 2, 2, 2)) * 2.0
+    mask = jnp.array([[[[1.0, 0.0], [0.0, 0.0]]]])  # one of four pixels
+    # (0 - 2)^2 = 4 at 1 pixel x 2 channels, out of 8 elements -> 1.0 (not normalised by mask area)
+    assert float(losses.masked_diffusion_loss(eps, noise, mask)) == 1.0
+
+
+def test_union_mask_keeps_only_present_concepts():
+    m = jnp.array([[[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]]])  # B=1, C=3, 1x2
+    present = jnp.array([[1.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(losses.union_mask(m, present), [[[[1.0, 1.0]]]])
+    np.testing.assert_array_equal(losses.union_mask(m, jnp.array([[0.0, 1.0, 0.0]])), [[[[0.0, 1.0]]]])
+
+
+def test_attention_loss_sums_concepts_and_averages_batch():
+    maps = jnp.array([[[[1.0, 0.0]], [[0.5, 0.5]]], [[[0.0, 0.0]], [[1.0, 1.0]]]])  # B=2, C=2, 1x2
+    target = jnp.array([[[[1.0, 1.0]], [[0.0, 0.0]]], [[[1.0, 1.0]], [[1.0, 1.0]]]])
+    present = jnp.array([[1.0, 1.0], [1.0, 0.0]])
+    # sample 0: concept 0 mean((0,1)^2)=0.5, concept 1 mean(0.25,0.25)=0.25; sample 1: concept 0 = 1.0
+    expected = (0.5 + 0.25 + 1.0) / 2
+    np.testing.assert_allclose(float(losses.attention_loss(maps, target, present)), expected)
+
+
+def test_diffusion_loss():
+    np.testing.assert_allclose(float(losses.diffusion_loss(jnp.zeros((2, 3)), jnp.full((2, 3), 3.0))), 9.0)
