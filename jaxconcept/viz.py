@@ -48,3 +48,37 @@ def grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] |
             if labels is not None and j < len(labels[i]):
                 draw.text((x + 2, y + 1), str(labels[i][j])[: cell // 6], fill="black")
     return np.asarray(out)
+
+
+def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str = "", x_label: str = "",
+              size: tuple[int, int] = (480, 320), y_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """A small line chart (uint8 H x W x 3) of named series over x = 0, 1, 2, ...; no matplotlib needed."""
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    w, h = size
+    left, right, top, bottom = 44, 12, 24, 36
+    out = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((left, 6), title, fill="black")
+    draw.rectangle((left, top, w - right, h - bottom), outline="black")
+    lo, hi = y_range
+    n = max((len(v) for v in series.values()), default=1)
+    sx = (w - left - right) / max(n - 1, 1)
+    sy = (h - top - bottom) / (hi - lo)
+    for k in range(5):
+        val = lo + (hi - lo) * k / 4
+        y = h - bottom - (val - lo) * sy
+        draw.line((left - 3, y, left, y), fill="black")
+        draw.text((4, y - 6), f"{val:.2f}", fill="black")
+    for i in range(n):
+        draw.text((left + i * sx - 3, h - bottom + 4), str(i), fill="black")
+    draw.text((left, h - 14), x_label, fill="black")
+    draw.text((w - right - 6 * len(y_label), h - 14), y_label, fill="black")
+    for j, (name, values) in enumerate(series.items()):
+        c = colors[j % len(colors)]
+        pts = [(left + i * sx, h - bottom - (float(v) - lo) * sy) for i, v in enumerate(values) if v is not None]
+        if len(pts) > 1:
+            draw.line(pts, fill=c, width=2)
+        for x, y in pts:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=c)
+        draw.text((left + 6, top + 4 + 12 * j), name, fill=c)
+    return np.asarray(out)

@@ -1,0 +1,55 @@
+"""A finished learning run, loaded back for generation and evaluation: the base model with the run's
+concept tokens added, their learned rows, and the tuned UNet when the run has one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import adapter, outputs, tokens
+from .errors import JaxconceptError
+from .model import ModelBundle, load_model
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    bundle: ModelBundle  # tokenizer knows the concept tokens; params["unet"] is the tuned UNet if any
+    tokens: tuple[str, ...]
+    concept_ids: jnp.ndarray  # N
+    rows_NxD: jnp.ndarray
+    run_dir: str
+
+    def hidden_states(self, ids_BxL):
+        """Text conditioning with the learned rows spliced in."""
+        return tokens.text_hidden_states(self.bundle.text_encoder, self.bundle.params["text_encoder"], ids_BxL,
+                                         self.concept_ids, self.rows_NxD)
+
+
+def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32) -> LoadedRun:
+    """Load `run_dir` (written by `learner.learn`); `bundle` = its base model if already loaded."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    concepts_path = os.path.join(run_dir, "concepts.safetensors")
+    for path in (cfg_path, concepts_path):
+        if not os.path.isfile(path):
+            raise JaxconceptError(f"{run_dir!r} is not a finished run folder: {os.path.basename(path)} is missing. "
+                                  "Finish the run (start the same train command again to resume).")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    rows = outputs.load_concepts(concepts_path)
+    from safetensors import safe_open
+
+    with safe_open(concepts_path, "np") as f:
+        meta = f.metadata() or {}
+    order = json.loads(meta["tokens"]) if "tokens" in meta else sorted(rows)
+    bundle = bundle or load_model(cfg["model"], dtype, seed=cfg.get("seed", 0))
+    bundle, concepts = tokens.add_concept_tokens(bundle, order, None)
+    unet_dir = os.path.join(run_dir, "unet")
+    if os.path.isdir(unet_dir):
+        _, unet_params = adapter.load_flax_unet(unet_dir, dtype)
+        bundle = bundle.replace(params={**bundle.params, "unet": unet_params})
+    rows_NxD = jnp.asarray(np.stack([rows[t] for t in order]), dtype)
+    return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir))
