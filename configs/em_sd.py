@@ -11,7 +11,9 @@ from jaxconcept.config import get_config as _default
 def get_config():
     c = _default()
     c.model = "stabilityai/stable-diffusion-2-1-base"  # 512 px, latent 64: attention-loss maps at 16x16
+    c.template, c.joiner = "a photo of {}", " and "  # Break-a-Scene's prompts
     c.masks.resolutions = (16, 32)  # DESIGN §3: skip 8x8, average 16 and 32
+    c.masks.background_level = 0.45  # middle of DiffuMask's 0.35-0.55
     c.tokens.attn_resolution = 16
     c.log_every = 25
     return c

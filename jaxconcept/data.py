@@ -24,6 +24,7 @@ from . import diffusion, tokens
 from .errors import JaxconceptError
 
 TEMPLATE = "a photo of {}"
+JOINER = " and "
 # ordered subsets grow as N!; beyond this many concepts per image, subsets are drawn without ordering
 MAX_ORDERED = 5
 
@@ -39,12 +40,12 @@ class PromptTable:
     texts: tuple[str, ...]
 
 
-def concept_prompt(concept_tokens, template: str = TEMPLATE) -> str:
-    return template.format(" and ".join(concept_tokens))
+def concept_prompt(concept_tokens, template: str = TEMPLATE, joiner: str = JOINER) -> str:
+    return template.format(joiner.join(concept_tokens))
 
 
 def prompt_table(tokenizer, concept_tokens, owner_C, concept_ids, max_length: int,
-                 template: str = TEMPLATE) -> PromptTable:
+                 template: str = TEMPLATE, joiner: str = JOINER) -> PromptTable:
     """All union-sampling prompts of the run (see the module docstring)."""
     owner_C = np.asarray(owner_C)
     n_images = int(owner_C.max()) + 1
@@ -57,7 +58,7 @@ def prompt_table(tokenizer, concept_tokens, owner_C, concept_ids, max_length: in
             subsets = (list(itertools.permutations(mine, k)) if len(mine) <= MAX_ORDERED
                        else list(itertools.combinations(mine, k)))
             for subset in subsets:
-                texts.append(concept_prompt([concept_tokens[c] for c in subset], template))
+                texts.append(concept_prompt([concept_tokens[c] for c in subset], template, joiner))
                 images.append(i)
                 weights.append(1.0 / n_images / len(mine) / len(subsets))
     ids = tokens.tokenize(tokenizer, texts, max_length)
@@ -68,10 +69,10 @@ def prompt_table(tokenizer, concept_tokens, owner_C, concept_ids, max_length: in
 
 
 def image_prompts(tokenizer, concept_tokens, owner_C, concept_ids, max_length: int,
-                  template: str = TEMPLATE) -> tuple[np.ndarray, np.ndarray]:
+                  template: str = TEMPLATE, joiner: str = JOINER) -> tuple[np.ndarray, np.ndarray]:
     """Per image, the prompt naming all its concepts (for mask estimation): ids N x L, positions N x C."""
     owner_C = np.asarray(owner_C)
-    texts = [concept_prompt([t for t, o in zip(concept_tokens, owner_C) if o == i], template)
+    texts = [concept_prompt([t for t, o in zip(concept_tokens, owner_C) if o == i], template, joiner)
              for i in range(int(owner_C.max()) + 1)]
     ids = tokens.tokenize(tokenizer, texts, max_length)
     return ids, np.asarray([tokens.token_positions(x, concept_ids) for x in ids], np.int32)

@@ -465,12 +465,16 @@ def _toy_token(name: str, suffix: str) -> str:
     return f"<{safe}{suffix}>"
 
 
-def from_toy_scene_folder(folder: str, suffix: str = "") -> ImageSpec:
+def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color") -> ImageSpec:
     """The ImageSpec of a folder written by ``python -m jaxconcept.toy.scene --out DIR``: one concept per
-    object (token ``<red_striped_circle>``, init word its shape) plus the background (token ``<background>``,
-    init word "background"), each with its mask file. Init words are category words, like "dog" for a dog:
-    the token has to learn the colour, pattern or texture. `suffix` (e.g. "_s7") keeps tokens apart when
-    several scenes are used together."""
+    object (token ``<red_striped_circle>``, init word its colour, or its shape with init="shape") plus the
+    background (token ``<background>``, init word "background"), each with its mask file. The token has to
+    learn the rest (shape or colour, pattern, texture). Colour is the default because the toy model's
+    attention follows colour words best: on the bundled scene, shape init words gave final mask IoUs of
+    0.19 and 0.00 for the two objects, colour init words 1.00 and 0.69. `suffix` (e.g. "_s7") keeps
+    tokens apart when several scenes are used together."""
+    if init not in ("color", "shape"):
+        raise InputError(f"init must be 'color' or 'shape', got {init!r}")
     from .toy import scene as toy_scene  # numpy + Pillow only
 
     record_path = os.path.join(folder, "concepts.json")
@@ -484,7 +488,7 @@ def from_toy_scene_folder(folder: str, suffix: str = "") -> ImageSpec:
         concepts = []
         for c in record["concepts"]:
             kind = c.get("kind", "object")
-            word = "background" if kind == "background" else c.get("shape")
+            word = "background" if kind == "background" else c.get(init)
             concepts.append(ConceptSpec(
                 token=_toy_token(c["name"], suffix), init_word=word if word in vocab else None, kind=kind,
                 mask=os.path.join(folder, c["mask"]) if c.get("mask") else None,

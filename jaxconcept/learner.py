@@ -62,7 +62,12 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
         raise JaxconceptError(f"unknown mode {cfg.mode!r}: use one of {', '.join(MODES)}.")
     inputs.validate(specs)
     bundle = bundle or load_model(cfg.model, cfg.dtype, seed=cfg.seed)
-    loaded = inputs.load(specs, bundle.resolution)
+    size = cfg.get("resolution", 0) or bundle.resolution
+    multiple = bundle.vae_factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)
+    if size % multiple:
+        raise JaxconceptError(f"resolution {size} must be a multiple of {multiple} for this model (VAE and UNet "
+                              f"downsampling); the model's own is {bundle.resolution}.")
+    loaded = inputs.load(specs, size)
     if cfg.mode == "user" and not loaded.has_all_user_masks:
         missing = [c.token for c, m in zip(loaded.concepts, loaded.user_masks) if m is None]
         raise JaxconceptError(f"mode 'user' needs a mask file for every concept; none for {', '.join(missing)}. "
@@ -71,9 +76,11 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
     bundle, concepts = tokens.add_concept_tokens(bundle, toks, [c.init_word for c in loaded.concepts],
                                                  seed=cfg.seed)
     owner_C = np.asarray(loaded.owner_C)
-    table = data.prompt_table(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length, cfg.template)
+    joiner = cfg.get("joiner", data.JOINER)
+    table = data.prompt_table(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length, cfg.template,
+                              joiner)
     ids_NxL, pos_NxC = data.image_prompts(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length,
-                                          cfg.template)
+                                          cfg.template, joiner)
     latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_NxHxWx3, bundle.latent_scale)
     run_data = {"table": data.table_arrays(table), "latents": jnp.asarray(latents)}
     if cfg.prior.folder:

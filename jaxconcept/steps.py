@@ -108,14 +108,13 @@ def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: opta
 
 
 def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
-                      map_hw: tuple[int, int], mesh: Mesh):
-    """jit(rows, frozen, latents C' x h x w, ids L, positions C, key) -> soft maps C x map_h x map_w.
+                      latent_hw: tuple[int, int], mesh: Mesh):
+    """jit(rows, frozen, latents C' x h x w, ids L, positions C, key) -> soft maps C x h x w (latent size).
 
     Each concept's cross-attention (conditional branch only) averaged over heads, the selected layers and
     `num_timesteps` random timesteps, then min-max normalised; concepts absent from the prompt get zeros.
     The timesteps form one batch, split over the mesh when they divide."""
     concept_ids = jnp.asarray(concept_ids, jnp.int32)
-    latent_hw = (bundle.resolution // bundle.vae_factor,) * 2
 
     def maps_fn(rows, frozen, latents_Cxhxw, ids_L, positions_C, key):
         k_t, k_n = jax.random.split(key)
@@ -129,7 +128,7 @@ def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerS
                                             concept_ids, rows)
         context = jnp.broadcast_to(context, (num_timesteps,) + context.shape[1:])
         _, maps = capture.unet_with_attention(bundle.unet, frozen["unet"], noisy, t, context, selector)
-        agg_TxCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=map_hw,
+        agg_TxCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=latent_hw,
                                                normalize=None)
         soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_TxCxHxW, axis=0), "minmax")
         return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)

@@ -21,7 +21,7 @@ def test_prompt_table_lists_ordered_subsets_with_positions():
     owner = [0, 0, 0, 1]  # three concepts in image 0, one in image 1
     table = data.prompt_table(tok, toks, owner, ids, 16)
     assert len(table.texts) == data.num_prompts([3, 1]) == 3 + 6 + 6 + 1
-    assert "a photo of <c> and <a>" in table.texts
+    assert "a photo of <c> and <a>" in table.texts  # the default template and joiner
     np.testing.assert_allclose(table.weight_P.sum(), 1.0)
     for text, ids_L, pos, img in zip(table.texts, table.ids_PxL, table.positions_PxC, table.image_P):
         named = [t for t in toks if t in text.split()]

@@ -299,7 +299,7 @@ def test_from_toy_scene_folder(tmp_path):
     spec = from_toy_scene_folder(str(tmp_path / "s3"))
     assert spec.path == str(tmp_path / "s3" / "image.png")
     assert [c.token for c in spec.concepts] == [f"<{o.name}>" for o in scene.objects] + ["<background>"]
-    assert [c.init_word for c in spec.concepts] == [o.shape for o in scene.objects] + ["background"]
+    assert [c.init_word for c in spec.concepts] == [o.color for o in scene.objects] + ["background"]
     assert [c.kind for c in spec.concepts] == ["object"] * 2 + ["background"]
     assert all(c.init_word in S.vocabulary() for c in spec.concepts)
 
@@ -333,3 +333,12 @@ def test_from_toy_scene_folder_sanitises_names_and_reports_bad_folders(tmp_path)
     (tmp_path / "concepts.json").write_text(json.dumps({"concepts": [{"kind": "object"}]}))
     with pytest.raises(InputError, match="KeyError"):
         from_toy_scene_folder(str(tmp_path))
+
+
+def test_from_toy_scene_folder_shape_init(tmp_path):
+    scene = S.make_scene(3, 32, 2)
+    S.write_scene(scene, str(tmp_path / "s3"))
+    spec = from_toy_scene_folder(str(tmp_path / "s3"), init="shape")
+    assert [c.init_word for c in spec.concepts] == [o.shape for o in scene.objects] + ["background"]
+    with pytest.raises(InputError, match="init must be"):
+        from_toy_scene_folder(str(tmp_path / "s3"), init="size")

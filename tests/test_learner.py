@@ -200,3 +200,59 @@ def test_command_line_error_exits_cleanly(tmp_path):
         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _two_discs():
+    yy, xx = np.mgrid[:48, :48]
+    a = (yy - 14) ** 2 + (xx - 14) ** 2 < 64
+    b = (yy - 32) ** 2 + (xx - 32) ** 2 < 81
+    image = np.zeros((48, 48, 3), np.uint8)
+    image[:] = (40, 160, 60)
+    image[a], image[b] = (220, 30, 30), (40, 40, 220)
+    return image, a, b
+
+
+def test_assign_masks_from_noisy_maps_crf_helps_and_background_takes_the_rest():
+    image, a, b = _two_discs()
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    # blurred, shifted maps: what cross-attention looks like
+    soft = np.stack([ndimage.gaussian_filter(np.roll(m.astype(np.float32), 2, axis=1), 3) for m in (a, b)])
+    soft = np.clip(soft / soft.max(axis=(1, 2), keepdims=True) + 0.1 * rng.random(soft.shape), 0, 1)
+    soft = np.concatenate([soft, np.zeros((1, 48, 48), np.float32)])  # background concept: no map of its own
+    kinds = ["object", "object", "background"]
+    got, raw, info = learner.assign_masks(soft, image, kinds, 0.45, use_crf=True)
+    from jaxconcept import masks
+
+    for k, truth in enumerate((a, b)):
+        assert masks.iou(got[k], truth) > masks.iou(raw[k], truth)
+        assert masks.iou(got[k], truth) > 0.9
+    assert (got.sum(0) == 1).all()  # a partition: objects plus the background's rest
+    np.testing.assert_array_equal(got[2], ~(got[0] | got[1]))
+    assert info["crf_seconds"] > 0 and info["fallbacks"] == []
+
+
+def test_assign_masks_never_returns_an_empty_mask():
+    image, a, _ = _two_discs()
+    soft = np.stack([a.astype(np.float32), np.full((48, 48), 0.2, np.float32)])  # 2nd below the level
+    soft[1, 40:, 40:] = 0.3
+    got, _, info = learner.assign_masks(soft, image, ["object", "object"], 0.45, use_crf=True)
+    assert got[1].any() and info["fallbacks"] == [1]
+    assert not (got[0] & got[1]).any()
+
+
+def test_inversion_prior_preservation_and_text_encoder_tuning(scene_dir, tmp_path):
+    prior = tmp_path / "class_images"
+    prior.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 40, 3), 60 * (i + 1), np.uint8)).save(prior / f"c{i}.png")
+    cfg = _cfg(**{"init.method": "inversion", "init.inversion_steps": 2, "prior.folder": str(prior),
+                  "joint.text_encoder": True, "joint.steps": 1, "tokens.steps": 2})
+    out = tmp_path / "run"
+    learner.learn(cfg, [_spec(scene_dir)], str(out), progress=False)
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert any(x.get("stage") == "inversion" for x in lines)
+    steps_logged = [x for x in lines if "step" in x and x["stage"] in ("token", "joint")]
+    assert steps_logged and all("loss_prior" in x for x in steps_logged)
+    assert [x["round"] for x in lines if "round" in x] == [0, 1]

@@ -124,10 +124,20 @@ def test_scheduler_config_from_other_class_is_accepted(tiny, tmp_path):
     assert loaded.scheduler.config.beta_end == 0.02
 
 
-def test_toy_model_not_yet_shipped_says_how_to_make_it():
-    from jaxconcept.toy import sd
+def test_shipped_toy_model_loads_like_a_real_one_and_its_tokenizer_round_trips():
+    from jaxconcept.toy import scene, sd
 
-    if os.path.isdir(os.path.join(sd.WEIGHTS, "unet")):
-        pytest.skip("toy weights are shipped")
-    with pytest.raises(ModelSourceError, match="launch/train_toy.py"):
-        load_model("toy")
+    assert os.path.isfile(os.path.join(sd.WEIGHTS, "unet", "diffusion_flax_model.msgpack"))
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(sd.WEIGHTS) for f in fs)
+    assert size <= 25 * 2**20, f"shipped toy model is {size / 2**20:.1f} MB"
+    toy = load_model("toy")
+    folder = model.load_folder(sd.WEIGHTS)  # the loader a real model goes through
+    assert toy.resolution == 64 and toy.vae_factor == 4 and toy.max_length == sd.MAX_LENGTH
+    np.testing.assert_array_equal(toy.params["unet"]["conv_in"]["kernel"], folder.params["unet"]["conv_in"]["kernel"])
+    tok = toy.tokenizer
+    for word in scene.vocabulary():
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, word  # every vocabulary word is one token
+        assert tok.decode(ids).strip() == word
+    caption = scene.make_scene(3).caption
+    assert tok.decode(tok(caption).input_ids, skip_special_tokens=True).strip() == caption

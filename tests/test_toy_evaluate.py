@@ -15,6 +15,8 @@ def test_gates_command_on_a_saved_model(tmp_path):
     result = json.loads((out / "gates.json").read_text())
     s = result["summary"]
     assert s["scenes"] == 2 and s["objects"] == len(result["attention"]) >= 2
-    assert 0.0 <= s["attention_iou"] <= 1.0 and 0.0 <= s["samples_objects_found"] <= 1.0
+    for key in ("attention_iou", "attention_iou_crf", "attention_iou_shape_word", "samples_objects_found"):
+        assert 0.0 <= s[key] <= 1.0, key
+    assert all({"iou", "iou_crf", "iou_cleaned"} <= set(r) for r in result["attention"])
     assert (out / "gates.png").stat().st_size > 1000
     assert evaluate.main(["--model", str(tmp_path / "m"), "--seeds", "x-y", "--out", str(out)]) == 2

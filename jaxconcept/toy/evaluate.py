@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import aggregate, capture, images, masks, sampling, sharding, tokens, viz
+from .. import aggregate, capture, crf, images, masks, sampling, sharding, tokens, viz
 from ..errors import JaxconceptError
 from ..model import ModelBundle, load_model
 from ..show_attention import token_attention
@@ -58,10 +58,13 @@ def attention_iou(bundle: ModelBundle, scenes, background_level: float = 0.45, n
         soft_maps.append(soft_KxHxW)
         labels = np.asarray(masks.labels_from_maps(jnp.asarray(soft_KxHxW), background_level))
         predicted = masks.masks_from_labels(labels, len(s.objects))
+        refined, _ = crf.refine_labels(s.image, labels, len(s.objects) + 1, soft_KxHxW=np.clip(soft_KxHxW, 0, 1))
+        with_crf = masks.masks_from_labels(refined, len(s.objects))
         for k, obj in enumerate(s.objects):
             truth = s.masks[obj.name]
             records.append({"seed": s.seed, "object": obj.name, "iou": masks.iou(predicted[k], truth),
-                            "iou_cleaned": masks.iou(masks.clean_mask(predicted[k]), truth)})
+                            "iou_cleaned": masks.iou(masks.clean_mask(predicted[k]), truth),
+                            "iou_crf": masks.iou(with_crf[k], truth)})
     return records, soft_maps
 
 
@@ -128,6 +131,7 @@ def main(argv=None) -> int:
         "model": bundle.source, "scenes": len(scenes), "objects": len(ious),
         "attention_iou": float(np.mean([r["iou"] for r in ious])),
         "attention_iou_cleaned": float(np.mean([r["iou_cleaned"] for r in ious])),
+        "attention_iou_crf": float(np.mean([r["iou_crf"] for r in ious])),
         "attention_iou_shape_word": float(np.mean([r["iou"] for r in shape_ious])),
         "samples_objects_found": float(np.mean([r["fraction"] for r in fidelity])),
         "samples_patterns_found": float(np.mean([r["pattern_fraction"] for r in fidelity])),
