@@ -378,8 +378,9 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
             if cfg.mode == "em":
                 masks_now, raw_now, info = estimate_masks(setup, maps_fn, token_state["params"]["rows"], frozen,
                                                           jax.random.fold_in(k_est, r + 1), cfg)
-            else:
-                info, raw_now = {}, masks_now
+            else:  # masks kept: the no-CRF figures stay those of stage 1 (unknown after a resume)
+                info = {}
+                raw_now = raw_now if raw_now is not None else masks_now
             index = inv_steps + r * tcfg.estep_every + n
             entry = dict(round_record(r + 1, masks_now, raw_now, prev, info), index=index, stage="token")
             history.append(entry)
@@ -397,7 +398,10 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
         if masks_now is None:
             _, token_state, masks_now = restore_checkpoint(mngr, meta["index"], token_state, final_masks_shape)
             token_state = place(token_state)
-        joint_state = place(steps.init_state(trainable_of(token_state["params"]["rows"]), joint_opt))
+        # fresh buffers: the joint step donates its state, and the base model's params (which a caller such
+        # as the benchmark reuses for its next run) must not be donated with it
+        fresh = jax.tree.map(jnp.copy, trainable_of(token_state["params"]["rows"]))
+        joint_state = place(steps.init_state(fresh, joint_opt))
         if cfg.joint.steps:
             joint_step = steps.make_train_step(b, setup.concepts.ids, loss_cfg, joint_opt, mesh)
             joint_state = run_steps(joint_step, joint_state, latent_masks(masks_now, setup.latent_hw, mesh), k_joint,
