@@ -60,7 +60,11 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
     """Load the model and inputs, add the concept tokens, cache latents and the prompt table."""
     if cfg.mode not in MODES:
         raise JaxconceptError(f"unknown mode {cfg.mode!r}: use one of {', '.join(MODES)}.")
-    inputs.validate(specs)
+    specs = inputs.validate(specs)
+    for spec in specs:  # before a possibly long model download
+        for path in [spec.path] + [c.mask for c in spec.concepts if c.mask]:
+            if not os.path.isfile(path):
+                raise inputs.InputError(f"{'mask' if path != spec.path else 'image'} {path!r} does not exist")
     bundle = bundle or load_model(cfg.model, cfg.dtype, seed=cfg.seed)
     size = cfg.get("resolution", 0) or bundle.resolution
     multiple = bundle.vae_factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)
