@@ -17,7 +17,8 @@ Method (CutLER's MaskCut refinement, extended from fg/bg to background + K conce
   (`reference_size`); `scaled` makes them linear in the size the CRF runs at (floor 0.5 px). srgb is in
   colour units and is not scaled.
 - Holes: like CutLER, each concept's refined mask has its holes filled, but only with background pixels,
-  so a concept sitting inside another's hole keeps its pixels.
+  so a concept sitting inside another's hole keeps its pixels, and only small holes (up to 10% of the
+  mask's area): a ring keeps its hole.
 - Rejection: concept k whose refined mask has IoU < `min_iou` with its unrefined mask is rejected and its
   unrefined mask is kept (CutLER: 0.5). Precedence, so masks never overlap: (1) pixels the CRF gave to a
   rejected label but which were not that label before go back to their unrefined label (the CRF's
@@ -34,7 +35,7 @@ filling, rejection) adds ≈ 0.02 s at 512². Time grows with pixels and with la
 permutohedral lattice dominates). At latent resolution (64×64) the CRF is negligible beside a device
 step; at image resolution it is not, so run it at the resolution the masks are used at.
 
-Inputs are numpy (no JAX). pydensecrf (`pydensecrf2` on PyPI) needs C-contiguous arrays, a float32
+Inputs are numpy. pydensecrf (`pydensecrf2` on PyPI) needs C-contiguous arrays, a float32
 unary and a uint8 image; everything is copied into that form here, so views (e.g. transposes) are fine.
 """
 
@@ -48,6 +49,7 @@ import numpy as np
 from scipy import ndimage
 
 from jaxconcept.errors import JaxconceptError
+from jaxconcept.masks import fill_small_holes
 
 
 class CRFInputError(JaxconceptError, ValueError):
@@ -199,7 +201,8 @@ def refine_labels(image, labels_HxW, num_labels: int, params: CRFParams | None =
     if sp.fill_holes:
         for lab in range(1, num_labels):
             # Fill only with background, so a concept inside another's hole keeps its pixels.
-            take = ndimage.binary_fill_holes(refined_HxW == lab) & (refined_HxW == 0)
+            # Small holes only: a ring's hole is not part of it (masks.fill_small_holes).
+            take = fill_small_holes(refined_HxW == lab) & (refined_HxW == 0)
             refined_HxW[take] = lab
 
     ious = tuple(_iou(refined_HxW == lab, unrefined_HxW == lab) for lab in range(1, num_labels))

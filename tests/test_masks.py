@@ -44,3 +44,14 @@ def test_iou_and_upsampling():
     assert masks.iou(a, b) == 4 / 12 and masks.iou(a, a) == 1.0
     up = masks.upsample_maps(jnp.ones((3, 4, 4)) * 0.5, (16, 16))
     assert up.shape == (3, 16, 16) and np.allclose(up, 0.5)
+
+
+def test_clean_mask_keeps_a_rings_hole():
+    yy, xx = np.mgrid[:40, :40]
+    r2 = (yy - 20) ** 2 + (xx - 20) ** 2
+    ring = (r2 < 15 ** 2) & (r2 >= 8 ** 2)
+    pinholed = ring.copy()
+    pinholed[20, 9] = False  # a pin-hole inside the band
+    cleaned = masks.clean_mask(pinholed)
+    assert not cleaned[20, 20]  # the ring's hole stays open
+    np.testing.assert_array_equal(cleaned, ring)
