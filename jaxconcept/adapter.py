@@ -34,6 +34,8 @@ _NOISY_LOGGERS = (
     "diffusers.schedulers.scheduling_utils_flax",
     "diffusers.schedulers.scheduling_ddpm_flax",
     "diffusers.schedulers.scheduling_ddim_flax",
+    "diffusers.schedulers.scheduling_pndm_flax",
+    "diffusers.schedulers.scheduling_dpmsolver_multistep_flax",
     "transformers.modeling_flax_utils",
     "transformers.models.clip.modeling_flax_clip",
 )
@@ -55,7 +57,10 @@ def _silence_deprecations() -> None:
 
 _silence_deprecations()
 
-from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxDPMSolverMultistepScheduler, FlaxPNDMScheduler,
+    FlaxUNet2DConditionModel,
+)
 from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
@@ -211,14 +216,36 @@ def ddim_scheduler(config: dict):
     return sched, sched.create_state()
 
 
-INFERENCE_SCHEDULERS = ("ddim",)
+def pndm_scheduler(config: dict):
+    # SD's own pipelines run PNDM as PLMS without the Runge-Kutta warm-up (skip_prk_steps=True)
+    sched = FlaxPNDMScheduler(**{"skip_prk_steps": True, **_accepted(FlaxPNDMScheduler, config)})
+    return sched, sched.create_state()
+
+
+def dpm_solver_scheduler(config: dict):
+    """DPM-Solver++ (2nd order, multistep), as diffusers' SD pipelines configure it."""
+    kwargs = {**_accepted(FlaxDPMSolverMultistepScheduler, config), "algorithm_type": "dpmsolver++",
+              "solver_order": 2}
+    sched = FlaxDPMSolverMultistepScheduler(**kwargs)
+    return sched, sched.create_state()
+
+
+_INFERENCE = {"ddim": ddim_scheduler, "pndm": pndm_scheduler, "dpm++": dpm_solver_scheduler}
+INFERENCE_SCHEDULERS = tuple(_INFERENCE)
+_ALIASES = {"dpmsolver++": "dpm++", "dpm-solver++": "dpm++", "dpm": "dpm++", "plms": "pndm"}
+
+
+def scheduler_name(name: str) -> str:
+    """The canonical name of a sampling scheduler (aliases accepted); ValueError for an unknown one."""
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in _INFERENCE:
+        raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(INFERENCE_SCHEDULERS)}")
+    return key
 
 
 def inference_scheduler(name: str, config: dict):
     """(scheduler, state) of a sampling scheduler built from a model's scheduler config."""
-    if name == "ddim":
-        return ddim_scheduler(config)
-    raise ValueError(f"unknown scheduler {name!r}; available: {', '.join(INFERENCE_SCHEDULERS)}")
+    return _INFERENCE[scheduler_name(name)](config)
 
 
 # ---------------------------------------------------------------- saving (Flax format)

@@ -31,6 +31,9 @@ class LoadedRun:
 
 def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32) -> LoadedRun:
     """Load `run_dir` (written by `learner.learn`); `bundle` = its base model if already loaded."""
+    if not os.path.isdir(run_dir):
+        raise JaxconceptError(f"run folder {run_dir!r} does not exist: pass the --out folder of a "
+                              "'python -m jaxconcept.train' run.")
     cfg_path = os.path.join(run_dir, "config.json")
     concepts_path = os.path.join(run_dir, "concepts.safetensors")
     for path in (cfg_path, concepts_path):
@@ -48,8 +51,15 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
     bundle = bundle or load_model(cfg["model"], dtype, seed=cfg.get("seed", 0))
     bundle, concepts = tokens.add_concept_tokens(bundle, order, None)
     unet_dir = os.path.join(run_dir, "unet")
+    if not os.path.isdir(unet_dir) and cfg.get("joint", {}).get("steps", 0):
+        raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the UNet ({cfg['joint']['steps']} joint "
+                              "steps) but unet/ is missing. Start the same train command again to finish it.")
     if os.path.isdir(unet_dir):
-        _, unet_params = adapter.load_flax_unet(unet_dir, dtype)
+        try:
+            _, unet_params = adapter.load_flax_unet(unet_dir, dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise JaxconceptError(f"cannot read the tuned UNet in {unet_dir!r} ({e}); the run folder is damaged: "
+                                  "delete unet/ and start the same train command again to rewrite it.") from e
         bundle = bundle.replace(params={**bundle.params, "unet": unet_params})
     rows_NxD = jnp.asarray(np.stack([rows[t] for t in order]), dtype)
     return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir))
