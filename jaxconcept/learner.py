@@ -445,6 +445,12 @@ def write_results(run_dir, setup: Setup, final, masks_final, history, truth, sec
         "images": list(names), "tokens": list(setup.concepts.tokens), "seconds": round(seconds, 1),
         "rounds": len(rounds) - 1,
         "mask_area": {t: float(m.mean()) for t, m in zip(setup.concepts.tokens, masks_final)},
+        # what evaluation needs to find each concept's reference: its image, final mask file and kind
+        "concepts": [{"token": t, "kind": k, "init_word": w, "image": f"images/{names[owner_C[c]]}.png",
+                      "mask": f"masks/final/{names[owner_C[c]]}__{token_names[c]}.png"}
+                     for c, (t, k, w) in enumerate(zip(setup.concepts.tokens, setup.inputs.kinds,
+                                                       setup.concepts.init_words))],
+        "template": cfg.template, "joiner": cfg.get("joiner", data.JOINER),
     }
     if truth is not None:
         summary["iou_final"] = dict(zip(setup.concepts.tokens, mean_iou(masks_final, truth)))
