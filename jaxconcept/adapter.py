@@ -340,3 +340,99 @@ def clip_vision_layer_states(module, params, pixels_BxSxSx3) -> tuple:
         return tuple(out.hidden_states[1:])
 
     return module.apply({"params": params}, pixels_BxSxSx3, method=states)
+
+
+# ---------------------------------------------------------------- export (Flax -> PyTorch names)
+# The inverse of diffusers' / transformers' PyTorch -> Flax naming, for writing PyTorch folders without torch.
+# `jaxconcept.export` checks every name made here by running it back through `pt_to_flax_key` /
+# `pt_to_flax_text_key` (the rules the loader uses), so a mistake here fails loudly instead of writing a
+# folder that PyTorch loads with random weights.
+
+import numpy as _np  # noqa: E402
+from diffusers import __version__ as DIFFUSERS_VERSION  # noqa: E402
+
+# diffusers' rename_key turns PyTorch's "<list>.<n>" (ModuleList / Sequential items) into Flax's "<list>_<n>";
+# these Flax names are spelt with the underscore in PyTorch too (TimestepEmbedding's layers), and the
+# forward rule cannot tell them apart, so they are listed (diffusers' own Flax->PT loader exempts them too).
+_PT_UNDERSCORE_NAMES = frozenset({"linear_1", "linear_2"})
+# the Flax VAE's attention block keeps the old projection names; PyTorch's Attention has to_q/.../to_out.0
+_VAE_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# Flax-only config entries that PyTorch's from_pretrained would report as unexpected
+_FLAX_ONLY_CONFIG = ("dtype", "param_dtype", "use_memory_efficient_attention", "split_head_dim")
+
+
+def _pt_leaf(leaf: str, array) -> tuple[str, _np.ndarray]:
+    """PyTorch parameter name and layout for one Flax leaf."""
+    array = _np.asarray(array)
+    if leaf == "kernel" and array.ndim == 4:
+        return "weight", array.transpose(3, 2, 0, 1)  # conv HWIO -> OIHW
+    if leaf == "kernel":
+        return "weight", array.T  # dense (in, out) -> Linear (out, in)
+    if leaf in ("scale", "embedding"):
+        return "weight", array  # GroupNorm / LayerNorm scale, Embedding table
+    return leaf, array
+
+
+def flax_to_pt_key(flax_key: tuple, array) -> tuple[str, _np.ndarray]:
+    """(PyTorch state-dict name, array in PyTorch layout) of one diffusers Flax UNet/VAE parameter."""
+    *path, leaf = flax_key
+    names = []
+    for i, seg in enumerate(path):
+        if i == len(path) - 1 and seg in _VAE_ATTENTION_NAMES:
+            names.append(_VAE_ATTENTION_NAMES[seg])
+            continue
+        head, sep, tail = seg.rpartition("_")
+        split = sep and head and tail.isdigit() and seg not in _PT_UNDERSCORE_NAMES
+        names.append(f"{head}.{tail}" if split else seg)
+    name, value = _pt_leaf(leaf, array)
+    return ".".join(names + [name]), value
+
+
+def flax_to_pt_text_key(flax_key: tuple, array) -> tuple[str, _np.ndarray]:
+    """(PyTorch name, array) of one transformers Flax CLIP text parameter (paths coincide but the leaf)."""
+    name, value = _pt_leaf(flax_key[-1], array)
+    return ".".join(tuple(flax_key[:-1]) + (name,)), value
+
+
+def _pt_diffusers_config(module, class_name: str) -> dict:
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in _public_config(module.config).items()
+           if k not in _FLAX_ONLY_CONFIG}
+    return {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **cfg}
+
+
+def pt_unet_config(unet) -> dict:
+    """`config.json` of the PyTorch UNet2DConditionModel equal to this Flax UNet (keys mostly coincide; the
+    PyTorch defaults of the keys Flax lacks are what the Flax port hard-codes, e.g. 32 norm groups)."""
+    return _pt_diffusers_config(unet, "UNet2DConditionModel")
+
+
+def pt_vae_config(vae) -> dict:
+    return _pt_diffusers_config(vae, "AutoencoderKL")
+
+
+def pt_text_config(text_encoder) -> dict:
+    """`config.json` of the PyTorch CLIPTextModel (transformers configs are framework-neutral)."""
+    import json
+
+    cfg = copy.deepcopy(text_encoder.config)
+    cfg.architectures = ["CLIPTextModel"]
+    return json.loads(cfg.to_json_string(use_diff=True))
+
+
+def pt_scheduler_config(config: dict) -> dict:
+    """`scheduler_config.json` for PyTorch: the model's own schedule, class named without "Flax"
+    (DDIM when the model shipped no class: the sampler SD's papers and this project use)."""
+    cls = str(config.get("_class_name") or "DDIMScheduler").removeprefix("Flax")
+    body = {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "dtype"}
+    return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **body}
+
+
+def pt_pipeline_index(scheduler_class: str) -> dict:
+    """`model_index.json` of a StableDiffusionPipeline folder without safety checker."""
+    return {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }

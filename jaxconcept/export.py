@@ -1,0 +1,320 @@
+"""Export of a finished learning run to PyTorch diffusers, written without torch.
+
+    OUT/embeddings/<token>.safetensors   one file per concept token, {token: row (D,) float32}: what
+                                         `pipe.load_textual_inversion(file)` takes (the key names the token)
+    OUT/tokens.json                      tokens, their files, the base model, whether the UNet is tuned
+    OUT/README.md                        how to load it all in PyTorch
+    OUT/unet/config.json                 the run's tuned UNet (the base UNet if the run tuned none) as a
+    OUT/unet/diffusion_pytorch_model.safetensors   diffusers UNet2DConditionModel folder
+  with pipeline=True (the default), the rest of a StableDiffusionPipeline folder:
+    OUT/vae/config.json + diffusion_pytorch_model.safetensors          the base VAE (AutoencoderKL)
+    OUT/text_encoder/config.json + model.safetensors                   the base CLIPTextModel, base vocabulary:
+                                                                       the tokens come from embeddings/
+    OUT/tokenizer/                       the base tokenizer
+    OUT/scheduler/scheduler_config.json  the base model's noise schedule
+    OUT/model_index.json                 StableDiffusionPipeline, no safety checker
+
+Names are made by inverting diffusers' / transformers' PyTorch -> Flax rules (`adapter.flax_to_pt_key`) and every
+one is run back through the forward rule our loader uses before anything is written.
+
+    python -m jaxconcept.export --run RUN_DIR --out DIR [--no-pipeline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+from safetensors.numpy import save_file
+
+from . import adapter, convert, outputs, runs
+from .errors import JaxconceptError
+from .model import NAMED_MODELS, load_model
+
+log = logging.getLogger(__name__)
+
+EMBEDDINGS = "embeddings"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEXT_WEIGHTS = "model.safetensors"
+_PT_METADATA = {"format": "pt"}  # transformers refuses safetensors files without a known format
+# the parameter names of PyTorch's Linear / Conv / norms / Embedding. The forward rules pass names they do not
+# know through unchanged, so a Flax name left as it is ("…/kernel", "…/scale") would map back to itself:
+# checked separately.
+PT_PARAM_NAMES = ("weight", "bias")
+
+
+class ExportError(JaxconceptError):
+    """An export that would be wrong (a name that does not map back) or cannot be written."""
+
+
+# ------------------------------------------------------------------------------------------ state dicts
+
+
+def _as_numpy_f32(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x)).astype(np.float32, copy=False)
+
+
+def flax_to_pt_state(
+    params: Mapping, shapes: Mapping, rename: Callable = adapter.flax_to_pt_key, *,
+    forward: Callable = adapter.pt_to_flax_key, what: str = "model",
+) -> dict[str, np.ndarray]:
+    """PyTorch state dict (name -> float32 array in PyTorch layout) of Flax `params`.
+
+    rename: (flax tuple key, array) -> (PyTorch name, array), the inverse naming rule;
+    forward: (PyTorch name, array, flat shapes) -> (flax tuple key, array), the rule the loader uses.
+    Every entry must be named like a PyTorch parameter (PT_PARAM_NAMES) and map back to its own Flax key with
+    the same values, else ExportError: nothing is returned that the loader would read differently.
+    (Not caught: a list index left as "<name>_<n>", which the forward rule treats like "<name>.<n>";
+    tests/test_export.py compares the names with PyTorch's modules for that.)
+    """
+    flat_params, flat_shapes = flatten_dict(params), flatten_dict(shapes)
+    if set(flat_params) != set(flat_shapes):
+        extra = sorted("/".join(k) for k in set(flat_params) - set(flat_shapes))
+        missing = sorted("/".join(k) for k in set(flat_shapes) - set(flat_params))
+        raise ExportError(f"{what}: the params do not belong to the module being exported "
+                          f"(extra {extra[:3]}, missing {missing[:3]}).")
+    state: dict[str, np.ndarray] = {}
+    owner: dict[str, tuple] = {}
+    for key in sorted(flat_params):
+        value = _as_numpy_f32(flat_params[key])
+        pt_name, pt_value = rename(key, value)
+        if pt_name in owner:
+            raise ExportError(f"{what}: Flax parameters {'/'.join(owner[pt_name])} and {'/'.join(key)} both "
+                              f"export as {pt_name!r}; the Flax -> PyTorch naming rule is wrong.")
+        _check_round_trip(key, value, pt_name, np.asarray(pt_value), flat_shapes, forward, what)
+        owner[pt_name] = key
+        state[pt_name] = np.ascontiguousarray(pt_value, np.float32)
+    return state
+
+
+def _check_round_trip(key, value, pt_name, pt_value, flat_shapes, forward, what) -> None:
+    if pt_name.rsplit(".", 1)[-1] not in PT_PARAM_NAMES:
+        raise ExportError(
+            f"{what}: Flax parameter {'/'.join(key)} would be written as {pt_name!r}, which is no PyTorch parameter "
+            f"name (those end in {' or '.join(PT_PARAM_NAMES)}). This is a bug in the Flax -> PyTorch naming "
+            "(jaxconcept.adapter.flax_to_pt_key); nothing was written."
+        )
+    try:
+        back_key, back = forward(pt_name, pt_value, flat_shapes)
+        if tuple(back_key) != tuple(key):
+            problem = f"maps that name back to {'/'.join(back_key)}"
+        elif np.shape(back) != value.shape or not np.array_equal(back, value):
+            problem = f"maps it back with other values (shape {tuple(np.shape(back))}; a wrong transpose?)"
+        else:
+            return
+    except Exception as e:  # diffusers' rule asserts on attention shapes; any failure is a naming bug here
+        problem = f"fails on it ({type(e).__name__}: {e})"
+    raise ExportError(
+        f"{what}: Flax parameter {'/'.join(key)} would be written as {pt_name!r} {tuple(pt_value.shape)}, but the "
+        f"PyTorch -> Flax rule our loader uses {problem}; PyTorch would load a wrong model. This is a bug in the "
+        "Flax -> PyTorch naming (jaxconcept.adapter.flax_to_pt_key); nothing was written."
+    )
+
+
+def _save_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+    tmp = path + ".tmp"
+    save_file(dict(tensors), tmp, metadata=_PT_METADATA)
+    os.replace(tmp, path)  # never a half-written weights file under the real name
+
+
+def _save_pt_component(folder: str, config: dict, weights_name: str, state: Mapping[str, np.ndarray]) -> dict:
+    os.makedirs(folder, exist_ok=True)
+    outputs.write_json(os.path.join(folder, "config.json"), config)
+    _save_safetensors(os.path.join(folder, weights_name), state)
+    return {"folder": folder, "tensors": len(state), "parameters": int(sum(v.size for v in state.values()))}
+
+
+def save_unet_pytorch(folder: str, unet_module, params) -> dict:
+    """`folder`/config.json + diffusion_pytorch_model.safetensors, for `UNet2DConditionModel.from_pretrained`."""
+    state = flax_to_pt_state(params, convert.shape_tree(unet_module.init_weights), what="UNet")
+    return _save_pt_component(folder, adapter.pt_unet_config(unet_module), DIFFUSERS_WEIGHTS, state)
+
+
+def save_vae_pytorch(folder: str, vae_module, params) -> dict:
+    """`folder`/config.json + diffusion_pytorch_model.safetensors, for `AutoencoderKL.from_pretrained`."""
+    state = flax_to_pt_state(params, convert.shape_tree(vae_module.init_weights), what="VAE")
+    return _save_pt_component(folder, adapter.pt_vae_config(vae_module), DIFFUSERS_WEIGHTS, state)
+
+
+def save_text_encoder_pytorch(folder: str, text_module, params) -> dict:
+    """`folder`/config.json + model.safetensors, for transformers' `CLIPTextModel.from_pretrained`."""
+    state = flax_to_pt_state(params, convert.shape_tree(adapter.text_init_fn(text_module)),
+                             adapter.flax_to_pt_text_key, forward=adapter.pt_to_flax_text_key, what="text encoder")
+    return _save_pt_component(folder, adapter.pt_text_config(text_module), TEXT_WEIGHTS, state)
+
+
+def save_textual_inversion(folder: str, tokens: Sequence[str], rows_NxD) -> dict[str, str]:
+    """One `{token: row_D}` float32 safetensors file per token (diffusers' textual-inversion format: a
+    single-key dict, the key names the token). Returns token -> file name within `folder`."""
+    rows_NxD = np.asarray(rows_NxD, np.float32)
+    if rows_NxD.ndim != 2 or len(rows_NxD) != len(tokens):
+        raise ExportError(f"{len(tokens)} tokens but embedding rows of shape {rows_NxD.shape}: need one row per token.")
+    os.makedirs(folder, exist_ok=True)
+    files = {}
+    for token, name, row_D in zip(tokens, outputs.file_names(tokens), rows_NxD):
+        file = f"{name}.safetensors"
+        _save_safetensors(os.path.join(folder, file), {token: np.ascontiguousarray(row_D)})
+        files[token] = file
+    return files
+
+
+def save_pipeline_extras(out_dir: str, bundle) -> list[str]:
+    """tokenizer/, scheduler/ and model_index.json of a StableDiffusionPipeline folder; the files written."""
+    bundle.tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    sched = adapter.pt_scheduler_config(bundle.scheduler_config)
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    outputs.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), sched)
+    outputs.write_json(os.path.join(out_dir, "model_index.json"), adapter.pt_pipeline_index(sched["_class_name"]))
+    return ["tokenizer/", "scheduler/scheduler_config.json", "model_index.json"]
+
+
+# ------------------------------------------------------------------------------------------ run -> folder
+
+
+def check_run_folder(run_dir: str) -> dict:
+    """The run's config, after checking that the folder holds a finished run (before any slow loading)."""
+    if not os.path.isdir(run_dir):
+        raise ExportError(f"run folder {run_dir!r} does not exist: pass the --out folder of a finished "
+                          "'python -m jaxconcept.train' run.")
+    for name in ("config.json", "concepts.safetensors"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise ExportError(f"{run_dir!r} is not a finished run folder: {name} is missing. Finish the run "
+                              "(start the same train command again to resume) and export again.")
+    unet_dir = os.path.join(run_dir, "unet")
+    if os.path.isdir(unet_dir):
+        lacking = [f for f in ("config.json", "diffusion_flax_model.msgpack")
+                   if not os.path.isfile(os.path.join(unet_dir, f))]
+        if lacking:
+            raise ExportError(f"the tuned UNet in {unet_dir!r} is incomplete ({', '.join(lacking)} missing): "
+                              "start the same train command again to rewrite it.")
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read {os.path.join(run_dir, 'config.json')}: {e}") from e
+    if not isinstance(cfg, dict) or not cfg.get("model"):
+        raise ExportError(f"{os.path.join(run_dir, 'config.json')} names no base model ('model'); "
+                          "is it a jaxconcept run folder?")
+    return cfg
+
+
+def _check_out_dir(run_dir: str, out_dir: str) -> None:
+    run, out = os.path.realpath(run_dir), os.path.realpath(out_dir)
+    if run == out:
+        raise ExportError(f"--out {out_dir!r} is the run folder itself: its unet/ would be overwritten. "
+                          "Choose another folder.")
+    try:
+        outputs.check_writable(out_dir)
+    except JaxconceptError as e:
+        raise ExportError(str(e)) from e
+
+
+def export_run(run_dir: str, out_dir: str, *, pipeline: bool = True) -> dict:
+    """Write the run as PyTorch diffusers files (see module docstring); returns a summary of what was written."""
+    cfg = check_run_folder(run_dir)
+    _check_out_dir(run_dir, out_dir)
+    base = load_model(cfg["model"], "float32", seed=int(cfg.get("seed", 0)))
+    run = runs.load_run(run_dir, bundle=base)  # grows a copy of the tokenizer/text encoder; `base` stays as is
+    tuned = os.path.isdir(os.path.join(run_dir, "unet"))
+    if not tuned:
+        log.info("%s has no unet/ (no joint tuning): exporting the base model's UNet", run_dir)
+
+    files = save_textual_inversion(os.path.join(out_dir, EMBEDDINGS), run.tokens, run.rows_NxD)
+    written = [f"{EMBEDDINGS}/{f}" for f in files.values()]
+    unet = save_unet_pytorch(os.path.join(out_dir, "unet"), run.bundle.unet, run.bundle.params["unet"])
+    written += ["unet/config.json", f"unet/{DIFFUSERS_WEIGHTS}"]
+    if pipeline:
+        save_vae_pytorch(os.path.join(out_dir, "vae"), base.vae, base.params["vae"])
+        save_text_encoder_pytorch(os.path.join(out_dir, "text_encoder"), base.text_encoder, base.params["text_encoder"])
+        written += ["vae/config.json", f"vae/{DIFFUSERS_WEIGHTS}",
+                    "text_encoder/config.json", f"text_encoder/{TEXT_WEIGHTS}"]
+        written += save_pipeline_extras(out_dir, base)
+
+    summary = {
+        "run": os.path.abspath(run_dir), "out": os.path.abspath(out_dir), "base_model": cfg["model"],
+        "tokens": list(run.tokens), "files": {t: f"{EMBEDDINGS}/{f}" for t, f in files.items()},
+        "unet": "tuned" if tuned else "base", "unet_parameters": unet["parameters"], "pipeline": pipeline,
+    }
+    outputs.write_json(os.path.join(out_dir, "tokens.json"), summary)
+    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(readme(summary))
+    summary["written"] = written + ["tokens.json", "README.md"]
+    return summary
+
+
+def load_snippet(summary: dict) -> str:
+    """Three Python lines that load the export in PyTorch diffusers."""
+    out = summary["out"]
+    if summary["pipeline"]:
+        head = f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({out!r})"
+    else:  # only the UNet: the rest comes from the base model (named test models have no PyTorch original)
+        base = "BASE_MODEL" if summary["base_model"] in NAMED_MODELS else repr(summary["base_model"])
+        head = (f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({base}, unet=diffusers."
+                f"UNet2DConditionModel.from_pretrained(os.path.join({out!r}, 'unet')))")
+    return "\n".join([
+        "import diffusers, json, os",
+        head,
+        f"for token, file in json.load(open(os.path.join({out!r}, 'tokens.json')))['files'].items(): "
+        f"pipe.load_textual_inversion(os.path.join({out!r}, file), token=token)",
+    ])
+
+
+def readme(summary: dict) -> str:
+    lines = [
+        "# jaxconcept export", "",
+        f"Learned concept tokens of the run `{summary['run']}` (base model `{summary['base_model']}`), "
+        "for PyTorch diffusers.", "",
+        "| token | embedding file |", "|---|---|",
+        *[f"| `{t}` | `{f}` |" for t, f in summary["files"].items()], "",
+        f"`unet/` holds the {'tuned' if summary['unet'] == 'tuned' else 'base (this run tuned no UNet)'} UNet.",
+    ]
+    if summary["pipeline"]:
+        lines.append("The folder is a whole `StableDiffusionPipeline` (the text encoder has the base vocabulary: "
+                     "load the tokens into it as below).")
+    else:
+        lines.append("Only the UNet was exported: the rest comes from the run's base model, which must be a PyTorch "
+                     "diffusers folder or hub id (replace BASE_MODEL where shown).")
+    lines += ["", "```python", load_snippet(summary), "```",
+              "", 'One token: `pipe.load_textual_inversion("OUT/embeddings/<file>.safetensors", token="<v1>")`.',
+              ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxconcept.export",
+                                description="Export a finished jaxconcept run to PyTorch diffusers (no torch needed).")
+    p.add_argument("--run", required=True, help="the run folder (the --out of jaxconcept.train)")
+    p.add_argument("--out", required=True, help="folder to write the PyTorch files into")
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help="write only the UNet and the token embeddings, not a whole StableDiffusionPipeline folder")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = export_run(args.run, args.out, pipeline=args.pipeline)
+    except (JaxconceptError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {len(summary['tokens'])} token(s) {', '.join(summary['tokens'])} and the "
+          f"{summary['unet']} UNet{' (the run has no unet/: no joint tuning)' if summary['unet'] == 'base' else ''} "
+          f"to {summary['out']}" + (" as a StableDiffusionPipeline folder" if summary["pipeline"] else ""))
+    for path in summary["written"]:
+        print(f"  {path}")
+    print("load it in PyTorch:\n" + load_snippet(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
