@@ -228,3 +228,20 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, case, message):
     assert export.main(["--run", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_pytorch_pipeline_generates_our_images(run, pipe):
+    """The whole path a user takes: the same prompt and starting noise through our generator and through
+    PyTorch's StableDiffusionPipeline (DDIM, guidance) with the exported model and embeddings."""
+    import diffusers
+
+    from jaxconcept import generate
+
+    settings = generate.Settings(num_images=2, steps=4, guidance=7.5, seed=1)
+    ours = generate.generate(run, PROMPTS[:1], settings, progress=False)[0]
+    noise = generate.initial_noise(settings.seed, 1, 2, (4, 16, 16))[0]
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    theirs = pipe(PROMPTS[0], num_images_per_prompt=2, latents=torch.tensor(noise), num_inference_steps=4,
+                  guidance_scale=7.5, height=32, width=32, output_type="np").images
+    diff = np.abs(np.round(theirs * 255).astype(int) - ours.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
