@@ -132,19 +132,38 @@ def save_generation(out_dir: str, prompts, pictures_PxKxHxWx3, settings: Setting
         for path, pic in zip(paths, pics):
             images.save_image(pic, path)
         files.append([os.path.relpath(p, out_dir) for p in paths])
-    labels = [[p] + [""] * (len(pics) - 1) for p, pics in zip(prompts, pictures_PxKxHxWx3)]
-    images.save_image(viz.grid([list(p) for p in pictures_PxKxHxWx3], labels, cell=min(256, max(128, pictures_PxKxHxWx3.shape[2]))),
+    cell = min(256, max(128, pictures_PxKxHxWx3.shape[2]))
+    width = cell // 6  # characters a cell's label holds: a long prompt runs on over the row's cells
+    labels = [[p[k * width:(k + 1) * width] for k in range(len(pics))] for p, pics in zip(prompts, pictures_PxKxHxWx3)]
+    images.save_image(viz.grid([list(p) for p in pictures_PxKxHxWx3], labels, cell=cell),
                       os.path.join(out_dir, "grid.png"))
     record = {"prompts": list(prompts), "settings": dataclasses.asdict(settings), "files": files, **info}
     outputs.write_json(os.path.join(out_dir, "generation.json"), record)
     return record
 
 
+def default_prompts(run_dir: str) -> list[str]:
+    """Without --prompt: each object concept of the run alone, then all together, in the run's template."""
+    import json
+
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise PromptError("no prompt given: pass at least one --prompt.")
+    with open(path) as f:
+        summary = json.load(f)
+    listed = summary.get("concepts") or [{"token": t, "kind": "object"} for t in summary["tokens"]]
+    objects = [c["token"] for c in listed if c.get("kind", "object") == "object"] or [c["token"] for c in listed]
+    template, joiner = summary.get("template", "a photo of {}"), summary.get("joiner", " and ")
+    prompts = [template.format(t) for t in objects]
+    return prompts + ([template.format(joiner.join(objects))] if len(objects) > 1 else [])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxconcept.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default=None, help="a finished run folder (its concept tokens and tuned UNet)")
     p.add_argument("--model", default=None, help="base model without a run: 'toy', 'tiny', a folder or a hub id")
-    p.add_argument("--prompt", action="append", default=[], help="repeatable; concept tokens as in the run")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="repeatable; concept tokens as in the run (default with --run: each concept, then all)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=50)
@@ -165,6 +184,9 @@ def main(argv=None) -> int:
     try:
         if args.run and args.model:
             raise JaxconceptError("give --run (a learned run, which knows its base model) or --model, not both.")
+        if not args.prompt and args.run and os.path.isdir(args.run):
+            args.prompt = default_prompts(args.run)
+            print("prompts: " + "; ".join(args.prompt))
         if not args.prompt:  # before loading anything
             raise PromptError("no prompt given: pass at least one --prompt.")
         adapter.scheduler_name(args.scheduler)

@@ -47,7 +47,11 @@ def summary_text(summary: dict) -> str:
         lines.append("  mean IoU by round: " + " ".join(f"{v:.3f}" for v in summary["iou_by_round"] if v is not None))
     run = summary["run"]
     lines += [f"results in {run}:",
-              "  concepts.safetensors, masks/final/, overlays/, masks_evolution.png, metrics.jsonl"]
+              "  concepts.safetensors, masks/final/, overlays/, masks_evolution.png, metrics.jsonl",
+              "next:",
+              f"  python -m jaxconcept.generate --run {run}        # samples of every concept, then all together",
+              f"  python -m jaxconcept.evaluate --run {run}",
+              f"  python -m jaxconcept.export --run {run} --out {run}_pytorch   # for PyTorch diffusers"]
     return "\n".join(lines)
 
 

@@ -163,3 +163,13 @@ def test_incomplete_run_folder_is_a_clear_message(tmp_path, run_dir, capsys):
     os.link(run_dir / "concepts.safetensors", broken / "concepts.safetensors")
     assert generate.main(["--run", str(broken), "--prompt", "a dog", "--out", str(tmp_path / "o")]) == 2
     assert "unet/ is missing" in capsys.readouterr().err
+
+
+def test_cli_without_prompt_uses_each_concept_then_all(run_dir, tmp_path, capsys):
+    summary = {"tokens": ["<v1>", "<v2>"], "template": "a photo of {}", "joiner": " and ",
+               "concepts": [{"token": "<v1>", "kind": "object"}, {"token": "<v2>", "kind": "background"}]}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert generate.default_prompts(str(run_dir)) == ["a photo of <v1>"]
+    summary["concepts"][1]["kind"] = "object"
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert generate.default_prompts(str(run_dir)) == ["a photo of <v1>", "a photo of <v2>", "a photo of <v1> and <v2>"]
