@@ -46,7 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
         weight_decay=1e-2,
     ))
     # stage 3: tokens and UNet (text encoder optional) with the masks fixed
-    c.joint = ml_collections.ConfigDict(dict(steps=400, lr=2e-6, text_encoder=False))
+    # remat: "none", "full" (recompute the UNet's activations in the backward pass) or "dots" (keep matmuls);
+    # optimizer: "adamw", or low-memory "adamw_bf16" / "adafactor"
+    c.joint = ml_collections.ConfigDict(dict(steps=400, lr=2e-6, text_encoder=False, remat="none",
+                                             optimizer="adamw"))
+    # devices: a (data, fsdp) mesh over all of them; fsdp > 1 splits the joint stage's UNet, gradients and
+    # optimiser state over groups of fsdp devices (and the frozen UNet too with shard_frozen)
+    c.mesh = ml_collections.ConfigDict(dict(fsdp=1, shard_frozen=False, fsdp_min_size=2 ** 14))
     # optional prior preservation: a folder of class images and their prompt
     c.prior = ml_collections.ConfigDict(dict(folder="", prompt="a photo at the beach", weight=1.0))
     return c

@@ -89,7 +89,7 @@ def generate(source, prompts, settings: Settings = Settings(), *, mesh=None, pro
     if settings.steps < 1 or settings.num_images < 1:
         raise JaxconceptError(f"steps ({settings.steps}) and images per prompt ({settings.num_images}) must be >= 1.")
     mesh = mesh or sharding.make_mesh()
-    n_dev = mesh.shape[sharding.DATA]
+    n_dev = mesh.size
     cond_ids = tokens.tokenize(bundle.tokenizer, prompts, bundle.max_length)
     uncond_ids = tokens.tokenize(bundle.tokenizer, [settings.negative_prompt], bundle.max_length)[0]
     latent = bundle.resolution // bundle.vae_factor

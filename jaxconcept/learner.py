@@ -60,6 +60,13 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
     """Load the model and inputs, add the concept tokens, cache latents and the prompt table."""
     if cfg.mode not in MODES:
         raise JaxconceptError(f"unknown mode {cfg.mode!r}: use one of {', '.join(MODES)}.")
+    joint = cfg.get("joint") or {}
+    if joint.get("optimizer", "adamw") not in steps.OPTIMIZERS:
+        raise JaxconceptError(f"unknown joint.optimizer {joint.get('optimizer')!r}: use one of "
+                              f"{', '.join(steps.OPTIMIZERS)}.")
+    if joint.get("remat", "none") not in ("none", *steps.REMAT_POLICIES):
+        raise JaxconceptError(f"unknown joint.remat {joint.get('remat')!r}: use none, "
+                              f"{', '.join(steps.REMAT_POLICIES)}.")
     specs = inputs.validate(specs)
     for spec in specs:  # before a possibly long model download
         for path in [spec.path] + [c.mask for c in spec.concepts if c.mask]:
@@ -246,7 +253,9 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     t_start = time.time()
     setup = prepare(cfg, specs, bundle)
     b = setup.bundle
-    mesh = mesh or sharding.make_mesh()
+    mcfg = cfg.get("mesh") or {}
+    mesh = mesh or sharding.make_mesh(fsdp=mcfg.get("fsdp", 1))
+    min_size = mcfg.get("fsdp_min_size", 2 ** 14)
     cfg_path = os.path.join(run_dir, "config.json")
     with open(cfg_path + ".tmp", "w") as f:
         f.write(cfg.to_json(indent=2))
@@ -265,7 +274,10 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
         metrics_file.flush()
 
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
-    frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
+    frozen = {"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}
+    # the frozen UNet is replicated for the token stage, or FSDP-split when it does not fit one device
+    frozen_sh = sharding.fsdp_shardings(frozen, mesh, min_size) if mcfg.get("shard_frozen") else None
+    frozen = place(frozen) if frozen_sh is None else jax.device_put(frozen, frozen_sh)
     run_data = place(setup.run_data)
     setup = dataclasses.replace(setup, run_data=run_data)
     rows0 = place(jnp.asarray(setup.concepts.init_rows))
@@ -274,9 +286,9 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
                                 attn_resolution=tcfg.attn_resolution, flip_prob=cfg.flip_prob,
                                 prior_weight=cfg.prior.weight)
     token_opt = steps.make_optimizer(tcfg.lr, tcfg.clip, tcfg.weight_decay)
-    token_step = steps.make_train_step(b, setup.concepts.ids, loss_cfg, token_opt, mesh)
+    token_step = steps.make_train_step(b, setup.concepts.ids, loss_cfg, token_opt, mesh, frozen_shardings=frozen_sh)
     maps_fn = steps.make_concept_maps(b, setup.concepts.ids, capture.LayerSelector(resolutions=tuple(cfg.masks.resolutions)),
-                                      cfg.masks.num_timesteps, setup.latent_hw, mesh)
+                                      cfg.masks.num_timesteps, setup.latent_hw, mesh, frozen_shardings=frozen_sh)
     base_key = jax.random.key(cfg.seed)
     k_inv, k_tok, k_est, k_joint = jax.random.split(base_key, 4)
     mngr = checkpoint_manager(run_dir)
@@ -347,7 +359,7 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
         if inv_steps:
             inv_cfg = dataclasses.replace(loss_cfg, attn_weight=0.0)
             inv_opt = steps.make_optimizer(cfg.init.inversion_lr, tcfg.clip, tcfg.weight_decay)
-            inv_step = steps.make_train_step(b, setup.concepts.ids, inv_cfg, inv_opt, mesh)
+            inv_step = steps.make_train_step(b, setup.concepts.ids, inv_cfg, inv_opt, mesh, frozen_shardings=frozen_sh)
             ones = place(jnp.ones((len(owner_C),) + setup.latent_hw, jnp.float32))
             inv_state = run_steps(inv_step, place(steps.init_state({"rows": rows0}, inv_opt)), ones, k_inv,
                                   inv_steps, "inversion")
@@ -396,7 +408,7 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     # ---- stage 3: joint tuning with the masks fixed
     trainable_of = lambda rows: {"rows": rows, "unet": b.params["unet"],
                                  **({"text_encoder": b.params["text_encoder"]} if cfg.joint.text_encoder else {})}
-    joint_opt = steps.make_optimizer(cfg.joint.lr, tcfg.clip, tcfg.weight_decay)
+    joint_opt = steps.make_optimizer(cfg.joint.lr, tcfg.clip, tcfg.weight_decay, cfg.joint.get("optimizer", "adamw"))
     final_masks_shape = np.zeros((len(owner_C),) + setup.images_u8.shape[1:3])
     if meta["stage"] == "joint":
         if masks_now is None:
@@ -405,9 +417,15 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
         # fresh buffers: the joint step donates its state, and the base model's params (which a caller such
         # as the benchmark reuses for its next run) must not be donated with it
         fresh = jax.tree.map(jnp.copy, trainable_of(token_state["params"]["rows"]))
-        joint_state = place(steps.init_state(fresh, joint_opt))
+        joint_state = steps.init_state(fresh, joint_opt)
+        # FSDP: the UNet, its gradients and optimiser moments split over the mesh's fsdp axis
+        joint_sh = sharding.fsdp_shardings(joint_state, mesh, min_size)
+        joint_state = jax.device_put(joint_state, joint_sh)
         if cfg.joint.steps:
-            joint_step = steps.make_train_step(b, setup.concepts.ids, loss_cfg, joint_opt, mesh)
+            joint_cfg = dataclasses.replace(loss_cfg, remat=cfg.joint.get("remat", "none"))
+            joint_frozen_sh = None if frozen_sh is None else {k: frozen_sh[k] for k in joint_frozen}
+            joint_step = steps.make_train_step(b, setup.concepts.ids, joint_cfg, joint_opt, mesh,
+                                               state_shardings=joint_sh, frozen_shardings=joint_frozen_sh)
             joint_state = run_steps(joint_step, joint_state, latent_masks(masks_now, setup.latent_hw, mesh), k_joint,
                                     cfg.joint.steps, "joint")
         final = {"rows": joint_state["params"]["rows"], "unet": joint_state["params"]["unet"]}

@@ -1,7 +1,9 @@
 """Meshes and shardings, spelled out at `jax.jit` (pjit is `jax.jit` with shardings today).
 
-Batch dimensions are split over the "data" axis of a mesh built from the available devices; params
-are replicated by default.
+A mesh has two axes, "data" and "fsdp" (`make_mesh(fsdp=1)` keeps every device on "data"). Batch
+dimensions are split over both axes (every device gets its share of the batch); params are replicated,
+or, with FSDP, each large array is split along one of its dimensions over the "fsdp" axis and gathered
+by XLA where a layer needs it (the joint stage's UNet, its gradients and AdamW moments).
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from . import capture
 from .errors import ShardingError
 
 DATA = "data"
+FSDP = "fsdp"
+BATCH_AXES = (DATA, FSDP)
 
 
-def make_mesh(devices=None, axis: str = DATA) -> Mesh:
-    """A 1-D mesh over `devices` (default: all) along the data axis."""
+def make_mesh(devices=None, fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all, across hosts), `fsdp` devices per param shard group."""
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (axis,))
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ShardingError(f"fsdp={fsdp} does not divide the {len(devices)} devices: use a divisor of "
+                            f"{len(devices)} (1 = no parameter sharding).")
+    return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), BATCH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -34,18 +41,41 @@ def put_replicated(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-def batch_sharded(mesh: Mesh, axis: str = DATA) -> NamedSharding:
-    """Leading (batch) dimension split over `axis`, the rest whole."""
-    return NamedSharding(mesh, P(axis))
+def _batch_axes(mesh: Mesh):
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return axes if len(axes) > 1 else axes[0]
 
 
-def check_batch(batch: int, mesh: Mesh, axis: str = DATA) -> None:
-    n = mesh.shape[axis]
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over every device of the mesh, the rest whole."""
+    return NamedSharding(mesh, P(_batch_axes(mesh)))
+
+
+def check_batch(batch: int, mesh: Mesh) -> None:
+    n = mesh.size
     if batch % n:
         raise ShardingError(
-            f"batch of {batch} does not split over {n} devices on mesh axis {axis!r}: use a multiple of {n}, "
-            "or a mesh over fewer devices."
+            f"batch of {batch} does not split over {n} devices: use a multiple of {n}, or a mesh over fewer "
+            "devices."
         )
+
+
+def fsdp_spec(shape, fsdp_size: int, min_size: int = 2 ** 14) -> P:
+    """Split the largest dimension that `fsdp_size` divides; small arrays (biases, norms) stay whole, since
+    gathering them costs more than keeping copies."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            return P(*([None] * dim + [FSDP]))
+    return P()
+
+
+def fsdp_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):
+    """NamedShardings for a pytree of arrays (or shape structs): FSDP-split where it pays, else replicated.
+    Adam's moments have their params' shapes, so they are split exactly like them."""
+    size = mesh.shape[FSDP] if FSDP in mesh.axis_names else 1
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size, min_size)), tree)
 
 
 @functools.lru_cache(maxsize=32)

@@ -39,7 +39,7 @@ def token_attention(
 ) -> dict:
     """Per-word attention maps {"words", "positions", "maps" (K x h x w, min-max per word), "timesteps"}."""
     mesh = mesh or sharding.make_mesh()
-    n_dev = mesh.shape[sharding.DATA]
+    n_dev = mesh.size
     batch = -(-max(num_timesteps, 1) // n_dev) * n_dev  # whole batches per device
     k_t, k_noise, k_lat = jax.random.split(jax.random.key(seed), 3)
     res = bundle.resolution

@@ -31,12 +31,30 @@ class LossConfig:
     attn_resolution: int = 16  # query-grid height of the layers the attention loss reads
     flip_prob: float = 0.5
     prior_weight: float = 1.0  # used only when prior latents are given
+    remat: str = "none"  # UNet activations: "none" kept, "full" recomputed in the backward pass, "dots" keep matmuls
 
 
-def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2) -> optax.GradientTransformation:
-    """AdamW with a constant rate after a global-norm clip (Break-a-Scene's settings)."""
-    return optax.chain(optax.clip_by_global_norm(clip),
-                       optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+# what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
+OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
+
+
+def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2,
+                   kind: str = "adamw") -> optax.GradientTransformation:
+    """AdamW with a constant rate after a global-norm clip (Break-a-Scene's settings).
+
+    Low-memory variants for the joint stage: "adamw_bf16" keeps Adam's first moment in bfloat16 (a quarter
+    less optimiser memory); "adafactor" keeps factored second moments and no first moment (about half of
+    the parameter memory instead of twice)."""
+    if kind == "adamw":
+        inner = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    elif kind == "adamw_bf16":
+        inner = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mu_dtype=jnp.bfloat16)
+    elif kind == "adafactor":
+        inner = optax.adafactor(lr, multiply_by_parameter_scale=False, weight_decay_rate=weight_decay or None)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
+    return optax.chain(optax.clip_by_global_norm(clip), inner)
 
 
 def init_state(params, opt: optax.GradientTransformation) -> dict:
@@ -67,7 +85,10 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
     noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod, latents, noise, t)
     context = tokens.text_hidden_states(bundle.text_encoder, text_params, ids, concept_ids, trainable["rows"])
     selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
-    eps, maps = capture.unet_with_attention(bundle.unet, unet_params, noisy, t, context, selector)
+    unet_fn = functools.partial(capture.unet_with_attention, bundle.unet, selector=selector)
+    if cfg.remat != "none":  # trade a second UNet forward for the activations' memory (joint stage)
+        unet_fn = jax.checkpoint(unet_fn, policy=REMAT_POLICIES[cfg.remat])
+    eps, maps = unet_fn(unet_params, noisy, t, context)
 
     present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
     masks_BxCxhxw = batch["masks"].astype(jnp.float32)
@@ -86,11 +107,13 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
 
 
 def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: optax.GradientTransformation,
-                    mesh: Mesh):
+                    mesh: Mesh, *, state_shardings=None, frozen_shardings=None):
     """jit(state, frozen, run_data, masks, base_key) -> (state, metrics), state donated.
 
-    Everything but the drawn batch is replicated over the mesh; the batch is split over its data axis when
-    it divides (a batch of 1 runs replicated)."""
+    The drawn batch is split over every device of the mesh when it divides (a batch of 1 runs replicated).
+    State and frozen weights are replicated unless shardings are given: `sharding.fsdp_shardings` of the
+    state splits the joint stage's UNet, gradients and optimiser moments over the mesh's fsdp axis (the
+    frozen weights likewise, when the UNet does not fit one device)."""
     loss_fn = functools.partial(concept_loss, bundle=bundle, concept_ids=jnp.asarray(concept_ids, jnp.int32),
                                 cfg=cfg, mesh=mesh)
 
@@ -104,11 +127,14 @@ def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: opta
         return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
     rep = sharding.replicated(mesh)
-    return jax.jit(step, in_shardings=rep, out_shardings=rep, donate_argnums=(0,))
+    state_sh = rep if state_shardings is None else state_shardings
+    frozen_sh = rep if frozen_shardings is None else frozen_shardings
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, rep, rep, rep), out_shardings=(state_sh, rep),
+                   donate_argnums=(0,))
 
 
 def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
-                      latent_hw: tuple[int, int], mesh: Mesh):
+                      latent_hw: tuple[int, int], mesh: Mesh, frozen_shardings=None):
     """jit(rows, frozen, latents C' x h x w, ids L, positions C, key) -> soft maps C x h x w (latent size).
 
     Each concept's cross-attention (conditional branch only) averaged over heads, the selected layers and
@@ -134,11 +160,13 @@ def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerS
         return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)
 
     rep = sharding.replicated(mesh)
-    jitted = jax.jit(maps_fn, in_shardings=rep, out_shardings=rep)
+    frozen_sh = rep if frozen_shardings is None else frozen_shardings
+    jitted = jax.jit(maps_fn, in_shardings=(rep, frozen_sh, rep, rep, rep, rep), out_shardings=rep)
 
-    def run(*args):
+    def run(rows, frozen, *args):
         # arguments placed like the program's own outputs: one compile for every image and round
-        return jitted(*sharding.put_replicated(args, mesh))
+        return jitted(sharding.put_replicated(rows, mesh), jax.device_put(frozen, frozen_sh),
+                      *sharding.put_replicated(args, mesh))
 
     run.jitted = jitted
     return run
