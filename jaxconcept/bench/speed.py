@@ -1,0 +1,1026 @@
+"""Speed benchmark: our jitted steps against a PyTorch diffusers reference, same machine, same configuration.
+
+    python -m jaxconcept.bench.speed --config tiny --iters 10
+    python -m jaxconcept.bench.speed --config sd15 --dtype bfloat16 --iters 20          # on a GPU
+    python -m jaxconcept.bench.speed --config sd15 --iters 20 --timesteps 16            # fp32 (TF32 for torch)
+    python -m jaxconcept.bench.speed --config tiny --skip-torch --out runs/speed_tiny
+    # SD 1.5 on a CPU: smaller images, fewer timesteps and sampling steps, no joint step (its AdamW state
+    # over the UNet needs ~14 GB per implementation)
+    OMP_WAIT_POLICY=PASSIVE python -m jaxconcept.bench.speed --config sd15 --resolution 256 --iters 2 \
+        --timesteps 2 --sample-steps 2 --steps token,estep,sample
+
+Timed, after compile / warm-up, as the median of --iters calls (`block_until_ready` for ours, a device
+synchronisation and `torch.no_grad` where the reference does no training):
+  token    one token step: concept rows trainable, UNet and text encoder frozen; L_mask + 0.01 L_attn with
+           the cross-attention captured at the 16x16-equivalent layers (SD 1.5 at 512 px: down_blocks.2 and
+           up_blocks.1), global-norm clip 1.0, AdamW 5e-4 (`steps.make_train_step`).
+  joint    one joint step: concept rows and UNet trainable, AdamW 2e-6.
+  e_attn   the E-step's attention pass (`steps.make_concept_maps`, T timesteps in one batch, maps upsampled
+           to image size and brought to the host), per image.
+  e_crf    the E-step's host side (`learner.assign_masks`: labels, multi-label DenseCRF, clean-up); one
+           shared implementation, so it is counted once, for both.
+  e_step   e_attn + e_crf.
+  sample   one guided DDIM sample (batch 1, 50 steps by default, guidance 7.5, text encoding and VAE
+           decode included; `sampling.make_batch_sampler`).
+The PyTorch reference (written here, on diffusers' PyTorch UNet2DConditionModel / AutoencoderKL /
+DDIMScheduler and transformers' CLIPTextModel, built from the same configs, random weights) does what
+Break-a-Scene's trainer does: the whole embedding table requires grad and is in AdamW, the non-concept
+rows are restored after each step; an attention processor keeps the 16x16 cross-attention probabilities
+for the attention loss (SDPA everywhere else); the sample runs the cond/uncond halves as one batch of 2.
+
+Also reported: compile time (ours) and first-call time (torch) separately; the E-step's share of the EM
+wall time with an E-step every 50 token steps, E / (50 token + E); FLOPs per step from XLA's cost analysis
+of our compiled programs and, for sd15, from DESIGN §6's cost model (area-scaled off 512 px), the achieved
+TFLOP/s and, on a GPU, the fraction of the measured (bf16 matmul) and quoted bf16 peak. Everything goes to
+DIR/speed.json (default runs/speed).
+
+Configurations (`CONFIGS`, importable): "tiny" = `model.tiny_model()` (32 px) and "sd15" = SD 1.5's
+architecture (UNet, CLIP ViT-L/14 text encoder, VAE) with seeded random weights and the real vocabulary
+size (49408 rows, the words beyond `model.TINY_WORDS` unused): no downloads. torch is optional; without it
+(or with --skip-torch) only ours is timed and the ratios are left out.
+
+Threads: XLA's CPU client runs its own pool (all cores); torch is set to `torch.set_num_threads(os.cpu_count())`
+(--torch-threads to change). On a shared machine both compete with whatever else runs, and torch's OpenMP
+threads spin-wait for each other: with the cores oversubscribed a tiny UNet call went from 20 ms to 2 s.
+Start with OMP_WAIT_POLICY=PASSIVE there (read when torch loads, so it must be in the environment), and
+compare numbers from the same run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import capture, config, images, inputs, learner, masks as masks_lib, model, sampling, sharding, steps, tokens
+from ..errors import JaxconceptError
+
+# ------------------------------------------------------------------------------------------ configurations
+
+SD15_TEXT = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+)
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=768,
+)
+
+SD15_VAE = dict(
+    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """A model architecture to benchmark, with the layer choices of the steps as *latent downsampling
+    factors*, so that a --resolution override keeps the same layers (SD 1.5 at 512 px: latent 64, attention
+    loss at 64 / 4 = 16, E-step maps at 16 and 32)."""
+
+    name: str
+    text: dict
+    unet: dict
+    vae: dict
+    words: tuple[str, ...] = model.TINY_WORDS
+    vocab_size: int = 0  # pad the token table to this many rows (0: the tokenizer's own size)
+    attn_factor: int = 4  # attention loss at latent / attn_factor (Break-a-Scene: the 16x16 layers)
+    estep_factors: tuple[int, ...] = (4, 2)  # E-step maps at latent / f for each f (DESIGN §3: 16 and 32)
+    estep_timesteps: int = 50  # T of the E-step's attention pass
+
+    def build(self, dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
+        """The bundle with seeded random weights (for "tiny" this is exactly `model.tiny_model()`)."""
+        return model.build_random(self.words, self.text, self.unet, self.vae, dtype=dtype, seed=seed,
+                                  source=self.name)
+
+    def latent_size(self, resolution: int = 0) -> int:
+        factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
+        return (resolution or self.unet["sample_size"] * factor) // factor
+
+    def resolution(self, resolution: int = 0) -> int:
+        return resolution or self.unet["sample_size"] * 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+
+CONFIGS: dict[str, BenchConfig] = {
+    # the learner's own defaults on the tiny model: loss at grid 16 (= latent), E-step at 16 and 8
+    "tiny": BenchConfig("tiny", model.TINY_TEXT, model.TINY_UNET, model.TINY_VAE, attn_factor=1,
+                        estep_factors=(1, 2), estep_timesteps=8),
+    "sd15": BenchConfig("sd15", SD15_TEXT, SD15_UNET, SD15_VAE, vocab_size=49408, attn_factor=4,
+                        estep_factors=(4, 2), estep_timesteps=50),
+}
+
+STEPS = ("token", "joint", "e_attn", "e_crf", "e_step", "sample")
+GROUPS = ("token", "joint", "estep", "sample")  # what --steps selects (estep: e_attn, e_crf, e_step)
+LABELS = {"token": "token step", "joint": "joint step", "e_attn": "E-step attention (T={T})",
+          "e_crf": "E-step CRF (host, shared)", "e_step": "E-step total", "sample": "sample ({S} DDIM steps, CFG)"}
+ESTEP_EVERY = 50
+TOKEN_LR, JOINT_LR, CLIP, WEIGHT_DECAY, ATTN_WEIGHT, GUIDANCE = 5e-4, 2e-6, 1.0, 1e-2, 0.01, 7.5
+BACKGROUND_LEVEL = 0.55
+# DESIGN §6, SD 1.5 at 512 px, batch 1 (TFLOP)
+SD15_TFLOP = {"unet_forward": 0.80, "unet_fwd_bwd_all": 2.39, "unet_fwd_bwd_text": 1.67, "sample_50": 82.0}
+# bf16 dense peaks (FLOP/s) by device kind: DESIGN §6's measured H100 figure, vendors' figures otherwise
+QUOTED_BF16_PEAK = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+CONCEPTS = (("<c1>", "dog", "object"), ("<c2>", "cat", "object"), ("<bg>", "background", "background"))
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def synthetic_scene(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An image (size x size x 3 uint8) with two discs on a textured background, and random concept masks
+    (C x size x size bool: two random discs and the rest), a partition like the E-step's."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    image = (rng.random((size, size, 3)) * 40 + np.array([60, 140, 70])).astype(np.float32)
+    out = np.zeros((3, size, size), bool)
+    for k, color in enumerate(((220, 40, 40), (40, 40, 220))):
+        cy, cx, r = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0.12, 0.25)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        image[disc] = color
+        out[k] = disc & ~out[:k].any(0)
+    out[2] = ~out[:2].any(0)
+    return np.clip(image, 0, 255).astype(np.uint8), out
+
+
+def write_scene(folder: str, size: int, seed: int = 0) -> tuple[inputs.ImageSpec, np.ndarray]:
+    image, masks_CxHxW = synthetic_scene(size, seed)
+    path = os.path.join(folder, "scene.png")
+    images.save_image(image, path)
+    spec = inputs.ImageSpec(path, tuple(inputs.ConceptSpec(t, w, k) for t, w, k in CONCEPTS))
+    return spec, masks_CxHxW
+
+
+def pad_vocab(bundle: model.ModelBundle, vocab_size: int) -> model.ModelBundle:
+    """The bundle with its token table padded to `vocab_size` rows (rows never used; real CLIP size)."""
+    table = tokens.embedding_table(bundle.params["text_encoder"])
+    if vocab_size <= table.shape[0]:
+        return bundle
+    extra = jnp.asarray(np.random.default_rng(1).standard_normal((vocab_size - table.shape[0], table.shape[1]),
+                                                                  np.float32), table.dtype)
+    text = tokens.with_embedding_table(bundle.params["text_encoder"], jnp.concatenate([table, extra]))
+    from .. import adapter
+
+    return bundle.replace(text_encoder=adapter.text_encoder_with_vocab(bundle.text_encoder, vocab_size),
+                          params={**bundle.params, "text_encoder": text})
+
+
+def learner_config(resolution: int):
+    c = config.get_config()
+    c.resolution, c.template, c.joiner = resolution, "a photo of {}", " and "
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What both implementations run on: shapes and host copies of the prepared data."""
+
+    bench: BenchConfig
+    resolution: int
+    latent: int
+    batch: int
+    timesteps: int
+    sample_steps: int
+    vocab_size: int
+    concept_ids: tuple[int, ...]
+    table: dict  # numpy: ids_PxL, positions_PxC, image_P, weight_P
+    latents_Nx2xCxhxw: np.ndarray
+    masks_Cxhxw: np.ndarray  # float32, latent size
+    image_u8: np.ndarray
+    image_ids_L: np.ndarray
+    image_positions_C: np.ndarray
+    kinds: tuple[str, ...]
+    sample_ids_2xL: np.ndarray  # uncond, cond
+
+    @property
+    def attn_grid(self) -> int:
+        return self.latent // self.bench.attn_factor
+
+    @property
+    def estep_grids(self) -> tuple[int, ...]:
+        return tuple(self.latent // f for f in self.bench.estep_factors)
+
+
+def prepare_ours(bench: BenchConfig, resolution: int, dtype, batch: int, timesteps: int, sample_steps: int,
+                 folder: str, seed: int = 0):
+    """(learner Setup, Workload): the model with 3 concept tokens, a synthetic image, random masks."""
+    res = bench.resolution(resolution)
+    spec, masks_CxHxW = write_scene(folder, res, seed)
+    setup = learner.prepare(learner_config(res), [spec], bench.build(dtype, seed))
+    if bench.vocab_size:
+        setup = dataclasses.replace(setup, bundle=pad_vocab(setup.bundle, bench.vocab_size))
+    b = setup.bundle
+    t = setup.run_data["table"]
+    weight_P = np.exp(np.asarray(t["logw_P"], np.float64))
+    lat_masks = np.asarray(learner.latent_masks(masks_CxHxW, setup.latent_hw, sharding.make_mesh(jax.devices()[:1])))
+    names = [c for c, _, _ in CONCEPTS]
+    ids = tokens.tokenize(b.tokenizer, ["", "a photo of " + " and ".join(names[:2])], b.max_length)
+    work = Workload(
+        bench=bench, resolution=res, latent=setup.latent_hw[0], batch=batch, timesteps=timesteps,
+        sample_steps=sample_steps, vocab_size=int(tokens.embedding_table(b.params["text_encoder"]).shape[0]),
+        concept_ids=tuple(setup.concepts.ids),
+        table={"ids_PxL": np.asarray(t["ids_PxL"]), "positions_PxC": np.asarray(t["positions_PxC"]),
+               "image_P": np.asarray(t["image_P"]), "weight_P": weight_P / weight_P.sum()},
+        latents_Nx2xCxhxw=np.asarray(setup.run_data["latents"], np.float32), masks_Cxhxw=lat_masks,
+        image_u8=setup.images_u8[0], image_ids_L=setup.image_ids_NxL[0],
+        image_positions_C=setup.image_positions_NxC[0], kinds=tuple(setup.inputs.kinds), sample_ids_2xL=ids)
+    return setup, work
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def median_ms(seconds: list[float]) -> float:
+    return 1000.0 * statistics.median(seconds)
+
+
+def time_calls(call: Callable[[], Any], iters: int, warmup: int = 1) -> dict:
+    """Wall times of `call()` (which must wait for its own result): the first call (compile / warm-up)
+    apart, then `iters` timed calls."""
+    t0 = time.perf_counter()
+    call()
+    first = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        call()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return {"ms": median_ms(times), "all_ms": [round(1000 * s, 3) for s in times], "first_call_s": round(first, 3)}
+
+
+def phase(msg: str) -> None:
+    print(f"[speed {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def xla_flops(obj) -> float | None:
+    """FLOPs from XLA's cost analysis of a Compiled or Lowered program (None where unavailable)."""
+    try:
+        cost = obj.cost_analysis()
+    except Exception:  # noqa: BLE001 - backends without cost analysis
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def compile_timed(jitted, *args) -> tuple[Any, float, float | None]:
+    """(compiled program, seconds to lower and compile, XLA FLOPs)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0, xla_flops(compiled)
+
+
+# ------------------------------------------------------------------------------------------ ours
+
+
+def _block(tree):
+    return jax.block_until_ready(tree)
+
+
+def bench_ours_train(setup, work: Workload, mesh, stage: str, iters: int, warmup: int, seed: int) -> dict:
+    """Token or joint step: compile time, XLA FLOPs, times, and the losses seen."""
+    b = setup.bundle
+    loss_cfg = steps.LossConfig(batch_size=work.batch, attn_weight=ATTN_WEIGHT, attn_resolution=work.attn_grid)
+    opt = steps.make_optimizer(TOKEN_LR if stage == "token" else JOINT_LR, CLIP, WEIGHT_DECAY)
+    place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
+    rows = jnp.asarray(setup.concepts.init_rows)
+    frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
+    if stage == "token":
+        trainable = {"rows": rows}
+    else:  # fresh buffers: the step donates its state
+        trainable = jax.tree.map(jnp.copy, {"rows": rows, "unet": b.params["unet"]})
+        frozen = {"text_encoder": frozen["text_encoder"]}
+    state = place(steps.init_state(trainable, opt))
+    run_data, masks_lat = place(setup.run_data), place(jnp.asarray(work.masks_Cxhxw))
+    key = place(jax.random.key(seed))
+    step = steps.make_train_step(b, setup.concepts.ids, loss_cfg, opt, mesh)
+    compiled, compile_s, flops = compile_timed(step, state, frozen, run_data, masks_lat, key)
+    cell, losses = [state], []
+
+    def call():
+        cell[0], metrics = compiled(cell[0], frozen, run_data, masks_lat, key)
+        losses.append(_block(metrics)["loss"])
+
+    out = time_calls(call, iters, warmup)
+    del cell[0]
+    return dict(out, compile_s=round(compile_s, 3), flops_xla=flops, losses=[float(x) for x in losses])
+
+
+def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed: int) -> tuple[dict, dict, np.ndarray]:
+    """(attention pass, CRF, soft maps at image size): the E-step of one image as `learner.estimate_masks`."""
+    b = setup.bundle
+    selector = capture.LayerSelector(resolutions=work.estep_grids)
+    maps_fn = steps.make_concept_maps(b, setup.concepts.ids, selector, work.timesteps, setup.latent_hw, mesh)
+    frozen = sharding.put_replicated({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}, mesh)
+    args = sharding.put_replicated((jnp.asarray(setup.concepts.init_rows), frozen, setup.run_data["latents"][0, 0],
+                                    jnp.asarray(work.image_ids_L), jnp.asarray(work.image_positions_C),
+                                    jax.random.key(seed)), mesh)
+    compiled, compile_s, flops = compile_timed(maps_fn.jitted, *args)
+    size = work.image_u8.shape[:2]
+    upsample = jax.jit(lambda m: masks_lib.upsample_maps(m, size))
+    soft = [None]
+
+    def attention():
+        soft[0] = np.asarray(upsample(compiled(*args)))
+
+    attn = dict(time_calls(attention, iters, warmup), compile_s=round(compile_s, 3), flops_xla=flops)
+    crf = bench_crf(soft[0], work, iters)
+    return attn, crf, soft[0]
+
+
+def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int) -> dict:
+    """`learner.assign_masks` on the E-step's soft maps (host code, shared by both implementations)."""
+    info = {}
+
+    def call():
+        info.update(learner.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds), BACKGROUND_LEVEL, True)[2])
+
+    out = time_calls(call, iters, 1)
+    return dict(out, crf_seconds_inside=info.get("crf_seconds"))
+
+
+def bench_ours_sample(setup, work: Workload, mesh, iters: int, warmup: int, seed: int) -> dict:
+    b = setup.bundle
+    sampler = sampling.make_batch_sampler(b, "ddim", work.sample_steps, mesh, setup.concepts.ids)
+    ids = jnp.asarray(work.sample_ids_2xL)
+    noise = jax.random.normal(jax.random.key(seed), (1, b.unet.config.in_channels, work.latent, work.latent), b.dtype)
+    place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
+    args = (place(b.params), place(jnp.asarray(setup.concepts.init_rows)), noise, ids[1:], ids[:1],
+            place(jnp.float32(GUIDANCE)))
+    compiled, compile_s, flops = compile_timed(sampler, *args)
+    out = time_calls(lambda: _block(compiled(*args)), iters, warmup)
+    return dict(out, compile_s=round(compile_s, 3), flops_xla=sample_flops_xla(b, work, flops))
+
+
+def sample_flops_xla(bundle, work: Workload, sampler_flops: float | None) -> float | None:
+    """XLA counts a while loop's body once: add the other (steps - 1) UNet evaluations (batch 2), costed from
+    the lowered (not compiled) UNet program."""
+    if sampler_flops is None:
+        return None
+    lat = jax.ShapeDtypeStruct((2, bundle.unet.config.in_channels, work.latent, work.latent), bundle.dtype)
+    ctx = jax.ShapeDtypeStruct((2, work.sample_ids_2xL.shape[1], bundle.unet.config.cross_attention_dim),
+                               bundle.dtype)
+    t = jax.ShapeDtypeStruct((2,), jnp.int32)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bundle.params["unet"])
+    unet = jax.jit(lambda p, x, tt, c: capture.unet_eps(bundle.unet, p, x, tt, c))
+    per_eval = xla_flops(unet.lower(params, lat, t, ctx))
+    if per_eval is None:
+        return None
+    return sampler_flops + (work.sample_steps - 1) * per_eval
+
+
+def run_ours(setup, work: Workload, groups, iters: int, warmup: int, seed: int) -> dict:
+    """Our programs of the chosen step groups, one after the other (each freed before the next)."""
+    mesh = sharding.make_mesh(jax.devices()[:1])  # one device: the reference runs on one too
+    res = {}
+    for stage in ("token", "joint"):
+        if stage in groups:
+            phase(f"ours: {stage} step (compiling; batch {work.batch}, attention loss at grid {work.attn_grid})")
+            res[stage] = bench_ours_train(setup, work, mesh, stage, iters, warmup, seed)
+            phase(f"ours: {stage} step {res[stage]['ms']:.2f} ms (compile {res[stage]['compile_s']:.1f} s)")
+            gc.collect()
+    if "estep" in groups:
+        phase(f"ours: E-step attention pass (compiling; T={work.timesteps}, grids {work.estep_grids}) and CRF")
+        res["e_attn"], res["e_crf"], _ = bench_ours_estep(setup, work, mesh, iters, warmup, seed)
+        phase(f"ours: E-step attention {res['e_attn']['ms']:.2f} ms, CRF {res['e_crf']['ms']:.2f} ms")
+    if "sample" in groups:
+        phase(f"ours: sample (compiling; {work.sample_steps} DDIM steps)")
+        res["sample"] = bench_ours_sample(setup, work, mesh, iters, warmup, seed)
+        phase(f"ours: sample {res['sample']['ms']:.2f} ms (compile {res['sample']['compile_s']:.1f} s)")
+    return res
+
+
+# ------------------------------------------------------------------------------------------ PyTorch reference
+
+
+def torch_available() -> bool:
+    try:
+        for name in ("torch", "diffusers", "transformers"):
+            importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - absent or broken: the benchmark runs without it
+        return False
+    return True
+
+
+class CaptureProcessor:
+    """Attention processor: cross-attention at the chosen query counts forms its probabilities explicitly
+    (kept, with their graph, in `store` as B x heads x Q x T); everything else goes through SDPA."""
+
+    def __init__(self, store: list, query_counts):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.store, self.query_counts, self.sdpa = store, set(query_counts), AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+        if (encoder_hidden_states is None or hidden_states.ndim != 3
+                or hidden_states.shape[1] not in self.query_counts):
+            return self.sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)
+        residual = hidden_states
+        batch, num_q, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        heads = attn.heads
+        q, k, v = (x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2) for x in (q, k, v))
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
+        self.store.append(probs)
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(batch, num_q, -1)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@dataclasses.dataclass
+class TorchModels:
+    text: Any
+    unet: Any
+    vae: Any
+    alphas_cumprod: Any
+    device: Any
+    autocast_dtype: Any  # None: full precision
+
+
+def torch_build(work: Workload, dtype: str, seed: int) -> TorchModels:
+    """diffusers / transformers PyTorch models from the same configs, default random init."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bench = work.bench
+    text = CLIPTextModel(CLIPTextConfig(**bench.text, vocab_size=work.vocab_size)).to(device).eval()
+    unet = UNet2DConditionModel(**bench.unet).to(device).eval()
+    vae = AutoencoderKL(**bench.vae).to(device).eval()
+    for m in (text, unet, vae):
+        m.requires_grad_(False)
+    sched = DDPMScheduler(**{k: v for k, v in model.SD_SCHEDULER.items()
+                             if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    return TorchModels(text, unet, vae, sched.alphas_cumprod.to(device), device, autocast)
+
+
+def _autocast(tm: TorchModels):
+    import contextlib
+
+    import torch
+
+    if tm.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(tm.device.type, dtype=tm.autocast_dtype)
+
+
+def _sync(tm: TorchModels) -> None:
+    import torch
+
+    if tm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def torch_draw(rng: np.random.Generator, work: Workload, tm: TorchModels) -> dict:
+    """One step's batch as `data.draw_batch` draws it (host RNG): prompt, flip, timestep, noise."""
+    import torch
+
+    t = work.table
+    p = rng.choice(len(t["weight_P"]), size=work.batch, p=t["weight_P"])
+    flip = rng.random(work.batch) < 0.5
+    image = t["image_P"][p]
+    lat = work.latents_Nx2xCxhxw[image, flip.astype(int)]
+    m = np.where(flip[:, None, None, None], work.masks_Cxhxw[None, :, :, ::-1], work.masks_Cxhxw[None])
+    dev = tm.device
+    return {"ids": torch.as_tensor(t["ids_PxL"][p], dtype=torch.long, device=dev),
+            "positions": torch.as_tensor(t["positions_PxC"][p], dtype=torch.long, device=dev),
+            "latents": torch.as_tensor(np.ascontiguousarray(lat), device=dev),
+            "masks": torch.as_tensor(np.ascontiguousarray(m), dtype=torch.float32, device=dev),
+            "t": torch.as_tensor(rng.integers(0, 1000, work.batch), dtype=torch.long, device=dev)}
+
+
+def torch_attention_maps(store: list, grid: int, positions):
+    """B x C x grid x grid: captured probs averaged over heads and layers, the concepts' tokens picked,
+    clamped at 0 and divided by their max (Break-a-Scene's attention loss input)."""
+    import torch
+
+    maps = torch.stack([p.float().mean(dim=1) for p in store]).mean(dim=0)  # B x Q x T
+    b = maps.shape[0]
+    maps = maps.reshape(b, grid, grid, -1).permute(0, 3, 1, 2)  # B x T x g x g
+    picked = torch.gather(maps, 1, positions.clamp(min=0)[:, :, None, None].expand(-1, -1, grid, grid))
+    picked = picked.clamp(min=0)
+    return picked / (picked.amax(dim=(-2, -1), keepdim=True) + 1e-8)
+
+
+def torch_concept_loss(tm: TorchModels, store: list, batch: dict, grid: int):
+    """L_mask + 0.01 L_attn of one batch, as steps.concept_loss computes it (DESIGN §2)."""
+    import torch
+    import torch.nn.functional as F
+
+    latents = batch["latents"]
+    noise = torch.randn_like(latents)
+    a = tm.alphas_cumprod[batch["t"]].to(latents.dtype)[:, None, None, None]
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    store.clear()
+    with _autocast(tm):
+        context = tm.text(batch["ids"])[0]
+        eps = tm.unet(noisy, batch["t"], context).sample
+    present = (batch["positions"] >= 0).float()
+    union = (batch["masks"] * present[:, :, None, None]).amax(dim=1, keepdim=True)
+    l_mask = (((eps.float() - noise) * union) ** 2).mean()
+    maps = torch_attention_maps(store, grid, batch["positions"])
+    small = F.interpolate(batch["masks"], size=(grid, grid), mode="nearest")
+    l_attn = ((((maps - small) ** 2).mean(dim=(-2, -1))) * present).sum() / maps.shape[0]
+    store.clear()
+    return l_mask + ATTN_WEIGHT * l_attn
+
+
+def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int):
+    """(step(), record): a Break-a-Scene step. The whole token table requires grad and sits in AdamW; the
+    non-concept rows are written back after each step. Joint: the UNet's parameters join the optimizer."""
+    import torch
+
+    emb = tm.text.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    params = [emb]
+    if stage == "joint":
+        tm.unet.requires_grad_(True)
+        tm.unet.train()
+        params += [p for p in tm.unet.parameters()]
+    opt = torch.optim.AdamW(params, lr=TOKEN_LR if stage == "token" else JOINT_LR, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=WEIGHT_DECAY)
+    keep = torch.ones(emb.shape[0], dtype=torch.bool, device=tm.device)
+    keep[list(work.concept_ids)] = False
+    original = emb.detach().clone()
+    store: list = []
+    tm.unet.set_attn_processor(CaptureProcessor(store, {work.attn_grid ** 2}))
+    rng = np.random.default_rng(seed)
+    record = {"losses": [], "grad_rows": None, "table_before": original.cpu().numpy()}
+
+    def step():
+        batch = torch_draw(rng, work, tm)
+        opt.zero_grad(set_to_none=True)
+        loss = torch_concept_loss(tm, store, batch, work.attn_grid)
+        loss.backward()
+        if record["grad_rows"] is None:
+            record["grad_rows"] = emb.grad.detach().abs().sum(dim=1).cpu().numpy()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        with torch.no_grad():
+            emb[keep] = original[keep]
+        record["losses"].append(loss.detach())
+        _sync(tm)
+
+    return step, record
+
+
+def torch_release_training(tm: TorchModels, work: Workload) -> None:
+    """Frozen again, the token table restored (the next phase starts from the same model)."""
+    tm.text.get_input_embeddings().weight.requires_grad_(False)
+    tm.unet.requires_grad_(False)
+    tm.unet.eval()
+    for p in list(tm.unet.parameters()) + list(tm.text.parameters()):
+        p.grad = None
+    gc.collect()
+
+
+def bench_torch_train(tm: TorchModels, work: Workload, stage: str, iters: int, warmup: int, seed: int) -> dict:
+    step, record = make_torch_train_step(tm, work, stage, seed)
+    out = time_calls(step, iters, warmup)
+    table_after = tm.text.get_input_embeddings().weight.detach().cpu().numpy()
+    changed = np.flatnonzero(np.any(table_after != record["table_before"], axis=1))
+    out.update(losses=[float(x) for x in record["losses"]], changed_rows=[int(i) for i in changed],
+               grad_rows_nonzero=[int(i) for i in np.flatnonzero(record["grad_rows"] > 0)],
+               concept_grad_norm=[float(record["grad_rows"][i]) for i in work.concept_ids])
+    torch_release_training(tm, work)
+    return out
+
+
+def torch_concept_maps(tm: TorchModels, work: Workload, store: list, generator):
+    """C x h x w soft maps of the image's concepts: T timesteps in one batch, conditional branch only, under
+    no_grad; per resolution mean over heads and layers, bilinear to latent size, mean over resolutions and
+    timesteps, min-max normalised (as `steps.make_concept_maps`)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = work.timesteps
+    latents = torch.tensor(work.latents_Nx2xCxhxw[0, 0], device=tm.device)[None].expand(n, -1, -1, -1)
+    t = torch.randint(0, 1000, (n,), device=tm.device, generator=generator)
+    noise = torch.randn(latents.shape, device=tm.device, generator=generator)
+    a = tm.alphas_cumprod[t][:, None, None, None]
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    ids = torch.as_tensor(work.image_ids_L, dtype=torch.long, device=tm.device)[None]
+    store.clear()
+    with torch.no_grad(), _autocast(tm):
+        context = tm.text(ids)[0].expand(n, -1, -1)
+        tm.unet(noisy, t, context)
+    by_q: dict[int, list] = {}
+    for p in store:
+        by_q.setdefault(p.shape[2], []).append(p.float().mean(dim=1))
+    store.clear()
+    h = work.latent
+    resized = []
+    for q, maps in by_q.items():
+        g = math.isqrt(q)
+        m = torch.stack(maps).mean(dim=0).reshape(n, g, g, -1).permute(0, 3, 1, 2)  # T x tokens x g x g
+        resized.append(m if g == h else F.interpolate(m, size=(h, h), mode="bilinear", align_corners=False))
+    agg = torch.stack(resized).mean(dim=0).clamp(min=0).mean(dim=0)  # tokens x h x w
+    pos = torch.as_tensor(np.maximum(work.image_positions_C, 0), device=tm.device)
+    soft = agg[pos]
+    lo, hi = soft.amin(dim=(-2, -1), keepdim=True), soft.amax(dim=(-2, -1), keepdim=True)
+    return (soft - lo) / (hi - lo + 1e-8)
+
+
+def bench_torch_estep(tm: TorchModels, work: Workload, iters: int, warmup: int, seed: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    store: list = []
+    tm.unet.set_attn_processor(CaptureProcessor(store, {g * g for g in work.estep_grids}))
+    gen = torch.Generator(device=tm.device).manual_seed(seed)
+    size = work.image_u8.shape[:2]
+
+    def call():
+        soft = torch_concept_maps(tm, work, store, gen)
+        np.asarray(F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0].clamp(min=0).cpu())
+
+    return time_calls(call, iters, warmup)
+
+
+def bench_torch_sample(tm: TorchModels, work: Workload, iters: int, warmup: int, seed: int) -> dict:
+    """Guided DDIM: text encoding of cond + uncond, `sample_steps` UNet calls on a batch of 2, VAE decode."""
+    import torch
+    from diffusers import DDIMScheduler
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    tm.unet.set_attn_processor(AttnProcessor2_0())
+    sched = DDIMScheduler(**model.SD_SCHEDULER)
+    ids = torch.as_tensor(work.sample_ids_2xL, dtype=torch.long, device=tm.device)
+    gen = torch.Generator(device=tm.device).manual_seed(seed)
+    scale = float(work.bench.vae["scaling_factor"])
+
+    @torch.no_grad()
+    def call():
+        with _autocast(tm):
+            context = tm.text(ids)[0]
+            latents = torch.randn((1, 4, work.latent, work.latent), device=tm.device, generator=gen)
+            sched.set_timesteps(work.sample_steps, device=tm.device)
+            latents = latents * sched.init_noise_sigma
+            for t in sched.timesteps:
+                x = sched.scale_model_input(torch.cat([latents, latents]), t)
+                eps_u, eps_c = tm.unet(x, t, context).sample.chunk(2)
+                latents = sched.step(eps_u + GUIDANCE * (eps_c - eps_u), t, latents).prev_sample
+            image = tm.vae.decode(latents / scale).sample.clamp(-1, 1)
+        np.asarray(image.float().cpu())
+
+    return time_calls(call, iters, warmup)
+
+
+def run_torch(work: Workload, groups, dtype: str, iters: int, warmup: int, seed: int,
+              threads: int = 0) -> tuple[dict, dict]:
+    """The PyTorch reference of the chosen step groups."""
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    phase("torch: building the reference models")
+    tm = torch_build(work, dtype, seed)
+    res = {}
+    for stage in ("token", "joint"):
+        if stage in groups:
+            phase(f"torch: {stage} step")
+            res[stage] = bench_torch_train(tm, work, stage, iters, warmup, seed)
+            phase(f"torch: {stage} step {res[stage]['ms']:.2f} ms")
+    if "estep" in groups:
+        phase(f"torch: E-step attention pass (T={work.timesteps})")
+        res["e_attn"] = bench_torch_estep(tm, work, iters, warmup, seed)
+        phase(f"torch: E-step attention {res['e_attn']['ms']:.2f} ms")
+    if "sample" in groups:
+        phase(f"torch: sample ({work.sample_steps} DDIM steps)")
+        res["sample"] = bench_torch_sample(tm, work, iters, warmup, seed)
+        phase(f"torch: sample {res['sample']['ms']:.2f} ms")
+    info = {"device": str(tm.device), "threads": torch.get_num_threads(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "device_name": torch.cuda.get_device_name(0) if tm.device.type == "cuda" else platform.processor(),
+            "autocast": str(tm.autocast_dtype) if tm.autocast_dtype else None}
+    del tm
+    gc.collect()
+    return res, info
+
+
+# ------------------------------------------------------------------------------------------ FLOPs and report
+
+
+def model_flops(work: Workload) -> dict:
+    """DESIGN §6's cost model (SD 1.5, 512 px) per step, area-scaled to the resolution; {} for other configs."""
+    if work.bench.name != "sd15":
+        return {}
+    s = (work.resolution / 512) ** 2
+    unet_fwd = SD15_TFLOP["unet_forward"] * 1e12 * s
+    decode = (SD15_TFLOP["sample_50"] - 50 * 2 * SD15_TFLOP["unet_forward"]) * 1e12 * s
+    attn = work.timesteps * unet_fwd
+    return {"token": SD15_TFLOP["unet_fwd_bwd_text"] * 1e12 * s * work.batch,
+            "joint": SD15_TFLOP["unet_fwd_bwd_all"] * 1e12 * s * work.batch,
+            "e_attn": attn, "e_step": attn,
+            "sample": work.sample_steps * 2 * unet_fwd + decode}
+
+
+def measure_peak_bf16(n: int = 8192, reps: int = 10) -> float | None:
+    """bf16 matmul FLOP/s on the default accelerator (None on CPU)."""
+    if jax.default_backend() == "cpu":
+        return None
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x: x @ x)
+    _block(f(a))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    _block(out)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def quoted_peak(device_kind: str) -> float | None:
+    for name, peak in QUOTED_BF16_PEAK.items():
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def combine(ours: dict, ref: dict | None, work: Workload, peak: dict) -> dict:
+    """Per step: ours / torch ms, speed-up, compile / first-call seconds, FLOPs and TFLOP/s."""
+    ours = dict(ours)
+    if "e_attn" in ours:
+        crf_ms = ours["e_crf"]["ms"]
+        ours["e_step"] = {"ms": ours["e_attn"]["ms"] + crf_ms, "flops_xla": ours["e_attn"].get("flops_xla")}
+        if ref is not None:  # the CRF is shared host code: counted once, for both
+            ref = dict(ref, e_crf=dict(ours["e_crf"], shared=True), e_step={"ms": ref["e_attn"]["ms"] + crf_ms})
+    flops_model = model_flops(work)
+    out = {}
+    for name in (n for n in STEPS if n in ours):
+        o = ours[name]
+        row = {"ours_ms": o["ms"], "ours_all_ms": o.get("all_ms"), "ours_compile_s": o.get("compile_s"),
+               "ours_first_call_s": o.get("first_call_s"), "flops_xla": o.get("flops_xla"),
+               "flops_model": flops_model.get(name)}
+        if ref is not None:
+            r = ref[name]
+            row.update(torch_ms=r["ms"], torch_all_ms=r.get("all_ms"), torch_first_call_s=r.get("first_call_s"),
+                       speedup=r["ms"] / o["ms"])
+            if name == "e_crf":
+                row["shared"] = True
+        for src in ("xla", "model"):
+            flops = row[f"flops_{src}"]
+            if flops:
+                row[f"ours_tflops_{src}"] = flops / (o["ms"] / 1e3) / 1e12
+                if ref is not None:
+                    row[f"torch_tflops_{src}"] = flops / (row["torch_ms"] / 1e3) / 1e12
+                for which, value in peak.items():
+                    if value:
+                        row[f"ours_fraction_of_{which}_{src}"] = row[f"ours_tflops_{src}"] * 1e12 / value
+                        if ref is not None:
+                            row[f"torch_fraction_of_{which}_{src}"] = row[f"torch_tflops_{src}"] * 1e12 / value
+        out[name] = row
+    return out
+
+
+def estep_share(token_ms: float, estep_ms: float, every: int = ESTEP_EVERY) -> float:
+    """E-step's share of EM wall time with an E-step every `every` token steps: E / (every token + E)."""
+    return estep_ms / (every * token_ms + estep_ms)
+
+
+def _f(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _pair(row: dict, key: str, scale: float = 1.0, spec: str = ".3f") -> str:
+    """'XLA / §6' figures of one row."""
+    x, m = row.get(f"{key}_xla" if key else "flops_xla"), row.get(f"{key}_model" if key else "flops_model")
+    return f"{_f(x and x * scale, spec)} / {_f(m and m * scale, spec)}"
+
+
+def format_tables(result: dict) -> str:
+    """The printed report: times and speed-ups, the E-step share, FLOPs and throughput."""
+    work, rows = result["config"], result["steps"]
+    has_torch = result["device"]["torch"] is not None
+    labels = {k: v.format(T=work["estep_timesteps"], S=work["sample_steps"]) for k, v in LABELS.items()}
+    w = max(len(v) for v in labels.values())
+    lines = [f"{'step':<{w}} | {'ours (ms)':>11} | {'torch (ms)':>11} | {'speed-up (torch/ours)':>21} | "
+             f"{'ours compile (s)':>16} | {'torch 1st call (s)':>18}"]
+    lines.append("-" * len(lines[0]))
+    for k in (n for n in STEPS if n in rows):
+        r = rows[k]
+        sp = _f(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else "")
+        lines.append(f"{labels[k]:<{w}} | {_f(r['ours_ms']):>11} | {_f(r.get('torch_ms')):>11} | {sp:>21} | "
+                     f"{_f(r.get('ours_compile_s'), '.1f'):>16} | "
+                     f"{_f(None if r.get('shared') else r.get('torch_first_call_s'), '.1f'):>18}")
+    share = result["estep_share"]
+    if share:
+        every = ESTEP_EVERY
+        torch_share = f", torch {100 * share['torch']:.1f}%" if has_torch else ""
+        lines += ["", f"E-step share of EM wall time (E-step every {every} token steps, E / ({every} token + E)): "
+                      f"ours {100 * share['ours']:.1f}%{torch_share}"]
+    peak = result["peak"]
+    peak_key = "measured" if peak.get("measured") else ("quoted" if peak.get("quoted") else None)
+    head = (f"{'step':<{w}} | {'GFLOP XLA / §6':>21} | {'ours TFLOP/s XLA / §6':>21} | "
+            f"{'torch TFLOP/s XLA / §6':>22}")
+    if peak_key:
+        head += f" | {'ours % ' + peak_key + ' peak':>24} | {'torch % ' + peak_key + ' peak':>25}"
+    lines += ["", head, "-" * len(head)]
+    for k in (n for n in ("token", "joint", "e_attn", "sample") if n in rows):
+        r = rows[k]
+        line = (f"{labels[k]:<{w}} | {_pair(r, '', 1e-9, '.1f'):>21} | {_pair(r, 'ours_tflops'):>21} | "
+                f"{_pair(r, 'torch_tflops'):>22}")
+        if peak_key:
+            line += (f" | {_pair(r, f'ours_fraction_of_{peak_key}', 100, '.1f'):>24}"
+                     f" | {_pair(r, f'torch_fraction_of_{peak_key}', 100, '.1f'):>25}")
+        lines.append(line)
+    lines.append("FLOPs: XLA's cost analysis of our compiled programs / DESIGN §6's cost model (sd15 only); torch is "
+                 "credited with the same FLOPs.")
+    if peak_key:
+        lines.append(f"bf16 peak: measured {_f(peak.get('measured') and peak['measured'] / 1e12, '.0f')} TFLOP/s "
+                     f"(jax bf16 matmul), quoted {_f(peak.get('quoted') and peak['quoted'] / 1e12, '.0f')} TFLOP/s")
+    lines += [f"note: {note}" for note in result["notes"]]
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    import diffusers
+    import flax
+    import jaxlib
+    import transformers
+
+    v = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+         "flax": flax.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    try:
+        import torch
+
+        v["torch"] = torch.__version__
+    except Exception:  # noqa: BLE001
+        v["torch"] = None
+    return v
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def run_notes(bench: BenchConfig, work: Workload, dtype: str, skip_torch: bool, use_torch: bool,
+              torch_info: dict | None) -> list[str]:
+    """Caveats printed under the tables and kept in speed.json."""
+    device = jax.devices()[0]
+    notes = []
+    if skip_torch:
+        notes.append("--skip-torch: only ours timed, ratios left out")
+    elif not use_torch:
+        notes.append("torch / diffusers' PyTorch models not importable: only ours timed, ratios left out")
+    if torch_info and torch_info["device"] == "cpu" and device.platform != "cpu":
+        notes.append("torch runs on the CPU but jax on an accelerator: the ratios compare devices")
+    if device.platform == "cpu":
+        flags = os.environ.get("XLA_FLAGS", "")
+        threads = torch_info["threads"] if torch_info else os.cpu_count()
+        notes.append(f"CPU threads: XLA's own pool (all {os.cpu_count()} cores, XLA_FLAGS={flags!r}), "
+                     f"torch.set_num_threads({threads}), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; on a "
+                     "shared machine both compete with other load (torch's OpenMP spin-waits collapse when the "
+                     "cores are oversubscribed: start with OMP_WAIT_POLICY=PASSIVE, or --torch-threads 1)")
+    if bench.name == "sd15" and work.resolution != 512:
+        notes.append(f"§6 FLOPs are for 512 px, scaled by area to {work.resolution} px (attention does not scale so)")
+    if dtype == "bfloat16":
+        notes.append("bfloat16: ours holds params and computes in bf16 (AdamW on bf16 UNet weights in the joint "
+                     "step); torch keeps fp32 params under bf16 autocast")
+    return notes
+
+
+def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: dict, ref: dict | None,
+             torch_info: dict | None, notes: list[str]) -> dict:
+    """Everything speed.json holds."""
+    device = jax.devices()[0]
+    peak = {"measured": measure_peak_bf16(),
+            "quoted": quoted_peak(device.device_kind) if device.platform == "gpu" else None}
+    rows = combine(ours, ref, work, peak)
+    share = {}
+    if "token" in rows and "e_step" in rows:
+        share["ours"] = estep_share(rows["token"]["ours_ms"], rows["e_step"]["ours_ms"])
+        if ref is not None:
+            share["torch"] = estep_share(rows["token"]["torch_ms"], rows["e_step"]["torch_ms"])
+    check = None
+    if ref is not None and "token" in ref:
+        check = {k: ref["token"][k] for k in ("losses", "changed_rows", "grad_rows_nonzero", "concept_grad_norm")}
+        check.update(concept_ids=list(work.concept_ids), joint_losses=ref.get("joint", {}).get("losses"))
+    bench = work.bench
+    return {
+        "device": {"platform": device.platform, "kind": device.device_kind, "jax_devices_used": 1,
+                   "cpu_count": os.cpu_count(), "torch": torch_info},
+        "versions": versions(),
+        "config": {"name": bench.name, "resolution": work.resolution, "latent": work.latent, "dtype": dtype,
+                   "batch": work.batch, "iters": iters, "warmup": warmup, "step_groups": list(groups),
+                   "estep_timesteps": work.timesteps, "sample_steps": work.sample_steps, "guidance": GUIDANCE,
+                   "attn_grid": work.attn_grid, "estep_grids": list(work.estep_grids), "vocab_size": work.vocab_size,
+                   "concepts": [c for c, _, _ in CONCEPTS], "estep_every": ESTEP_EVERY,
+                   "text": bench.text, "unet": bench.unet, "vae": bench.vae},
+        "steps": rows,
+        "estep_share": share,
+        "peak": peak,
+        "ours_token_losses": ours.get("token", {}).get("losses"),
+        "torch_reference_check": check,
+        "notes": notes,
+    }
+
+
+def run(config_name: str = "tiny", iters: int = 10, batch: int = 1, dtype: str = "float32", out: str = "runs/speed",
+        skip_torch: bool = False, resolution: int = 0, timesteps: int = 0, sample_steps: int = 50, warmup: int = 1,
+        seed: int = 0, torch_threads: int = 0, groups=GROUPS) -> dict:
+    """Run the benchmark, print the tables, write OUT/speed.json; returns what it wrote."""
+    if config_name not in CONFIGS:
+        raise JaxconceptError(f"unknown config {config_name!r}: use one of {', '.join(CONFIGS)}")
+    bench = CONFIGS[config_name]
+    groups = [g for g in GROUPS if g in groups]
+    os.makedirs(out, exist_ok=True)
+    use_torch = not skip_torch and torch_available()
+    device = jax.devices()[0]
+    phase(f"config {config_name} at {bench.resolution(resolution)} px, {dtype}, batch {batch}, iters {iters}, "
+          f"steps {','.join(groups)}, jax on {device.platform} ({device.device_kind})")
+    with tempfile.TemporaryDirectory() as folder:
+        phase("ours: building the model with random weights, encoding the image (VAE compile)")
+        setup, work = prepare_ours(bench, resolution, model.as_dtype(dtype), batch,
+                                   timesteps or bench.estep_timesteps, sample_steps, folder, seed)
+    ours = run_ours(setup, work, groups, iters, warmup, seed)
+    del setup  # the reference gets the memory (sd15: the UNet alone is 3.4 GB in fp32)
+    gc.collect()
+    jax.clear_caches()
+    ref, torch_info = run_torch(work, groups, dtype, iters, warmup, seed, torch_threads) if use_torch else (None, None)
+    notes = run_notes(bench, work, dtype, skip_torch, use_torch, torch_info)
+    result = assemble(work, dtype, iters, warmup, groups, ours, ref, torch_info, notes)
+    with open(os.path.join(out, "speed.json"), "w") as f:
+        json.dump(result, f, indent=2, default=_jsonable)
+    print(format_tables(result), flush=True)
+    phase(f"wrote {os.path.join(out, 'speed.json')}")
+    return result
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, tuple):
+        return list(x)
+    return str(x)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxconcept.bench.speed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    p.add_argument("--iters", type=int, default=10, help="timed calls per step (median reported)")
+    p.add_argument("--batch", type=int, default=1, help="instance batch of the token and joint steps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--out", default="runs/speed")
+    p.add_argument("--skip-torch", action="store_true", help="time ours only")
+    p.add_argument("--resolution", type=int, default=0, help="image size (0: the model's own; sd15 at 256 on a CPU)")
+    p.add_argument("--timesteps", type=int, default=0, help="E-step T (0: 8 on tiny, 50 on sd15)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (the first compiles)")
+    p.add_argument("--steps", default=",".join(GROUPS),
+                   help=f"comma-separated step groups to time, of {','.join(GROUPS)} (e.g. leave out joint where "
+                        "memory is short: it holds the UNet's AdamW state)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: os.cpu_count())")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in text.split(",") if g.strip())
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise JaxconceptError(f"--steps {text!r}: use a comma-separated subset of {','.join(GROUPS)}")
+    return groups
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        run(a.config, a.iters, a.batch, a.dtype, a.out, a.skip_torch, a.resolution, a.timesteps, a.sample_steps,
+            a.warmup, a.seed, a.torch_threads, parse_groups(a.steps))
+    except JaxconceptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
