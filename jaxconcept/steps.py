@@ -106,6 +106,18 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
     return total, metrics
 
 
+def _step(bundle, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids):
+    """One optimisation step of one job: the step's randomness is fold_in(base_key, step)."""
+    loss_fn = functools.partial(concept_loss, bundle=bundle, concept_ids=concept_ids, cfg=cfg, mesh=mesh)
+    key = jax.random.fold_in(base_key, state["step"])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], frozen, run_data, masks_Cxhxw, key)
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+
 def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: optax.GradientTransformation,
                     mesh: Mesh, *, state_shardings=None, frozen_shardings=None):
     """jit(state, frozen, run_data, masks, base_key) -> (state, metrics), state donated.
@@ -114,17 +126,10 @@ def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: opta
     State and frozen weights are replicated unless shardings are given: `sharding.fsdp_shardings` of the
     state splits the joint stage's UNet, gradients and optimiser moments over the mesh's fsdp axis (the
     frozen weights likewise, when the UNet does not fit one device)."""
-    loss_fn = functools.partial(concept_loss, bundle=bundle, concept_ids=jnp.asarray(concept_ids, jnp.int32),
-                                cfg=cfg, mesh=mesh)
+    ids = jnp.asarray(concept_ids, jnp.int32)
 
     def step(state, frozen, run_data, masks_Cxhxw, base_key):
-        key = jax.random.fold_in(base_key, state["step"])
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], frozen, run_data, masks_Cxhxw, key)
-        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return _step(bundle, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key, ids)
 
     rep = sharding.replicated(mesh)
     state_sh = rep if state_shardings is None else state_shardings
@@ -133,16 +138,40 @@ def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: opta
                    donate_argnums=(0,))
 
 
+def job_axis_sharding(mesh: Mesh, num_jobs: int):
+    """Jobs spread over the devices when they divide, else every device runs every job."""
+    return sharding.batch_sharded(mesh) if num_jobs % mesh.size == 0 else sharding.replicated(mesh)
+
+
+def make_jobs_step(bundle: ModelBundle, cfg: LossConfig, opt: optax.GradientTransformation, mesh: Mesh,
+                   num_jobs: int):
+    """K independent personalisation jobs in one program: jit(states, frozen, run_data, masks, keys,
+    concept_ids) -> (states, metrics), every argument but `frozen` with a leading job axis K.
+
+    The jobs share the frozen weights (one UNet for all: the token stage's cost per job falls as K grows,
+    the UNet's weights are read once per step for every job); each job keeps its own concept rows,
+    optimiser state, data, masks, randomness and concept ids (traced, so jobs with different tokens share
+    the program). Per job it computes exactly what `make_train_step` computes. The job axis is split over
+    the mesh when K divides over it: in the joint stage each device then tunes its own jobs' UNets."""
+
+    def one(state, frozen, run_data, masks_Cxhxw, base_key, concept_ids):
+        return _step(bundle, cfg, opt, None, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids)
+
+    jobs = jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))
+    rep, job = sharding.replicated(mesh), job_axis_sharding(mesh, num_jobs)
+    return jax.jit(jobs, in_shardings=(job, rep, job, job, job, job), out_shardings=(job, job), donate_argnums=(0,))
+
+
 def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
                       latent_hw: tuple[int, int], mesh: Mesh, frozen_shardings=None):
     """jit(rows, frozen, latents C' x h x w, ids L, positions C, key) -> soft maps C x h x w (latent size).
 
     Each concept's cross-attention (conditional branch only) averaged over heads, the selected layers and
     `num_timesteps` random timesteps, then min-max normalised; concepts absent from the prompt get zeros.
-    The timesteps form one batch, split over the mesh when they divide."""
-    concept_ids = jnp.asarray(concept_ids, jnp.int32)
+    The timesteps form one batch, split over the mesh when they divide. With `concept_ids=None` the ids
+    are a last argument instead (one program for many jobs with different tokens)."""
 
-    def maps_fn(rows, frozen, latents_Cxhxw, ids_L, positions_C, key):
+    def maps_fn(rows, frozen, latents_Cxhxw, ids_L, positions_C, key, concept_ids):
         k_t, k_n = jax.random.split(key)
         t = jax.random.randint(k_t, (num_timesteps,), 0, bundle.scheduler.config.num_train_timesteps)
         noise = jax.random.normal(k_n, (num_timesteps,) + latents_Cxhxw.shape, latents_Cxhxw.dtype)
@@ -161,7 +190,12 @@ def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerS
 
     rep = sharding.replicated(mesh)
     frozen_sh = rep if frozen_shardings is None else frozen_shardings
-    jitted = jax.jit(maps_fn, in_shardings=(rep, frozen_sh, rep, rep, rep, rep), out_shardings=rep)
+    fixed = None if concept_ids is None else jnp.asarray(concept_ids, jnp.int32)
+    if fixed is None:
+        jitted = jax.jit(maps_fn, in_shardings=(rep, frozen_sh, rep, rep, rep, rep, rep), out_shardings=rep)
+    else:
+        jitted = jax.jit(lambda *a: maps_fn(*a, fixed), in_shardings=(rep, frozen_sh, rep, rep, rep, rep),
+                         out_shardings=rep)
 
     def run(rows, frozen, *args):
         # arguments placed like the program's own outputs: one compile for every image and round

@@ -1,0 +1,92 @@
+"""K concept sets in one program: batched jobs equal separate runs, write the same run folders, resume,
+and refuse jobs that cannot stack."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxconcept import config, inputs, jobs, learner, runs, sharding
+from jaxconcept.errors import JaxconceptError
+from jaxconcept.toy import scene
+
+
+def _cfg():
+    c = config.get_config()
+    c.model = "tiny"
+    c.tokens.steps, c.tokens.estep_every, c.joint.steps = 4, 2, 2
+    c.masks.num_timesteps, c.log_every = 4, 2
+    return c
+
+
+def _spec(folder, names):
+    # the same token names in every job: each job is its own run
+    return inputs.ImageSpec(str(folder / "image.png"), (
+        inputs.ConceptSpec("<a>", "red", "object", None), inputs.ConceptSpec("<b>", None, "object", None),
+        inputs.ConceptSpec("<bg>", "background", "background", None)))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    out = []
+    for seed in (340, 341):
+        folder = tmp_path_factory.mktemp(f"scene{seed}")
+        s = scene.make_scene(seed, 32, 2)
+        scene.write_scene(s, str(folder))
+        out.append((folder, s))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batched(scenes, tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("many")
+    specs = [(_spec(f, s),) for f, s in scenes]
+    return out, jobs.learn_many(_cfg(), specs, str(out), bundle=tiny, progress=False)
+
+
+def test_batched_jobs_equal_separate_runs(scenes, batched, tmp_path, tiny):
+    out, summaries = batched
+    assert [s["tokens"] for s in summaries] == [["<a>", "<b>", "<bg>"]] * 2
+    for j, (folder, _) in enumerate(scenes):
+        alone_dir = tmp_path / f"alone{j}"
+        learner.learn(_cfg(), [_spec(folder, None)], str(alone_dir), bundle=tiny, progress=False,
+                      mesh=sharding.make_mesh())
+        alone, many = runs.load_run(str(alone_dir), bundle=tiny), runs.load_run(str(out / f"job_{j:02d}"), bundle=tiny)
+        np.testing.assert_allclose(many.rows_NxD, alone.rows_NxD, rtol=1e-4, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(many.bundle.params["unet"]), jax.tree.leaves(alone.bundle.params["unet"])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        for r in range(3):  # the masks of every round
+            for name in ("image__a.png", "image__b.png", "image__bg.png"):
+                got = (out / f"job_{j:02d}" / "masks" / f"round_{r:02d}" / name).read_bytes()
+                assert got == (alone_dir / "masks" / f"round_{r:02d}" / name).read_bytes()
+        mine = [json.loads(x) for x in open(out / f"job_{j:02d}" / "metrics.jsonl") if '"loss"' in x]
+        theirs = [json.loads(x) for x in open(alone_dir / "metrics.jsonl") if '"loss"' in x]
+        assert [round(m["loss"], 5) for m in mine] == [round(m["loss"], 5) for m in theirs]
+
+
+def test_a_finished_set_resumes_without_training(batched, scenes, tiny):
+    out, summaries = batched
+    again = jobs.learn_many(_cfg(), [(_spec(f, s),) for f, s in scenes], str(out), bundle=tiny, progress=False)
+    for a, b in zip(again, summaries):
+        assert a["tokens"] == b["tokens"] and a["mask_area"] == b["mask_area"]
+
+
+def test_jobs_of_different_structure_are_refused(scenes, tmp_path, tiny):
+    (f0, _), (f1, _) = scenes
+    two = _spec(f0, None)
+    one = inputs.ImageSpec(str(f1 / "image.png"), (inputs.ConceptSpec("<a>", "red", "object", None),))
+    with pytest.raises(JaxconceptError, match="differ in structure"):
+        jobs.learn_many(_cfg(), [(two,), (one,)], str(tmp_path / "x"), bundle=tiny, progress=False)
+
+
+def test_scaling_benchmark_reports_every_k(tmp_path, capsys):
+    from jaxconcept.bench import jobs as bench_jobs
+
+    assert bench_jobs.main(["--model", "tiny", "--k", "1,2", "--iters", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "jobs.json").read_text())
+    assert [r["k"] for r in result["rows"]] == [1, 2]
+    for r in result["rows"]:
+        assert r["step_ms"] > 0 and r["speedup_vs_separate"] == pytest.approx(r["separate_ms"] / r["step_ms"])
+    assert "job-steps/s" in capsys.readouterr().out
+    assert bench_jobs.main(["--k", "0,x"]) == 2
