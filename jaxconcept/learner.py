@@ -296,7 +296,6 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     inv_steps = cfg.init.inversion_steps if cfg.init.method == "inversion" else 0
     total_steps = inv_steps + tcfg.steps + cfg.joint.steps
     bar = tqdm(total=total_steps, desc="learning", dynamic_ncols=True, disable=not progress)
-    rounds_masks: list[np.ndarray] = []
     history: list[dict] = []
 
     def save(index, meta, state, masks_now):

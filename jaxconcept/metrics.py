@@ -126,29 +126,11 @@ def _hub_patterns(files: list[str] | None) -> list[str]:
 
 def download_clip(repo_id: str, revision: str | None = None) -> str:
     """Local folder with the files `load_clip_folder` needs, from the hub or the local cache."""
-    from huggingface_hub import HfApi, snapshot_download
+    from .model import hub_snapshot
 
-    files = None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if not offline:
-        try:
-            files = HfApi().list_repo_files(repo_id, revision=revision)
-        except Exception as e:  # offline, private, missing: snapshot_download says which below
-            log.info("could not list %s on the hub (%s); trying the local cache", repo_id, e)
-    try:
-        folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=_hub_patterns(files), local_files_only=offline
-        )
-    except Exception as e:
-        raise ModelSourceError(
-            f"could not get CLIP model {repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-            "It is neither downloadable now nor in the local Hugging Face cache. Either connect to the network "
-            f"(unset HF_HUB_OFFLINE), download it once with `huggingface-cli download {repo_id}`, or pass a local "
-            "folder holding a transformers CLIP model (config.json, tokenizer files and flax_model.msgpack or "
-            "model.safetensors)."
-        ) from e
-    return folder
+    return hub_snapshot(repo_id, _hub_patterns, revision=revision, what="CLIP model",
+                        local_hint="pass a local folder holding a transformers CLIP model (config.json, tokenizer "
+                                   "files and flax_model.msgpack or model.safetensors).")
 
 
 def load_clip_folder(folder: str, dtype=jnp.float32, *, source: str | None = None) -> ClipBundle:

@@ -135,8 +135,10 @@ def _hub_patterns(files: list[str] | None, variant: str | None) -> list[str]:
     return configs + flax + torch  # unknown listing (offline): the cache decides
 
 
-def download(repo_id: str, revision: str | None = None, variant: str | None = None) -> str:
-    """Local folder with the files `load_folder` needs, from the hub or the local cache."""
+def hub_snapshot(repo_id: str, patterns, *, revision: str | None = None, what: str = "model",
+                 local_hint: str = "pass a local diffusers folder instead.") -> str:
+    """Local folder with a hub repo's files matching `patterns(listing or None)`, downloaded or from the
+    local cache; a clear ModelSourceError (what to do) when neither works."""
     from huggingface_hub import HfApi, snapshot_download
 
     files = None
@@ -147,17 +149,20 @@ def download(repo_id: str, revision: str | None = None, variant: str | None = No
         except Exception as e:  # offline, private, missing: snapshot_download says which below
             log.info("could not list %s on the hub (%s); trying the local cache", repo_id, e)
     try:
-        return snapshot_download(
-            repo_id, revision=revision, allow_patterns=_hub_patterns(files, variant), local_files_only=offline
-        )
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns(files), local_files_only=offline)
     except Exception as e:
         raise ModelSourceError(
-            f"could not get model {repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
+            f"could not get {what} {repo_id!r}{f' at revision {revision!r}' if revision else ''}: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             "It is neither downloadable now nor in the local Hugging Face cache. Either connect to the network "
-            f"(and log in with `huggingface-cli login` if the repo is gated), download it once with "
-            f"`huggingface-cli download {repo_id}`, or pass a local diffusers folder instead."
+            f"(unset HF_HUB_OFFLINE; log in with `huggingface-cli login` if the repo is gated), download it once "
+            f"with `huggingface-cli download {repo_id}`, or {local_hint}"
         ) from e
+
+
+def download(repo_id: str, revision: str | None = None, variant: str | None = None) -> str:
+    """Local folder with the files `load_folder` needs, from the hub or the local cache."""
+    return hub_snapshot(repo_id, lambda files: _hub_patterns(files, variant), revision=revision)
 
 
 # ------------------------------------------------------------------------------------------ folders

@@ -2,7 +2,6 @@
 the device count or the batch size, the learned rows are used, the files are written, and bad input
 gets a clear message."""
 
-import functools
 import json
 import os
 

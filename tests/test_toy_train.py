@@ -8,7 +8,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxconcept import load_model
 from jaxconcept.toy import scene, train
