@@ -111,7 +111,9 @@ def prior_data(cfg, bundle: ModelBundle) -> dict:
     pics = np.stack([images.load_image(os.path.join(folder, f), bundle.resolution) for f in files])
     lat = data.encode_with_flips(bundle.vae, bundle.params["vae"], pics, bundle.latent_scale)
     ids = tokens.tokenize(bundle.tokenizer, [cfg.prior.prompt], bundle.max_length)[0]
-    return {"prior_latents": jnp.asarray(lat.reshape((-1,) + lat.shape[2:])), "prior_ids": jnp.asarray(ids)}
+    context = tokens.text_hidden_states(bundle.text_encoder, bundle.params["text_encoder"], jnp.asarray(ids[None]))
+    return {"prior_latents": jnp.asarray(lat.reshape((-1,) + lat.shape[2:])), "prior_ids": jnp.asarray(ids),
+            "prior_context": context[0]}
 
 
 # ------------------------------------------------------------------------------------------ E-step (host)

@@ -83,7 +83,12 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
     t = jax.random.randint(k_t, (n,), 0, bundle.scheduler.config.num_train_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod, latents, noise, t)
-    context = tokens.text_hidden_states(bundle.text_encoder, text_params, ids, concept_ids, trainable["rows"])
+    if prior and "prior_context" in run_data and "text_encoder" not in trainable:
+        # the class prompt's encoding is fixed while the text encoder is: cached once, not re-run each step
+        inst = tokens.text_hidden_states(bundle.text_encoder, text_params, ids[:b], concept_ids, trainable["rows"])
+        context = jnp.concatenate([inst, jnp.broadcast_to(run_data["prior_context"], inst.shape)])
+    else:
+        context = tokens.text_hidden_states(bundle.text_encoder, text_params, ids, concept_ids, trainable["rows"])
     selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
     unet_fn = functools.partial(capture.unet_with_attention, bundle.unet, selector=selector)
     if cfg.remat != "none":  # trade a second UNet forward for the activations' memory (joint stage)

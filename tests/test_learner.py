@@ -256,3 +256,23 @@ def test_inversion_prior_preservation_and_text_encoder_tuning(scene_dir, tmp_pat
     steps_logged = [x for x in lines if "step" in x and x["stage"] in ("token", "joint")]
     assert steps_logged and all("loss_prior" in x for x in steps_logged)
     assert [x["round"] for x in lines if "round" in x] == [0, 1]
+
+
+def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
+    """Prior preservation: the class prompt's hidden states are cached while the text encoder is frozen; the
+    loss must be what encoding it every step gives."""
+    import jax
+
+    prior = tmp_path / "class_images"
+    prior.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(prior / "c.png")
+    setup = learner.prepare(_cfg(**{"prior.folder": str(prior)}), [_spec(scene_dir)])
+    assert "prior_context" in setup.run_data
+    masks = jax.numpy.asarray(np.ones((3,) + setup.latent_hw, np.float32))
+    frozen = {"text_encoder": setup.bundle.params["text_encoder"], "unet": setup.bundle.params["unet"]}
+    loss = lambda data: steps.concept_loss(  # noqa: E731
+        {"rows": jax.numpy.asarray(setup.concepts.init_rows)}, frozen, data, masks, jax.random.key(3),
+        bundle=setup.bundle, concept_ids=jax.numpy.asarray(setup.concepts.ids), cfg=steps.LossConfig())
+    uncached = {k: v for k, v in setup.run_data.items() if k != "prior_context"}
+    (a, ma), (b, mb) = loss(setup.run_data), loss(uncached)
+    assert float(a) == pytest.approx(float(b), rel=1e-6) and float(ma["loss_prior"]) > 0
