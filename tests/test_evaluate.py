@@ -109,6 +109,13 @@ def test_evaluation_end_to_end_on_the_toy_model(toy_run, tmp_path, clip):
     settings = generate.Settings(num_images=2, steps=4, guidance=7.5, seed=0)
     result = evaluate.evaluate([str(toy_run)], list(evaluate.TOY_TEMPLATES), str(out), settings, clip,
                                mesh=sharding.make_mesh(), progress=False)
+    # sharded over 4 devices equals 1 device (images equal up to a uint8 rounding flip)
+    import jax
+
+    one = evaluate.evaluate([str(toy_run)], list(evaluate.TOY_TEMPLATES), str(tmp_path / "one"), settings, clip,
+                            mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
+    for key in ("clip_i", "clip_t", "diversity", "toy_found", "presence_clip_multi"):
+        assert one["overall"][key] == pytest.approx(result["overall"][key], abs=2e-3), key
     # 2 single-object prompts + 1 with both objects, 2 images each
     assert result["overall"]["prompts"] == 3 and result["overall"]["images"] == 6
     for key in ("clip_i", "clip_t", "diversity", "toy_found", "presence_clip_multi", "mask_iou"):
