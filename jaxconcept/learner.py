@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from . import adapter, capture, crf, data, images, inputs, masks, outputs, sharding, steps, tokens
+from . import adapter, capture, crf, data, distributed, images, inputs, masks, outputs, sharding, steps, tokens
 from .errors import JaxconceptError
 from .model import ModelBundle, load_model
 
@@ -258,28 +258,31 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     mcfg = cfg.get("mesh") or {}
     mesh = mesh or sharding.make_mesh(fsdp=mcfg.get("fsdp", 1))
     min_size = mcfg.get("fsdp_min_size", 2 ** 14)
+    primary = distributed.is_primary()  # multi-host: process 0 writes the files, all write checkpoints
     cfg_path = os.path.join(run_dir, "config.json")
-    with open(cfg_path + ".tmp", "w") as f:
-        f.write(cfg.to_json(indent=2))
-    os.replace(cfg_path + ".tmp", cfg_path)
+    if primary:
+        with open(cfg_path + ".tmp", "w") as f:
+            f.write(cfg.to_json(indent=2))
+        os.replace(cfg_path + ".tmp", cfg_path)
     names = setup.inputs.names
     token_names = outputs.file_names(setup.concepts.tokens)
     owner_C = np.asarray(setup.inputs.owner_C)
-    for i, name in enumerate(names):
+    for i, name in enumerate(names if primary else ()):
         images.save_image(setup.images_u8[i], os.path.join(run_dir, "images", f"{name}.png"))
     user_masks = (np.stack(setup.inputs.user_masks) if setup.inputs.has_all_user_masks else None)
     truth = user_masks if ground_truth is None else np.asarray(ground_truth, bool)
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if primary else None
 
     def record(entry: dict) -> None:
-        metrics_file.write(json.dumps(entry) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
 
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
     frozen = {"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}
     # the frozen UNet is replicated for the token stage, or FSDP-split when it does not fit one device
     frozen_sh = sharding.fsdp_shardings(frozen, mesh, min_size) if mcfg.get("shard_frozen") else None
-    frozen = place(frozen) if frozen_sh is None else jax.device_put(frozen, frozen_sh)
+    frozen = place(frozen) if frozen_sh is None else sharding.put(frozen, frozen_sh)
     run_data = place(setup.run_data)
     setup = dataclasses.replace(setup, run_data=run_data)
     rows0 = place(jnp.asarray(setup.concepts.init_rows))
@@ -297,7 +300,7 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     n_rounds = -(-tcfg.steps // tcfg.estep_every) if tcfg.steps else 0
     inv_steps = cfg.init.inversion_steps if cfg.init.method == "inversion" else 0
     total_steps = inv_steps + tcfg.steps + cfg.joint.steps
-    bar = tqdm(total=total_steps, desc="learning", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=total_steps, desc="learning", dynamic_ncols=True, disable=not (progress and primary))
     history: list[dict] = []
 
     def save(index, meta, state, masks_now):
@@ -322,7 +325,8 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
         return entry
 
     def save_round_pngs(r, masks_now):
-        outputs.save_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C, masks_now)
+        if primary:
+            outputs.save_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C, masks_now)
 
     counter = [0]  # optimisation steps done in all stages (tqdm does not count when disabled)
 
@@ -349,7 +353,8 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     masks_now = raw_now = None
     if meta is not None:
         log.info("resuming from checkpoint %d (%s)", meta["index"], meta["stage"])
-        print(f"resuming {run_dir} from checkpoint {meta['index']} ({meta['stage']}, round {meta.get('round', 0)})")
+        if primary:
+            print(f"resuming {run_dir} from checkpoint {meta['index']} ({meta['stage']}, round {meta.get('round', 0)})")
         for line in open(os.path.join(run_dir, "metrics.jsonl")):
             entry = json.loads(line)
             if "round" in entry and entry.get("index", -1) <= meta["index"]:
@@ -421,7 +426,7 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
         joint_state = steps.init_state(fresh, joint_opt)
         # FSDP: the UNet, its gradients and optimiser moments split over the mesh's fsdp axis
         joint_sh = sharding.fsdp_shardings(joint_state, mesh, min_size)
-        joint_state = jax.device_put(joint_state, joint_sh)
+        joint_state = sharding.put(joint_state, joint_sh)
         if cfg.joint.steps:
             joint_cfg = dataclasses.replace(loss_cfg, remat=cfg.joint.get("remat", "none"))
             joint_frozen_sh = None if frozen_sh is None else {k: frozen_sh[k] for k in joint_frozen}
@@ -438,31 +443,21 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
         _, got, masks_now = restore_checkpoint(mngr, meta["index"], final_like, final_masks_shape)
         final = got["params"]
     bar.close()
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
     return write_results(run_dir, setup, final, masks_now, history, truth, time.time() - t_start, cfg)
 
 
 def write_results(run_dir, setup: Setup, final, masks_final, history, truth, seconds, cfg) -> dict:
+    """The run's files (process 0 only) and its summary; `final` = {"rows", "unet" (if tuned)}."""
     names, owner_C = setup.inputs.names, np.asarray(setup.inputs.owner_C)
     token_names = outputs.file_names(setup.concepts.tokens)
-    outputs.save_masks(os.path.join(run_dir, "masks", "final"), names, token_names, owner_C, masks_final)
-    for i, name in enumerate(names):
-        mine = np.flatnonzero(owner_C == i)
-        images.save_image(outputs.color_overlay(setup.images_u8[i], masks_final[mine]),
-                          os.path.join(run_dir, "overlays", f"{name}.png"))
+    final = distributed.to_host(final)  # a collective when the UNet is split over hosts: every process gathers
     n_rounds = len([h for h in history if "round" in h])
-    rounds = [outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
-              for r in range(n_rounds)]
-    images.save_image(outputs.evolution_picture(setup.images_u8, owner_C, rounds, setup.concepts.tokens),
-                      os.path.join(run_dir, "masks_evolution.png"))
-    outputs.save_concepts(os.path.join(run_dir, "concepts.safetensors"), setup.concepts.tokens,
-                          np.asarray(final["rows"]), setup.concepts.init_words)
-    if cfg.joint.steps:
-        adapter.save_flax_unet(os.path.join(run_dir, "unet"), setup.bundle.unet, jax.device_get(final["unet"]))
     summary = {
         "run": os.path.abspath(run_dir), "mode": cfg.mode, "model": setup.bundle.source,
         "images": list(names), "tokens": list(setup.concepts.tokens), "seconds": round(seconds, 1),
-        "rounds": len(rounds) - 1,
+        "rounds": n_rounds - 1,
         "mask_area": {t: float(m.mean()) for t, m in zip(setup.concepts.tokens, masks_final)},
         # what evaluation needs to find each concept's reference: its image, final mask file and kind
         "concepts": [{"token": t, "kind": k, "init_word": w, "image": f"images/{names[owner_C[c]]}.png",
@@ -475,5 +470,20 @@ def write_results(run_dir, setup: Setup, final, masks_final, history, truth, sec
         summary["iou_final"] = dict(zip(setup.concepts.tokens, mean_iou(masks_final, truth)))
         summary["iou_by_round"] = [h.get("mean_iou") for h in history if "round" in h]
         summary["iou_no_crf_by_round"] = [h.get("mean_iou_no_crf") for h in history if "round" in h]
+    if not distributed.is_primary():
+        return summary
+    outputs.save_masks(os.path.join(run_dir, "masks", "final"), names, token_names, owner_C, masks_final)
+    for i, name in enumerate(names):
+        mine = np.flatnonzero(owner_C == i)
+        images.save_image(outputs.color_overlay(setup.images_u8[i], masks_final[mine]),
+                          os.path.join(run_dir, "overlays", f"{name}.png"))
+    rounds = [outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
+              for r in range(n_rounds)]
+    images.save_image(outputs.evolution_picture(setup.images_u8, owner_C, rounds, setup.concepts.tokens),
+                      os.path.join(run_dir, "masks_evolution.png"))
+    outputs.save_concepts(os.path.join(run_dir, "concepts.safetensors"), setup.concepts.tokens,
+                          np.asarray(final["rows"]), setup.concepts.init_words)
+    if cfg.joint.steps:
+        adapter.save_flax_unet(os.path.join(run_dir, "unet"), setup.bundle.unet, final["unet"])
     outputs.write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary

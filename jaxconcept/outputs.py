@@ -47,7 +47,7 @@ def check_writable(folder: str) -> None:
     """Fail early, before any work, if the run folder cannot be written."""
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write_test")
+        probe = os.path.join(folder, f".write_test_{os.getpid()}")  # several processes may check at once
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

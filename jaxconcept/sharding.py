@@ -35,10 +35,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put(tree, shardings):
+    """device_put that also works across hosts: there a host-local value (numpy, or an array on this host's
+    devices, the same on every process) goes through numpy onto the global sharding, and an array already
+    spread over the mesh is resharded by a compiled identity. `shardings`: one sharding or a matching tree."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x, s: put(x, s), tree, shardings)
+
+    def one(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.sharding.is_equivalent_to(shardings, x.ndim):
+                return x
+            return jax.jit(lambda a: a, out_shardings=shardings)(x)
+        return jax.device_put(np.asarray(x), shardings)
+
+    return jax.tree.map(one, tree)
+
+
 def put_replicated(tree, mesh: Mesh):
     """Place a pytree replicated on the mesh: a jitted program then sees the same input shardings on its
     first call as on later ones (its own outputs), so it compiles once."""
-    return jax.device_put(tree, replicated(mesh))
+    return put(tree, replicated(mesh))
 
 
 def _batch_axes(mesh: Mesh):

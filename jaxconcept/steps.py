@@ -204,7 +204,7 @@ def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerS
 
     def run(rows, frozen, *args):
         # arguments placed like the program's own outputs: one compile for every image and round
-        return jitted(sharding.put_replicated(rows, mesh), jax.device_put(frozen, frozen_sh),
+        return jitted(sharding.put_replicated(rows, mesh), sharding.put(frozen, frozen_sh),
                       *sharding.put_replicated(args, mesh))
 
     run.jitted = jitted

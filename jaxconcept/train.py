@@ -17,7 +17,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from . import inputs, learner
+import jax
+
+from . import distributed, inputs, learner
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -25,6 +27,8 @@ TOY_SCENE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "exa
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "learner config (ml_collections file)")
 _OUT = flags.DEFINE_string("out", "runs/train", "run folder (resumes if it has checkpoints)")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                  "join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
 _CONCEPTS = flags.DEFINE_multi_string("concepts", [], "IMAGE:TOKEN[=INIT][/KIND][@MASK],... (one per image)")
 
 
@@ -62,8 +66,9 @@ def main(argv) -> None:
     pylogging.getLogger("jaxconcept").setLevel(pylogging.WARNING)
     cfg = _CONFIG.value
     try:
+        multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
         specs = resolve_specs(cfg, _CONCEPTS.value)
-        summary = learner.learn(cfg, specs, _OUT.value)
+        summary = learner.learn(cfg, specs, _OUT.value, progress=distributed.is_primary())
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -71,7 +76,9 @@ def main(argv) -> None:
         print(f"\ninterrupted: start the same command again to resume from the last checkpoint in {_OUT.value}",
               file=sys.stderr)
         sys.exit(130)
-    print(summary_text(summary))
+    if distributed.is_primary():
+        print(summary_text(summary) + (f"\n({jax.process_count()} processes, {jax.device_count()} devices)"
+                                       if multi else ""))
 
 
 def run() -> None:
