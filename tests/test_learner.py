@@ -274,5 +274,5 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
         {"rows": jax.numpy.asarray(setup.concepts.init_rows)}, frozen, data, masks, jax.random.key(3),
         bundle=setup.bundle, concept_ids=jax.numpy.asarray(setup.concepts.ids), cfg=steps.LossConfig())
     uncached = {k: v for k, v in setup.run_data.items() if k != "prior_context"}
-    (a, ma), (b, mb) = loss(setup.run_data), loss(uncached)
+    (a, ma), (b, _) = loss(setup.run_data), loss(uncached)
     assert float(a) == pytest.approx(float(b), rel=1e-6) and float(ma["loss_prior"]) > 0
