@@ -32,7 +32,7 @@ import time
 import jax
 import numpy as np
 
-from . import generate, images, outputs
+from . import generate, images, outputs, runs
 from .errors import JaxconceptError
 
 TOY_TEMPLATES = ("a {} on a teal water background", "a {all} on a beige sand background")
@@ -97,7 +97,7 @@ def check_templates(templates) -> None:
 def expand_templates(templates, concepts: list[Concept], template: str, joiner: str) -> list[dict]:
     """Prompts of one run: {"prompt", "words" (the prompt for CLIP-T), "template", "concepts" (tokens)}."""
     check_templates(templates)
-    objects = [c for c in concepts if c.kind == "object"] or list(concepts)
+    objects = runs.object_concepts(concepts)
     out = []
     for tpl in templates:
         groups = [objects] if "{all}" in tpl else [[c] for c in objects]
@@ -110,10 +110,12 @@ def expand_templates(templates, concepts: list[Concept], template: str, joiner: 
     return out
 
 
-def score_images(pictures_Kx, prompt: dict, concepts: dict, clip=None, toy: bool = False) -> tuple[list, dict]:
+def score_images(pictures_Kx, prompt: dict, concepts: dict, clip=None, toy: bool = False,
+                 ref_cache: dict | None = None) -> tuple[list, dict]:
     """Per-image records and per-prompt figures for the K images of one prompt.
 
     concepts: token -> Concept. clip: a `metrics` CLIP bundle or None. toy: run the toy analysis.
+    ref_cache: token -> reference embedding, shared by a run's prompts (each reference is embedded once).
     """
     from . import metrics
 
@@ -125,8 +127,10 @@ def score_images(pictures_Kx, prompt: dict, concepts: dict, clip=None, toy: bool
         text_1xP = metrics.text_embeddings(clip, [prompt["words"]])
         clip_t = np.asarray(metrics.cosine_matrix(emb_KxP, text_1xP))[:, 0]
         refs = [c for c in named if c.reference_u8 is not None]
-        ref_emb = {c.token: metrics.image_embeddings(clip, _square(c.reference_u8, pictures_Kx.shape[1])[None])
-                   for c in refs}
+        ref_emb = {} if ref_cache is None else ref_cache
+        for c in refs:
+            if c.token not in ref_emb:
+                ref_emb[c.token] = metrics.image_embeddings(clip, _square(c.reference_u8, pictures_Kx.shape[1])[None])
         # presence of each concept of a multi-concept prompt: its phrase against a neutral "a photo"
         presence = (metrics.concept_presence(clip, emb_KxP, [f"a photo of a {c.description}" for c in named])
                     if len(named) > 1 else None)
@@ -188,27 +192,11 @@ def aggregate(rows: list[dict], prompts: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------ runs and files
 
 
-def _read_config(run_dir: str) -> dict:
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            cfg = json.load(f)
-        cfg["model"]
-        return cfg
-    except (OSError, ValueError, KeyError) as e:
-        raise JaxconceptError(f"{run_dir!r}: cannot read its config.json ({e}); is it a run folder?") from e
-
-
 def run_concepts(run_dir: str) -> tuple[list[Concept], dict]:
     """The concepts of a finished run with their references, from its summary.json and files."""
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(path):
-        raise JaxconceptError(f"{run_dir!r} has no summary.json: it is not a finished run. Start its train "
-                              "command again to finish it.")
-    with open(path) as f:
-        summary = json.load(f)
-    listed = summary.get("concepts") or [{"token": t, "kind": "object"} for t in summary["tokens"]]
+    summary = runs.read_summary(run_dir)
     out = []
-    for c in listed:
+    for c in runs.listed_concepts(summary):
         ref = None
         if c.get("image") and c.get("mask") and os.path.isfile(os.path.join(run_dir, c["mask"])):
             from PIL import Image
@@ -224,32 +212,31 @@ def run_concepts(run_dir: str) -> tuple[list[Concept], dict]:
 def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, clip=None, *, toy: bool | None = None,
              mesh=None, progress: bool = True) -> dict:
     """Generate and score every run x template x K images; write results.json/.csv and index.html."""
-    from .runs import load_run
-
     outputs.check_writable(out_dir)
     rows, prompt_records, per_run = [], [], {}
     base_cache: dict = {}
     for r_i, run_dir in enumerate(run_dirs):
         concepts, summary = run_concepts(run_dir)
         by_token = {c.token: c for c in concepts}
-        cfg = _read_config(run_dir)
+        cfg = runs.read_config(run_dir)
         if cfg["model"] not in base_cache:  # the base model, shared by every run on it
             from .model import load_model
 
             base_cache[cfg["model"]] = load_model(cfg["model"], seed=cfg.get("seed", 0))
-        run = load_run(run_dir, bundle=base_cache[cfg["model"]])
+        run = runs.load_run(run_dir, bundle=base_cache[cfg["model"]])
         run_toy = (cfg["model"] == "toy") if toy is None else toy
         prompts = expand_templates(templates, concepts, summary.get("template", "{}"),
                                    summary.get("joiner", " and "))
         pics = generate.generate(run, [p["prompt"] for p in prompts], settings, mesh=mesh, progress=progress)
         run_name = f"{r_i:02d}_{outputs.safe_name(os.path.basename(os.path.abspath(run_dir)))}"
         folders = generate.prompt_folder_names([p["prompt"] for p in prompts])
+        ref_cache: dict = {}
         run_prompts = []
         for p, folder, pics_K in zip(prompts, folders, pics):
             files = [os.path.join("images", run_name, folder, f"sample_{k:02d}.png") for k in range(len(pics_K))]
             for f, pic in zip(files, pics_K):
                 images.save_image(pic, os.path.join(out_dir, f))
-            records, per_prompt = score_images(pics_K, p, by_token, clip, run_toy)
+            records, per_prompt = score_images(pics_K, p, by_token, clip, run_toy, ref_cache)
             run_prompts.append({**p, **per_prompt, "run": run_dir, "files": files})
             for rec, f in zip(records, files):
                 base_row = {"run": run_dir, "prompt": p["prompt"], "template": p["template"], "sample": rec["sample"],
@@ -374,7 +361,7 @@ def main(argv=None) -> int:
                                       "'python -m jaxconcept.train' run.")
             run_concepts(run_dir)
         if not templates:
-            models = {_read_config(r)["model"] for r in args.run}
+            models = {runs.read_config(r)["model"] for r in args.run}
             templates = list(TOY_TEMPLATES if models == {"toy"} else SD_TEMPLATES)
         check_templates(templates)
         clip = None

@@ -144,15 +144,13 @@ def save_generation(out_dir: str, prompts, pictures_PxKxHxWx3, settings: Setting
 
 def default_prompts(run_dir: str) -> list[str]:
     """Without --prompt: each object concept of the run alone, then all together, in the run's template."""
-    import json
+    from . import runs
 
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(path):
-        raise PromptError("no prompt given: pass at least one --prompt.")
-    with open(path) as f:
-        summary = json.load(f)
-    listed = summary.get("concepts") or [{"token": t, "kind": "object"} for t in summary["tokens"]]
-    objects = [c["token"] for c in listed if c.get("kind", "object") == "object"] or [c["token"] for c in listed]
+    try:
+        summary = runs.read_summary(run_dir)
+    except JaxconceptError:
+        raise PromptError("no prompt given: pass at least one --prompt.") from None
+    objects = [c["token"] for c in runs.object_concepts(runs.listed_concepts(summary))]
     template, joiner = summary.get("template", "a photo of {}"), summary.get("joiner", " and ")
     prompts = [template.format(t) for t in objects]
     return prompts + ([template.format(joiner.join(objects))] if len(objects) > 1 else [])

@@ -144,17 +144,8 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
 
     def round_entry(j, r, masks_now, raw, prev, info, index, stage):
-        entry = {"round": r, "index": index, "stage": stage, "crf_seconds": round(info.get("crf_seconds", 0.0), 4),
-                 "attention_seconds": round(info.get("attention_seconds", 0.0), 4),
-                 "fallbacks": info.get("fallbacks", [])}
-        if prev is not None:
-            entry["mask_change"] = float(1.0 - np.mean(learner.mean_iou(prev, masks_now)))
-        if truths[j] is not None:
-            toks = user_tokens[j]
-            entry["iou"] = dict(zip(toks, learner.mean_iou(masks_now, truths[j])))
-            entry["iou_no_crf"] = dict(zip(toks, learner.mean_iou(raw, truths[j])))
-            entry["mean_iou"] = float(np.mean(list(entry["iou"].values())))
-            entry["mean_iou_no_crf"] = float(np.mean(list(entry["iou_no_crf"].values())))
+        entry = dict(learner.round_metrics(r, masks_now, raw, prev, info, user_tokens[j], truths[j]),
+                     index=index, stage=stage)
         histories[j].append(entry)
         record(j, entry)
         s = setups[j]

@@ -200,6 +200,22 @@ def mean_iou(a_CxHxW, b_CxHxW) -> list[float]:
     return [masks.iou(a, b) for a, b in zip(a_CxHxW, b_CxHxW)]
 
 
+def round_metrics(r: int, masks_now, raw, prev, info: dict, tokens, truth) -> dict:
+    """The metrics.jsonl entry of one round: timings, fallbacks, mask change, and IoU against `truth`
+    (with and without CRF) when there is one."""
+    entry = {"round": r, "crf_seconds": round(info.get("crf_seconds", 0.0), 4),
+             "attention_seconds": round(info.get("attention_seconds", 0.0), 4),
+             "fallbacks": info.get("fallbacks", []), "crf_rejected": info.get("crf_rejected", [])}
+    if prev is not None:
+        entry["mask_change"] = float(1.0 - np.mean(mean_iou(prev, masks_now)))
+    if truth is not None:
+        entry["iou"] = dict(zip(tokens, mean_iou(masks_now, truth)))
+        entry["iou_no_crf"] = dict(zip(tokens, mean_iou(raw, truth)))
+        entry["mean_iou"] = float(np.mean(list(entry["iou"].values())))
+        entry["mean_iou_no_crf"] = float(np.mean(list(entry["iou_no_crf"].values())))
+    return entry
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -312,17 +328,7 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
             on_checkpoint(dict(meta, index=index))
 
     def round_record(r: int, masks_now, raw, prev, info) -> dict:
-        entry = {"round": r, "crf_seconds": round(info.get("crf_seconds", 0.0), 4),
-                 "attention_seconds": round(info.get("attention_seconds", 0.0), 4),
-                 "fallbacks": info.get("fallbacks", []), "crf_rejected": info.get("crf_rejected", [])}
-        if prev is not None:
-            entry["mask_change"] = float(1.0 - np.mean(mean_iou(prev, masks_now)))
-        if truth is not None:
-            entry["iou"] = dict(zip(setup.concepts.tokens, mean_iou(masks_now, truth)))
-            entry["iou_no_crf"] = dict(zip(setup.concepts.tokens, mean_iou(raw, truth)))
-            entry["mean_iou"] = float(np.mean(list(entry["iou"].values())))
-            entry["mean_iou_no_crf"] = float(np.mean(list(entry["iou_no_crf"].values())))
-        return entry
+        return round_metrics(r, masks_now, raw, prev, info, setup.concepts.tokens, truth)
 
     def save_round_pngs(r, masks_now):
         if primary:

@@ -29,7 +29,6 @@ compiled once per input shape (the closures live in the bundle, the params are a
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -126,9 +125,7 @@ def _hub_patterns(files: list[str] | None) -> list[str]:
 
 def download_clip(repo_id: str, revision: str | None = None) -> str:
     """Local folder with the files `load_clip_folder` needs, from the hub or the local cache."""
-    from .model import hub_snapshot
-
-    return hub_snapshot(repo_id, _hub_patterns, revision=revision, what="CLIP model",
+    return model.hub_snapshot(repo_id, _hub_patterns, revision=revision, what="CLIP model",
                         local_hint="pass a local folder holding a transformers CLIP model (config.json, tokenizer "
                                    "files and flax_model.msgpack or model.safetensors).")
 
@@ -140,7 +137,7 @@ def load_clip_folder(folder: str, dtype=jnp.float32, *, source: str | None = Non
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise ModelSourceError(f"{folder!r} has no config.json: expected a transformers CLIP model folder")
-    config = _read_json(cfg_path)
+    config = model.read_json(cfg_path)
     if "vision_config" not in config or "text_config" not in config:
         raise ModelSourceError(
             f"{folder!r} holds a {config.get('model_type', 'non-CLIP')!r} model; the metrics need a full CLIP "
@@ -153,7 +150,7 @@ def load_clip_folder(folder: str, dtype=jnp.float32, *, source: str | None = Non
     except (OSError, ValueError, TypeError) as e:
         raise ModelSourceError(f"cannot load the CLIP tokenizer of {folder!r} (vocab.json, merges.txt): {e}") from e
     pre_path = os.path.join(folder, "preprocessor_config.json")
-    pre = _read_json(pre_path) if os.path.isfile(pre_path) else {}
+    pre = model.read_json(pre_path) if os.path.isfile(pre_path) else {}
     return ClipBundle(
         module=module, params=model.cast_floating(params, dtype), tokenizer=tokenizer,
         image_size=int(module.config.vision_config.image_size),
@@ -180,14 +177,6 @@ def _load_clip_weights(folder: str, config: dict, dtype):
     shapes = convert.shape_tree(adapter.clip_init_fn(module))
     state = convert.read_safetensors(folder, "model")
     return module, convert.pt_state_to_flax(state, shapes, what=folder, dtype=dtype, rename=adapter.pt_to_flax_clip_key)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelSourceError(f"cannot read {path}: {e}") from e
 
 
 # ---- tiny-clip

@@ -185,7 +185,7 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
     except (OSError, ValueError, TypeError) as e:
         raise ModelSourceError(f"cannot load tokenizer/ of {folder!r}: {e}") from e
     sched_cfg = os.path.join(folder, "scheduler", "scheduler_config.json")
-    sched_config = _read_json(sched_cfg) if os.path.isfile(sched_cfg) else SD_SCHEDULER
+    sched_config = read_json(sched_cfg) if os.path.isfile(sched_cfg) else SD_SCHEDULER
     scheduler, scheduler_state = adapter.ddpm_scheduler(sched_config)
     params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
     return ModelBundle(
@@ -195,7 +195,8 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
     )
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
+    """A JSON file, or a ModelSourceError saying which file could not be read."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -219,7 +220,7 @@ def _load_diffusers_component(folder, name, from_config, load_flax, dtype, varia
             f"{sub} has no Flax (.msgpack) or safetensors weights"
             + (": only PyTorch .bin files, which need torch; re-save them as safetensors." if only_bin else ".")
         )
-    module = from_config(_read_json(os.path.join(sub, "config.json")), dtype=dtype)
+    module = from_config(read_json(os.path.join(sub, "config.json")), dtype=dtype)
     shapes = convert.shape_tree(module.init_weights)
     state = convert.read_safetensors(sub, "diffusion_pytorch_model", variant)
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype)
@@ -233,7 +234,7 @@ def _load_text_encoder(sub: str, dtype, variant):
             return adapter.load_flax_clip_text(sub, dtype=dtype)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load Flax weights of {sub}: {e}") from e
-    module = adapter.text_encoder_from_config(_read_json(os.path.join(sub, "config.json")), dtype=dtype)
+    module = adapter.text_encoder_from_config(read_json(os.path.join(sub, "config.json")), dtype=dtype)
     shapes = convert.shape_tree(adapter.text_init_fn(module))
     state = convert.read_safetensors(sub, "model", variant)
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype, rename=adapter.pt_to_flax_text_key)

@@ -40,8 +40,7 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
         if not os.path.isfile(path):
             raise JaxconceptError(f"{run_dir!r} is not a finished run folder: {os.path.basename(path)} is missing. "
                                   "Finish the run (start the same train command again to resume).")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    cfg = read_config(run_dir)
     rows = outputs.load_concepts(concepts_path)
     from safetensors import safe_open
 
@@ -63,3 +62,35 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
         bundle = bundle.replace(params={**bundle.params, "unet": unet_params})
     rows_NxD = jnp.asarray(np.stack([rows[t] for t in order]), dtype)
     return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir))
+
+
+def read_config(run_dir: str) -> dict:
+    """The run's resolved config (config.json), with at least its model."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["model"]
+        return cfg
+    except (OSError, ValueError, KeyError) as e:
+        raise JaxconceptError(f"{run_dir!r}: cannot read its config.json ({e}); is it a run folder?") from e
+
+
+def read_summary(run_dir: str) -> dict:
+    """The summary.json a finished run ends with."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise JaxconceptError(f"{run_dir!r} has no summary.json: it is not a finished run. Start its train "
+                              "command again to finish it.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def listed_concepts(summary: dict) -> list[dict]:
+    """Each concept's {"token", "kind", ...} (runs written before kinds were recorded: all objects)."""
+    return summary.get("concepts") or [{"token": t, "kind": "object"} for t in summary["tokens"]]
+
+
+def object_concepts(listed: list):
+    """The object concepts (what prompts name), or all of them when a run has only backgrounds."""
+    kind = lambda c: c.get("kind", "object") if isinstance(c, dict) else c.kind  # noqa: E731
+    return [c for c in listed if kind(c) == "object"] or list(listed)
