@@ -69,8 +69,8 @@ def stacked_inputs(setups, mesh):
     """Device arrays of all jobs with a leading job axis (split over the mesh when K divides): the run
     data and the concept ids K x N."""
     job_sh = steps.job_axis_sharding(mesh, len(setups))
-    run_data = jax.device_put(_stack([s.run_data for s in setups]), job_sh)
-    ids_KxN = jax.device_put(jnp.asarray([s.concepts.ids for s in setups], jnp.int32), job_sh)
+    run_data = sharding.put(_stack([s.run_data for s in setups]), job_sh)
+    ids_KxN = sharding.put(jnp.asarray([s.concepts.ids for s in setups], jnp.int32), job_sh)
     return run_data, ids_KxN
 
 
@@ -109,7 +109,7 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
                                        cfg.masks.num_timesteps, setups[0].latent_hw, mesh)
     # every job draws what `learner.learn` draws with this config's seed
     k_inv, k_tok, k_est, k_joint = jax.random.split(jax.random.key(cfg.seed), 4)
-    keys_tok = jax.device_put(jnp.stack([k_tok] * k_jobs), job_sh)
+    keys_tok = sharding.put(jnp.stack([k_tok] * k_jobs), job_sh)
     mngr = learner.checkpoint_manager(out_dir)
     n_rounds = -(-tcfg.steps // tcfg.estep_every) if tcfg.steps else 0
     total = tcfg.steps + cfg.joint.steps
@@ -154,7 +154,7 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
 
     def latent_masks(masks_list):
         lat = [learner.latent_masks(m, setups[0].latent_hw, mesh) for m in masks_list]
-        return jax.device_put(jnp.stack(lat), job_sh)
+        return sharding.put(jnp.stack(lat), job_sh)
 
     def run_steps(step_fn, state, frozen_part, masks_lat, keys, ids, n, stage, done):
         for _ in range(n):
@@ -173,7 +173,7 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         return state, done
 
     # ---- state: stage 1, or resume from the last round's checkpoint
-    state = jax.device_put(_stack([steps.init_state({"rows": jnp.asarray(s.concepts.init_rows)}, token_opt)
+    state = sharding.put(_stack([steps.init_state({"rows": jnp.asarray(s.concepts.init_rows)}, token_opt)
                                    for s in setups]), job_sh)
     size = setups[0].images_u8.shape[1:3]
     n_c = len(setups[0].inputs.owner_C)
@@ -194,7 +194,7 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
             return _finish_from_checkpoint(cfg, mngr, meta, state, b, k_jobs, n_c, size, run_dirs, setups,
                                            user_tokens, truths, t_start, files)
         meta, state, masks_all = learner.restore_checkpoint(mngr, last, state, np.zeros((k_jobs, n_c) + size))
-        state = jax.device_put(state, job_sh)
+        state = sharding.put(state, job_sh)
         masks_now = list(masks_all)
         start_round, done = meta["round"], meta["round"] * tcfg.estep_every
         for j, run_dir in enumerate(run_dirs):  # the rounds already recorded
@@ -229,7 +229,7 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         joint_state = jax.jit(jax.vmap(lambda p: steps.init_state(p, joint_opt)),
                               out_shardings=job_sh)({"rows": rows, "unet": unets})
         joint_step = steps.make_jobs_step(b, joint_cfg, joint_opt, mesh, k_jobs)
-        keys_joint = jax.device_put(jnp.stack([k_joint] * k_jobs), job_sh)
+        keys_joint = sharding.put(jnp.stack([k_joint] * k_jobs), job_sh)
         joint_state, _ = run_steps(joint_step, joint_state, place({"text_encoder": b.params["text_encoder"]}),
                                    latent_masks(masks_now), keys_joint, ids_KxN, cfg.joint.steps, "joint", 0)
         final = joint_state["params"]

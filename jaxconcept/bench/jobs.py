@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -25,6 +24,7 @@ from .. import config, inputs, jobs, sharding, steps
 from ..errors import JaxconceptError
 from ..model import load_model
 from ..toy import scene
+from .speed import time_calls
 
 
 def scene_jobs(k: int, size: int, folder: str):
@@ -42,15 +42,6 @@ def scene_jobs(k: int, size: int, folder: str):
                          for n, c in zip(names, spec.concepts))
         renamed.append((spec.__class__(spec.path, concepts),))
     return renamed
-
-
-def _median_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 def measure(model: str, ks, iters: int) -> dict:
@@ -82,10 +73,8 @@ def measure(model: str, ks, iters: int) -> dict:
             holder["s"], m = one(holder["s"], frozen, data1, masks[0], key)
             return m["loss"]
 
-        t0 = time.perf_counter()
-        jax.block_until_ready(call_one())
-        compile_one = time.perf_counter() - t0
-        single_ms = _median_ms(call_one, iters)
+        single = time_calls(lambda: jax.block_until_ready(call_one()), iters)
+        single_ms, compile_one = single["ms"], single["first_call_s"]
         for k in ks:
             sub = setups[:k]
             run_data, ids = jobs.stacked_inputs(sub, mesh)
@@ -101,10 +90,8 @@ def measure(model: str, ks, iters: int) -> dict:
                 box["s"], m = step(box["s"], frozen, run_data, masks_k, keys, ids)
                 return m["loss"]
 
-            t0 = time.perf_counter()
-            jax.block_until_ready(call())
-            compile_s = time.perf_counter() - t0
-            ms = _median_ms(call, iters)
+            timed = time_calls(lambda: jax.block_until_ready(call()), iters)
+            ms, compile_s = timed["ms"], timed["first_call_s"]
             rows.append({"k": k, "step_ms": ms, "ms_per_job": ms / k, "job_steps_per_s": 1e3 * k / ms,
                          "separate_ms": single_ms * k, "speedup_vs_separate": single_ms * k / ms,
                          "compile_s": compile_s})
