@@ -32,7 +32,7 @@ import time
 import jax
 import numpy as np
 
-from . import generate, images, outputs, runs
+from . import distributed, generate, images, outputs, runs
 from .errors import JaxconceptError
 
 TOY_TEMPLATES = ("a {} on a teal water background", "a {all} on a beige sand background")
@@ -211,8 +211,12 @@ def run_concepts(run_dir: str) -> tuple[list[Concept], dict]:
 
 def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, clip=None, *, toy: bool | None = None,
              mesh=None, progress: bool = True) -> dict:
-    """Generate and score every run x template x K images; write results.json/.csv and index.html."""
+    """Generate and score every run x template x K images; write results.json/.csv and index.html.
+
+    Multi-host: every process takes part in generating (each host's devices make their share of a batch),
+    gathers the images and scores them; process 0 writes the files."""
     outputs.check_writable(out_dir)
+    save_image = images.save_image if distributed.is_primary() else (lambda *_: None)
     rows, prompt_records, per_run = [], [], {}
     base_cache: dict = {}
     for r_i, run_dir in enumerate(run_dirs):
@@ -235,7 +239,7 @@ def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, cli
         for p, folder, pics_K in zip(prompts, folders, pics):
             files = [os.path.join("images", run_name, folder, f"sample_{k:02d}.png") for k in range(len(pics_K))]
             for f, pic in zip(files, pics_K):
-                images.save_image(pic, os.path.join(out_dir, f))
+                save_image(pic, os.path.join(out_dir, f))
             records, per_prompt = score_images(pics_K, p, by_token, clip, run_toy, ref_cache)
             run_prompts.append({**p, **per_prompt, "run": run_dir, "files": files})
             for rec, f in zip(records, files):
@@ -249,13 +253,15 @@ def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, cli
         for c in concepts:
             if c.reference_u8 is not None:
                 refs[c.token] = os.path.join("images", run_name, f"reference_{outputs.safe_name(c.token)}.png")
-                images.save_image(c.reference_u8, os.path.join(out_dir, refs[c.token]))
+                save_image(c.reference_u8, os.path.join(out_dir, refs[c.token]))
         prompt_records += run_prompts
         per_run[run_dir] = {"summary": aggregate([r for r in rows if r["run"] == run_dir], run_prompts),
                             "references": refs, "mode": summary.get("mode"), "model": cfg["model"]}
     result = {"settings": dataclasses.asdict(settings), "templates": list(templates),
               "clip": getattr(clip, "source", None), "overall": aggregate(rows, prompt_records), "runs": per_run,
               "prompts": prompt_records, "devices": jax.device_count()}
+    if not distributed.is_primary():
+        return result
     outputs.write_json(os.path.join(out_dir, "results.json"), result)
     write_csv(os.path.join(out_dir, "results.csv"), rows)
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
@@ -338,6 +344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--out", default="runs/eval")
+    p.add_argument("--distributed", default="auto", choices=distributed.MODES,
+                   help="join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
     return p.parse_args(argv)
 
 
@@ -348,6 +356,7 @@ def main(argv=None) -> int:
     try:
         if not args.run:
             raise JaxconceptError("no run given: pass --run RUN_DIR (repeatable).")
+        distributed.initialize(args.distributed)  # before anything touches a device
         templates = list(args.template)
         if args.templates_file:
             try:
@@ -370,10 +379,12 @@ def main(argv=None) -> int:
 
             clip = metrics.load_clip(args.clip)
         t0 = time.time()
-        result = evaluate(args.run, templates, args.out, settings, clip)
+        result = evaluate(args.run, templates, args.out, settings, clip, progress=distributed.is_primary())
     except (JaxconceptError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not distributed.is_primary():
+        return 0
     o = result["overall"]
     print(f"{o['images']} images, {o['prompts']} prompts, {len(args.run)} run(s) in {time.time() - t0:.0f} s on "
           f"{jax.device_count()} device(s)")

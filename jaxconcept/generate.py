@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import adapter, images, outputs, sampling, sharding, tokens, viz
+from . import adapter, distributed, images, outputs, sampling, sharding, tokens, viz
 from .errors import JaxconceptError, PromptError
 from .model import ModelBundle
 
@@ -100,20 +100,23 @@ def generate(source, prompts, settings: Settings = Settings(), *, mesh=None, pro
     per_call = batch_plan(len(items), settings.batch_size, n_dev)
     program = sampling.make_batch_sampler(bundle, scheduler, settings.steps, mesh, concept_ids)
     rows = jnp.zeros((0, 1), bundle.dtype) if rows is None else rows
-    params = sharding.put_replicated(bundle.params, mesh)
-    rows = sharding.put_replicated(rows, mesh)
-    guidance = jnp.asarray(settings.guidance, jnp.float32)
+    params, rows, guidance = sharding.put_replicated(
+        (bundle.params, rows, np.asarray(settings.guidance, np.float32)), mesh)
+    batch_sh = sharding.batch_sharded(mesh)
     out = np.zeros((len(items), bundle.resolution, bundle.resolution, 3), np.uint8)
-    bar = tqdm(total=len(items), desc="generating", unit="img", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=len(items), desc="generating", unit="img", dynamic_ncols=True,
+               disable=not (progress and distributed.is_primary()))
     for start in range(0, len(items), per_call):
         chunk = items[start:start + per_call]
         chunk = chunk + [chunk[-1]] * (per_call - len(chunk))
         p_idx = np.array([p for p, _ in chunk])
-        batch_noise = np.stack([noise[p, k] for p, k in chunk])
-        pics = program(params, rows, batch_noise, cond_ids[p_idx], np.broadcast_to(uncond_ids, cond_ids[p_idx].shape),
-                       guidance)
+        # every host builds the same batch (it is cheap and deterministic) and places its own devices' share
+        batch = sharding.put((np.stack([noise[p, k] for p, k in chunk]), cond_ids[p_idx],
+                              np.broadcast_to(uncond_ids, cond_ids[p_idx].shape)), batch_sh)
+        pics = program(params, rows, *batch, guidance)
         n = min(per_call, len(items) - start)
-        out[start:start + n] = images.to_uint8(np.asarray(pics)[:n])
+        # multi-host: the images are spread over every host's devices; each host gathers all of them
+        out[start:start + n] = images.to_uint8(distributed.to_host(pics)[:n])
         bar.update(n)
     bar.close()
     return out.reshape((len(prompts), settings.num_images) + out.shape[1:])
@@ -171,6 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=0, help="images per compiled call (0: up to 8 per device)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default=None, help="output folder (default RUN/samples, or runs/generate)")
+    p.add_argument("--distributed", default="auto", choices=distributed.MODES,
+                   help="join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
     return p.parse_args(argv)
 
 
@@ -182,9 +187,11 @@ def main(argv=None) -> int:
     try:
         if args.run and args.model:
             raise JaxconceptError("give --run (a learned run, which knows its base model) or --model, not both.")
+        distributed.initialize(args.distributed)  # before anything touches a device
         if not args.prompt and args.run and os.path.isdir(args.run):
             args.prompt = default_prompts(args.run)
-            print("prompts: " + "; ".join(args.prompt))
+            if distributed.is_primary():
+                print("prompts: " + "; ".join(args.prompt))
         if not args.prompt:  # before loading anything
             raise PromptError("no prompt given: pass at least one --prompt.")
         adapter.scheduler_name(args.scheduler)
@@ -206,6 +213,8 @@ def main(argv=None) -> int:
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_primary():  # every host generated (and gathered) the images; process 0 writes them
+        return 0
     bundle = source if isinstance(source, ModelBundle) else source.bundle
     save_generation(out, args.prompt, pictures, settings, {
         "run": os.path.abspath(args.run) if args.run else None, "model": bundle.source,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import capture, learner, outputs, sharding, steps, tokens
+from . import capture, distributed, learner, outputs, sharding, steps, tokens
 from .errors import JaxconceptError
 from .model import ModelBundle, load_model
 
@@ -118,9 +118,12 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         gt = None if ground_truths is None else ground_truths[j]
         um = np.stack(s.inputs.user_masks) if s.inputs.has_all_user_masks else None
         truths.append(um if gt is None else np.asarray(gt, bool))
+    primary = distributed.is_primary()  # multi-host: process 0 writes the files, all write checkpoints
     files = []
     for j, (run_dir, s) in enumerate(zip(run_dirs, setups)):
         os.makedirs(run_dir, exist_ok=True)
+        if not primary:
+            continue
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(cfg.to_json(indent=2))
         for i, name in enumerate(s.inputs.names):
@@ -128,17 +131,19 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         files.append(open(os.path.join(run_dir, "metrics.jsonl"), "a"))
     histories: list[list[dict]] = [[] for _ in jobs]
     bar = tqdm(total=total * k_jobs, desc=f"learning {k_jobs} jobs", unit="job-step", dynamic_ncols=True,
-               disable=not progress)
+               disable=not (progress and primary))
 
     def record(j: int, entry: dict) -> None:
-        files[j].write(json.dumps(entry) + "\n")
-        files[j].flush()
+        if primary:
+            files[j].write(json.dumps(entry) + "\n")
+            files[j].flush()
 
     def maps_for(j):
         ids = jnp.asarray(setups[j].concepts.ids, jnp.int32)
         return lambda rows, fr, lat, ids_l, pos, key: maps_any(rows, fr, lat, ids_l, pos, key, ids)
 
     def e_step(rows_KxNxD, r: int):
+        rows_KxNxD = distributed.to_host(rows_KxNxD)  # job-split over hosts: every host gathers all jobs' rows
         got = [learner.estimate_masks(s, maps_for(j), rows_KxNxD[j], frozen, jax.random.fold_in(k_est, r), cfg)
                for j, s in enumerate(setups)]
         return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
@@ -149,8 +154,9 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         histories[j].append(entry)
         record(j, entry)
         s = setups[j]
-        outputs.save_masks(os.path.join(run_dirs[j], "masks", f"round_{r:02d}"), s.inputs.names,
-                           outputs.file_names(user_tokens[j]), np.asarray(s.inputs.owner_C), masks_now)
+        if primary:
+            outputs.save_masks(os.path.join(run_dirs[j], "masks", f"round_{r:02d}"), s.inputs.names,
+                               outputs.file_names(user_tokens[j]), np.asarray(s.inputs.owner_C), masks_now)
 
     def latent_masks(masks_list):
         lat = [learner.latent_masks(m, setups[0].latent_hw, mesh) for m in masks_list]
@@ -162,7 +168,7 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
             done += 1
             bar.update(k_jobs)
             if done % cfg.log_every == 0:
-                host = {k: np.asarray(v) for k, v in m.items()}  # host sync only at logging steps
+                host = distributed.to_host(m)  # host sync only at logging steps (a gather when jobs span hosts)
                 for j in range(k_jobs):
                     mm = {k: float(v[j]) for k, v in host.items()}
                     if not all(np.isfinite(v) for v in mm.values()):
@@ -225,9 +231,10 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         joint_opt = steps.make_optimizer(cfg.joint.lr, tcfg.clip, tcfg.weight_decay,
                                          cfg.joint.get("optimizer", "adamw"))
         joint_cfg = dataclasses.replace(loss_cfg, remat=cfg.joint.get("remat", "none"))
-        unets = jax.tree.map(lambda x: jnp.broadcast_to(x, (k_jobs,) + x.shape), b.params["unet"])
-        joint_state = jax.jit(jax.vmap(lambda p: steps.init_state(p, joint_opt)),
-                              out_shardings=job_sh)({"rows": rows, "unet": unets})
+        # every job starts from its own copy of the base UNet, made on the devices that hold the job
+        copies = lambda unet: jax.tree.map(lambda x: jnp.broadcast_to(x, (k_jobs,) + x.shape), unet)  # noqa: E731
+        joint_state = jax.jit(lambda r, unet: jax.vmap(lambda p: steps.init_state(p, joint_opt))(
+            {"rows": r, "unet": copies(unet)}), out_shardings=job_sh)(rows, place(b.params["unet"]))
         joint_step = steps.make_jobs_step(b, joint_cfg, joint_opt, mesh, k_jobs)
         keys_joint = sharding.put(jnp.stack([k_joint] * k_jobs), job_sh)
         joint_state, _ = run_steps(joint_step, joint_state, place({"text_encoder": b.params["text_encoder"]}),
@@ -263,6 +270,7 @@ def _finish_from_checkpoint(cfg, mngr, meta, state, b, k_jobs, n_c, size, run_di
 def _write_all(cfg, final, masks_now, run_dirs, setups, user_tokens, histories, truths, t_start, files):
     for f in files:
         f.close()
+    final = distributed.to_host(final)  # a collective when jobs span hosts: every process gathers all jobs
     summaries = []
     for j, (run_dir, s) in enumerate(zip(run_dirs, setups)):
         named = dataclasses.replace(s, concepts=dataclasses.replace(s.concepts, tokens=tuple(user_tokens[j])))

@@ -6,6 +6,14 @@
 
 --concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/inputs.py).
 Starting again with the same --out resumes from the last checkpoint.
+
+Many independent concept sets in one program (`jaxconcept.jobs`), each into OUT/job_NN:
+
+    python -m jaxconcept.train --out runs/many --job "cat.jpg:<cat>=cat,<sofa>=sofa/background" \
+        --job "dog.jpg:<dog>=dog,<lawn>=lawn/background"
+
+--job (repeatable, one per job): the job's --concepts arguments joined with ';' (one per image). Jobs
+batched together need the same number of images and of concepts per image.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from ml_collections import config_flags
 
 import jax
 
-from . import distributed, inputs, learner
+from . import distributed, inputs, jobs, learner
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -30,6 +38,8 @@ _OUT = flags.DEFINE_string("out", "runs/train", "run folder (resumes if it has c
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                   "join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
 _CONCEPTS = flags.DEFINE_multi_string("concepts", [], "IMAGE:TOKEN[=INIT][/KIND][@MASK],... (one per image)")
+_JOBS = flags.DEFINE_multi_string("job", [], "one concept set of a batch of jobs: its --concepts arguments "
+                                  "joined with ';' (repeatable; each job goes to OUT/job_NN)")
 
 
 def resolve_specs(cfg, concept_args) -> tuple:
@@ -39,6 +49,17 @@ def resolve_specs(cfg, concept_args) -> tuple:
     if cfg.images:
         return inputs.specs_from_config(cfg.images)
     return (inputs.from_toy_scene_folder(TOY_SCENE),)
+
+
+def resolve_jobs(job_args) -> list[tuple]:
+    """One tuple of ImageSpecs per --job."""
+    out = []
+    for j, text in enumerate(job_args):
+        parts = [p for p in text.split(";") if p.strip()]
+        if not parts:
+            raise inputs.InputError(f"--job number {j + 1} is empty: give IMAGE:TOKEN,... (images joined with ';').")
+        out.append(tuple(inputs.parse_concepts_arg(p.strip()) for p in parts))
+    return out
 
 
 def summary_text(summary: dict) -> str:
@@ -67,8 +88,13 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     try:
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
-        specs = resolve_specs(cfg, _CONCEPTS.value)
-        summary = learner.learn(cfg, specs, _OUT.value, progress=distributed.is_primary())
+        if _JOBS.value and _CONCEPTS.value:
+            raise JaxconceptError("give --concepts (one run) or --job (several concept sets), not both.")
+        if _JOBS.value:
+            summaries = jobs.learn_many(cfg, resolve_jobs(_JOBS.value), _OUT.value, progress=distributed.is_primary())
+        else:
+            summaries = [learner.learn(cfg, resolve_specs(cfg, _CONCEPTS.value), _OUT.value,
+                                       progress=distributed.is_primary())]
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -77,8 +103,8 @@ def main(argv) -> None:
               file=sys.stderr)
         sys.exit(130)
     if distributed.is_primary():
-        print(summary_text(summary) + (f"\n({jax.process_count()} processes, {jax.device_count()} devices)"
-                                       if multi else ""))
+        print("\n".join(summary_text(s) for s in summaries)
+              + (f"\n({jax.process_count()} processes, {jax.device_count()} devices)" if multi else ""))
 
 
 def run() -> None:

@@ -2,6 +2,9 @@
 and refuse jobs that cannot stack."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -90,3 +93,17 @@ def test_scaling_benchmark_reports_every_k(tmp_path, capsys):
         assert r["step_ms"] > 0 and r["speedup_vs_separate"] == pytest.approx(r["separate_ms"] / r["step_ms"])
     assert "job-steps/s" in capsys.readouterr().out
     assert bench_jobs.main(["--k", "0,x"]) == 2
+
+
+def test_job_arguments_of_the_command_line(scenes, tmp_path):
+    from jaxconcept import train
+
+    a, b = (str(folder / "image.png") for folder, _ in scenes[:2])
+    got = train.resolve_jobs([f"{a}:<tri>=red,<bg>/background", f"{a}:<x> ; {b}:<y>,<z>/background"])
+    assert [len(j) for j in got] == [1, 2] and got[1][1].concepts[1].kind == "background"
+    with pytest.raises(inputs.InputError, match="--job number 1 is empty"):
+        train.resolve_jobs([" ; "])
+    proc = subprocess.run([sys.executable, "-m", "jaxconcept.train", "--config.model=tiny", "--out",
+                           str(tmp_path / "r"), "--job", f"{a}:<x>", "--concepts", f"{b}:<y>"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2 and "not both" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,16 +1,30 @@
 """Multi-host: two processes (one CPU device each, joined with jax.distributed over localhost) run the
-training command together and end where one process with two devices ends; process 0 writes the files."""
+commands together and end where one process with two devices ends; process 0 writes the files.
 
+Trained once for the module, side by side: two concept sets batched in one program (`train --job`) by one
+process with two devices and by two processes, and one concept set alone (`train --concepts`) by two
+processes. A job of a batch learns what a run of its own learns (tests/test_jobs.py), so job_00 of the
+one-process batch is the reference for the two-process single run as well."""
+
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
 from jaxconcept.toy import scene
+
+TOKENS = ("<tri>", "<ring>", "<bg>")
+MASK_FILES = ("image__tri.png", "image__ring.png", "image__bg.png")
+TRAIN = ["--config.model=tiny", "--config.tokens.steps=4", "--config.tokens.estep_every=2", "--config.joint.steps=2",
+         "--config.masks.num_timesteps=4", "--config.log_every=2", "--config.tokens.batch_size=2"]
+SAMPLE = ["--num-images", "2", "--steps", "3", "--seed", "5"]
 
 
 def _free_port() -> int:
@@ -26,38 +40,105 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
-def _args(image: str, out: str) -> list:
-    return [sys.executable, "-m", "jaxconcept.train", "--out", out, "--config.model=tiny",
-            "--config.tokens.steps=4", "--config.tokens.estep_every=2", "--config.joint.steps=2",
-            "--config.masks.num_timesteps=4", "--config.log_every=2", "--config.tokens.batch_size=2",
-            "--concepts", f"{image}:<tri>=red,<ring>,<bg>=background/background"]
-
-
-def test_two_processes_equal_one_process_with_two_devices(tmp_path):
-    folder = tmp_path / "scene"
-    scene.write_scene(scene.make_scene(340, 32, 2), str(folder))
-    image = str(folder / "image.png")
-    one = subprocess.run(_args(image, str(tmp_path / "one")), env=_env(2), capture_output=True, text=True,
-                         timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+def _start(args, processes: int) -> list:
+    """`processes` == 1: one process with two devices; 2: two processes with one device each, joined."""
+    cmd = [sys.executable, "-m", *args]
+    if processes == 1:
+        return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(2))]
     port = _free_port()
-    procs = [subprocess.Popen(_args(image, str(tmp_path / "multi")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert "2 processes, 2 devices" in outs[0][0] and "done in" not in outs[1][0]  # process 0 reports
-    a, b = load_file(str(tmp_path / "one" / "concepts.safetensors")), load_file(
-        str(tmp_path / "multi" / "concepts.safetensors"))
-    for token in ("<tri>", "<ring>", "<bg>"):
-        np.testing.assert_allclose(b[token], a[token], rtol=1e-4, atol=1e-5)
-    for name in ("image__tri.png", "image__ring.png", "image__bg.png"):
-        assert (tmp_path / "multi" / "masks" / "final" / name).read_bytes() == \
-            (tmp_path / "one" / "masks" / "final" / name).read_bytes()
-    lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())  # written once
+    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                      JAX_PROCESS_ID=str(i))) for i in range(2)]
+
+
+def _run(*commands) -> list[str]:
+    """Run (args, processes) pairs side by side (they are independent); the stdout of each one's process 0."""
+    t0 = time.time()
+    started = [_start(args, n) for args, n in commands]
+    stdouts = []
+    for procs in started:
+        outs = [p.communicate(timeout=600) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        if len(procs) > 1:
+            quiet = [line for line in outs[1][0].splitlines() if line.strip() and not line.startswith("[Gloo]")]
+            assert quiet == [], quiet  # process 1 prints nothing: process 0 reports
+        stdouts.append(outs[0][0])
+    print(f"{commands[0][0][0]}: {time.time() - t0:.0f} s")
+    return stdouts
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path), np.int16)
+
+
+def _job(image) -> str:
+    return f"{image}:<tri>=red,<ring>,<bg>=background/background"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    images = []
+    for seed in (340, 341):
+        folder = root / f"scene_{seed}"
+        scene.write_scene(scene.make_scene(seed, 32, 2), str(folder))
+        images.append(str(folder / "image.png"))
+    jobs = [a for image in images for a in ("--job", _job(image))]
+    outs = _run((["jaxconcept.train", "--out", str(root / "one" / "runs"), *TRAIN, *jobs], 1),
+                (["jaxconcept.train", "--out", str(root / "multi" / "runs"), *TRAIN, *jobs], 2),
+                (["jaxconcept.train", "--out", str(root / "single"), *TRAIN, "--concepts", _job(images[0])], 2))
+    return root, outs
+
+
+def _same_run(a, b) -> None:
+    x, y = load_file(str(a / "concepts.safetensors")), load_file(str(b / "concepts.safetensors"))
+    for token in TOKENS:
+        np.testing.assert_allclose(y[token], x[token], rtol=1e-4, atol=1e-5)
+    for name in MASK_FILES:
+        assert (b / "masks" / "final" / name).read_bytes() == (a / "masks" / "final" / name).read_bytes()
+    lines = lambda run: (run / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    assert len(lines(b)) == len(lines(a))  # written once
+
+
+def test_two_processes_train_a_run_like_one_process(trained):
+    root, outs = trained
+    assert "2 processes, 2 devices" in outs[2] and outs[2].count("done in") == 1
+    _same_run(root / "one" / "runs" / "job_00", root / "single")
+
+
+def test_two_processes_train_batched_jobs_like_one_process(trained):
+    root, outs = trained
+    assert "2 processes, 2 devices" in outs[1] and outs[1].count("done in") == 2
+    for job in ("job_00", "job_01"):  # the job axis, split over the hosts, learns what one host learns
+        _same_run(root / "one" / "runs" / job, root / "multi" / "runs" / job)
+
+
+def test_two_processes_evaluate_and_generate_like_one_process(trained):
+    root, _ = trained
+    evaluate = lambda out: ["jaxconcept.evaluate", "--run", str(out / "runs" / "job_00"), "--run",  # noqa: E731
+                            str(out / "runs" / "job_01"), "--clip", "tiny-clip", "--template", "a photo of {}",
+                            "--out", str(out / "eval"), *SAMPLE]
+    one, multi = root / "one", root / "multi"
+    _run((evaluate(one), 1), (evaluate(multi), 2))
+    r1 = json.loads((one / "eval" / "results.json").read_text())
+    r2 = json.loads((multi / "eval" / "results.json").read_text())
+    assert r2["devices"] == 2 and r2["overall"]["images"] == r1["overall"]["images"] == 2 * 2 * 2
+    for key, value in r1["overall"].items():
+        if isinstance(value, float):
+            assert abs(r2["overall"][key] - value) < 2e-3, key
+    for f in (f for p in r1["prompts"] for f in p["files"]):  # gathered from both hosts, written by process 0
+        assert np.abs(_pixels(multi / "eval" / f) - _pixels(one / "eval" / f)).max() <= 1, f
+
+    _run((["jaxconcept.generate", "--run", str(multi / "runs" / "job_01"), "--prompt", "a photo of <tri>",
+           "--prompt", "a photo of <ring>", "--out", str(multi / "gen"), *SAMPLE], 2))
+    gen = json.loads((multi / "gen" / "generation.json").read_text())
+    assert gen["devices"] == 2
+    evaluated = [p for p in r2["prompts"] if p["run"].endswith("job_01")]
+    assert [p["prompt"] for p in evaluated] == gen["prompts"]
+    for made, p in zip(gen["files"], evaluated):  # same prompts, seed and settings: the images evaluation made
+        for f, g in zip(made, p["files"]):
+            assert np.abs(_pixels(multi / "gen" / f) - _pixels(multi / "eval" / g)).max() <= 1
 
 
 def test_distributed_mode_is_checked():
