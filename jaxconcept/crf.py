@@ -46,7 +46,6 @@ import math
 import time
 
 import numpy as np
-from scipy import ndimage
 
 from jaxconcept.errors import JaxconceptError
 from jaxconcept.masks import fill_small_holes

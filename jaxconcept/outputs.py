@@ -45,6 +45,9 @@ def file_names(tokens) -> list[str]:
 
 def check_writable(folder: str) -> None:
     """Fail early, before any work, if the run folder cannot be written."""
+    if "://" in folder:  # os would quietly make a local folder named "gs:"
+        raise JaxconceptError(f"output folder {folder!r} is a URL; files are written with the local file system: "
+                              "mount the bucket (e.g. gcsfuse) and pass the mounted path to --out.")
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write_test_{os.getpid()}")  # several processes may check at once

@@ -183,6 +183,9 @@ def test_unwritable_output_folder(scene_dir, tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(JaxconceptError, match="cannot write to the output folder"):
         learner.learn(_cfg(), [_spec(scene_dir)], str(tmp_path / "a_file" / "run"), progress=False)
+    with pytest.raises(JaxconceptError, match="mount the bucket"):  # not a local folder named "gs:"
+        learner.learn(_cfg(), [_spec(scene_dir)], "gs://bucket/run", progress=False)
+    assert not os.path.exists("gs:")
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(scene_dir, tmp_path):
