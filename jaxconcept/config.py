@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
         background_level=0.55,  # chosen on toy validation scenes (0.35/0.45/0.55: IoU 0.42/0.54/0.63)
         crf=True,
         crf_min_iou=0.5,
+        # "host": pydensecrf at image resolution; "device": an exact dense CRF in JAX (crf_exact) at
+        # crf_size ("latent": the latent grid, e.g. 64x64 for SD at 512 px; "image"; or pixels per side, "96")
+        crf_backend="host",
+        crf_size="image",
     ))
     # stage 2: token optimisation with L_mask + attn_weight * L_attn, masks re-estimated every estep_every
     c.tokens = ml_collections.ConfigDict(dict(

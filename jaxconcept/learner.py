@@ -78,6 +78,7 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
     if size % multiple:
         raise JaxconceptError(f"resolution {size} must be a multiple of {multiple} for this model (VAE and UNet "
                               f"downsampling); the model's own is {bundle.resolution}.")
+    crf_where(cfg, (size, size), (size // bundle.vae_factor,) * 2)  # a bad CRF setting fails before any work
     loaded = inputs.load(specs, size)
     if cfg.mode == "user" and not loaded.has_all_user_masks:
         missing = [c.token for c, m in zip(loaded.concepts, loaded.user_masks) if m is None]
@@ -119,12 +120,14 @@ def prior_data(cfg, bundle: ModelBundle) -> dict:
 # ------------------------------------------------------------------------------------------ E-step (host)
 
 
-def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: bool, crf_min_iou: float = 0.5):
+def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: bool, crf_min_iou: float = 0.5,
+                 crf_backend: str = "host", crf_size=None):
     """Masks of one image's concepts from their soft maps (image resolution).
 
     Objects: argmax against a constant background level (non-overlapping); a "background" concept gets
     what no object claims. Then (optionally) a multi-label DenseCRF, hole filling and speck removal, and
-    a fallback for an empty mask (its map's top 5%, minus other objects' pixels).
+    a fallback for an empty mask (its map's top 5%, minus other objects' pixels). The CRF runs on the host
+    (pydensecrf) or on the device (`crf_backend`), at image resolution or at `crf_size` (h, w).
     Returns (masks K x H x W, masks without CRF, info {"crf_seconds", "fallbacks", "crf_rejected"}).
     """
     soft_KxHxW = np.asarray(soft_KxHxW, np.float32)
@@ -136,8 +139,8 @@ def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: 
     raw = _masks_from_object_labels(labels, soft_KxHxW, objects, kinds, info, record=False)
     if not use_crf or not objects:
         return raw, raw, info
-    refined, crf_info = crf.refine_labels(image_u8, labels, len(objects) + 1,
-                                          crf.CRFParams(min_iou=crf_min_iou), soft_KxHxW=soft_KxHxW[objects])
+    refined, crf_info = crf.refine_labels(image_u8, labels, len(objects) + 1, crf.CRFParams(min_iou=crf_min_iou),
+                                          soft_KxHxW=soft_KxHxW[objects], backend=crf_backend, size=crf_size)
     info["crf_seconds"] = crf_info["seconds"]
     info["crf_rejected"] = [objects[k] for k, r in enumerate(crf_info["rejected"]) if r]
     return _masks_from_object_labels(refined, soft_KxHxW, objects, kinds, info, record=True), raw, info
@@ -165,6 +168,25 @@ def _masks_from_object_labels(labels_HxW, soft_KxHxW, objects, kinds, info, reco
     return out
 
 
+def crf_where(cfg, image_hw, latent_hw) -> tuple[str, tuple[int, int] | None]:
+    """(backend, size) of the E-step's CRF from `masks.crf_backend` and `masks.crf_size` (checked)."""
+    backend = cfg.masks.get("crf_backend", "host")
+    size = cfg.masks.get("crf_size", "image")
+    if backend not in ("host", "device"):
+        raise JaxconceptError(f"masks.crf_backend must be 'host' or 'device', got {backend!r}.")
+    if size == "image":
+        return backend, None
+    if size == "latent":
+        return backend, tuple(int(v) for v in latent_hw)
+    if isinstance(size, str) and size.strip().isdigit():  # "--config.masks.crf_size=64" (the field is a string)
+        size = int(size)
+    if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= max(image_hw):
+        scale = size / max(image_hw)
+        return backend, (max(1, round(image_hw[0] * scale)), max(1, round(image_hw[1] * scale)))
+    raise JaxconceptError(f"masks.crf_size must be 'image', 'latent' or a number of pixels per side up to the image "
+                      f"size {max(image_hw)}, got {size!r}.")
+
+
 def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
     """E-step over all images: (masks C x H x W, masks without CRF, info)."""
     owner_C = np.asarray(setup.inputs.owner_C)
@@ -181,7 +203,7 @@ def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.nd
         soft = np.asarray(masks.upsample_maps(soft_Cxhxw[mine], size))
         info["attention_seconds"] += time.time() - t0
         got, raw, inf = assign_masks(soft, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
-                                     cfg.masks.crf, cfg.masks.crf_min_iou)
+                                     cfg.masks.crf, cfg.masks.crf_min_iou, *crf_where(cfg, size, setup.latent_hw))
         out[mine], raw_out[mine] = got, raw
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [setup.concepts.tokens[mine[k]] for k in inf["fallbacks"]]

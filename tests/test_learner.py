@@ -167,6 +167,9 @@ BAD = {
     "no concepts": (lambda d, s: [inputs.ImageSpec(s.path, ())], {}, "no concepts"),
     "prompt too long": (lambda d, s: [s], {"template": "a " * 80 + "{}"}, "at most"),
     "unknown mode": (lambda d, s: [s], {"mode": "magic"}, "unknown mode"),
+    "unknown CRF backend": (lambda d, s: [s], {"masks.crf_backend": "gpu"}, "'host' or 'device'"),
+    "CRF size too large": (lambda d, s: [s], {"masks.crf_size": "4096"}, "up to the image size 32"),
+    "CRF size not a size": (lambda d, s: [s], {"masks.crf_size": "half"}, "'image', 'latent' or a number"),
 }
 
 
@@ -279,3 +282,35 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
     uncached = {k: v for k, v in setup.run_data.items() if k != "prior_context"}
     (a, ma), (b, _) = loss(setup.run_data), loss(uncached)
     assert float(a) == pytest.approx(float(b), rel=1e-6) and float(ma["loss_prior"]) > 0
+
+
+def test_where_the_e_step_crf_runs():
+    where = lambda **kw: learner.crf_where(_cfg(**{f"masks.{k}": v for k, v in kw.items()}), (64, 48), (8, 6))  # noqa: E731
+    assert where() == ("host", None)
+    assert where(crf_backend="device", crf_size="latent") == ("device", (8, 6))
+    assert where(crf_backend="device", crf_size="32") == ("device", (32, 24))
+
+
+def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatch):
+    from jaxconcept import crf_exact
+
+    seen = []
+    real = crf_exact.inference
+
+    def spy(unary_LxN, image_HxWx3, params, *args, **kwargs):
+        seen.append(image_HxWx3.shape[:2])
+        return real(unary_LxN, image_HxWx3, params, *args, **kwargs)
+
+    monkeypatch.setattr(crf_exact, "inference", spy)
+    out = tmp_path / "device_crf"
+    summary = learner.learn(_cfg(**{"masks.crf_backend": "device", "masks.crf_size": "latent", "joint.steps": 0}),
+                            [_spec(scene_dir)], str(out), progress=False)
+    assert seen and set(seen) == {(16, 16)}  # the tiny model's latent grid, for a 32 px image; every E-step
+    assert len(seen) == summary["rounds"] + 1
+    final = np.stack([np.asarray(Image.open(out / "masks" / "final" / f"image__{t}.png")) > 0
+                      for t in ("tri", "ring", "bg")])
+    assert final.shape == (3, 32, 32) and final.any(axis=(1, 2)).all()  # image-size masks, none empty
+    assert (final.sum(axis=0) == 1).all()  # every pixel belongs to exactly one concept
+    crf_times = [e["crf_seconds"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if "crf_seconds" in e]
+    assert crf_times and all(t > 0 for t in crf_times)

@@ -4,6 +4,7 @@
     python -m jaxconcept.bench.speed --config sd15 --dtype bfloat16 --iters 20          # on a GPU
     python -m jaxconcept.bench.speed --config sd15 --iters 20 --timesteps 16            # fp32 (TF32 for torch)
     python -m jaxconcept.bench.speed --config tiny --skip-torch --out runs/speed_tiny
+    python -m jaxconcept.bench.speed --config sd15 --dtype bfloat16 --crf device-latent   # E-step CRF on the device
     # SD 1.5 on a CPU: smaller images, fewer timesteps and sampling steps, no joint step (its AdamW state
     # over the UNet needs ~14 GB per implementation)
     OMP_WAIT_POLICY=PASSIVE python -m jaxconcept.bench.speed --config sd15 --resolution 256 --iters 2 \
@@ -18,6 +19,7 @@ synchronisation and `torch.no_grad` where the reference does no training):
   e_attn   the E-step's attention pass (`steps.make_concept_maps`, T timesteps in one batch, maps upsampled
            to image size and brought to the host), per image.
   e_crf    the E-step's host side (`learner.assign_masks`: labels, multi-label DenseCRF, clean-up); one
+           (--crf host: pydensecrf at image size; device-latent: the exact dense CRF in JAX at latent size)
            shared implementation, so it is counted once, for both.
   e_step   e_attn + e_crf.
   sample   one guided DDIM sample (batch 1, 50 steps by default, guidance 7.5, text encoding and VAE
@@ -130,7 +132,7 @@ CONFIGS: dict[str, BenchConfig] = {
 STEPS = ("token", "joint", "e_attn", "e_crf", "e_step", "sample")
 GROUPS = ("token", "joint", "estep", "sample")  # what --steps selects (estep: e_attn, e_crf, e_step)
 LABELS = {"token": "token step", "joint": "joint step", "e_attn": "E-step attention (T={T})",
-          "e_crf": "E-step CRF (host, shared)", "e_step": "E-step total", "sample": "sample ({S} DDIM steps, CFG)"}
+          "e_crf": "E-step CRF ({C}, shared)", "e_step": "E-step total", "sample": "sample ({S} DDIM steps, CFG)"}
 ESTEP_EVERY = 50
 TOKEN_LR, JOINT_LR, CLIP, WEIGHT_DECAY, ATTN_WEIGHT, GUIDANCE = 5e-4, 2e-6, 1.0, 1e-2, 0.01, 7.5
 BACKGROUND_LEVEL = 0.55
@@ -326,7 +328,8 @@ def bench_ours_train(setup, work: Workload, mesh, stage: str, iters: int, warmup
     return dict(out, compile_s=round(compile_s, 3), flops_xla=flops, losses=[float(x) for x in losses])
 
 
-def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed: int) -> tuple[dict, dict, np.ndarray]:
+def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed: int,
+                     crf: str = "host") -> tuple[dict, dict, np.ndarray]:
     """(attention pass, CRF, soft maps at image size): the E-step of one image as `learner.estimate_masks`."""
     b = setup.bundle
     selector = capture.LayerSelector(resolutions=work.estep_grids)
@@ -344,16 +347,22 @@ def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed:
         soft[0] = np.asarray(upsample(compiled(*args)))
 
     attn = dict(time_calls(attention, iters, warmup), compile_s=round(compile_s, 3), flops_xla=flops)
-    crf = bench_crf(soft[0], work, iters)
-    return attn, crf, soft[0]
+    crf_out = bench_crf(soft[0], work, iters, crf, setup.latent_hw)
+    return attn, crf_out, soft[0]
 
 
-def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int) -> dict:
-    """`learner.assign_masks` on the E-step's soft maps (host code, shared by both implementations)."""
+CRF_CHOICES = ("host", "device-latent")
+
+
+def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "host", latent_hw=None) -> dict:
+    """`learner.assign_masks` on the E-step's soft maps (shared by both implementations): pydensecrf on the
+    host at image size, or the exact dense CRF on the device at latent size."""
     info = {}
+    where = ("host", None) if crf == "host" else ("device", tuple(latent_hw))
 
     def call():
-        info.update(learner.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds), BACKGROUND_LEVEL, True)[2])
+        info.update(learner.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds), BACKGROUND_LEVEL, True, 0.5,
+                                         *where)[2])
 
     out = time_calls(call, iters, 1)
     return dict(out, crf_seconds_inside=info.get("crf_seconds"))
@@ -389,7 +398,7 @@ def sample_flops_xla(bundle, work: Workload, sampler_flops: float | None) -> flo
     return sampler_flops + (work.sample_steps - 1) * per_eval
 
 
-def run_ours(setup, work: Workload, groups, iters: int, warmup: int, seed: int) -> dict:
+def run_ours(setup, work: Workload, groups, iters: int, warmup: int, seed: int, crf: str = "host") -> dict:
     """Our programs of the chosen step groups, one after the other (each freed before the next)."""
     mesh = sharding.make_mesh(jax.devices()[:1])  # one device: the reference runs on one too
     res = {}
@@ -401,7 +410,7 @@ def run_ours(setup, work: Workload, groups, iters: int, warmup: int, seed: int) 
             gc.collect()
     if "estep" in groups:
         phase(f"ours: E-step attention pass (compiling; T={work.timesteps}, grids {work.estep_grids}) and CRF")
-        res["e_attn"], res["e_crf"], _ = bench_ours_estep(setup, work, mesh, iters, warmup, seed)
+        res["e_attn"], res["e_crf"], _ = bench_ours_estep(setup, work, mesh, iters, warmup, seed, crf)
         phase(f"ours: E-step attention {res['e_attn']['ms']:.2f} ms, CRF {res['e_crf']['ms']:.2f} ms")
     if "sample" in groups:
         phase(f"ours: sample (compiling; {work.sample_steps} DDIM steps)")
@@ -818,7 +827,8 @@ def format_tables(result: dict) -> str:
     """The printed report: times and speed-ups, the E-step share, FLOPs and throughput."""
     work, rows = result["config"], result["steps"]
     has_torch = result["device"]["torch"] is not None
-    labels = {k: v.format(T=work["estep_timesteps"], S=work["sample_steps"]) for k, v in LABELS.items()}
+    labels = {k: v.format(T=work["estep_timesteps"], S=work["sample_steps"], C=work.get("crf", "host"))
+              for k, v in LABELS.items()}
     w = max(len(v) for v in labels.values())
     lines = [f"{'step':<{w}} | {'ours (ms)':>11} | {'torch (ms)':>11} | {'speed-up (torch/ours)':>21} | "
              f"{'ours compile (s)':>16} | {'torch 1st call (s)':>18}"]
@@ -906,7 +916,7 @@ def run_notes(bench: BenchConfig, work: Workload, dtype: str, skip_torch: bool, 
 
 
 def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: dict, ref: dict | None,
-             torch_info: dict | None, notes: list[str]) -> dict:
+             torch_info: dict | None, notes: list[str], crf: str = "host") -> dict:
     """Everything speed.json holds."""
     device = jax.devices()[0]
     peak = {"measured": measure_peak_bf16(),
@@ -931,7 +941,7 @@ def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: 
                    "estep_timesteps": work.timesteps, "sample_steps": work.sample_steps, "guidance": GUIDANCE,
                    "attn_grid": work.attn_grid, "estep_grids": list(work.estep_grids), "vocab_size": work.vocab_size,
                    "concepts": [c for c, _, _ in CONCEPTS], "estep_every": ESTEP_EVERY,
-                   "text": bench.text, "unet": bench.unet, "vae": bench.vae},
+                   "text": bench.text, "unet": bench.unet, "vae": bench.vae, "crf": crf},
         "steps": rows,
         "estep_share": share,
         "peak": peak,
@@ -943,10 +953,12 @@ def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: 
 
 def run(config_name: str = "tiny", iters: int = 10, batch: int = 1, dtype: str = "float32", out: str = "runs/speed",
         skip_torch: bool = False, resolution: int = 0, timesteps: int = 0, sample_steps: int = 50, warmup: int = 1,
-        seed: int = 0, torch_threads: int = 0, groups=GROUPS) -> dict:
+        seed: int = 0, torch_threads: int = 0, groups=GROUPS, crf: str = "host") -> dict:
     """Run the benchmark, print the tables, write OUT/speed.json; returns what it wrote."""
     if config_name not in CONFIGS:
         raise JaxconceptError(f"unknown config {config_name!r}: use one of {', '.join(CONFIGS)}")
+    if crf not in CRF_CHOICES:
+        raise JaxconceptError(f"unknown --crf {crf!r}: use one of {', '.join(CRF_CHOICES)}")
     bench = CONFIGS[config_name]
     groups = [g for g in GROUPS if g in groups]
     os.makedirs(out, exist_ok=True)
@@ -958,13 +970,13 @@ def run(config_name: str = "tiny", iters: int = 10, batch: int = 1, dtype: str =
         phase("ours: building the model with random weights, encoding the image (VAE compile)")
         setup, work = prepare_ours(bench, resolution, model.as_dtype(dtype), batch,
                                    timesteps or bench.estep_timesteps, sample_steps, folder, seed)
-    ours = run_ours(setup, work, groups, iters, warmup, seed)
+    ours = run_ours(setup, work, groups, iters, warmup, seed, crf)
     del setup  # the reference gets the memory (sd15: the UNet alone is 3.4 GB in fp32)
     gc.collect()
     jax.clear_caches()
     ref, torch_info = run_torch(work, groups, dtype, iters, warmup, seed, torch_threads) if use_torch else (None, None)
     notes = run_notes(bench, work, dtype, skip_torch, use_torch, torch_info)
-    result = assemble(work, dtype, iters, warmup, groups, ours, ref, torch_info, notes)
+    result = assemble(work, dtype, iters, warmup, groups, ours, ref, torch_info, notes, crf)
     with open(os.path.join(out, "speed.json"), "w") as f:
         json.dump(result, f, indent=2, default=_jsonable)
     print(format_tables(result), flush=True)
@@ -1000,6 +1012,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "memory is short: it holds the UNet's AdamW state)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: os.cpu_count())")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--crf", default="host", choices=CRF_CHOICES,
+                   help="E-step CRF: pydensecrf on the host at image size, or the exact one on the device at "
+                        "latent size")
     return p.parse_args(argv)
 
 
@@ -1015,7 +1030,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     try:
         run(a.config, a.iters, a.batch, a.dtype, a.out, a.skip_torch, a.resolution, a.timesteps, a.sample_steps,
-            a.warmup, a.seed, a.torch_threads, parse_groups(a.steps))
+            a.warmup, a.seed, a.torch_threads, parse_groups(a.steps), a.crf)
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
