@@ -10,6 +10,8 @@ spliced in, guided denoising, VAE decoding), the batch split over every device (
 batch-sharded mesh). Image k of prompt p always starts from the noise of (seed, p, k), so the same seed
 gives the same images whatever the batch size or the number of devices. Writes one PNG per image, a
 labelled grid and `generation.json` into --out. From a notebook: `generate(load_run(dir), prompts)`.
+On a TPU pod every host runs the same command (`--distributed auto`): each host's devices make their
+share of every batch, every host gathers the images, process 0 writes them.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ all jobs after every round makes the whole set resumable.
 
 Jobs must have the same structure (images, and concepts per image) so their data stack; their tokens may
 repeat across jobs (each job's tokens get internal names; its folder uses the names given).
+Command line: `python -m jaxconcept.train --out runs/many --job IMAGE:TOKENS... --job ...`. Across hosts
+the job axis spans every host's devices; rows and metrics are gathered where the host needs them, process 0
+writes the run folders, all processes write the checkpoints.
 """
 
 from __future__ import annotations
