@@ -46,30 +46,8 @@ Environment (current value):
 EOF
 }
 
-die() {
-    echo "error: $*" >&2
-    exit 2
-}
-
-# a command as a shell line: after "+ " when it is run; alone in DRY_RUN (the output is then a shell script)
-show() {
-    local out="" arg
-    [[ "$DRY_RUN" == 1 ]] || out="+ "
-    for arg in "$@"; do
-        if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then
-            out+="$arg "
-        else
-            out+="'${arg//\'/\'\\\'\'}' "
-        fi
-    done
-    printf '%s\n' "${out% }"
-}
-
-run() {
-    show "$@"
-    [[ "$DRY_RUN" == 1 ]] && return 0
-    "$@"
-}
+# shellcheck source=launch/common.sh
+source "$SCRIPT_DIR/common.sh"  # die, show, run
 
 cmd_install() {
     if [[ "$DRY_RUN" != 1 ]]; then

@@ -95,10 +95,8 @@ gcloud services enable tpu.googleapis.com. On a pod slice, ssh-add ~/.ssh/google
 EOF
 }
 
-die() {
-    echo "error: $*" >&2
-    exit 2
-}
+# shellcheck source=launch/common.sh
+source "$SCRIPT_DIR/common.sh"  # die, show, run
 
 runtime_version_or_unknown() {
     case "$ACCELERATOR_TYPE" in
@@ -121,21 +119,6 @@ runtime_version() {
     echo "$v"
 }
 
-# Print a command as a copy-pasteable shell line (multi-line arguments in single quotes), after "+ " when it is
-# run; in DRY_RUN alone, so that the whole output is a shell script (every other line is a "# " comment).
-show() {
-    local out="" arg
-    [[ "$DRY_RUN" == 1 ]] || out="+ "
-    for arg in "$@"; do
-        if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,~-]+$ ]]; then
-            out+="$arg "
-        else
-            out+="'${arg//\'/\'\\\'\'}' "
-        fi
-    done
-    printf '%s\n' "${out% }"
-}
-
 note() {
     printf '# %s\n' "$*"
 }
@@ -149,16 +132,7 @@ Or set DRY_RUN=1 to print the commands without running them."
 
 # gcloud ARGS...: shown, then run (not in DRY_RUN)
 gc() {
-    show "$GCLOUD" "$@"
-    [[ "$DRY_RUN" == 1 ]] && return 0
-    "$GCLOUD" "$@"
-}
-
-# local commands with side effects (tar): shown, then run (not in DRY_RUN)
-local_cmd() {
-    show "$@"
-    [[ "$DRY_RUN" == 1 ]] && return 0
-    "$@"
+    run "$GCLOUD" "$@"
 }
 
 # sets the array `flags` (works in bash 3.2, macOS's)
@@ -241,10 +215,10 @@ EOF
         [[ -f "$SRC_DIR/pyproject.toml" ]] || die "SRC_DIR=$SRC_DIR is not the jaxconcept source (no pyproject.toml); set SRC_DIR or REPO_URL"
         local tarball
         tarball="${TMPDIR:-/tmp}/jaxconcept-src-$TPU_NAME.tar.gz"
-        local_cmd tar -C "$SRC_DIR" -czf "$tarball" --exclude=./.git --exclude=./.venv --exclude=./venv \
+        run tar -C "$SRC_DIR" -czf "$tarball" --exclude=./.git --exclude=./.venv --exclude=./venv \
             --exclude=./runs --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache .
         gc compute tpus tpu-vm scp "$tarball" "$TPU_NAME:jaxconcept-src.tar.gz" "${flags[@]}" --worker=all
-        local_cmd rm -f "$tarball"
+        run rm -f "$tarball"
         source_step="mkdir -p $(printf %q "$REMOTE_DIR") && tar -xzf jaxconcept-src.tar.gz -C $(printf %q "$REMOTE_DIR") && rm jaxconcept-src.tar.gz"
     fi
     script=$(cat <<EOF
@@ -346,7 +320,7 @@ rm -rf $stage && mkdir -p $stage
 cp -al $(printf %q "$OUT") $(printf %q "$stage/$name")
 $drop
 cp logs/train.log $(printf %q "$stage/$name")/train-worker0.log 2>/dev/null || true"
-    local_cmd mkdir -p "$LOCAL_DIR"
+    run mkdir -p "$LOCAL_DIR"
     local remote_path="$REMOTE_DIR/$stage/$name"
     gc compute tpus tpu-vm scp --recurse "$TPU_NAME:$remote_path" "$LOCAL_DIR/" "${flags[@]}" --worker=0
     [[ "$DRY_RUN" == 1 ]] || note "fetched into $LOCAL_DIR/$name (masks_evolution.png, overlays/, concepts.safetensors, unet/, summary.json)"
