@@ -12,6 +12,7 @@ K separate calls; writes jobs.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,13 +36,10 @@ def scene_jobs(k: int, size: int, folder: str):
         scene.write_scene(scene.make_scene(30_000_000 + j, size, 2), d)
         out.append((inputs.from_toy_scene_folder(d),))
     # the same structure in every job: rename each job's tokens <o1>, <o2>, <background>
-    renamed = []
-    for (spec,) in out:
-        names = ["<o1>", "<o2>", "<background>"]
-        concepts = tuple(c.__class__(n, "background" if c.kind == "background" else None, c.kind, None)
-                         for n, c in zip(names, spec.concepts))
-        renamed.append((spec.__class__(spec.path, concepts),))
-    return renamed
+    names = ["<o1>", "<o2>", "<background>"]
+    return [(dataclasses.replace(spec, concepts=tuple(
+        dataclasses.replace(c, token=n, init_word="background" if c.kind == "background" else None, mask=None)
+        for n, c in zip(names, spec.concepts))),) for (spec,) in out]
 
 
 def measure(model: str, ks, iters: int) -> dict:

@@ -70,6 +70,7 @@ import numpy as np
 
 from .. import capture, config, images, inputs, learner, masks as masks_lib, model, sampling, sharding, steps, tokens
 from ..errors import JaxconceptError
+from ..toy import scene
 
 # ------------------------------------------------------------------------------------------ configurations
 
@@ -147,19 +148,11 @@ CONCEPTS = (("<c1>", "dog", "object"), ("<c2>", "cat", "object"), ("<bg>", "back
 
 
 def synthetic_scene(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """An image (size x size x 3 uint8) with two discs on a textured background, and random concept masks
-    (C x size x size bool: two random discs and the rest), a partition like the E-step's."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
-    image = (rng.random((size, size, 3)) * 40 + np.array([60, 140, 70])).astype(np.float32)
-    out = np.zeros((3, size, size), bool)
-    for k, color in enumerate(((220, 40, 40), (40, 40, 220))):
-        cy, cx, r = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0.12, 0.25)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-        image[disc] = color
-        out[k] = disc & ~out[:k].any(0)
-    out[2] = ~out[:2].any(0)
-    return np.clip(image, 0, 255).astype(np.uint8), out
+    """An image (size x size x 3 uint8) of a two-object toy scene, and its concept masks (C x size x size
+    bool: the two objects and the background), a partition like the E-step's."""
+    sc = scene.make_scene(seed, size, num_objects=2)
+    names = [o.name for o in sc.objects] + ["background"]
+    return sc.image, np.stack([np.asarray(sc.masks[n], bool) for n in names])
 
 
 def write_scene(folder: str, size: int, seed: int = 0) -> tuple[inputs.ImageSpec, np.ndarray]:
