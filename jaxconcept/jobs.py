@@ -116,22 +116,10 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
     mngr = learner.checkpoint_manager(out_dir)
     n_rounds = -(-tcfg.steps // tcfg.estep_every) if tcfg.steps else 0
     total = tcfg.steps + cfg.joint.steps
-    truths = []
-    for j, s in enumerate(setups):
-        gt = None if ground_truths is None else ground_truths[j]
-        um = np.stack(s.inputs.user_masks) if s.inputs.has_all_user_masks else None
-        truths.append(um if gt is None else np.asarray(gt, bool))
+    truths = [learner.truth_masks(s, None if ground_truths is None else ground_truths[j])
+              for j, s in enumerate(setups)]
     primary = distributed.is_primary()  # multi-host: process 0 writes the files, all write checkpoints
-    files = []
-    for j, (run_dir, s) in enumerate(zip(run_dirs, setups)):
-        os.makedirs(run_dir, exist_ok=True)
-        if not primary:
-            continue
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(cfg.to_json(indent=2))
-        for i, name in enumerate(s.inputs.names):
-            learner.images.save_image(s.images_u8[i], os.path.join(run_dir, "images", f"{name}.png"))
-        files.append(open(os.path.join(run_dir, "metrics.jsonl"), "a"))
+    files = [learner.start_run_folder(run_dir, cfg, s) for run_dir, s in zip(run_dirs, setups)]
     histories: list[list[dict]] = [[] for _ in jobs]
     bar = tqdm(total=total * k_jobs, desc=f"learning {k_jobs} jobs", unit="job-step", dynamic_ncols=True,
                disable=not (progress and primary))
@@ -272,7 +260,8 @@ def _finish_from_checkpoint(cfg, mngr, meta, state, b, k_jobs, n_c, size, run_di
 
 def _write_all(cfg, final, masks_now, run_dirs, setups, user_tokens, histories, truths, t_start, files):
     for f in files:
-        f.close()
+        if f is not None:  # process 0's metrics files
+            f.close()
     final = distributed.to_host(final)  # a collective when jobs span hosts: every process gathers all jobs
     summaries = []
     for j, (run_dir, s) in enumerate(zip(run_dirs, setups)):

@@ -172,7 +172,7 @@ def crf_where(cfg, image_hw, latent_hw) -> tuple[str, tuple[int, int] | None]:
     """(backend, size) of the E-step's CRF from `masks.crf_backend` and `masks.crf_size` (checked)."""
     backend = cfg.masks.get("crf_backend", "host")
     size = cfg.masks.get("crf_size", "image")
-    if backend not in ("host", "device"):
+    if backend not in crf.BACKENDS:
         raise JaxconceptError(f"masks.crf_backend must be 'host' or 'device', got {backend!r}.")
     if size == "image":
         return backend, None
@@ -183,8 +183,8 @@ def crf_where(cfg, image_hw, latent_hw) -> tuple[str, tuple[int, int] | None]:
     if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= max(image_hw):
         scale = size / max(image_hw)
         return backend, (max(1, round(image_hw[0] * scale)), max(1, round(image_hw[1] * scale)))
-    raise JaxconceptError(f"masks.crf_size must be 'image', 'latent' or a number of pixels per side up to the image "
-                      f"size {max(image_hw)}, got {size!r}.")
+    raise JaxconceptError(f"masks.crf_size must be 'image', 'latent' or a number of pixels per side up to the "
+                          f"image size {max(image_hw)}, got {size!r}.")
 
 
 def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -195,6 +195,7 @@ def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.nd
     out = np.zeros((len(owner_C),) + size, bool)
     raw_out = np.zeros_like(out)
     info = {"crf_seconds": 0.0, "fallbacks": [], "crf_rejected": [], "attention_seconds": 0.0}
+    crf_backend, crf_size = crf_where(cfg, size, setup.latent_hw)
     for i in range(len(setup.images_u8)):
         t0 = time.time()
         soft_Cxhxw = maps_fn(rows, frozen, setup.run_data["latents"][i, 0], jnp.asarray(setup.image_ids_NxL[i]),
@@ -203,7 +204,7 @@ def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.nd
         soft = np.asarray(masks.upsample_maps(soft_Cxhxw[mine], size))
         info["attention_seconds"] += time.time() - t0
         got, raw, inf = assign_masks(soft, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
-                                     cfg.masks.crf, cfg.masks.crf_min_iou, *crf_where(cfg, size, setup.latent_hw))
+                                     cfg.masks.crf, cfg.masks.crf_min_iou, crf_backend, crf_size)
         out[mine], raw_out[mine] = got, raw
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [setup.concepts.tokens[mine[k]] for k in inf["fallbacks"]]
@@ -282,6 +283,29 @@ def _check_finite(metrics: dict, where: str, mngr) -> dict:
     return m
 
 
+def start_run_folder(run_dir: str, cfg, setup: Setup):
+    """Write the run's config.json and input images and open its metrics.jsonl for appending (process 0
+    only: other processes get None)."""
+    if not distributed.is_primary():
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    cfg_path = os.path.join(run_dir, "config.json")
+    with open(cfg_path + ".tmp", "w") as f:
+        f.write(cfg.to_json(indent=2))
+    os.replace(cfg_path + ".tmp", cfg_path)
+    for i, name in enumerate(setup.inputs.names):
+        images.save_image(setup.images_u8[i], os.path.join(run_dir, "images", f"{name}.png"))
+    return open(os.path.join(run_dir, "metrics.jsonl"), "a")
+
+
+def truth_masks(setup: Setup, ground_truth=None) -> np.ndarray | None:
+    """What the masks are measured against: the given ground truth, else the user's masks when every
+    concept has one, else None."""
+    if ground_truth is not None:
+        return np.asarray(ground_truth, bool)
+    return np.stack(setup.inputs.user_masks) if setup.inputs.has_all_user_masks else None
+
+
 def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=None,
           on_checkpoint: Callable[[dict], None] | None = None, ground_truth=None, progress: bool = True) -> dict:
     """Run every stage into `run_dir` (resuming from its checkpoints) and return the summary.
@@ -297,19 +321,11 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     mesh = mesh or sharding.make_mesh(fsdp=mcfg.get("fsdp", 1))
     min_size = mcfg.get("fsdp_min_size", 2 ** 14)
     primary = distributed.is_primary()  # multi-host: process 0 writes the files, all write checkpoints
-    cfg_path = os.path.join(run_dir, "config.json")
-    if primary:
-        with open(cfg_path + ".tmp", "w") as f:
-            f.write(cfg.to_json(indent=2))
-        os.replace(cfg_path + ".tmp", cfg_path)
+    metrics_file = start_run_folder(run_dir, cfg, setup)
     names = setup.inputs.names
     token_names = outputs.file_names(setup.concepts.tokens)
     owner_C = np.asarray(setup.inputs.owner_C)
-    for i, name in enumerate(names if primary else ()):
-        images.save_image(setup.images_u8[i], os.path.join(run_dir, "images", f"{name}.png"))
-    user_masks = (np.stack(setup.inputs.user_masks) if setup.inputs.has_all_user_masks else None)
-    truth = user_masks if ground_truth is None else np.asarray(ground_truth, bool)
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if primary else None
+    truth = truth_masks(setup, ground_truth)
 
     def record(entry: dict) -> None:
         if metrics_file is not None:
@@ -398,9 +414,9 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
             inv_state = run_steps(inv_step, place(steps.init_state({"rows": rows0}, inv_opt)), ones, k_inv,
                                   inv_steps, "inversion")
             token_state = place(steps.init_state({"rows": inv_state["params"]["rows"]}, token_opt))
-        if cfg.mode == "user":
-            masks_now, info = user_masks, {}
-            raw_now = user_masks
+        if cfg.mode == "user":  # prepare() checked that every concept has its mask
+            masks_now = raw_now = np.stack(setup.inputs.user_masks)
+            info = {}
         else:
             masks_now, raw_now, info = estimate_masks(setup, maps_fn, token_state["params"]["rows"], frozen,
                                                       jax.random.fold_in(k_est, 0), cfg)
