@@ -5,8 +5,8 @@ environment says this is one process of several (a TPU pod slice, SLURM/Open MPI
 explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). Meshes then span every host's
 devices; the host-side work (E-step CRF, mask clean-up) is deterministic, so every process computes the
 same masks and no broadcast is needed. Checkpoints are written by all processes together (Orbax), so the
-run folder must be on storage every host sees (a GCS bucket path or a shared disk); every other file is
-written by process 0 only.
+run folder must be on storage every host sees at the same path (a bucket mounted with gcsfuse, an NFS
+share; URLs are refused); every other file is written by process 0 only.
 """
 
 from __future__ import annotations

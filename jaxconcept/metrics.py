@@ -126,8 +126,8 @@ def _hub_patterns(files: list[str] | None) -> list[str]:
 def download_clip(repo_id: str, revision: str | None = None) -> str:
     """Local folder with the files `load_clip_folder` needs, from the hub or the local cache."""
     return model.hub_snapshot(repo_id, _hub_patterns, revision=revision, what="CLIP model",
-                        local_hint="pass a local folder holding a transformers CLIP model (config.json, tokenizer "
-                                   "files and flax_model.msgpack or model.safetensors).")
+                              local_hint="pass a local folder holding a transformers CLIP model (config.json, "
+                                         "tokenizer files and flax_model.msgpack or model.safetensors).")
 
 
 def load_clip_folder(folder: str, dtype=jnp.float32, *, source: str | None = None) -> ClipBundle:

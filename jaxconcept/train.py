@@ -35,7 +35,7 @@ TOY_SCENE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "exa
 
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "learner config (ml_collections file)")
 _OUT = flags.DEFINE_string("out", "runs/train", "run folder (resumes if it has checkpoints)")
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
                                   "join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
 _CONCEPTS = flags.DEFINE_multi_string("concepts", [], "IMAGE:TOKEN[=INIT][/KIND][@MASK],... (one per image)")
 _JOBS = flags.DEFINE_multi_string("job", [], "one concept set of a batch of jobs: its --concepts arguments "
