@@ -257,7 +257,9 @@ def save_flax_unet(folder: str, unet, params) -> None:
 
 
 def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, scheduler, params) -> None:
-    """Write a diffusers-layout folder with Flax weights (msgpack), loadable by `load_model(folder)`."""
+    """Write a diffusers-layout folder with Flax weights (msgpack), loadable by `load_model(folder)` and by
+    diffusers' `FlaxStableDiffusionPipeline.from_pretrained(folder)`."""
+    import json
     import os
 
     unet_cls = FlaxUNet2DConditionModel.from_config(unet_config_dict(unet))
@@ -268,6 +270,22 @@ def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, sch
     te.save_pretrained(os.path.join(folder, "text_encoder"), params=params["text_encoder"])
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     scheduler.save_config(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(flax_pipeline_index(), f, indent=2)
+
+
+def flax_pipeline_index() -> dict:
+    """`model_index.json` for diffusers' FlaxStableDiffusionPipeline.from_pretrained (no safety checker).
+
+    The pipeline only samples with DDIM, PNDM, LMS or DPM-Solver, so the index names DDIM; it reads the
+    folder's schedule (betas, prediction type) from scheduler_config.json, which keeps the training class."""
+    return {
+        "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None], "safety_checker": [None, None],
+        "scheduler": ["diffusers", "FlaxDDIMScheduler"], "text_encoder": ["transformers", "FlaxCLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "FlaxUNet2DConditionModel"],
+        "vae": ["diffusers", "FlaxAutoencoderKL"],
+    }
 
 
 # ---------------------------------------------------------------- CLIP (evaluation metrics)

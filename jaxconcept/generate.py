@@ -169,9 +169,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="repeatable; concept tokens as in the run (default with --run: each concept, then all)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim", help=f"one of {', '.join(adapter.INFERENCE_SCHEDULERS)}")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's recommendation, else 50")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's recommendation, else 7.5")
+    p.add_argument("--scheduler", default=None,
+                   help=f"one of {', '.join(adapter.INFERENCE_SCHEDULERS)}; default: the model's recommendation, else ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=0, help="images per compiled call (0: up to 8 per device)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -181,10 +182,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def settings_for(args, model_source: str) -> Settings:
+    """The command's settings: what it was given, else the model's recommended sampling, else the defaults."""
+    from .model import recommended_sampling
+
+    pick = {**recommended_sampling(model_source),
+            **{k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
+               if v is not None}}
+    return Settings(args.num_images, negative_prompt=args.negative_prompt, seed=args.seed,
+                    batch_size=args.batch_size, **pick)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = Settings(args.num_images, args.steps, args.guidance, args.negative_prompt, args.seed, args.scheduler,
-                        args.batch_size)
     out = args.out or (os.path.join(args.run, "samples") if args.run else os.path.join("runs", "generate"))
     try:
         if args.run and args.model:
@@ -196,7 +206,8 @@ def main(argv=None) -> int:
                 print("prompts: " + "; ".join(args.prompt))
         if not args.prompt:  # before loading anything
             raise PromptError("no prompt given: pass at least one --prompt.")
-        adapter.scheduler_name(args.scheduler)
+        if args.scheduler is not None:  # before loading anything
+            adapter.scheduler_name(args.scheduler)
         outputs.check_writable(out)
         t0 = time.time()
         if args.run:
@@ -207,6 +218,8 @@ def main(argv=None) -> int:
             from .model import load_model
 
             source = load_model(args.model or "toy", args.dtype, seed=args.seed)
+        bundle = source if isinstance(source, ModelBundle) else source.bundle
+        settings = settings_for(args, bundle.source)
         pictures = generate(source, args.prompt, settings)
         seconds = time.time() - t0
     except ValueError as e:  # an unknown scheduler
@@ -217,7 +230,6 @@ def main(argv=None) -> int:
         return 2
     if not distributed.is_primary():  # every host generated (and gathered) the images; process 0 writes them
         return 0
-    bundle = source if isinstance(source, ModelBundle) else source.bundle
     save_generation(out, args.prompt, pictures, settings, {
         "run": os.path.abspath(args.run) if args.run else None, "model": bundle.source,
         "devices": jax.device_count(), "seconds": round(seconds, 1)})

@@ -113,6 +113,22 @@ def load_model(
     )
 
 
+SAMPLING_FILE = "sampling.json"  # a model folder's recommended {"scheduler", "steps", "guidance"}
+
+
+def recommended_sampling(source: str) -> dict:
+    """The sampling settings a model folder recommends (its `sampling.json`), {} when it has none.
+
+    The shipped toy model's were chosen on validation scenes (see its model card); SD folders have none,
+    and the usual DDIM 50 steps, guidance 7.5 apply."""
+    folder = _NAMED_FOLDERS.get(source, source)
+    path = os.path.join(folder, SAMPLING_FILE) if isinstance(folder, str) and os.path.isdir(folder) else ""
+    if not os.path.isfile(path):
+        return {}
+    settings = read_json(path)
+    return {k: settings[k] for k in ("scheduler", "steps", "guidance") if k in settings}
+
+
 def _looks_like_hub_id(source: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
 
@@ -340,3 +356,5 @@ def _toy_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
 
 
 NAMED_MODELS = {"tiny": tiny_model, "toy": _toy_model}
+# named models that live in a folder of the package (their recommended sampling settings are read there)
+_NAMED_FOLDERS = {"toy": os.path.join(os.path.dirname(__file__), "toy", "weights")}

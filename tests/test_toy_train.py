@@ -65,3 +65,55 @@ def test_object_word_targets_follow_caption_order():
         assert all(ids[p] == tok.convert_tokens_to_ids(w + "</w>") for p, w in zip(pos[(owners == k) & (pos >= 0)], named))
         assert masks[k].sum() > 0 and abs(masks[k].mean() - s.masks[obj.name].mean()) < 1e-6
     assert (pos >= 0).sum() == sum(len(obj.words) for obj in s.objects)
+
+
+def test_min_snr_weights_match_hand_computed_values():
+    bundle = load_model("tiny")
+    a = np.asarray(bundle.scheduler_state.common.alphas_cumprod, np.float64)
+    t = np.array([0, 100, 500, 999])
+    snr = a[t] / (1 - a[t])  # t=0: SNR ~ 1170, t=999: ~ 0.0047
+    expected = np.minimum(snr, 5.0) / snr
+    got = np.asarray(train.min_snr_weights(jnp.asarray(a, jnp.float32), jnp.asarray(t), 5.0))
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert got[0] < 0.01 and got[-1] == 1.0  # low noise down-weighted, high noise untouched
+
+
+def test_ema_update_averages_with_a_warmed_up_decay():
+    ema, params = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+    first = train.ema_update(ema, params, jnp.asarray(0), 0.999)  # decay (1 + 0) / (10 + 0) = 0.1
+    np.testing.assert_allclose(first["w"], 0.9)
+    late = train.ema_update(ema, params, jnp.asarray(10 ** 6), 0.999)  # decay capped at 0.999
+    np.testing.assert_allclose(late["w"], 0.001, rtol=1e-5)
+
+
+def test_denoise_phase_with_weight_average_ships_the_average(tmp_path):
+    """One averaged step: the shipped weights are 0.1 x initial + 0.9 x trained (decay warm-up at step 0)."""
+    cfg = _config()
+    cfg.denoise.ema_decay, cfg.denoise.min_snr_gamma = 0.999, 5.0
+    shipped = train.train(cfg, str(tmp_path))
+    raw = load_model(str(tmp_path / "model_raw"))
+    init = train.sd.random_toy("tiny", seed=cfg.seed)
+    for part in ("unet", "text_encoder"):
+        k_init, k_raw, k_shipped = (jax.tree.leaves(b.params[part])[0] for b in (init, raw, shipped))
+        assert not np.allclose(k_raw, k_init)  # training moved the weights
+        np.testing.assert_allclose(k_shipped, 0.1 * np.asarray(k_init) + 0.9 * np.asarray(k_raw), atol=1e-6)
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in lines if "val_psnr" in m] == [1] and np.isfinite(lines[1]["val_psnr"])
+
+
+def test_warm_start_decoder_only_keeps_encoder_and_latent_scale(tmp_path):
+    """v2's recipe: from a saved model, the VAE decoder alone trains; the encoder and the latent scale (which
+    the loaded denoiser was trained with) stay exactly as they were."""
+    from jaxconcept import model
+
+    start = train.sd.random_toy("tiny")
+    start = start.replace(vae=train.adapter.vae_from_config(dict(start.vae.config, scaling_factor=0.7)))
+    model.save_flax(start, str(tmp_path / "v1"))
+    cfg = _config()
+    cfg.init_from, cfg.vae.decoder_only = str(tmp_path / "v1"), True
+    out = train.train(cfg, str(tmp_path / "v2"))
+    enc0, enc1 = start.params["vae"]["encoder"], out.params["vae"]["encoder"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(enc0), jax.tree.leaves(enc1)))
+    dec0, dec1 = start.params["vae"]["decoder"], out.params["vae"]["decoder"]
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(dec0), jax.tree.leaves(dec1)))
+    assert out.latent_scale == 0.7

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import aggregate, capture, crf, images, masks, sampling, sharding, tokens, viz
+from .. import aggregate, capture, crf, diffusion, images, masks, sampling, sharding, tokens, viz
 from ..errors import JaxconceptError
-from ..model import ModelBundle, load_model
+from ..model import ModelBundle, load_model, recommended_sampling
 from ..show_attention import token_attention
 from . import analysis, scene, train
 
@@ -69,9 +69,9 @@ def attention_iou(bundle: ModelBundle, scenes, background_level: float = 0.45, n
 
 
 def sample_fidelity(bundle: ModelBundle, scenes, num_steps: int = 25, guidance: float = 5.0,
-                    seed: int = 0) -> tuple[list[dict], np.ndarray]:
+                    seed: int = 0, scheduler: str = "ddim") -> tuple[list[dict], np.ndarray]:
     """One record per scene (objects found with the right colour and shape), and the samples (N x H x W x 3)."""
-    sample = sampling.make_sampler(bundle, num_steps=num_steps, guidance=guidance)
+    sample = sampling.make_sampler(bundle, scheduler=scheduler, num_steps=num_steps, guidance=guidance)
     captions = [s.caption for s in scenes]
     ids = tokens.tokenize(bundle.tokenizer, captions + [""], bundle.max_length)
     ctx = tokens.text_hidden_states(bundle.text_encoder, bundle.params["text_encoder"], jnp.asarray(ids))
@@ -87,13 +87,22 @@ def sample_fidelity(bundle: ModelBundle, scenes, num_steps: int = 25, guidance: 
     return records, pictures
 
 
-def gates_figure(scenes, soft_maps, pictures, rows: int = 6) -> np.ndarray:
+def reconstructions(bundle: ModelBundle, scenes) -> tuple[float, np.ndarray]:
+    """(PSNR in dB over the scenes, VAE reconstructions N x H x W x 3 uint8) from the posterior means."""
+    x = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    psnr = train.vae_psnr(bundle.vae, bundle.params["vae"], x)
+    mean, _ = diffusion.encode_images(bundle.vae, bundle.params["vae"], jnp.asarray(x))
+    recon = diffusion.decode_latents(bundle.vae, bundle.params["vae"], mean)
+    return psnr, images.to_uint8(np.clip(np.asarray(recon), -1, 1))
+
+
+def gates_figure(scenes, soft_maps, pictures, recons, rows: int = 6) -> np.ndarray:
     tiles, labels = [], []
-    for s, soft, picture in list(zip(scenes, soft_maps, pictures))[:rows]:
+    for s, soft, picture, recon in list(zip(scenes, soft_maps, pictures, recons))[:rows]:
         truth = [np.stack([s.masks[o.name] * 255] * 3, -1).astype(np.uint8) for o in s.objects]
-        tiles.append([s.image] + truth + [viz.overlay(s.image, m) for m in soft] + [picture])
+        tiles.append([s.image, recon, picture] + truth + [viz.overlay(s.image, m) for m in soft])
         names = [o.shape for o in s.objects]
-        labels.append(["scene"] + [f"true {n}" for n in names] + [f"attn {n}" for n in names] + ["sample"])
+        labels.append(["scene", "VAE recon", "sample"] + [f"true {n}" for n in names] + [f"attn {n}" for n in names])
     return viz.grid(tiles, labels, cell=96)
 
 
@@ -107,43 +116,70 @@ def parse_seeds(text: str) -> list[int]:
         raise JaxconceptError(f"--seeds takes 'A-B' or 'a,b,c', got {text!r}") from e
 
 
+def run_gates(bundle: ModelBundle, scenes, args) -> tuple[dict, dict, np.ndarray | None]:
+    """(summary, per-object and per-sample details, gate picture or None) of the gates `args` asks for."""
+    details, summary = {}, {"model": bundle.source, "scenes": len(scenes)}
+    if not args.samples_only:
+        ious, soft = attention_iou(bundle, scenes, args.background_level, args.timesteps)
+        shape_ious, _ = attention_iou(bundle, scenes, args.background_level, args.timesteps, words="shape")
+        details.update(attention=ious, attention_shape_word=shape_ious)
+        summary.update({
+            "objects": len(ious), "attention_iou": float(np.mean([r["iou"] for r in ious])),
+            "attention_iou_cleaned": float(np.mean([r["iou_cleaned"] for r in ious])),
+            "attention_iou_crf": float(np.mean([r["iou_crf"] for r in ious])),
+            "attention_iou_shape_word": float(np.mean([r["iou"] for r in shape_ious]))})
+    fidelity, pictures = [], []
+    for k in range(args.samples_per_scene):  # another noise seed per round
+        records, batch = sample_fidelity(bundle, scenes, args.steps, args.guidance, seed=k, scheduler=args.scheduler)
+        fidelity += records
+        pictures.append(batch)
+    details["samples"] = fidelity
+    summary.update({
+        "samples_objects_found": float(np.mean([r["fraction"] for r in fidelity])),
+        "samples_objects_found_se": float(np.std([r["fraction"] for r in fidelity]) / np.sqrt(len(fidelity))),
+        "samples_patterns_found": float(np.mean([r["pattern_fraction"] for r in fidelity])),
+        "sampling": f"{args.scheduler}, {args.steps} steps, guidance {args.guidance}"})
+    if args.samples_only:
+        return summary, details, None
+    psnr, recons = reconstructions(bundle, scenes)
+    summary["vae_psnr_db"] = psnr
+    return summary, details, gates_figure(scenes, soft, pictures[0], recons)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxconcept.toy.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy")
     p.add_argument("--seeds", default=f"{EVAL_SEEDS.start}-{EVAL_SEEDS.stop - 1}")
     p.add_argument("--timesteps", type=int, default=8)
-    p.add_argument("--background-level", type=float, default=0.45)
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--background-level", type=float, default=0.55)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation)")
+    p.add_argument("--guidance", type=float, default=None, help="(default: the model's recommendation)")
+    p.add_argument("--scheduler", default=None, choices=("ddim", "pndm", "dpm++"),
+                   help="(default: the model's recommendation)")
+    p.add_argument("--samples-per-scene", type=int, default=1, help="samples per caption, each from other noise")
+    p.add_argument("--samples-only", action="store_true", help="only the sample gate (for sampling sweeps)")
     p.add_argument("--out", default="runs/toy_gates")
     args = p.parse_args(argv)
     try:
         bundle = load_model(args.model)
+        pick = {"scheduler": "ddim", "steps": 25, "guidance": 5.0, **recommended_sampling(args.model)}
+        args.scheduler, args.steps, args.guidance = (pick[k] if getattr(args, k) is None else getattr(args, k)
+                                                     for k in ("scheduler", "steps", "guidance"))
         scenes = [scene.make_scene(s, size=bundle.resolution) for s in parse_seeds(args.seeds)]
         os.makedirs(args.out, exist_ok=True)
-        ious, soft = attention_iou(bundle, scenes, args.background_level, args.timesteps)
-        shape_ious, _ = attention_iou(bundle, scenes, args.background_level, args.timesteps, words="shape")
-        fidelity, pictures = sample_fidelity(bundle, scenes, args.steps, args.guidance)
+        summary, details, figure = run_gates(bundle, scenes, args)
     except (JaxconceptError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = {
-        "model": bundle.source, "scenes": len(scenes), "objects": len(ious),
-        "attention_iou": float(np.mean([r["iou"] for r in ious])),
-        "attention_iou_cleaned": float(np.mean([r["iou_cleaned"] for r in ious])),
-        "attention_iou_crf": float(np.mean([r["iou_crf"] for r in ious])),
-        "attention_iou_shape_word": float(np.mean([r["iou"] for r in shape_ious])),
-        "samples_objects_found": float(np.mean([r["fraction"] for r in fidelity])),
-        "samples_patterns_found": float(np.mean([r["pattern_fraction"] for r in fidelity])),
-    }
     with open(os.path.join(args.out, "gates.json"), "w") as f:
-        json.dump({"summary": summary, "attention": ious, "attention_shape_word": shape_ious,
-                   "samples": fidelity}, f, indent=1)
-    images.save_image(gates_figure(scenes, soft, pictures), os.path.join(args.out, "gates.png"))
+        json.dump({"summary": summary, **details}, f, indent=1)
+    if figure is not None:
+        images.save_image(figure, os.path.join(args.out, "gates.png"))
     # results go to stdout: other libraries (absl via Orbax) may own the logging set-up
     for k, v in summary.items():
-        print(f"{k:<24} {v:.3f}" if isinstance(v, float) else f"{k:<24} {v}")
-    print(f"details: {os.path.join(args.out, 'gates.json')}\npicture: {os.path.join(args.out, 'gates.png')}")
+        print(f"{k:<26} {v:.3f}" if isinstance(v, float) else f"{k:<26} {v}")
+    print(f"details: {os.path.join(args.out, 'gates.json')}" + (
+        f"\npicture: {os.path.join(args.out, 'gates.png')}" if figure is not None else ""))
     return 0
 
 

@@ -49,9 +49,14 @@ def architecture(name: str) -> tuple[dict, dict, dict, int]:
     raise ValueError(f"unknown toy architecture {name!r}: 'toy' or 'tiny'")
 
 
-def random_toy(arch: str = "toy", seed: int = 0, dtype=jnp.float32) -> model.ModelBundle:
-    """Untrained toy model over the scene vocabulary (the starting point of pre-training)."""
+def random_toy(arch: str = "toy", seed: int = 0, dtype=jnp.float32, unet_widths: tuple = ()) -> model.ModelBundle:
+    """Untrained toy model over the scene vocabulary (the starting point of pre-training); `unet_widths`
+    replaces the UNet's block widths (multiples of 32: diffusers' Flax UNet uses 32 groups)."""
     text, unet, vae, _ = architecture(arch)
+    if unet_widths:
+        if len(unet_widths) != len(unet["block_out_channels"]) or any(w % 32 for w in unet_widths):
+            raise ValueError(f"unet_widths {unet_widths}: {len(unet['block_out_channels'])} multiples of 32")
+        unet = dict(unet, block_out_channels=tuple(unet_widths))
     return model.build_random(words(), dict(text), unet, vae, dtype=dtype, seed=seed, source=f"random-{arch}",
                               max_length=MAX_LENGTH)
 

@@ -98,6 +98,19 @@ def downsample_mask(mask_HxW: np.ndarray, out_hw) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ losses
 
 
+DECODER_PARTS = ("post_quant_conv", "decoder")
+
+
+def decoder_loss(vae, decoder_params, frozen_params, images_BxHxWx3):
+    """Reconstruction MSE of the decoder alone, from the frozen encoder's posterior means: the latent space
+    (and so a denoiser trained on it) stays as it is while reconstructions sharpen."""
+    params = {**frozen_params, **decoder_params}
+    mean_BxCxhxw, _ = diffusion.encode_images(vae, jax.lax.stop_gradient(params), images_BxHxWx3)
+    recon = diffusion.decode_latents(vae, params, mean_BxCxhxw)
+    rec = jnp.mean((recon - images_BxHxWx3) ** 2)
+    return rec, {"recon": rec}
+
+
 def vae_loss(vae, vae_params, images_BxHxWx3, key, kl_weight: float):
     images_BxCxHxW = jnp.transpose(images_BxHxWx3, (0, 3, 1, 2))
     dist = vae.apply({"params": vae_params}, images_BxCxHxW, method=vae.encode).latent_dist
@@ -108,12 +121,24 @@ def vae_loss(vae, vae_params, images_BxHxWx3, key, kl_weight: float):
     return rec + kl_weight * kl, {"recon": rec, "kl": kl}
 
 
+def min_snr_weights(alphas_cumprod_T, timesteps_B, gamma: float):
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR, gamma) / SNR.
+
+    SNR(t) = a_t / (1 - a_t). Low-noise steps (huge SNR) are down-weighted so that they stop dominating
+    the gradient; steps with SNR <= gamma keep weight 1."""
+    a_B = alphas_cumprod_T[timesteps_B]
+    snr_B = a_B / (1.0 - a_B)
+    return jnp.minimum(snr_B, gamma) / snr_B
+
+
 def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: float,
-                 selector: capture.LayerSelector, empty_ids_L, aux_max_timestep: int = 1000):
+                 selector: capture.LayerSelector, empty_ids_L, aux_max_timestep: int = 1000,
+                 min_snr_gamma: float = 0.0):
     """eps-MSE (+ aux attention loss on the words naming objects); params = {"text_encoder", "unet"}.
 
-    The aux term is the mean squared error between each object word's max-normalised attention map and its
-    object's mask, only below `aux_max_timestep` (at higher noise there is nothing left to localise)."""
+    With min_snr_gamma > 0 each sample's eps-MSE is weighted by `min_snr_weights` (the reported `mse` stays
+    unweighted). The aux term is the mean squared error between each object word's max-normalised attention
+    map and its object's mask, only below `aux_max_timestep` (at higher noise there is nothing left to localise)."""
     latents, ids, positions = batch["latents"], batch["ids"], batch["positions"]
     b = latents.shape[0]
     k_t, k_n, k_d = jax.random.split(key, 3)
@@ -124,15 +149,21 @@ def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: 
     ids = jnp.where(dropped[:, None], empty_ids_L[None], ids)
     context = tokens.text_hidden_states(bundle.text_encoder, params["text_encoder"], ids)
     eps, maps = capture.unet_with_attention(bundle.unet, params["unet"], noisy, t, context, selector)
-    mse = jnp.mean((eps - noise) ** 2)
+    mse_B = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+    mse = jnp.mean(mse_B)
+    if min_snr_gamma:
+        weights_B = min_snr_weights(bundle.scheduler_state.common.alphas_cumprod, t, min_snr_gamma)
+        denoise = jnp.mean(mse_B * weights_B)
+    else:
+        denoise = mse
     if not aux_weight:
-        return mse, {"mse": mse}
+        return denoise, {"mse": mse}
     valid = (positions >= 0) & ~dropped[:, None] & (t < aux_max_timestep)[:, None]  # B x W
     attn_BxWxhxw = aggregate.aggregate_maps(maps, latents.shape[2:], jnp.maximum(positions, 0), normalize="max")
     target_BxWxhxw = jnp.take_along_axis(batch["masks"], batch["owners"][:, :, None, None], axis=1)
     per = jnp.mean((attn_BxWxhxw - target_BxWxhxw) ** 2, axis=(-2, -1))
     aux = jnp.sum(per * valid) / jnp.maximum(valid.sum(), 1)
-    return mse + aux_weight * aux, {"mse": mse, "aux": aux}
+    return denoise + aux_weight * aux, {"mse": mse, "aux": aux}
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -143,12 +174,21 @@ def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float = 1e-
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
 
 
-def make_step(loss_fn, opt, data: dict, batch_size: int):
-    """jit((params, opt_state), step, base_key) -> new state, metrics; the batch is drawn on device."""
+def ema_update(ema, params, step_i, decay: float):
+    """Exponential moving average of the weights, its decay warmed up as min(decay, (1 + n) / (10 + n)) so
+    that the average does not remember the random initialisation for thousands of steps."""
+    d = jnp.minimum(decay, (1.0 + step_i) / (10.0 + step_i))
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def make_step(loss_fn, opt, data: dict, batch_size: int, ema_decay: float = 0.0):
+    """jit(state, step, base_key) -> new state, metrics; the batch is drawn on device.
+
+    state = (params, opt_state), or (params, opt_state, ema_params) with ema_decay > 0."""
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state, step_i, base_key):
-        params, opt_state = state
+        params, opt_state = state[:2]
         key = jax.random.fold_in(base_key, step_i)
         k_idx, k_loss = jax.random.split(key)
         n = next(iter(data.values())).shape[0]
@@ -157,13 +197,16 @@ def make_step(loss_fn, opt, data: dict, batch_size: int):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, k_loss)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        if ema_decay:
+            return (params, opt_state, ema_update(state[2], params, step_i, ema_decay)), metrics
+        return (params, opt_state), metrics
 
     return step
 
 
 def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int, ckpt_every: int,
-              log_every: int, metrics_file) -> tuple:
+              log_every: int, metrics_file, snapshot_every: int = 0, snapshot=None) -> tuple:
     """One readable loop: resume from the latest checkpoint, step, log, checkpoint, with a progress bar."""
     mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), f"ckpt_{name}"),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -187,6 +230,8 @@ def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int
             metrics_file.flush()
         if done % ckpt_every == 0 or done == num_steps:
             mngr.save(done, args=ocp.args.StandardSave(state))
+        if snapshot_every and done % snapshot_every == 0:
+            snapshot(done, state)
     mngr.wait_until_finished()
     return state
 
@@ -194,51 +239,123 @@ def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int
 # ------------------------------------------------------------------------------------------ main loop
 
 
+VALIDATION_SEEDS = range(10_100_000, 10_100_020)  # never trained on; the evaluation seeds are others
+
+
+def vae_psnr(vae, vae_params, images_BxHxWx3, batch: int = 64) -> float:
+    """PSNR (dB, peak-to-peak 2 in [-1, 1]) of reconstructions from the posterior means."""
+    encode = jax.jit(functools.partial(diffusion.encode_images, vae))
+    decode = jax.jit(functools.partial(diffusion.decode_latents, vae))
+    errs = []
+    for i in range(0, len(images_BxHxWx3), batch):
+        x = jnp.asarray(images_BxHxWx3[i:i + batch])
+        recon = jnp.clip(decode(vae_params, encode(vae_params, x)[0]), -1, 1)
+        errs.append(np.asarray(jnp.mean((recon - x) ** 2, axis=(1, 2, 3))))
+    return float(10 * np.log10(4.0 / np.mean(np.concatenate(errs))))
+
+
+def scene_images(seeds, size: int) -> np.ndarray:
+    return np.stack([scenes.make_scene(s, size=size).image for s in seeds]).astype(np.float32) / 127.5 - 1.0
+
+
+def train_vae(cfg, workdir: str, bundle, images, metrics_file):
+    """Phase 1; returns the VAE params and logs held-out PSNR (validation seeds)."""
+    vopt = make_optimizer(cfg.vae.lr, cfg.vae.steps, cfg.vae.warmup)
+    vparams = bundle.params["vae"]
+    if cfg.vae.decoder_only:
+        frozen = {k: v for k, v in vparams.items() if k not in DECODER_PARTS}
+        vloss = lambda p, batch, key: decoder_loss(bundle.vae, p, frozen, batch["images"])
+        vparams = {k: vparams[k] for k in DECODER_PARTS}
+    else:
+        frozen = {}
+        vloss = lambda p, batch, key: vae_loss(bundle.vae, p, batch["images"], key, cfg.vae.kl_weight)
+    vstep = make_step(vloss, vopt, {"images": images}, cfg.vae.batch_size)
+    held_out = scene_images(VALIDATION_SEEDS, images.shape[1])
+
+    def log_psnr(done, state):
+        psnr = vae_psnr(bundle.vae, {**frozen, **state[0]}, held_out)
+        metrics_file.write(json.dumps({"phase": "vae", "step": done, "val_psnr": round(psnr, 2)}) + "\n")
+        metrics_file.flush()
+        log.info("VAE step %d: held-out PSNR %.2f dB", done, psnr)
+
+    state = run_phase("vae", workdir, vstep, (vparams, vopt.init(vparams)), cfg.vae.steps, cfg.seed,
+                      cfg.checkpoint_every, cfg.log_every, metrics_file, cfg.vae.eval_every, log_psnr)
+    if not cfg.vae.eval_every or cfg.vae.steps % cfg.vae.eval_every:
+        log_psnr(cfg.vae.steps, state)
+    return {**frozen, **state[0]}
+
+
+def cached_latents(bundle, vparams, images) -> tuple[np.ndarray, float]:
+    """Posterior means of all images and the scale that gives them unit variance (cached once)."""
+    encode = jax.jit(functools.partial(diffusion.encode_images, bundle.vae))
+    means = np.concatenate([np.asarray(encode(vparams, images[i:i + 64])[0]) for i in range(0, len(images), 64)])
+    return means, float(1.0 / means.std())
+
+
+def write_model(bundle, dparams, folder: str) -> model.ModelBundle:
+    out = bundle.replace(params={**bundle.params, **dparams}, source=folder)
+    model.save_flax(out, folder)
+    return out
+
+
+def train_denoiser(cfg, workdir: str, bundle, data, latents, metrics_file):
+    """Phase 2 (text encoder + UNet); returns the params to ship: the weight average when ema_decay > 0."""
+    d = cfg.denoise
+    dev_data = {"latents": jnp.asarray(latents), "ids": jnp.asarray(data["ids"]),
+                "positions": jnp.asarray(data["positions"]), "owners": jnp.asarray(data["owners"]),
+                "masks": jnp.asarray(data["masks"])}
+    empty = jnp.asarray(tokens.tokenize(bundle.tokenizer, [""], sd.MAX_LENGTH)[0])
+    selector = capture.LayerSelector(resolutions=tuple(d.aux_resolutions))
+    dloss = functools.partial(denoise_loss, bundle, cfg_dropout=d.cfg_dropout, aux_weight=d.aux_weight,
+                              selector=selector, empty_ids_L=empty, aux_max_timestep=d.aux_max_timestep,
+                              min_snr_gamma=d.min_snr_gamma)
+    dopt = make_optimizer(d.lr, d.steps, d.warmup)
+    dstep = make_step(lambda p, batch, key: dloss(p, batch, key), dopt, dev_data, cfg.batch_size,
+                      ema_decay=d.ema_decay)
+    dparams = {"text_encoder": bundle.params["text_encoder"], "unet": bundle.params["unet"]}
+    state = (dparams, dopt.init(dparams)) + ((jax.tree.map(jnp.copy, dparams),) if d.ema_decay else ())
+
+    def snapshot(done, state):  # weights along the way, for the recipe's ablation table
+        write_model(bundle, state[-1] if d.ema_decay else state[0], os.path.join(workdir, "snapshots", f"step_{done}"))
+        if d.ema_decay:
+            write_model(bundle, state[0], os.path.join(workdir, "snapshots", f"step_{done}_raw"))
+
+    state = run_phase("denoise", workdir, dstep, state, d.steps, cfg.seed + 1, cfg.checkpoint_every,
+                      cfg.log_every, metrics_file, snapshot_every=d.snapshot_every, snapshot=snapshot)
+    return state[-1] if d.ema_decay else state[0], state[0]
+
+
+def start_model(cfg) -> model.ModelBundle:
+    """Seeded random weights, or a warm start from `cfg.init_from` (a toy model folder or "toy")."""
+    if not cfg.init_from:
+        return sd.random_toy(cfg.arch, seed=cfg.seed, unet_widths=tuple(cfg.unet_widths or ()))
+    start = model.load_model(cfg.init_from)
+    if start.tokenizer.get_vocab() != sd.random_toy(cfg.arch).tokenizer.get_vocab():
+        raise JaxconceptError(f"init_from={cfg.init_from!r} has another vocabulary than the {cfg.arch!r} toy model")
+    return start
+
+
 def train(cfg, workdir: str) -> model.ModelBundle:
     """Pre-train the toy model described by `cfg` (configs/toy_pretrain.py) into workdir/model."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(cfg.to_json(indent=2))
-    bundle = sd.random_toy(cfg.arch, seed=cfg.seed)
+    bundle = start_model(cfg)
     _, _, _, size = sd.architecture(cfg.arch)
     latent_hw = (size // bundle.vae_factor,) * 2
     data = make_dataset(cfg.num_scenes, size, cfg.seed, sd.MAX_LENGTH, bundle.tokenizer, latent_hw)
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-    # phase 1: VAE
-    images = jnp.asarray(data["images"])
-    vopt = make_optimizer(cfg.vae.lr, cfg.vae.steps, cfg.vae.warmup)
-    vloss = lambda p, batch, key: vae_loss(bundle.vae, p, batch["images"], key, cfg.vae.kl_weight)
-    vstep = make_step(vloss, vopt, {"images": images}, cfg.vae.batch_size)
-    vparams = bundle.params["vae"]
-    vparams, _ = run_phase("vae", workdir, vstep, (vparams, vopt.init(vparams)), cfg.vae.steps, cfg.seed,
-                           cfg.checkpoint_every, cfg.log_every, metrics_file)
-
-    # cache latents once (posterior means, scaled to unit variance)
-    encode = jax.jit(functools.partial(diffusion.encode_images, bundle.vae))
-    means = np.concatenate([np.asarray(encode(vparams, images[i:i + 64])[0]) for i in range(0, len(images), 64)])
-    scale = float(1.0 / means.std())
-    bundle = bundle.replace(vae=adapter.vae_from_config(dict(bundle.vae.config, scaling_factor=scale)),
-                            params={**bundle.params, "vae": vparams})
-    del images
-
-    # phase 2: text encoder + UNet
-    dev_data = {"latents": jnp.asarray(means * scale), "ids": jnp.asarray(data["ids"]),
-                "positions": jnp.asarray(data["positions"]), "owners": jnp.asarray(data["owners"]),
-                "masks": jnp.asarray(data["masks"])}
-    empty = jnp.asarray(tokens.tokenize(bundle.tokenizer, [""], sd.MAX_LENGTH)[0])
-    selector = capture.LayerSelector(resolutions=tuple(cfg.denoise.aux_resolutions))
-    dloss = functools.partial(denoise_loss, bundle, cfg_dropout=cfg.denoise.cfg_dropout,
-                              aux_weight=cfg.denoise.aux_weight, selector=selector, empty_ids_L=empty,
-                              aux_max_timestep=cfg.denoise.get("aux_max_timestep", 1000))
-    dopt = make_optimizer(cfg.denoise.lr, cfg.denoise.steps, cfg.denoise.warmup)
-    dstep = make_step(lambda p, batch, key: dloss(p, batch, key), dopt, dev_data, cfg.batch_size)
-    dparams = {"text_encoder": bundle.params["text_encoder"], "unet": bundle.params["unet"]}
-    dparams, _ = run_phase("denoise", workdir, dstep, (dparams, dopt.init(dparams)), cfg.denoise.steps,
-                           cfg.seed + 1, cfg.checkpoint_every, cfg.log_every, metrics_file)
-    metrics_file.close()
-
-    trained = bundle.replace(params={**bundle.params, **dparams}, source=os.path.join(workdir, "model"))
-    model.save_flax(trained, os.path.join(workdir, "model"))
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_file:
+        images = jnp.asarray(data.pop("images"))
+        vparams = train_vae(cfg, workdir, bundle, images, metrics_file)
+        # a warm start keeps its encoder, so its latent scale too: the loaded denoiser was trained with it
+        means, scale = cached_latents(bundle, bundle.params["vae"] if cfg.init_from else vparams, images)
+        scale = bundle.latent_scale if cfg.init_from else scale
+        del images
+        bundle = bundle.replace(vae=adapter.vae_from_config(dict(bundle.vae.config, scaling_factor=scale)),
+                                params={**bundle.params, "vae": vparams})
+        shipped, raw = train_denoiser(cfg, workdir, bundle, data, means * scale, metrics_file)
+    if cfg.denoise.ema_decay:
+        write_model(bundle, raw, os.path.join(workdir, "model_raw"))
+    trained = write_model(bundle, shipped, os.path.join(workdir, "model"))
     log.info("toy model written to %s", os.path.join(workdir, "model"))
     return trained
