@@ -79,7 +79,7 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
         raise JaxconceptError(f"resolution {size} must be a multiple of {multiple} for this model (VAE and UNet "
                               f"downsampling); the model's own is {bundle.resolution}.")
     crf_where(cfg, (size, size), (size // bundle.vae_factor,) * 2)  # a bad CRF setting fails before any work
-    loaded = inputs.load(specs, size)
+    loaded = inputs.load(specs, size, cfg.get("resize", "crop"))  # issue 14: crop | pad
     if cfg.mode == "user" and not loaded.has_all_user_masks:
         missing = [c.token for c, m in zip(loaded.concepts, loaded.user_masks) if m is None]
         raise JaxconceptError(f"mode 'user' needs a mask file for every concept; none for {', '.join(missing)}. "
@@ -205,7 +205,8 @@ def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.nd
         info["attention_seconds"] += time.time() - t0
         got, raw, inf = assign_masks(soft, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
                                      cfg.masks.crf, cfg.masks.crf_min_iou, crf_backend, crf_size)
-        out[mine], raw_out[mine] = got, raw
+        valid = setup.inputs.valid(i)  # resize "pad": the padding belongs to no concept (issue 14)
+        out[mine], raw_out[mine] = got & valid, raw & valid
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [setup.concepts.tokens[mine[k]] for k in inf["fallbacks"]]
         info["crf_rejected"] += [setup.concepts.tokens[mine[k]] for k in inf["crf_rejected"]]
