@@ -450,14 +450,29 @@ def _load_image(spec: ImageSpec, out_hw: tuple[int, int], resize: str):
     return images.to_float(images.place(img, p)), p
 
 
+def _check_resize(resize: str) -> None:
+    if resize not in images.RESIZE_MODES:
+        raise InputError(f"resize must be one of {', '.join(images.RESIZE_MODES)}, got {resize!r} "
+                         "(--config.resize=crop or --config.resize=pad)")
+
+
+def _frame(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(map(int, size))
+
+
+def check_sizes(specs: Sequence[ImageSpec], size: int | tuple[int, int], resize: str = "crop") -> None:
+    """Refuse images too small for `size` (and an unknown `resize`) before anything slow, e.g. a model download."""
+    _check_resize(resize)
+    for spec in validate(specs):
+        images.check_size(spec.path, images.placement(images.image_size(spec.path), _frame(size), resize))
+
+
 def load(specs: Sequence[ImageSpec] | ImageSpec, size: int | tuple[int, int], resize: str = "crop") -> Inputs:
     """Validate and load: images fitted to `size` (side, or (height, width)) by `resize` ("crop": centre-cropped,
     "pad": whole, padded; see `images`), and user masks placed the same way."""
     specs = validate(specs)
-    if resize not in images.RESIZE_MODES:
-        raise InputError(f"resize must be one of {', '.join(images.RESIZE_MODES)}, got {resize!r} "
-                         "(--config.resize=crop or --config.resize=pad)")
-    out_hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(map(int, size))
+    _check_resize(resize)
+    out_hw = _frame(size)
     loaded = [_load_image(s, out_hw, resize) for s in specs]
     masks = [m for s, (_, p) in zip(specs, loaded) for m in _image_masks(s, p)]
     images_NxHxWx3 = np.stack([a for a, _ in loaded]).astype(np.float32)
@@ -520,5 +535,6 @@ def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color") ->
 
 __all__ = [
     "CONCEPT_KEYS", "ConceptSpec", "EXAMPLE", "FORM", "IMAGE_KEYS", "ImageSpec", "InputError", "Inputs", "KINDS",
-    "format_concepts_arg", "from_toy_scene_folder", "load", "parse_concepts_arg", "specs_from_config", "validate",
+    "check_sizes", "format_concepts_arg", "from_toy_scene_folder", "load", "parse_concepts_arg", "specs_from_config",
+    "validate",
 ]

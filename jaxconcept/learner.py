@@ -72,6 +72,8 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
         for path in [spec.path] + [c.mask for c in spec.concepts if c.mask]:
             if not os.path.isfile(path):
                 raise inputs.InputError(f"{'mask' if path != spec.path else 'image'} {path!r} does not exist")
+    if cfg.get("resolution", 0):  # issue 14: too-small images refused before a possibly long model download
+        inputs.check_sizes(specs, cfg.resolution, cfg.get("resize", "crop"))
     bundle = bundle or load_model(cfg.model, cfg.dtype, seed=cfg.seed)
     size = cfg.get("resolution", 0) or bundle.resolution
     multiple = bundle.vae_factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)

@@ -118,13 +118,17 @@ def test_too_small_images_are_refused_naming_size_and_minimum(tmp_path):
 def test_train_cli_refuses_a_too_small_image_with_exit_2(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     root = os.path.dirname(os.path.dirname(os.path.abspath(images.__file__)))
-    proc = subprocess.run([sys.executable, "-m", "jaxconcept.train", "--config.model=tiny", "--out", "run",
-                           "--concepts", "dot.png:<a>=dog"], cwd=tmp_path, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"), timeout=300)
+    env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    train = lambda *a: subprocess.run([sys.executable, "-m", "jaxconcept.train", "--out", "run", *a], cwd=tmp_path,  # noqa: E731
+                                      capture_output=True, text=True, env=env, timeout=300)
+    proc = train("--config.model=tiny", "--concepts", "dot.png:<a>=dog")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: image 'dot.png' is 1x1 pixels (width x height), too small for training at 32x32: it needs at least "
         "8x8 pixels (it would be enlarged 32.0x; at most 4x is allowed). Use a larger image.")
+    proc = train("--config", "sd15", "--concepts", "dot.png:<a>=dog")  # refused before the model is fetched
+    assert proc.returncode == 2 and "error: image 'dot.png' is 1x1 pixels (width x height), too small for training " \
+        "at 512x512: it needs at least 128x128 pixels" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_extreme_aspect_ratios_are_warned_with_the_share(tmp_path, caplog):
