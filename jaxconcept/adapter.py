@@ -202,7 +202,7 @@ def _flax_config(config: dict, cls, kind: str, what: str) -> dict:
     if problems:
         raise ModelSourceError(
             f"{what}: this {kind} cannot be run by diffusers' Flax {kind} without computing a different model:\n  "
-            + "\n  ".join(problems) + f"\nOnly {kind}s whose settings the Flax port has can be used.")
+            + "\n  ".join(problems) + f"\nSuch a {kind} can only be run faithfully by PyTorch diffusers.")
     fields = _flax_fields(cls) - {"dtype"}  # the dtype is an argument, never read from a file
     return {k: v for k, v in _hashable(config).items() if k in fields}
 

@@ -225,7 +225,8 @@ def _check_out_dir(run_dir: str, out_dir: str, overwrite: bool) -> None:
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if entries and not overwrite:
         shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise ExportError(f"--out {out_dir!r} is not empty ({len(entries)} entries: {shown}); nothing was written. "
+        count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+        raise ExportError(f"--out {out_dir!r} is not empty ({count}: {shown}); nothing was written. "
                           "Choose a new folder, or pass --overwrite to replace its whole contents with this export.")
     try:
         outputs.check_writable(os.path.dirname(os.path.abspath(out_dir)))

@@ -216,7 +216,7 @@ def test_run_without_unet_exports_the_base_unet(tiny, tmp_path, capsys):
     ("no_concepts", "concepts.safetensors is missing"),
     ("out_is_run", "is the run folder itself"),
     ("unwritable", "cannot write"),
-    ("not_empty", "is not empty (1 entries: 'old.txt'); nothing was written. Choose a new folder, or pass "
+    ("not_empty", "is not empty (1 entry: 'old.txt'); nothing was written. Choose a new folder, or pass "
                   "--overwrite"),
     ("holds_run", "holds the run folder"),
 ])
