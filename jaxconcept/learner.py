@@ -205,9 +205,9 @@ def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.nd
         mine = np.flatnonzero(owner_C == i)
         soft = np.asarray(masks.upsample_maps(soft_Cxhxw[mine], size))
         info["attention_seconds"] += time.time() - t0
-        got, raw, inf = assign_masks(soft, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
-                                     cfg.masks.crf, cfg.masks.crf_min_iou, crf_backend, crf_size)
         valid = setup.inputs.valid(i)  # resize "pad": the padding belongs to no concept (issue 14)
+        got, raw, inf = assign_masks(soft * valid, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
+                                     cfg.masks.crf, cfg.masks.crf_min_iou, crf_backend, crf_size)
         out[mine], raw_out[mine] = got & valid, raw & valid
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [setup.concepts.tokens[mine[k]] for k in inf["fallbacks"]]
