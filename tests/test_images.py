@@ -194,3 +194,10 @@ def test_the_learner_keeps_the_padding_outside_every_estimated_mask(tiny, tmp_pa
     assert not valid.all() and valid.any()
     assert not got[:, ~valid].any() and not raw[:, ~valid].any()  # the padding is in no mask
     assert got[0][valid].all()  # the object claims the whole image
+
+    def padding_maps(rows, frozen, latents, ids, positions, key):  # attention high only on the padding
+        object_map = jnp.ones(setup.latent_hw).at[:, 4:12].set(jnp.linspace(0.1, 0.3, 16)[:, None])
+        return jnp.stack([object_map, jnp.zeros(setup.latent_hw)])
+
+    got, _, info = learner.estimate_masks(setup, padding_maps, None, None, jax.random.key(0), cfg)
+    assert got[0].any() and not got[0][~valid].any()  # its fallback lands on the image, not on the padding
