@@ -144,11 +144,11 @@ _UNET_NEUTRAL = {  # name: why it never changes what is computed here
     "mid_block_only_cross_attention": "only UNetMidBlock2DSimpleCrossAttn reads it, which is refused",
     "cross_attention_norm": "only the SimpleCrossAttn blocks read it, which are refused",
 }
-_UNET_VALUES = {  # Flax fields whose other values the Flax UNet reads wrongly or not at all
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),  # any other name becomes a DownBlock2D
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
-    "addition_embed_type": (None,),  # SDXL's "text_time" needs conditioning this project never passes
+_UNET_VALUES = {  # Flax fields whose other values the Flax UNet reads wrongly or not at all: (allowed, why)
+    "down_block_types": (("CrossAttnDownBlock2D", "DownBlock2D"), "the Flax UNet builds any other as a DownBlock2D"),
+    "up_block_types": (("CrossAttnUpBlock2D", "UpBlock2D"), "the Flax UNet builds any other as an UpBlock2D"),
+    "mid_block_type": (("UNetMidBlock2DCrossAttn", None), "the Flax UNet has no other middle block"),
+    "addition_embed_type": ((None,), "SDXL's added text/time conditioning is never passed by this project"),
 }
 _VAE_FIXED = {
     "latents_mean": (None, "per-channel latent normalisation is not applied by this project"),
@@ -160,9 +160,9 @@ _VAE_FIXED = {
 }
 _VAE_NEUTRAL = {"force_upcast": "it only makes PyTorch pipelines run a float16 VAE in float32"}
 _VAE_VALUES = {
-    "act_fn": ("silu",),  # the Flax VAE always uses SiLU
-    "down_block_types": ("DownEncoderBlock2D",),  # the Flax VAE builds these whatever is named
-    "up_block_types": ("UpDecoderBlock2D",),
+    "act_fn": (("silu",), "the Flax VAE always uses SiLU"),
+    "down_block_types": (("DownEncoderBlock2D",), "the Flax VAE builds these whatever is named"),
+    "up_block_types": (("UpDecoderBlock2D",), "the Flax VAE builds these whatever is named"),
 }
 _CHECKS = {"UNet": (_UNET_FIXED, _UNET_NEUTRAL, _UNET_VALUES), "VAE": (_VAE_FIXED, _VAE_NEUTRAL, _VAE_VALUES)}
 
@@ -185,12 +185,11 @@ def config_problems(config: dict, kind: str) -> list[str]:
     for name, (default, why) in fixed.items():
         if name in config and not _same(config[name], default):
             out.append(f"{name}={config[name]!r} (PyTorch's default is {default!r}): {why}")
-    for name, allowed in values.items():
+    for name, (allowed, why) in values.items():
         got = config.get(name)
         for v in (got if isinstance(got, (list, tuple)) else [got]) if name in config else []:
             if v not in allowed:
-                out.append(f"{name} holds {v!r}: the Flax {kind} supports only "
-                           f"{', '.join(repr(a) for a in allowed)}")
+                out.append(f"{name} holds {v!r}, but only {', '.join(repr(a) for a in allowed)} can be used: {why}")
     return out
 
 
