@@ -1,4 +1,6 @@
-"""The EM learner on a real Stable Diffusion (hub id or local diffusers folder), Break-a-Scene's settings.
+"""The EM learner on a real Stable Diffusion (hub id or local diffusers folder), Break-a-Scene's settings: the
+`sd21_base` preset (512 px; jaxconcept/presets/ also has `sd15` and `sd21` at 768 px, usable from any folder as
+`--config sd15`).
 
     python -m jaxconcept.train --config configs/em_sd.py --out runs/dog \
         --concepts "dog.jpg:<dog>=dog,<rug>=rug,<room>=room/background"
@@ -9,15 +11,4 @@ grid: --config.masks.crf_backend=device --config.masks.crf_size=latent (64x64 in
 mask edges are then placed to about one latent cell, 8 px).
 """
 
-from jaxconcept.config import get_config as _default
-
-
-def get_config():
-    c = _default()
-    c.model = "stabilityai/stable-diffusion-2-1-base"  # 512 px, latent 64: attention-loss maps at 16x16
-    c.template, c.joiner = "a photo of {}", " and "  # Break-a-Scene's prompts
-    c.masks.resolutions = (16, 32)  # DESIGN §3: skip 8x8, average 16 and 32
-    c.masks.background_level = 0.45  # middle of DiffuMask's 0.35-0.55
-    c.tokens.attn_resolution = 16
-    c.log_every = 25
-    return c
+from jaxconcept.presets.sd21_base import get_config  # noqa: F401

@@ -76,7 +76,6 @@ __all__ = [
     "pt_to_flax_text_key",
     "text_init_fn",
     "load_flax_unet",
-    "load_flax_vae",
     "load_tokenizer",
     "pt_to_flax_key",
     "save_flax_components",
@@ -106,6 +105,107 @@ def is_transformer_group_norm(module: Any) -> bool:
 TRANSFORMER_NORM_EPS = 1e-6
 
 
+# ---------------------------------------------------------------- config checks (PyTorch configs, Flax classes)
+# A PyTorch diffusers config.json holds every UNet2DConditionModel / AutoencoderKL __init__ argument; diffusers'
+# Flax classes take fewer and ignore the rest with a warning. Below is each argument the Flax class lacks
+# (diffusers 0.39; tests/test_model.py keeps the lists equal to the signatures), with PyTorch's default, which is
+# what the Flax port hard-codes. Any other value would make PyTorch compute another model than the Flax one:
+# refused with the reason. The NEUTRAL ones never change what this project computes.
+
+_UNET_FIXED = {  # name: (PyTorch default = what the Flax UNet always does, what another value would change)
+    "act_fn": ("silu", "the Flax UNet always uses SiLU activations"),
+    "attention_type": ("default", "gated (GLIGEN) attention has no Flax version"),
+    "center_input_sample": (False, "the Flax UNet never re-centres its input"),
+    "class_embed_type": (None, "class embeddings have no Flax version"),
+    "class_embeddings_concat": (False, "class embeddings have no Flax version"),
+    "conv_in_kernel": (3, "the Flax UNet's input convolution is always 3x3"),
+    "conv_out_kernel": (3, "the Flax UNet's output convolution is always 3x3"),
+    "downsample_padding": (1, "the Flax UNet's downsampling convolutions always pad by 1"),
+    "dual_cross_attention": (False, "dual cross-attention has no Flax version"),
+    "encoder_hid_dim": (None, "a projection of the text states (encoder_hid_proj) has no Flax version"),
+    "encoder_hid_dim_type": (None, "a projection of the text states (encoder_hid_proj) has no Flax version"),
+    "mid_block_scale_factor": (1, "the Flax middle block never rescales its output"),
+    "norm_eps": (1e-5, "the Flax UNet's GroupNorms always use eps 1e-5"),
+    "norm_num_groups": (32, "the Flax UNet's GroupNorms always use 32 groups"),
+    "num_class_embeds": (None, "class embeddings have no Flax version"),
+    "resnet_out_scale_factor": (1.0, "the Flax ResNet blocks never rescale their output"),
+    "resnet_skip_time_act": (False, "the Flax ResNet blocks always apply the activation to the time embedding"),
+    "resnet_time_scale_shift": ("default", "the Flax ResNet blocks always add the time embedding (no scale-shift)"),
+    "reverse_transformer_layers_per_block": (None, "per-block transformer depths of the up blocks have no Flax version"),
+    "time_cond_proj_dim": (None, "a timestep-condition projection (LCM) has no Flax version"),
+    "time_embedding_act_fn": (None, "the Flax time embedding has no extra activation"),
+    "time_embedding_dim": (None, "the Flax time embedding is always 4x the first block's width"),
+    "time_embedding_type": ("positional", "the Flax UNet only has sinusoidal (positional) time embeddings"),
+    "timestep_post_act": (None, "the Flax time embedding has no post-activation"),
+}
+_UNET_NEUTRAL = {  # name: why it never changes what is computed here
+    "upcast_attention": "it only computes float16 attention scores in float32; Flax runs them in float32 or "
+                        "bfloat16, whose range is float32's",
+    "mid_block_only_cross_attention": "only UNetMidBlock2DSimpleCrossAttn reads it, which is refused",
+    "cross_attention_norm": "only the SimpleCrossAttn blocks read it, which are refused",
+}
+_UNET_VALUES = {  # Flax fields whose other values the Flax UNet reads wrongly or not at all: (allowed, why)
+    "down_block_types": (("CrossAttnDownBlock2D", "DownBlock2D"), "the Flax UNet builds any other as a DownBlock2D"),
+    "up_block_types": (("CrossAttnUpBlock2D", "UpBlock2D"), "the Flax UNet builds any other as an UpBlock2D"),
+    "mid_block_type": (("UNetMidBlock2DCrossAttn", None), "the Flax UNet has no other middle block"),
+    "addition_embed_type": ((None,), "SDXL's added text/time conditioning is never passed by this project"),
+}
+_VAE_FIXED = {
+    "latents_mean": (None, "per-channel latent normalisation is not applied by this project"),
+    "latents_std": (None, "per-channel latent normalisation is not applied by this project"),
+    "mid_block_add_attention": (True, "the Flax VAE's middle blocks always have attention"),
+    "shift_factor": (None, "latent shifting (SD3/Flux VAEs) is not applied by this project"),
+    "use_post_quant_conv": (True, "the Flax VAE always has post_quant_conv"),
+    "use_quant_conv": (True, "the Flax VAE always has quant_conv"),
+}
+_VAE_NEUTRAL = {"force_upcast": "it only makes PyTorch pipelines run a float16 VAE in float32"}
+_VAE_VALUES = {
+    "act_fn": (("silu",), "the Flax VAE always uses SiLU"),
+    "down_block_types": (("DownEncoderBlock2D",), "the Flax VAE builds these whatever is named"),
+    "up_block_types": (("UpDecoderBlock2D",), "the Flax VAE builds these whatever is named"),
+}
+_CHECKS = {"UNet": (_UNET_FIXED, _UNET_NEUTRAL, _UNET_VALUES), "VAE": (_VAE_FIXED, _VAE_NEUTRAL, _VAE_VALUES)}
+
+
+def _flax_fields(cls) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+def _same(a, b) -> bool:
+    return (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)
+
+
+def config_problems(config: dict, kind: str) -> list[str]:
+    """One line per setting of a PyTorch UNet ("UNet") or VAE ("VAE") config that diffusers' Flax class would
+    ignore or misread while PyTorch computes something else with it; empty when the Flax model is the same."""
+    fixed, _, values = _CHECKS[kind]
+    out = []
+    for name, (default, why) in fixed.items():
+        if name in config and not _same(config[name], default):
+            out.append(f"{name}={config[name]!r} (PyTorch's default is {default!r}): {why}")
+    for name, (allowed, why) in values.items():
+        got = config.get(name)
+        for v in (got if isinstance(got, (list, tuple)) else [got]) if name in config else []:
+            if v not in allowed:
+                out.append(f"{name} holds {v!r}, but only {', '.join(repr(a) for a in allowed)} can be used: {why}")
+    return out
+
+
+def _flax_config(config: dict, cls, kind: str, what: str) -> dict:
+    """The entries of `config` that `cls` takes, after refusing those that would change the computation."""
+    from .errors import ModelSourceError
+
+    problems = config_problems(config, kind)
+    if problems:
+        raise ModelSourceError(
+            f"{what}: this {kind} cannot be run by diffusers' Flax {kind} without computing a different model:\n  "
+            + "\n  ".join(problems) + f"\nSuch a {kind} can only be run faithfully by PyTorch diffusers.")
+    fields = _flax_fields(cls) - {"dtype"}  # the dtype is an argument, never read from a file
+    return {k: v for k, v in _hashable(config).items() if k in fields}
+
+
 # ---------------------------------------------------------------- UNet / VAE
 
 
@@ -114,23 +214,20 @@ def _hashable(config: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def unet_from_config(config: dict, dtype=jnp.float32):
-    return FlaxUNet2DConditionModel.from_config(_hashable(config), dtype=dtype)
+def unet_from_config(config: dict, dtype=jnp.float32, what: str = "UNet config"):
+    """The Flax UNet of a (PyTorch or Flax) diffusers config; ModelSourceError for settings Flax lacks."""
+    return FlaxUNet2DConditionModel.from_config(
+        _flax_config(config, FlaxUNet2DConditionModel, "UNet", what), dtype=dtype)
 
 
-def vae_from_config(config: dict, dtype=jnp.float32):
-    return FlaxAutoencoderKL.from_config(_hashable(config), dtype=dtype)
+def vae_from_config(config: dict, dtype=jnp.float32, what: str = "VAE config"):
+    return FlaxAutoencoderKL.from_config(_flax_config(config, FlaxAutoencoderKL, "VAE", what), dtype=dtype)
 
 
 def load_flax_unet(folder: str, dtype=jnp.float32):
     """(module, params) from a folder holding `config.json` + `diffusion_flax_model.msgpack`."""
     module, params = FlaxUNet2DConditionModel.from_pretrained(folder, dtype=dtype)
     return unet_from_config(module.config, dtype), params
-
-
-def load_flax_vae(folder: str, dtype=jnp.float32):
-    module, params = FlaxAutoencoderKL.from_pretrained(folder, dtype=dtype)
-    return vae_from_config(module.config, dtype), params
 
 
 def unet_config_dict(module) -> dict:
@@ -154,8 +251,36 @@ def pt_to_flax_key(pt_key: str, tensor, flax_shapes: dict):
 # ---------------------------------------------------------------- text
 
 
-def text_encoder_from_config(config: dict, dtype=jnp.float32):
+def text_config_problems(config: dict) -> list[str]:
+    """What in a text encoder's config.json transformers' Flax CLIP text model cannot run as PyTorch does.
+
+    Every CLIPTextConfig field PyTorch's CLIPTextModel computes with is read by the Flax one too (its
+    `_attn_implementation` picks an equivalent kernel, `initializer_*` only matter for fresh weights,
+    `projection_dim` only for CLIPTextModelWithProjection); left are the model type and the activation."""
+    from transformers.modeling_flax_utils import ACT2FN
+
+    out = []
+    model_type = config.get("model_type", "clip_text_model")
+    if model_type != "clip_text_model":
+        out.append(f"model_type={model_type!r}: only CLIP text encoders ('clip_text_model') are supported")
+    act = config.get("hidden_act", "quick_gelu")
+    if act not in ACT2FN:
+        out.append(f"hidden_act={act!r}: the Flax CLIP has only {', '.join(map(repr, ACT2FN))}")
+    return out
+
+
+def text_encoder_from_config(config: dict, dtype=jnp.float32, what: str = "text encoder config"):
+    check_text_config(config, what)
     return FlaxCLIPTextModule(CLIPTextConfig(**config), dtype=dtype)
+
+
+def check_text_config(config: dict, what: str) -> None:
+    from .errors import ModelSourceError
+
+    problems = text_config_problems(config)
+    if problems:
+        raise ModelSourceError(f"{what}: this text encoder cannot be run by transformers' Flax CLIP:\n  "
+                               + "\n  ".join(problems))
 
 
 def text_encoder_with_vocab(module, vocab_size: int):

@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     # empty = the bundled toy scene (or what --concepts names)
     c.images = []
     c.resolution = 0  # images are centre-cropped and resized to this; 0 = the model's own resolution
+    # "crop": the centre is kept; "pad": the whole image, padded (the padding is in no concept's mask)
+    c.resize = "crop"
     # prompts: template.format(joiner.join(tokens)); the toy model was trained on captions like
     # "a red circle and a blue square on a ..."; configs/em_sd.py uses "a photo of {}" and " and "
     c.template = "a {}"

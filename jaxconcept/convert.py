@@ -77,21 +77,46 @@ def pt_state_to_flax(
         if key not in flat_shapes:
             unexpected.append(pt_key)
             continue
-        if tuple(value.shape) != tuple(flat_shapes[key].shape):
+        flat[key] = (pt_key, value)
+    return _complete(flat, flat_shapes, unexpected, what, dtype, "PyTorch")
+
+
+def _complete(flat: dict, flat_shapes: dict, unexpected: list, what: str, dtype, source: str) -> dict:
+    """Params from {flax key: (name in the file, array)}, checked against the shape tree: every parameter
+    there, each of its shape; weights the module has no place for are logged and dropped."""
+    for key, (name, value) in flat.items():
+        if tuple(np.shape(value)) != tuple(flat_shapes[key].shape):
             raise ModelSourceError(
-                f"{what}: weight {pt_key} has shape {tuple(value.shape)} but the model built from its "
+                f"{what}: weight {name} has shape {tuple(np.shape(value))} but the model built from its "
                 f"config.json expects {tuple(flat_shapes[key].shape)}; config and weights do not match."
             )
-        flat[key] = value
     missing = [".".join(k) for k in flat_shapes if k not in flat]
     if missing:
         raise ModelSourceError(
-            f"{what}: {len(missing)} parameters are missing from the PyTorch weights, e.g. {missing[:3]}. "
+            f"{what}: {len(missing)} parameters are missing from the {source} weights, e.g. {missing[:3]}. "
             "The weights do not belong to this architecture (or use a layout diffusers' Flax models lack)."
         )
     if unexpected:
         log.warning("%s: ignored %d unexpected weights, e.g. %s", what, len(unexpected), unexpected[:3])
-    return unflatten_dict({k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype) for k, v in flat.items()})
+    return unflatten_dict({k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype) for k, (_, v) in flat.items()})
+
+
+def read_flax_msgpack(path: str, shapes: Mapping, *, what: str, dtype=jnp.float32) -> dict:
+    """Params from a Flax `*.msgpack` file (as diffusers' `save_pretrained` writes it), checked against the
+    module's shape tree like the PyTorch weights."""
+    from flax.serialization import msgpack_restore
+
+    try:
+        with open(path, "rb") as f:
+            tree = msgpack_restore(f.read())
+        flat_file = flatten_dict(tree)
+    except Exception as e:  # msgpack raises its own error types for truncated/corrupt files
+        raise ModelSourceError(f"cannot read Flax weights {path}: {type(e).__name__}: {e}. "
+                               "Re-download or re-save it.") from e
+    flat_shapes = flatten_dict(shapes)
+    flat = {k: ("/".join(k), v) for k, v in flat_file.items() if k in flat_shapes}
+    unexpected = ["/".join(k) for k in flat_file if k not in flat_shapes]
+    return _complete(flat, flat_shapes, unexpected, what, dtype, "Flax")
 
 
 def shape_tree(init_fn) -> dict:

@@ -27,3 +27,17 @@ def add_noise(alphas_cumprod_T, latents_BxCxhxw, noise_BxCxhxw, timesteps_B):
     """Forward process q(z_t | z_0) = sqrt(a_t) z_0 + sqrt(1 - a_t) eps."""
     a_t = alphas_cumprod_T[timesteps_B].astype(latents_BxCxhxw.dtype)[:, None, None, None]
     return jnp.sqrt(a_t) * latents_BxCxhxw + jnp.sqrt(1.0 - a_t) * noise_BxCxhxw
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or v (Salimans & Ho 2022)
+
+
+def training_target(prediction_type: str, alphas_cumprod_T, latents_BxCxhxw, noise_BxCxhxw, timesteps_B):
+    """What the UNet's output is regressed on: the noise (epsilon models) or the velocity
+    v = sqrt(a_t) eps - sqrt(1 - a_t) z_0 (v_prediction models, e.g. SD 2.x at 768 px)."""
+    if prediction_type == "epsilon":
+        return noise_BxCxhxw
+    if prediction_type != "v_prediction":
+        raise ValueError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+    a_t = alphas_cumprod_T[timesteps_B].astype(latents_BxCxhxw.dtype)[:, None, None, None]
+    return jnp.sqrt(a_t) * noise_BxCxhxw - jnp.sqrt(1.0 - a_t) * latents_BxCxhxw

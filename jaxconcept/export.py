@@ -17,7 +17,11 @@
 Names are made by inverting diffusers' / transformers' PyTorch -> Flax rules (`adapter.flax_to_pt_key`) and every
 one is run back through the forward rule our loader uses before anything is written.
 
-    python -m jaxconcept.export --run RUN_DIR --out DIR [--no-pipeline]
+    python -m jaxconcept.export --run RUN_DIR --out DIR [--no-pipeline] [--overwrite]
+
+DIR must be empty or new; --overwrite replaces a non-empty DIR as a whole (the export is written into a
+temporary sibling and renamed into place, so DIR never mixes two exports and an interrupted export leaves it
+as it was).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -205,45 +211,96 @@ def check_run_folder(run_dir: str) -> dict:
     return cfg
 
 
-def _check_out_dir(run_dir: str, out_dir: str) -> None:
+def _check_out_dir(run_dir: str, out_dir: str, overwrite: bool) -> None:
+    """Refuse an --out that is the run folder, holds it, is a file, or (without `overwrite`) is not empty."""
     run, out = os.path.realpath(run_dir), os.path.realpath(out_dir)
     if run == out:
         raise ExportError(f"--out {out_dir!r} is the run folder itself: its unet/ would be overwritten. "
                           "Choose another folder.")
+    if os.path.commonpath([run, out]) == out:
+        raise ExportError(f"--out {out_dir!r} holds the run folder {run_dir!r}: replacing it would delete the run. "
+                          "Choose another folder.")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"--out {out_dir!r} is a file, not a folder. Choose another path.")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if entries and not overwrite:
+        shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+        raise ExportError(f"--out {out_dir!r} is not empty ({count}: {shown}); nothing was written. "
+                          "Choose a new folder, or pass --overwrite to replace its whole contents with this export.")
     try:
-        outputs.check_writable(out_dir)
+        outputs.check_writable(os.path.dirname(os.path.abspath(out_dir)))
     except JaxconceptError as e:
         raise ExportError(str(e)) from e
 
 
-def export_run(run_dir: str, out_dir: str, *, pipeline: bool = True) -> dict:
-    """Write the run as PyTorch diffusers files (see module docstring); returns a summary of what was written."""
+def _staging_dir(out_dir: str) -> str:
+    """An empty sibling of `out_dir` (same file system, so the final rename is atomic)."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    staged = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes it private; the export gets the usual permissions
+    return staged
+
+
+def _swap_in(staged: str, out_dir: str) -> None:
+    """Put the finished `staged` folder at `out_dir`; what was there is removed only once it has moved aside,
+    so `out_dir` holds either the old contents or the new ones, never a mixture."""
+    out = os.path.abspath(out_dir)
+    old = None
+    if os.path.isdir(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(staged, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(run_dir: str, out_dir: str, *, pipeline: bool = True, overwrite: bool = False) -> dict:
+    """Write the run as PyTorch diffusers files (see module docstring); returns a summary of what was written.
+
+    `out_dir` must be empty or absent unless `overwrite`, which replaces its whole contents. Everything is
+    written into a temporary sibling first and renamed into place at the end: an export that fails or is
+    interrupted leaves `out_dir` as it was."""
     cfg = check_run_folder(run_dir)
-    _check_out_dir(run_dir, out_dir)
+    _check_out_dir(run_dir, out_dir, overwrite)
+    staged = _staging_dir(out_dir)
+    try:
+        summary = _write_export(cfg, run_dir, staged, os.path.abspath(out_dir), pipeline)
+        _swap_in(staged, out_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return summary
+
+
+def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: bool) -> dict:
+    """Write the export into `folder`; the summary and README name `out_dir`, where it will end up."""
     base = load_model(cfg["model"], "float32", seed=int(cfg.get("seed", 0)))
     run = runs.load_run(run_dir, bundle=base)  # grows a copy of the tokenizer/text encoder; `base` stays as is
     tuned = os.path.isdir(os.path.join(run_dir, "unet"))
     if not tuned:
         log.info("%s has no unet/ (no joint tuning): exporting the base model's UNet", run_dir)
 
-    files = save_textual_inversion(os.path.join(out_dir, EMBEDDINGS), run.tokens, run.rows_NxD)
+    files = save_textual_inversion(os.path.join(folder, EMBEDDINGS), run.tokens, run.rows_NxD)
     written = [f"{EMBEDDINGS}/{f}" for f in files.values()]
-    unet = save_unet_pytorch(os.path.join(out_dir, "unet"), run.bundle.unet, run.bundle.params["unet"])
+    unet = save_unet_pytorch(os.path.join(folder, "unet"), run.bundle.unet, run.bundle.params["unet"])
     written += ["unet/config.json", f"unet/{DIFFUSERS_WEIGHTS}"]
     if pipeline:
-        save_vae_pytorch(os.path.join(out_dir, "vae"), base.vae, base.params["vae"])
-        save_text_encoder_pytorch(os.path.join(out_dir, "text_encoder"), base.text_encoder, base.params["text_encoder"])
+        save_vae_pytorch(os.path.join(folder, "vae"), base.vae, base.params["vae"])
+        save_text_encoder_pytorch(os.path.join(folder, "text_encoder"), base.text_encoder, base.params["text_encoder"])
         written += ["vae/config.json", f"vae/{DIFFUSERS_WEIGHTS}",
                     "text_encoder/config.json", f"text_encoder/{TEXT_WEIGHTS}"]
-        written += save_pipeline_extras(out_dir, base)
+        written += save_pipeline_extras(folder, base)
 
     summary = {
-        "run": os.path.abspath(run_dir), "out": os.path.abspath(out_dir), "base_model": cfg["model"],
+        "run": os.path.abspath(run_dir), "out": out_dir, "base_model": cfg["model"],
         "tokens": list(run.tokens), "files": {t: f"{EMBEDDINGS}/{f}" for t, f in files.items()},
         "unet": "tuned" if tuned else "base", "unet_parameters": unet["parameters"], "pipeline": pipeline,
     }
-    outputs.write_json(os.path.join(out_dir, "tokens.json"), summary)
-    with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+    outputs.write_json(os.path.join(folder, "tokens.json"), summary)
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
         f.write(readme(summary))
     summary["written"] = written + ["tokens.json", "README.md"]
     return summary
@@ -297,13 +354,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder to write the PyTorch files into")
     p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
                    help="write only the UNet and the token embeddings, not a whole StableDiffusionPipeline folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out folder (its whole contents; never mixed with the new files)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        summary = export_run(args.run, args.out, pipeline=args.pipeline)
+        summary = export_run(args.run, args.out, pipeline=args.pipeline, overwrite=args.overwrite)
     except (JaxconceptError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

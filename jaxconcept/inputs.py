@@ -16,7 +16,8 @@ Command-line form (`parse_concepts_arg`), one image per argument::
 * TOKEN: the new word, e.g. ``<dog>``; no whitespace and none of ``, = / @ :``.
 * INIT: an existing word whose embedding starts the token (left out: a random start).
 * KIND: ``object`` (default) or ``background``.
-* MASK: a mask file of the image's size (white = the concept), for training with user masks; it is the
+* MASK: a mask file of the image's size as displayed (after its EXIF orientation; white = the concept), for
+  training with user masks, cropped or padded like its image (`resize`, see `jaxconcept.images`); it is the
   rest of the item after the first ``@``, so it may hold ``/``, ``:`` and ``@`` but not ``,``.
 * Spaces around items are ignored (``a.png:<a>, <b>``).
 
@@ -43,12 +44,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import images
 from .errors import JaxconceptError
@@ -59,6 +61,8 @@ EXAMPLE = "dog.jpg:<dog>=dog,<rug>=rug,<room>=room/background"
 IMAGE_KEYS: tuple[str, ...] = ("path", "concepts")
 CONCEPT_KEYS: tuple[str, ...] = ("token", "init_word", "kind", "mask")
 MASK_THRESHOLD = 128  # grey level from which a mask pixel belongs to the concept
+
+log = logging.getLogger(__name__)
 
 
 class InputError(JaxconceptError):
@@ -308,6 +312,13 @@ class Inputs:
     owner_C: np.ndarray                 # int32: index of the image each concept belongs to
     kinds: tuple[str, ...]
     user_masks: tuple[np.ndarray | None, ...]  # per concept: H x W bool (cropped and resized like its image)
+    valid_NxHxW: np.ndarray | None = None      # bool: False on padding (resize "pad"); None: no padding anywhere
+
+    def valid(self, image_index: int) -> np.ndarray:
+        """H x W bool: where image `image_index`'s frame shows the image (False on padding)."""
+        if self.valid_NxHxW is None:
+            return np.ones(self.images_NxHxWx3.shape[1:3], bool)
+        return self.valid_NxHxW[image_index]
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -363,26 +374,14 @@ def _unique_names(paths: Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _crop_box(w: int, h: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
-    """The centre-crop box of `images.load_image` (same formula, so masks land on the same pixels)."""
-    scale = max(out_w / w, out_h / h)
-    crop_w, crop_h = round(out_w / scale), round(out_h / scale)
-    left, top = (w - crop_w) // 2, (h - crop_h) // 2
-    return left, top, left + crop_w, top + crop_h
-
-
-def _image_size(path: str) -> tuple[int, int]:
-    with Image.open(path) as img:  # header only; load_image has already checked the file is readable
-        return img.size
-
-
 def _read_mask(path: str, token: str, image_path: str, image_wh: tuple[int, int]) -> np.ndarray:
     """H0 x W0 bool at the image's original size: greyscale >= 128; transparent pixels count as black."""
     if not os.path.isfile(path):
         raise InputError(f"mask {path!r} of {token!r} (image {image_path!r}) does not exist")
     try:
-        with Image.open(path) as img:
-            img.load()
+        with Image.open(path) as raw:
+            raw.load()
+            img = ImageOps.exif_transpose(raw)  # the orientation it is shown in, like its image
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # masks painted on a transparent layer: unpainted (transparent) pixels are not the concept
                 rgba = img.convert("RGBA")
@@ -397,17 +396,18 @@ def _read_mask(path: str, token: str, image_path: str, image_wh: tuple[int, int]
     return np.asarray(grey) >= MASK_THRESHOLD
 
 
-def _crop_mask(full_H0xW0: np.ndarray, box, out_h: int, out_w: int) -> np.ndarray:
+def _place_mask(full_H0xW0: np.ndarray, p: images.Placement) -> np.ndarray:
     img = Image.fromarray(full_H0xW0.astype(np.uint8) * 255, "L")
-    # nearest keeps masks hard-edged; resizing non-overlapping masks this way cannot make them overlap
-    return np.asarray(img.resize((out_w, out_h), Image.NEAREST, box=box)) >= MASK_THRESHOLD
+    # nearest keeps masks hard-edged; resizing non-overlapping masks this way cannot make them overlap;
+    # padding ("pad") belongs to no concept
+    return np.asarray(images.place(img, p, Image.NEAREST, fill=0)) >= MASK_THRESHOLD
 
 
-def _image_masks(spec: ImageSpec, out_h: int, out_w: int) -> list[np.ndarray | None]:
+def _image_masks(spec: ImageSpec, p: images.Placement) -> list[np.ndarray | None]:
     if not any(c.mask for c in spec.concepts):
         return [None] * len(spec.concepts)
-    image_wh = _image_size(spec.path)
-    box = _crop_box(*image_wh, out_h, out_w)
+    image_wh = p.src_wh
+    out_h, out_w = p.out_hw
     full = {c.token: _read_mask(c.mask, c.token, spec.path, image_wh) for c in spec.concepts if c.mask}
     tokens = list(full)
     for i, a in enumerate(tokens):
@@ -425,9 +425,10 @@ def _image_masks(spec: ImageSpec, out_h: int, out_w: int) -> list[np.ndarray | N
         if not c.mask:
             out.append(None)
             continue
-        mask_HxW = _crop_mask(full[c.token], box, out_h, out_w)
+        mask_HxW = _place_mask(full[c.token], p)
         if not mask_HxW.any():
-            raise InputError(f"mask of {c.token!r} ({c.mask!r}) covers no pixel after the centre crop and resize "
+            raise InputError(f"mask of {c.token!r} ({c.mask!r}) covers no pixel after the "
+                             f"{'centre crop' if p.mode == 'crop' else 'padding'} and resize "
                              f"to {out_w}x{out_h}: it lies in the cropped-off border or is too thin")
         mask_HxW.setflags(write=False)
         out.append(mask_HxW)
@@ -438,22 +439,53 @@ def _mask_path(spec: ImageSpec, token: str) -> str:
     return next(c.mask for c in spec.concepts if c.token == token)
 
 
-def load(specs: Sequence[ImageSpec] | ImageSpec, size: int | tuple[int, int]) -> Inputs:
-    """Validate and load: images centre-cropped and resized to `size` (side, or (height, width)), and user
-    masks cropped the same way."""
+def _load_image(spec: ImageSpec, out_hw: tuple[int, int], resize: str):
+    """(image H x W x 3 in [-1, 1], its placement): too small refused, much cut away or padded warned."""
+    img = images.open_rgb(spec.path)
+    p = images.placement(img.size, out_hw, resize)
+    images.check_size(spec.path, p)
+    note = images.fit_note(spec.path, p)
+    if note:
+        log.warning("%s", note)
+    return images.to_float(images.place(img, p)), p
+
+
+def _check_resize(resize: str) -> None:
+    if resize not in images.RESIZE_MODES:
+        raise InputError(f"resize must be one of {', '.join(images.RESIZE_MODES)}, got {resize!r} "
+                         "(--config.resize=crop or --config.resize=pad)")
+
+
+def _frame(size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(map(int, size))
+
+
+def check_sizes(specs: Sequence[ImageSpec], size: int | tuple[int, int], resize: str = "crop") -> None:
+    """Refuse images too small for `size` (and an unknown `resize`) before anything slow, e.g. a model download."""
+    _check_resize(resize)
+    for spec in validate(specs):
+        images.check_size(spec.path, images.placement(images.image_size(spec.path), _frame(size), resize))
+
+
+def load(specs: Sequence[ImageSpec] | ImageSpec, size: int | tuple[int, int], resize: str = "crop") -> Inputs:
+    """Validate and load: images fitted to `size` (side, or (height, width)) by `resize` ("crop": centre-cropped,
+    "pad": whole, padded; see `images`), and user masks placed the same way."""
     specs = validate(specs)
-    out_h, out_w = (int(size), int(size)) if isinstance(size, (int, np.integer)) else map(int, size)
-    images_list = [images.load_image(s.path, (out_h, out_w)) for s in specs]
-    masks = [m for s in specs for m in _image_masks(s, out_h, out_w)]
-    images_NxHxWx3 = np.stack(images_list).astype(np.float32)
+    _check_resize(resize)
+    out_hw = _frame(size)
+    loaded = [_load_image(s, out_hw, resize) for s in specs]
+    masks = [m for s, (_, p) in zip(specs, loaded) for m in _image_masks(s, p)]
+    images_NxHxWx3 = np.stack([a for a, _ in loaded]).astype(np.float32)
+    valid_NxHxW = np.stack([images.valid_region(p) for _, p in loaded])
     owner_C = np.asarray([i for i, s in enumerate(specs) for _ in s.concepts], np.int32)
-    for array in (images_NxHxWx3, owner_C):
+    for array in (images_NxHxWx3, owner_C, valid_NxHxW):
         array.setflags(write=False)
     concepts = tuple(c for s in specs for c in s.concepts)
     return Inputs(
         images_NxHxWx3=images_NxHxWx3, names=_unique_names([s.path for s in specs]),
         paths=tuple(s.path for s in specs), concepts=concepts, owner_C=owner_C,
         kinds=tuple(c.kind for c in concepts), user_masks=tuple(masks),
+        valid_NxHxW=None if valid_NxHxW.all() else valid_NxHxW,
     )
 
 
@@ -503,5 +535,6 @@ def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color") ->
 
 __all__ = [
     "CONCEPT_KEYS", "ConceptSpec", "EXAMPLE", "FORM", "IMAGE_KEYS", "ImageSpec", "InputError", "Inputs", "KINDS",
-    "format_concepts_arg", "from_toy_scene_folder", "load", "parse_concepts_arg", "specs_from_config", "validate",
+    "check_sizes", "format_concepts_arg", "from_toy_scene_folder", "load", "parse_concepts_arg", "specs_from_config",
+    "validate",
 ]

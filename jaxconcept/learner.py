@@ -72,6 +72,8 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
         for path in [spec.path] + [c.mask for c in spec.concepts if c.mask]:
             if not os.path.isfile(path):
                 raise inputs.InputError(f"{'mask' if path != spec.path else 'image'} {path!r} does not exist")
+    if cfg.get("resolution", 0):  # issue 14: too-small images refused before a possibly long model download
+        inputs.check_sizes(specs, cfg.resolution, cfg.get("resize", "crop"))
     bundle = bundle or load_model(cfg.model, cfg.dtype, seed=cfg.seed)
     size = cfg.get("resolution", 0) or bundle.resolution
     multiple = bundle.vae_factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)
@@ -79,7 +81,7 @@ def prepare(cfg, specs, bundle: ModelBundle | None = None) -> Setup:
         raise JaxconceptError(f"resolution {size} must be a multiple of {multiple} for this model (VAE and UNet "
                               f"downsampling); the model's own is {bundle.resolution}.")
     crf_where(cfg, (size, size), (size // bundle.vae_factor,) * 2)  # a bad CRF setting fails before any work
-    loaded = inputs.load(specs, size)
+    loaded = inputs.load(specs, size, cfg.get("resize", "crop"))  # issue 14: crop | pad
     if cfg.mode == "user" and not loaded.has_all_user_masks:
         missing = [c.token for c, m in zip(loaded.concepts, loaded.user_masks) if m is None]
         raise JaxconceptError(f"mode 'user' needs a mask file for every concept; none for {', '.join(missing)}. "
@@ -203,9 +205,10 @@ def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.nd
         mine = np.flatnonzero(owner_C == i)
         soft = np.asarray(masks.upsample_maps(soft_Cxhxw[mine], size))
         info["attention_seconds"] += time.time() - t0
-        got, raw, inf = assign_masks(soft, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
+        valid = setup.inputs.valid(i)  # resize "pad": the padding belongs to no concept (issue 14)
+        got, raw, inf = assign_masks(soft * valid, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
                                      cfg.masks.crf, cfg.masks.crf_min_iou, crf_backend, crf_size)
-        out[mine], raw_out[mine] = got, raw
+        out[mine], raw_out[mine] = got & valid, raw & valid
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [setup.concepts.tokens[mine[k]] for k in inf["fallbacks"]]
         info["crf_rejected"] += [setup.concepts.tokens[mine[k]] for k in inf["crf_rejected"]]

@@ -1,5 +1,8 @@
 """The token-optimisation losses (DESIGN §2), as pure functions of arrays.
 
+The UNet's output is compared with its training target: the noise for epsilon models, v for v-prediction
+models (`diffusion.training_target`); "noise" below is that target.
+
 L_mask: squared error of the noise prediction inside the union of the prompt's concept masks, averaged
 over *all* elements (Break-a-Scene does not normalise by mask area, so small concepts weigh less).
 L_attn: per concept in the prompt, the mean squared error between its max-normalised cross-attention

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import adapter, bpe, convert
+from . import adapter, bpe, convert, diffusion
 from .errors import ModelSourceError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ class ModelBundle:
     def resolution(self) -> int:
         """The image size the UNet was trained at."""
         return int(self.unet.config.sample_size) * self.vae_factor
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" (the noise) or "v_prediction" (SD 2.x at 768 px), from its scheduler."""
+        return str(self.scheduler.config.prediction_type)
 
     @property
     def max_length(self) -> int:
@@ -193,8 +198,8 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
             f"model folder {folder!r} lacks {', '.join(m + '/' for m in missing)}: expected a diffusers-layout "
             "Stable Diffusion folder (as written by save_pretrained) with unet/, vae/, text_encoder/, tokenizer/."
         )
-    unet, unet_params = _load_diffusers_component(folder, "unet", adapter.unet_from_config, adapter.load_flax_unet, dtype, variant)
-    vae, vae_params = _load_diffusers_component(folder, "vae", adapter.vae_from_config, adapter.load_flax_vae, dtype, variant)
+    unet, unet_params = _load_diffusers_component(folder, "unet", adapter.unet_from_config, dtype, variant)
+    vae, vae_params = _load_diffusers_component(folder, "vae", adapter.vae_from_config, dtype, variant)
     text_encoder, text_params = _load_text_encoder(os.path.join(folder, "text_encoder"), dtype, variant)
     try:
         tokenizer = adapter.load_tokenizer(os.path.join(folder, "tokenizer"))
@@ -202,6 +207,10 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
         raise ModelSourceError(f"cannot load tokenizer/ of {folder!r}: {e}") from e
     sched_cfg = os.path.join(folder, "scheduler", "scheduler_config.json")
     sched_config = read_json(sched_cfg) if os.path.isfile(sched_cfg) else SD_SCHEDULER
+    prediction = sched_config.get("prediction_type", "epsilon")
+    if prediction not in diffusion.PREDICTION_TYPES:
+        raise ModelSourceError(f"{sched_cfg}: prediction_type={prediction!r} is not supported; this project trains "
+                               f"and samples {' and '.join(diffusion.PREDICTION_TYPES)} models.")
     scheduler, scheduler_state = adapter.ddpm_scheduler(sched_config)
     params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
     return ModelBundle(
@@ -220,15 +229,18 @@ def read_json(path: str) -> dict:
         raise ModelSourceError(f"cannot read {path}: {e}") from e
 
 
-def _load_diffusers_component(folder, name, from_config, load_flax, dtype, variant):
+def _load_diffusers_component(folder, name, from_config, dtype, variant):
+    """(module, params) of unet/ or vae/: the module from config.json (settings diffusers' Flax class lacks are
+    refused there), the params from Flax msgpack or PyTorch safetensors weights."""
     sub = os.path.join(folder, name)
-    if not os.path.isfile(os.path.join(sub, "config.json")):
+    config_path = os.path.join(sub, "config.json")
+    if not os.path.isfile(config_path):
         raise ModelSourceError(f"{sub} has no config.json")
+    module = from_config(read_json(config_path), dtype=dtype, what=config_path)
+    shapes = convert.shape_tree(module.init_weights)
     if os.path.isfile(os.path.join(sub, "diffusion_flax_model.msgpack")):
-        try:
-            return load_flax(sub, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise ModelSourceError(f"cannot load Flax weights of {sub}: {e}") from e
+        return module, convert.read_flax_msgpack(os.path.join(sub, "diffusion_flax_model.msgpack"), shapes,
+                                                 what=sub, dtype=dtype)
     stems = [f for f in os.listdir(sub) if f.endswith(".safetensors") or f.endswith(".safetensors.index.json")]
     if not stems:
         only_bin = any(f.endswith(".bin") for f in os.listdir(sub))
@@ -236,21 +248,22 @@ def _load_diffusers_component(folder, name, from_config, load_flax, dtype, varia
             f"{sub} has no Flax (.msgpack) or safetensors weights"
             + (": only PyTorch .bin files, which need torch; re-save them as safetensors." if only_bin else ".")
         )
-    module = from_config(read_json(os.path.join(sub, "config.json")), dtype=dtype)
-    shapes = convert.shape_tree(module.init_weights)
     state = convert.read_safetensors(sub, "diffusion_pytorch_model", variant)
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype)
 
 
 def _load_text_encoder(sub: str, dtype, variant):
-    if not os.path.isfile(os.path.join(sub, "config.json")):
+    config_path = os.path.join(sub, "config.json")
+    if not os.path.isfile(config_path):
         raise ModelSourceError(f"{sub} has no config.json")
+    config = read_json(config_path)
+    adapter.check_text_config(config, config_path)
     if os.path.isfile(os.path.join(sub, "flax_model.msgpack")):
         try:
             return adapter.load_flax_clip_text(sub, dtype=dtype)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load Flax weights of {sub}: {e}") from e
-    module = adapter.text_encoder_from_config(read_json(os.path.join(sub, "config.json")), dtype=dtype)
+    module = adapter.text_encoder_from_config(config, dtype=dtype, what=config_path)
     shapes = convert.shape_tree(adapter.text_init_fn(module))
     state = convert.read_safetensors(sub, "model", variant)
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype, rename=adapter.pt_to_flax_text_key)

@@ -22,6 +22,9 @@ def guided_sample(eps_fn, scheduler, sched_state, noise_BxCxhxw, cond_BxTxD, unc
                   num_steps: int, guidance):
     """Latents after `num_steps` scheduler steps from `noise`; eps = uncond + g (cond - uncond).
 
+    `eps_fn` returns what the model predicts, the noise or v: the scheduler, built from the model's scheduler
+    config, reads it by its `prediction_type` (guidance is linear in either).
+
     The conditional and unconditional halves run as one batch of 2B through the UNet. `guidance` may be
     a traced scalar (a sweep over guidance reuses one program).
     """

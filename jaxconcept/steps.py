@@ -82,7 +82,9 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
     n = latents.shape[0]
     t = jax.random.randint(k_t, (n,), 0, bundle.scheduler.config.num_train_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-    noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod, latents, noise, t)
+    alphas_cumprod = bundle.scheduler_state.common.alphas_cumprod
+    noisy = diffusion.add_noise(alphas_cumprod, latents, noise, t)
+    target = diffusion.training_target(bundle.prediction_type, alphas_cumprod, latents, noise, t)  # eps or v
     if prior and "prior_context" in run_data and "text_encoder" not in trainable:
         # the class prompt's encoding is fixed while the text encoder is: cached once, not re-run each step
         inst = tokens.text_hidden_states(bundle.text_encoder, text_params, ids[:b], concept_ids, trainable["rows"])
@@ -97,7 +99,7 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
 
     present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
     masks_BxCxhxw = batch["masks"].astype(jnp.float32)
-    l_mask = losses.masked_diffusion_loss(eps[:b], noise[:b], losses.union_mask(masks_BxCxhxw, present_BxC))
+    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], losses.union_mask(masks_BxCxhxw, present_BxC))
     grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
     attn_BxCxgxg = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latents.shape[2:],
                                             jnp.maximum(batch["positions"], 0), out_hw=grid, normalize="max")
@@ -105,7 +107,7 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
     total = l_mask + cfg.attn_weight * l_attn
     metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
     if prior:
-        l_prior = losses.diffusion_loss(eps[b:], noise[b:])
+        l_prior = losses.diffusion_loss(eps[b:], target[b:])
         total = total + cfg.prior_weight * l_prior
         metrics["loss_prior"] = l_prior
     return total, metrics

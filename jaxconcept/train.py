@@ -3,6 +3,9 @@
     python -m jaxconcept.train                       # toy model + the bundled toy scene, every stage
     python -m jaxconcept.train --out runs/mine --concepts "dog.jpg:<dog>=dog,<rug>=rug,<room>=room/background"
     python -m jaxconcept.train --config configs/em_toy.py --config.mode=attention --config.tokens.steps=200
+    python -m jaxconcept.train --config sd15 --out runs/dog --concepts "dog.jpg:<dog>=dog,<room>=room/background"
+
+--config takes a config file or a preset name (sd15, sd21_base, sd21: jaxconcept/presets/).
 
 --concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/inputs.py).
 Starting again with the same --out resumes from the last checkpoint.
@@ -27,7 +30,7 @@ from ml_collections import config_flags
 
 import jax
 
-from . import distributed, inputs, jobs, learner
+from . import distributed, inputs, jobs, learner, presets
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -108,7 +111,12 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    try:
+        argv = presets.resolve_config_arg(sys.argv)  # `--config sd15`: a preset shipped in the package
+    except JaxconceptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main, argv=argv)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,9 @@ def test_run_without_unet_exports_the_base_unet(tiny, tmp_path, capsys):
     ("no_concepts", "concepts.safetensors is missing"),
     ("out_is_run", "is the run folder itself"),
     ("unwritable", "cannot write"),
+    ("not_empty", "is not empty (1 entry: 'old.txt'); nothing was written. Choose a new folder, or pass "
+                  "--overwrite"),
+    ("holds_run", "holds the run folder"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, case, message):
     run_dir = tmp_path / "run"
@@ -224,10 +227,50 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, case, message):
     if case != "no_concepts":
         outputs.save_concepts(str(run_dir / "concepts.safetensors"), TOKENS, np.zeros((2, 32), np.float32))
     run = tmp_path / "nope" if case == "missing" else run_dir
-    out = {"out_is_run": run_dir, "unwritable": run_dir / "config.json" / "sub"}.get(case, tmp_path / "out")
-    assert export.main(["--run", str(run), "--out", str(out)]) == 2
+    out = {"out_is_run": run_dir, "unwritable": run_dir / "config.json" / "sub",
+           "holds_run": tmp_path}.get(case, tmp_path / "out")
+    if case == "not_empty":
+        out.mkdir()
+        (out / "old.txt").write_text("another run's export")
+    assert export.main(["--run", str(run), "--out", str(out)] + (["--overwrite"] if case == "holds_run" else [])) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_overwrite_replaces_and_a_failed_export_leaves_the_folder_as_it_was(tiny, tmp_path, monkeypatch, capsys):
+    run_dir = write_run(tmp_path / "run", tiny, tuned=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "embeddings").mkdir()
+    (out / "embeddings" / "old_token.safetensors").write_text("from another run")
+    (out / "old.txt").write_text("from another run")
+    argv = ["--run", run_dir, "--out", str(out), "--no-pipeline"]
+    assert export.main(argv) == 2 and "is not empty" in capsys.readouterr().err
+    assert (out / "old.txt").exists()  # refused: untouched
+
+    def interrupted(cfg, run_dir, folder, out_dir, pipeline):
+        (tmp_path / "staged_at").write_text(folder)
+        with open(os.path.join(folder, "tokens.json"), "w") as f:
+            f.write("half")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(export, "_write_export", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export.main(argv + ["--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == ["embeddings", "old.txt"]  # as it was
+    assert not os.path.exists((tmp_path / "staged_at").read_text())  # the staging folder is gone
+    (tmp_path / "staged_at").unlink()
+
+    assert export.main(argv + ["--overwrite"]) == 0
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert "old.txt" not in got and "embeddings/old_token.safetensors" not in got  # replaced, not mixed
+    assert {"tokens.json", "README.md", "unet/config.json", "embeddings/v1.safetensors"} <= set(got)
+    assert json.loads((out / "tokens.json").read_text())["out"] == str(out)  # names where it ended up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no staging or old folders left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual permissions, not mkdtemp's private ones
 
 
 def test_pytorch_pipeline_generates_our_images(run, pipe):

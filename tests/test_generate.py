@@ -21,25 +21,29 @@ SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0
                    steps_offset=1, clip_sample=False)
 
 
-def _point_mass_eps(alphas_cumprod, x_t, t_B, x0):
-    """The exact noise predictor when all data sits at the constant image x0."""
+def _point_mass_eps(alphas_cumprod, x_t, t_B, x0, prediction="epsilon"):
+    """The exact noise (or v) predictor when all data sits at the constant image x0."""
     a_t = alphas_cumprod[t_B].reshape((-1,) + (1,) * (x_t.ndim - 1))
-    return (x_t - a_t ** 0.5 * x0) / (1.0 - a_t) ** 0.5
+    eps = (x_t - a_t ** 0.5 * x0) / (1.0 - a_t) ** 0.5
+    return eps if prediction == "epsilon" else a_t ** 0.5 * eps - (1.0 - a_t) ** 0.5 * x0
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("name", ["ddim", "pndm", "dpm++"])
-def test_every_scheduler_matches_pytorch_diffusers(name):
+def test_every_scheduler_matches_pytorch_diffusers(name, prediction):
     """Our guided loop with diffusers' Flax scheduler vs PyTorch diffusers' scheduler loop, on a predictor
-    with a known answer (targets A=0.5 cond, B=-0.25 uncond, guidance 3). The Flax DPM-Solver++ ends at
+    with a known answer (targets A=0.5 cond, B=-0.25 uncond, guidance 3), for epsilon and v-prediction models
+    (the prediction type comes from the model's scheduler config). The Flax DPM-Solver++ ends at
     t=0 rather than sigma=0: PyTorch's final_sigmas_type="sigma_min" is the same solver."""
     import inspect
 
     import diffusers
     import torch
 
-    sched, state = adapter.inference_scheduler(name, SD_SCHEDULE)
+    schedule = dict(SD_SCHEDULE, prediction_type=prediction)
+    sched, state = adapter.inference_scheduler(name, schedule)
     ac = state.common.alphas_cumprod
-    eps_fn = lambda x, t, ctx: _point_mass_eps(ac, x, t, ctx[:, 0, 0][:, None, None, None])  # noqa: E731
+    eps_fn = lambda x, t, ctx: _point_mass_eps(ac, x, t, ctx[:, 0, 0][:, None, None, None], prediction)  # noqa: E731
     noise = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 8, 8)))
     cond, uncond = jnp.full((2, 3, 5), 0.5), jnp.full((2, 3, 5), -0.25)
     ours = jax.jit(sampling.guided_sample, static_argnums=(0, 1, 6))(eps_fn, sched, state, noise, cond, uncond, 20, 3.0)
@@ -47,12 +51,12 @@ def test_every_scheduler_matches_pytorch_diffusers(name):
     cls, extra = {"ddim": (diffusers.DDIMScheduler, {}), "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
                   "dpm++": (diffusers.DPMSolverMultistepScheduler, {"final_sigmas_type": "sigma_min"})}[name]
     accepted = inspect.signature(cls.__init__).parameters
-    pt = cls(**{k: v for k, v in SD_SCHEDULE.items() if k in accepted}, **extra)
+    pt = cls(**{k: v for k, v in schedule.items() if k in accepted}, **extra)
     pt.set_timesteps(20)
     ac64 = pt.alphas_cumprod.numpy().astype(np.float64)
     x = torch.tensor(noise)
     for t in pt.timesteps:
-        e_u, e_c = (_point_mass_eps(ac64, x.numpy(), np.array([int(t)]), v) for v in (-0.25, 0.5))
+        e_u, e_c = (_point_mass_eps(ac64, x.numpy(), np.array([int(t)]), v, prediction) for v in (-0.25, 0.5))
         x = pt.step(torch.tensor(e_u + 3.0 * (e_c - e_u), dtype=torch.float32), t, x).prev_sample
     np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=1e-5)
     # and both land on the guided target B + g (A - B) = 2, up to the noise left at t=0 (sqrt(1 - abar_0) = 3%)

@@ -1,0 +1,80 @@
+"""Ready configurations of the learner for real Stable Diffusion models, usable from any working folder:
+
+    python -m jaxconcept.train --config sd15 --out runs/dog --concepts "dog.jpg:<dog>=dog,<room>=room/background"
+
+| name        | model (hub id)                                | image px | latent | E-step maps | attention loss | predicts |
+|-------------|-----------------------------------------------|----------|--------|-------------|----------------|----------|
+| `sd15`      | stable-diffusion-v1-5/stable-diffusion-v1-5   | 512      | 64     | 16x16, 32x32 | 16x16         | epsilon  |
+| `sd21_base` | stabilityai/stable-diffusion-2-1-base         | 512      | 64     | 16x16, 32x32 | 16x16         | epsilon  |
+| `sd21`      | stabilityai/stable-diffusion-2-1              | 768      | 96     | 24x24, 48x48 | 24x24         | v        |
+
+The grids are query-grid heights of the UNet's cross-attention layers (`masks.resolutions`,
+`tokens.attn_resolution`): at every resolution the same layers, those of the second and third UNet levels
+(DESIGN §3 skips the finest level, whose maps are noisy, and the coarsest, 8x8 at 512 px):
+
+    E-step    down_blocks_1 (2 layers) and up_blocks_2 (3) at latent/2;  down_blocks_2 (2) and up_blocks_1 (3) at latent/4
+    loss      down_blocks_2 and up_blocks_1 (latent/4: Break-a-Scene's 16x16 at 512 px)
+
+What the UNet predicts is read from the model's own scheduler config (`prediction_type`), not set here: SD 2.1
+at 768 px is trained on the v target and sampled as a v model. `--config NAME` takes these names (or
+`NAME.py`); a path to a config file works as before. Any field can still be overridden
+(`--config.model=/path/to/local/sd15-folder`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import JaxconceptError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAMES = ("sd15", "sd21_base", "sd21")
+# query-grid height -> UNet blocks holding the cross-attention layers at that grid, for SD 1.x / 2.x
+SD_LAYERS_AT = {2: ("down_blocks_1", "up_blocks_2"), 4: ("down_blocks_2", "up_blocks_1")}  # latent / factor
+
+
+def stable_diffusion(model: str, resolution: int):
+    """The learner's config for an SD 1.x/2.x model at `resolution` px: Break-a-Scene's prompts, E-step maps at
+    latent/4 and latent/2, attention loss at latent/4 (see the module docstring)."""
+    from ..config import get_config
+
+    latent = resolution // 8
+    c = get_config()
+    c.model = model
+    c.resolution = resolution
+    c.template, c.joiner = "a photo of {}", " and "  # Break-a-Scene's prompts
+    c.masks.resolutions = (latent // 4, latent // 2)
+    c.masks.background_level = 0.45  # middle of DiffuMask's 0.35-0.55
+    c.tokens.attn_resolution = latent // 4
+    c.log_every = 25
+    return c
+
+
+def path(name: str) -> str | None:
+    """The file of a preset named `name` (with or without ".py"); None if there is none."""
+    stem = name[:-3] if name.endswith(".py") else name
+    return os.path.join(HERE, f"{stem}.py") if stem in NAMES else None
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+    """argv with `--config NAME` / `--config=NAME` of a preset replaced by its file's path. A value that is an
+    existing file is left alone; one that is neither is a JaxconceptError naming the presets."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = _resolve(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + _resolve(arg[len("--config="):])
+    return out
+
+
+def _resolve(value: str) -> str:
+    file, sep, args = value.partition(":")  # ml_collections: "file.py:arguments"
+    if os.path.isfile(file):
+        return value
+    preset = path(file)
+    if preset is None:
+        raise JaxconceptError(f"--config {value!r} is neither a config file nor a preset; presets: "
+                              f"{', '.join(NAMES)} (see jaxconcept/presets/__init__.py), or give a path to a "
+                              "config file such as configs/em_toy.py.")
+    return preset + sep + args
