@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 import jax
 
-from . import distributed, inputs, jobs, learner
+from . import distributed, inputs, jobs, learner, settings
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -87,6 +87,7 @@ def main(argv) -> None:
     pylogging.getLogger("jaxconcept").setLevel(pylogging.WARNING)
     cfg = _CONFIG.value
     try:
+        settings.resolve(cfg)  # every config value checked before anything else
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
         if _JOBS.value and _CONCEPTS.value:
             raise JaxconceptError("give --concepts (one run) or --job (several concept sets), not both.")
@@ -107,8 +108,18 @@ def main(argv) -> None:
               + (f"\n({jax.process_count()} processes, {jax.device_count()} devices)" if multi else ""))
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with config overrides it cannot take (an unknown field, a value of the wrong
+    type) printed as one line naming the field (exit 2) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        print(f"error: {settings.command_line_error(argv, e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
