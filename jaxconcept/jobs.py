@@ -82,7 +82,7 @@ def jobs_program(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[pr
     setups = [dataclasses.replace(st, run_data=place(st.run_data)) for st in setups]
     run_data, ids_KxN = stacked_inputs(setups, mesh)
     loss_cfg = prog.loss_config(s)
-    keys = dict(zip(("inversion", "token", "estep", "joint"), jax.random.split(jax.random.key(s.seed), 4)))
+    keys = prog.stage_keys(s.seed)
     per_job = lambda key: sharding.put(jnp.stack([key] * k_jobs), job_sh)  # noqa: E731  (each as run alone)
     maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
                                        s.masks.num_timesteps, setups[0].latent_hw, mesh)

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from . import checkpoints, distributed, estep, outputs, runfolder, settings, sharding
 from .errors import JaxconceptError
 from .model import ModelBundle
-from .program import Job, Program, latent_masks, loss_config, single_program  # noqa: F401  (jobs, benchmarks)
+from .program import (Job, Program, latent_masks, loss_config, single_program,  # noqa: F401  (benchmarks)
+                      stage_keys)
 from .setup import Setup, check_inputs, crf_where, prepare, truth_masks  # noqa: F401  (the learner's API)
 
 MODES = settings.MODES
@@ -89,7 +90,7 @@ def run(s: settings.Settings, program: Program, jobs: list, folder: str, fingerp
               else f"resuming {folder} from checkpoint {start.index} ({start.stage}, round {start.round})")
     for job in jobs:
         runfolder.start(job.run_dir, s, job.setup)
-    keys = dict(zip(("inversion", "token", "estep", "joint"), jax.random.split(jax.random.key(s.seed), 4)))
+    keys = stage_keys(s.seed)
     bar = tqdm(total=s.total_steps * program.jobs, desc="learning" + (f" {program.jobs} jobs" * (program.jobs > 1)),
                dynamic_ncols=True, disable=not (progress and distributed.is_primary()))
     loop = Loop(s, program, jobs, mngr, [runfolder.Metrics(j.run_dir, None if start.stage == "init" else start.index)

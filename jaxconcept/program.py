@@ -18,6 +18,11 @@ from . import capture, data, settings, sharding, steps
 from .setup import Setup
 
 
+def stage_keys(seed: int) -> dict:
+    """The random keys of the stages and E-steps: what every run with this seed draws."""
+    return dict(zip(("inversion", "token", "estep", "joint"), jax.random.split(jax.random.key(seed), 4)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     """What the loop runs, for J jobs (J = 1: a single run). States are pytrees {"params", "opt_state",
@@ -68,7 +73,7 @@ def single_program(s: settings.Settings, st: Setup, mesh) -> tuple[Program, Setu
     token_fn = make(loss_cfg, token_opt)
     maps_fn = steps.make_concept_maps(b, st.concepts.ids, capture.LayerSelector(resolutions=s.masks.resolutions),
                                       s.masks.num_timesteps, st.latent_hw, mesh, frozen_shardings=frozen_sh)
-    keys = dict(zip(("inversion", "token", "estep", "joint"), jax.random.split(jax.random.key(s.seed), 4)))
+    keys = stage_keys(s.seed)
     te = s.joint.text_encoder
     joint_frozen = {} if te else {"text_encoder": frozen["text_encoder"]}
     joint_opt = steps.make_optimizer(s.joint.lr, s.tokens.clip, s.tokens.weight_decay, s.joint.optimizer)

@@ -37,7 +37,7 @@ BAD = {
     "estep_every 0": ({"tokens.estep_every": 0}, "tokens.estep_every = 0 is not allowed: use an integer >= 1"),
     "lr 0": ({"tokens.lr": 0.0}, "tokens.lr = 0.0 is not allowed: use a number > 0.0"),
     "joint lr < 0": ({"joint.lr": -1e-6}, "joint.lr = -1e-06 is not allowed: use a number > 0.0"),
-    "inversion lr": ({"init.inversion_lr": 0}, "init.inversion_lr = 0 is not allowed: use a number > 0.0"),
+    "inversion lr": ({"init.inversion_lr": 0.0}, "init.inversion_lr = 0.0 is not allowed: use a number > 0.0"),
     "joint steps": ({"joint.steps": -1}, "joint.steps = -1 is not allowed: use an integer >= 0"),
     "log_every": ({"log_every": 0}, "log_every = 0 is not allowed: use an integer >= 1"),
     "flip_prob": ({"flip_prob": 1.5}, r"flip_prob = 1.5 is not allowed: use a number in \[0.0, 1.0\]"),
