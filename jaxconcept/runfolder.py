@@ -80,6 +80,10 @@ def check_fingerprint(folder: str, fp: dict) -> None:
     """Refuse a folder that holds a run of other inputs or settings (nothing is written)."""
     old = read_record(folder)
     if old is None:
+        ckpt = os.path.join(folder, "checkpoints")
+        if os.path.isdir(ckpt) and os.listdir(ckpt):
+            raise RunFolderError(f"{folder!r} holds checkpoints but no run.json: it was written by an older version "
+                                 "of jaxconcept and cannot be resumed. Give another --out, or delete the folder.")
         return
     diff = _differences(old.get("fingerprint", {}), fp)
     if diff:

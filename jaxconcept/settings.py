@@ -276,8 +276,9 @@ def command_line_error(argv, error: Exception) -> str:
             name, _, value = arg[len("--config."):].partition("=")
             if name not in RULES and name not in GROUPS:
                 return unknown_field_message(name)
-    text = str(error).strip().strip("'\"").replace("\\n", " ")
-    return f"bad command line: {text}"
+            if f"--config.{name}" in str(error) and name in RULES:  # a value of the wrong type
+                return f"config field {name} = {value!r} is not allowed: use {RULES[name](value) or 'another value'}."
+    return f"bad command line: {str(error).strip()}"
 
 
 def check(cfg) -> dict:

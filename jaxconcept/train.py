@@ -33,7 +33,11 @@ from .errors import JaxconceptError
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 TOY_SCENE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "examples", "heldout_scene")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "learner config (ml_collections file)")
+try:  # ml_collections defines a flag per --config.FIELD of the command line here, and fails on an unknown one
+    _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "learner config (ml_collections file)")
+    _DEFINE_ERROR = None
+except (AttributeError, KeyError, TypeError, ValueError) as e:  # reported by run(), without a traceback
+    _CONFIG, _DEFINE_ERROR = None, e
 _OUT = flags.DEFINE_string("out", "runs/train", "run folder (resumes if it has checkpoints)")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
                                   "join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
@@ -119,6 +123,9 @@ def parse_flags(argv):
 
 
 def run() -> None:
+    if _DEFINE_ERROR is not None:
+        print(f"error: {settings.command_line_error(sys.argv, _DEFINE_ERROR)}", file=sys.stderr)
+        sys.exit(2)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -83,7 +83,8 @@ def test_an_unknown_field_suggests_the_nearest():
 def test_the_command_line_refuses_bad_config_with_exit_2_before_any_work(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for args, message in ((["--config.tokens.stepz=3"], "unknown config field 'tokens.stepz'. Did you mean tokens.steps"),
-                          (["--config.tokens.estep_every=0"], "tokens.estep_every = 0 is not allowed: use an integer >= 1")):
+                          (["--config.tokens.estep_every=0"], "tokens.estep_every = 0 is not allowed: use an integer >= 1"),
+                          (["--config.tokens.steps=abc"], "tokens.steps = 'abc' is not allowed: use an integer >= 0")):
         proc = subprocess.run([sys.executable, "-m", "jaxconcept.train", "--out", str(tmp_path / "r"), *args],
                               capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 2, proc.stderr
