@@ -12,6 +12,7 @@ import inspect
 import logging
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 
@@ -96,8 +97,6 @@ def is_geglu_module(module: Any) -> bool:
 
 def is_transformer_group_norm(module: Any) -> bool:
     """The GroupNorm at the input of a UNet Transformer2D block."""
-    import flax.linen as nn
-
     return isinstance(module, nn.GroupNorm) and isinstance(module.parent, FlaxTransformer2DModel)
 
 
@@ -204,6 +203,44 @@ def _flax_config(config: dict, cls, kind: str, what: str) -> dict:
             + "\n  ".join(problems) + f"\nSuch a {kind} can only be run faithfully by PyTorch diffusers.")
     fields = _flax_fields(cls) - {"dtype"}  # the dtype is an argument, never read from a file
     return {k: v for k, v in _hashable(config).items() if k in fields}
+
+
+def geglu_exact_gelu(module, hidden):
+    """diffusers' FlaxGEGLU with PyTorch's exact (erf) GELU instead of the tanh approximation (dropout:
+    inference / rate 0)."""
+    hidden_linear, hidden_gate = jnp.split(module.proj(hidden), 2, axis=2)
+    return hidden_linear * nn.gelu(hidden_gate, approximate=False)
+
+
+def transformer_group_norm_pytorch_eps(module, hidden):
+    """A Transformer2D block's input GroupNorm with PyTorch's eps."""
+    norm = module.clone(parent=None, epsilon=TRANSFORMER_NORM_EPS)
+    return norm.apply({"params": module.variables["params"]}, hidden)
+
+
+def attention_with_probs(module, hidden_BxQxC, context_BxTxD):
+    """diffusers' FlaxAttention forward (non-chunked path) that also returns probs (B x heads x Q x T)."""
+    heads, dim_head = module.heads, module.dim_head
+    q = module.query(hidden_BxQxC)
+    k = module.key(context_BxTxD)
+    v = module.value(context_BxTxD)
+    batch, num_q, num_t = hidden_BxQxC.shape[0], hidden_BxQxC.shape[1], context_BxTxD.shape[1]
+    if module.split_head_dim:
+        q = q.reshape(batch, -1, heads, dim_head)
+        k = k.reshape(batch, -1, heads, dim_head)
+        v = v.reshape(batch, -1, heads, dim_head)
+        scores = jnp.einsum("b t n h, b f n h -> b n f t", k, q) * dim_head**-0.5
+        probs = nn.softmax(scores, axis=-1)
+        out = jnp.einsum("b n f t, b t n h -> b f n h", probs, v).reshape(batch, -1, heads * dim_head)
+        probs_BxHxQxT = probs
+    else:
+        q, k, v = (module.reshape_heads_to_batch_dim(x) for x in (q, k, v))
+        scores = jnp.einsum("b i d, b j d->b i j", q, k) * dim_head**-0.5
+        probs = nn.softmax(scores, axis=2)
+        out = module.reshape_batch_dim_to_heads(jnp.einsum("b i j, b j d -> b i d", probs, v))
+        probs_BxHxQxT = probs.reshape(batch, heads, num_q, num_t)
+    out = module.proj_attn(out)
+    return module.dropout_layer(out, deterministic=True), probs_BxHxQxT
 
 
 # ---------------------------------------------------------------- UNet / VAE

@@ -7,8 +7,9 @@ diffusers' plain dot-product path) and sows them. Layers not kept run their own 
 memory-efficient attention included) and store nothing. The context is entered inside the traced
 function, so this works under `jax.jit` (around a compiled function it would do nothing).
 
-Every UNet application here also runs `_pytorch_faithful`, which restores the PyTorch model's exact GELU
-and GroupNorm eps where diffusers' Flax port differs.
+Every UNet application of the package is here (`unet_with_attention`, `unet_eps`); each runs
+`_pytorch_faithful`, which restores the PyTorch model's exact GELU and GroupNorm eps where diffusers' Flax
+port differs. The diffusers internals these rely on are named only in `adapter.py`.
 """
 
 from __future__ import annotations
@@ -62,31 +63,6 @@ def grid_of(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     return rows, cols
 
 
-def attention_with_probs(module, hidden_BxQxC, context_BxTxD):
-    """diffusers' FlaxAttention forward (non-chunked path) that also returns probs (B x heads x Q x T)."""
-    heads, dim_head = module.heads, module.dim_head
-    q = module.query(hidden_BxQxC)
-    k = module.key(context_BxTxD)
-    v = module.value(context_BxTxD)
-    batch, num_q, num_t = hidden_BxQxC.shape[0], hidden_BxQxC.shape[1], context_BxTxD.shape[1]
-    if module.split_head_dim:
-        q = q.reshape(batch, -1, heads, dim_head)
-        k = k.reshape(batch, -1, heads, dim_head)
-        v = v.reshape(batch, -1, heads, dim_head)
-        scores = jnp.einsum("b t n h, b f n h -> b n f t", k, q) * dim_head**-0.5
-        probs = nn.softmax(scores, axis=-1)
-        out = jnp.einsum("b n f t, b t n h -> b f n h", probs, v).reshape(batch, -1, heads * dim_head)
-        probs_BxHxQxT = probs
-    else:
-        q, k, v = (module.reshape_heads_to_batch_dim(x) for x in (q, k, v))
-        scores = jnp.einsum("b i d, b j d->b i j", q, k) * dim_head**-0.5
-        probs = nn.softmax(scores, axis=2)
-        out = module.reshape_batch_dim_to_heads(jnp.einsum("b i j, b j d -> b i d", probs, v))
-        probs_BxHxQxT = probs.reshape(batch, heads, num_q, num_t)
-    out = module.proj_attn(out)
-    return module.dropout_layer(out, deterministic=True), probs_BxHxQxT
-
-
 def _interceptor(selector: LayerSelector, latent_hw, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not adapter.is_attention_module(module):
@@ -98,7 +74,7 @@ def _interceptor(selector: LayerSelector, latent_hw, next_fun, args, kwargs, con
     path = "/".join(module.scope.path)
     if not selector.keeps(path, grid_of(hidden.shape[1], latent_hw)):
         return next_fun(*args, **kwargs)
-    out, probs = attention_with_probs(module, hidden, ctx)
+    out, probs = adapter.attention_with_probs(module, hidden, ctx)
     module.sow(COLLECTION, SOW_NAME, probs)
     return out
 
@@ -112,11 +88,9 @@ def _pytorch_faithful(next_fun, args, kwargs, context):
     if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
     if adapter.is_geglu_module(module):
-        hidden_linear, hidden_gate = jnp.split(module.proj(args[0]), 2, axis=2)
-        return hidden_linear * nn.gelu(hidden_gate, approximate=False)  # dropout: inference / rate 0
+        return adapter.geglu_exact_gelu(module, args[0])
     if adapter.is_transformer_group_norm(module):
-        norm = module.clone(parent=None, epsilon=adapter.TRANSFORMER_NORM_EPS)
-        return norm.apply({"params": module.variables["params"]}, *args)
+        return adapter.transformer_group_norm_pytorch_eps(module, args[0])
     return next_fun(*args, **kwargs)
 
 

@@ -53,9 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     # stage 3: tokens and UNet (text encoder optional) with the masks fixed
     # remat: "none", "full" (recompute the UNet's activations in the backward pass) or "dots" (keep matmuls);
-    # optimizer: "adamw", or low-memory "adamw_bf16" / "adafactor"
+    # optimizer: "adamw", or low-memory "adamw_bf16" / "adafactor"; checkpoint_every: joint steps between
+    # checkpoints (a run stopped there resumes from the last one; 0 = only at the end)
     c.joint = ml_collections.ConfigDict(dict(steps=400, lr=2e-6, text_encoder=False, remat="none",
-                                             optimizer="adamw"))
+                                             optimizer="adamw", checkpoint_every=100))
     # devices: a (data, fsdp) mesh over all of them; fsdp > 1 splits the joint stage's UNet, gradients and
     # optimiser state over groups of fsdp devices (and the frozen UNet too with shard_frozen)
     c.mesh = ml_collections.ConfigDict(dict(fsdp=1, shard_frozen=False, fsdp_min_size=2 ** 14))

@@ -279,32 +279,9 @@ def refine_labels(
     params = params or CRFParams()
     backend = _check_backend(backend)
     image = _check_image(image)
-    labels_HxW = np.asarray(labels_HxW)
     h, w = image.shape[:2]
-    if labels_HxW.shape != (h, w):
-        raise CRFInputError(f"labels shape {labels_HxW.shape} does not match image H x W {(h, w)}")
-    if not np.issubdtype(labels_HxW.dtype, np.integer):
-        raise CRFInputError(f"labels must be integers (0 = background), got dtype {labels_HxW.dtype}")
-    num_labels = int(num_labels)
-    if num_labels < 1:
-        raise CRFInputError(f"num_labels counts the background and must be >= 1, got {num_labels}")
-    if labels_HxW.size and (labels_HxW.min() < 0 or labels_HxW.max() >= num_labels):
-        raise CRFInputError(
-            f"labels must lie in [0, {num_labels - 1}] for num_labels={num_labels}, "
-            f"got [{labels_HxW.min()}, {labels_HxW.max()}]"
-        )
+    labels_HxW, num_labels, soft_KxHxW = _checked_labels(labels_HxW, num_labels, soft_KxHxW, h, w)
     k = num_labels - 1
-    if soft_KxHxW is not None:
-        soft_KxHxW = np.asarray(soft_KxHxW, np.float32)
-        if soft_KxHxW.shape != (k, h, w):
-            raise CRFInputError(
-                f"soft maps shape {soft_KxHxW.shape} must be (num_labels - 1, H, W) = {(k, h, w)}"
-            )
-        lo, hi = soft_KxHxW.min(initial=0.0), soft_KxHxW.max(initial=0.0)
-        if not np.isfinite(soft_KxHxW).all() or lo < -1e-3 or hi > 1 + 1e-3:
-            raise CRFInputError("soft maps must be finite and in [0, 1] (normalise each token's map first)")
-        soft_KxHxW = np.clip(soft_KxHxW, 0.0, 1.0)
-
     ch, cw = crf_size = _crf_size(size, h, w)
     sp = params.scaled(crf_size)
     unrefined_HxW = labels_HxW.astype(np.int32)
@@ -345,8 +322,44 @@ def refine_labels(
             take = fill_small_holes(refined_HxW == lab) & (refined_HxW == 0)
             refined_HxW[take] = lab
 
+    out_HxW, info["rejected"], info["iou"] = _restore_rejected(refined_HxW, unrefined_HxW, num_labels, sp.min_iou)
+    return out_HxW, info
+
+
+def _checked_labels(labels_HxW, num_labels, soft_KxHxW, h: int, w: int):
+    """refine_labels' label map, label count and soft maps, checked (soft maps clipped to [0, 1])."""
+    labels_HxW = np.asarray(labels_HxW)
+    if labels_HxW.shape != (h, w):
+        raise CRFInputError(f"labels shape {labels_HxW.shape} does not match image H x W {(h, w)}")
+    if not np.issubdtype(labels_HxW.dtype, np.integer):
+        raise CRFInputError(f"labels must be integers (0 = background), got dtype {labels_HxW.dtype}")
+    num_labels = int(num_labels)
+    if num_labels < 1:
+        raise CRFInputError(f"num_labels counts the background and must be >= 1, got {num_labels}")
+    if labels_HxW.size and (labels_HxW.min() < 0 or labels_HxW.max() >= num_labels):
+        raise CRFInputError(
+            f"labels must lie in [0, {num_labels - 1}] for num_labels={num_labels}, "
+            f"got [{labels_HxW.min()}, {labels_HxW.max()}]"
+        )
+    k = num_labels - 1
+    if soft_KxHxW is not None:
+        soft_KxHxW = np.asarray(soft_KxHxW, np.float32)
+        if soft_KxHxW.shape != (k, h, w):
+            raise CRFInputError(
+                f"soft maps shape {soft_KxHxW.shape} must be (num_labels - 1, H, W) = {(k, h, w)}"
+            )
+        lo, hi = soft_KxHxW.min(initial=0.0), soft_KxHxW.max(initial=0.0)
+        if not np.isfinite(soft_KxHxW).all() or lo < -1e-3 or hi > 1 + 1e-3:
+            raise CRFInputError("soft maps must be finite and in [0, 1] (normalise each token's map first)")
+        soft_KxHxW = np.clip(soft_KxHxW, 0.0, 1.0)
+    return labels_HxW, num_labels, soft_KxHxW
+
+
+def _restore_rejected(refined_HxW, unrefined_HxW, num_labels: int, min_iou: float):
+    """(labels, rejected, ious): a label whose refined mask overlaps its unrefined one by less than
+    min_iou is not trusted; its CRF pixels go back and its unrefined mask is restored."""
     ious = tuple(_iou(refined_HxW == lab, unrefined_HxW == lab) for lab in range(1, num_labels))
-    rejected = tuple(v < sp.min_iou for v in ious)
+    rejected = tuple(v < min_iou for v in ious)
     out_HxW = refined_HxW.copy()
     rejected_labels = [lab for lab in range(1, num_labels) if rejected[lab - 1]]
     for lab in rejected_labels:  # (1) untrusted CRF pixels go back to their unrefined label
@@ -354,8 +367,7 @@ def refine_labels(
         out_HxW[back] = unrefined_HxW[back]
     for lab in rejected_labels:  # (2) rejected masks are restored exactly, over accepted labels
         out_HxW[unrefined_HxW == lab] = lab
-    info["rejected"], info["iou"] = rejected, ious
-    return out_HxW, info
+    return out_HxW, rejected, ious
 
 
 def refine_masks(image, masks_KxHxW, params: CRFParams | None = None, soft=None, *, backend="host", size=None):

@@ -44,13 +44,9 @@ precision at large feature values), matmuls at HIGHEST precision so GPUs don't d
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-
-if TYPE_CHECKING:
-    from jaxconcept.crf import CRFParams
 
 BLOCK_BYTES = 64 * 2**20  # budget for one block's B x N float32 kernel slice
 _HI = jax.lax.Precision.HIGHEST
@@ -176,7 +172,7 @@ class _Pairwise:
         return self.compat_g * msg_g_NxL + self.compat_b * nb_Nx1 * filt_b_NxL
 
 
-def _f32_params(params: "CRFParams"):
+def _f32_params(params):
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     return tuple(
         f32(v)
@@ -190,7 +186,7 @@ def _f32_params(params: "CRFParams"):
     )
 
 
-def messages(q_LxN, image_HxWx3, params: "CRFParams", block_rows: int | None = None, dense: bool = False):
+def messages(q_LxN, image_HxWx3, params, block_rows: int | None = None, dense: bool = False):
     """Mean-field pairwise messages Σ_k w_k D_k K_k D_k Q (L x N) of the two DenseCRF2D kernels.
 
     This is what pydensecrf subtracts with a minus sign (Potts apply = −w·filtered), i.e. what is added to
@@ -216,7 +212,7 @@ def _inference(unary_LxN, image_HxWx3, sxy_g, compat_g, sxy_b, srgb, compat_b, *
     return q_NxL.T
 
 
-def inference(unary_LxN, image_HxWx3, params: "CRFParams", iterations: int | None = None, *, block_rows=None):
+def inference(unary_LxN, image_HxWx3, params, iterations: int | None = None, *, block_rows=None):
     """Exact DenseCRF2D mean field: final Q (L x N, probabilities over labels per pixel).
 
     unary_LxN: float32 energies (−log-probabilities, as pydensecrf's setUnaryEnergy takes them), pixel

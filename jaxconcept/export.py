@@ -8,7 +8,8 @@
     OUT/unet/diffusion_pytorch_model.safetensors   diffusers UNet2DConditionModel folder
   with pipeline=True (the default), the rest of a StableDiffusionPipeline folder:
     OUT/vae/config.json + diffusion_pytorch_model.safetensors          the base VAE (AutoencoderKL)
-    OUT/text_encoder/config.json + model.safetensors                   the base CLIPTextModel, base vocabulary:
+    OUT/text_encoder/config.json + model.safetensors                   the CLIPTextModel (the run's tuned one if
+                                                                       joint.text_encoder), base vocabulary:
                                                                        the tokens come from embeddings/
     OUT/tokenizer/                       the base tokenizer
     OUT/scheduler/scheduler_config.json  the base model's noise schedule
@@ -287,17 +288,21 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
     written = [f"{EMBEDDINGS}/{f}" for f in files.values()]
     unet = save_unet_pytorch(os.path.join(folder, "unet"), run.bundle.unet, run.bundle.params["unet"])
     written += ["unet/config.json", f"unet/{DIFFUSERS_WEIGHTS}"]
+    tuned_text = os.path.isdir(os.path.join(run_dir, "text_encoder"))
+    if pipeline or tuned_text:  # a tuned text encoder is part of the run: written in any case
+        text_params = runs.with_tuned_text_encoder(run_dir, cfg, base).params["text_encoder"]
+        save_text_encoder_pytorch(os.path.join(folder, "text_encoder"), base.text_encoder, text_params)
+        written += ["text_encoder/config.json", f"text_encoder/{TEXT_WEIGHTS}"]
     if pipeline:
         save_vae_pytorch(os.path.join(folder, "vae"), base.vae, base.params["vae"])
-        save_text_encoder_pytorch(os.path.join(folder, "text_encoder"), base.text_encoder, base.params["text_encoder"])
-        written += ["vae/config.json", f"vae/{DIFFUSERS_WEIGHTS}",
-                    "text_encoder/config.json", f"text_encoder/{TEXT_WEIGHTS}"]
+        written += ["vae/config.json", f"vae/{DIFFUSERS_WEIGHTS}"]
         written += save_pipeline_extras(folder, base)
 
     summary = {
         "run": os.path.abspath(run_dir), "out": out_dir, "base_model": cfg["model"],
         "tokens": list(run.tokens), "files": {t: f"{EMBEDDINGS}/{f}" for t, f in files.items()},
         "unet": "tuned" if tuned else "base", "unet_parameters": unet["parameters"], "pipeline": pipeline,
+        "text_encoder": "tuned" if tuned_text else "base",
     }
     outputs.write_json(os.path.join(folder, "tokens.json"), summary)
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:

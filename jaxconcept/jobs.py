@@ -4,15 +4,16 @@
     specs = [(inputs.from_toy_scene_folder(d),) for d in scene_folders]     # one job per concept set
     summaries = jobs.learn_many(config.get_config(), specs, "runs/many")   # runs/many/job_00, job_01, ...
 
-The token/EM stage runs every job's step as one vmapped program against the one frozen UNet (the UNet's
-weights are read once per step for all jobs); E-steps run per job on the host between blocks of steps,
-as in `learner.learn`; the joint stage tunes each job's own copy of the UNet in one vmapped program whose
-job axis is split over the devices. Per job it computes what `learner.learn` computes with the same config
-(tested), and writes the same run folder, loadable by `generate`, `evaluate` and `export`. A checkpoint of
-all jobs after every round makes the whole set resumable.
+The same loop as a single run (`learner.run`) drives a `jobs_program`: every job's step is one vmapped
+program against the one frozen UNet (the UNet's weights are read once per step for all jobs); E-steps run
+per job on the host between blocks of steps; the joint stage tunes each job's own copy of the UNet in one
+vmapped program whose job axis is split over the devices. Per job it computes what `learner.learn`
+computes with the same config (tested), and writes the same run folder, loadable by `generate`,
+`evaluate` and `export`. Checkpoints of all jobs, numbered as a single run's, are in `out_dir`.
 
 Jobs must have the same structure (images, and concepts per image) so their data stack; their tokens may
-repeat across jobs (each job's tokens get internal names; its folder uses the names given).
+repeat across jobs (each job's tokens get internal names; its folder uses the names given). Tuning the
+text encoder (joint.text_encoder) is refused: use `learner.learn` for such a job.
 Command line: `python -m jaxconcept.train --out runs/many --job IMAGE:TOKENS... --job ...`. Across hosts
 the job axis spans every host's devices; rows and metrics are gathered where the host needs them, process 0
 writes the run folders, all processes write the checkpoints.
@@ -21,18 +22,16 @@ writes the run folders, all processes write the checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from tqdm.auto import tqdm
 
-from . import capture, distributed, learner, outputs, sharding, steps, tokens
+from . import capture, distributed, learner, outputs, program as prog, runfolder, settings, sharding, steps, tokens
 from .errors import JaxconceptError
 from .model import ModelBundle, load_model
+from .setup import check_inputs, prepare, truth_masks
 
 
 def _internal_specs(specs, j: int):
@@ -49,23 +48,20 @@ def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
 
 
-def _unstack(tree, k: int):
-    return jax.tree.map(lambda x: x[k], tree)
-
-
-def prepare_jobs(cfg, jobs, base: ModelBundle):
-    """(setups, bundle with every job's tokens, each job's tokens as given): one vocabulary holds all jobs'
+def prepare_jobs(s: settings.Settings, jobs, base: ModelBundle):
+    """(setups with the jobs' tokens as given, bundle with every job's tokens): one vocabulary holds all jobs'
     tokens under internal names, added job after job; each job's data and initial rows are what a run of
     its own would have."""
     setups, b = [], base
     for j, specs in enumerate(jobs):
-        setup = learner.prepare(cfg, _internal_specs(specs, j), b)
+        setup = prepare(s, _internal_specs(specs, j), b)
         # initial rows as a run of its own would draw them (random rows take the *base* table's mean norm)
-        _, alone = tokens.add_concept_tokens(base, setup.concepts.tokens, setup.concepts.init_words, seed=cfg.seed)
-        setups.append(dataclasses.replace(setup, concepts=dataclasses.replace(setup.concepts,
-                                                                              init_rows=alone.init_rows)))
+        _, alone = tokens.add_concept_tokens(base, setup.concepts.tokens, setup.concepts.init_words, seed=s.seed)
+        given = tuple(c.token for spec in specs for c in spec.concepts)
+        setups.append(dataclasses.replace(setup, concepts=dataclasses.replace(
+            setup.concepts, init_rows=alone.init_rows, tokens=given)))
         b = setup.bundle
-    return setups, b, [[c.token for s in specs for c in s.concepts] for specs in jobs]
+    return setups, b
 
 
 def stacked_inputs(setups, mesh):
@@ -77,10 +73,74 @@ def stacked_inputs(setups, mesh):
     return run_data, ids_KxN
 
 
-def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, mesh=None, ground_truths=None,
-               progress: bool = True) -> list[dict]:
-    """Learn every job (a sequence of ImageSpecs each) into out_dir/job_NN; returns their summaries."""
-    jobs = [tuple(j) for j in jobs]
+def jobs_program(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[prog.Program, list]:
+    """The Program of K jobs: states with a leading job axis, split over the devices when K divides."""
+    k_jobs = len(setups)
+    place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
+    job_sh = steps.job_axis_sharding(mesh, k_jobs)
+    frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
+    setups = [dataclasses.replace(st, run_data=place(st.run_data)) for st in setups]
+    run_data, ids_KxN = stacked_inputs(setups, mesh)
+    loss_cfg = prog.loss_config(s)
+    keys = prog.stage_keys(s.seed)
+    per_job = lambda key: sharding.put(jnp.stack([key] * k_jobs), job_sh)  # noqa: E731  (each as run alone)
+    maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
+                                       s.masks.num_timesteps, setups[0].latent_hw, mesh)
+    token_opt = steps.make_optimizer(s.tokens.lr, s.tokens.clip, s.tokens.weight_decay)
+    joint_opt = steps.make_optimizer(s.joint.lr, s.tokens.clip, s.tokens.weight_decay, s.joint.optimizer)
+    rows0 = [jnp.asarray(st.concepts.init_rows) for st in setups]
+
+    def stage_step(cfg, opt, frozen_part, key):
+        fn, keys_k = steps.make_jobs_step(b, cfg, opt, mesh, k_jobs), per_job(key)
+        return lambda state, m: fn(state, frozen_part, run_data, m, keys_k, ids_KxN)
+
+    def states(rows_list, opt):
+        return sharding.put(_stack([steps.init_state({"rows": r}, opt) for r in rows_list]), job_sh)
+
+    def inversion():
+        inv_opt = steps.make_optimizer(s.init.inversion_lr, s.tokens.clip, s.tokens.weight_decay)
+        step = stage_step(dataclasses.replace(loss_cfg, attn_weight=0.0), inv_opt, frozen, keys["inversion"])
+        to_token = lambda inv: states(list(distributed.to_host(inv["params"]["rows"])), token_opt)  # noqa: E731
+        return states(rows0, inv_opt), step, to_token
+
+    def joint_state(token_state):
+        # every job starts from its own copy of the base UNet, made on the devices that hold the job
+        copies = lambda unet: jax.tree.map(lambda x: jnp.broadcast_to(x, (k_jobs,) + x.shape), unet)  # noqa: E731
+        return jax.jit(lambda r, unet: jax.vmap(lambda p: steps.init_state(p, joint_opt))(
+            {"rows": r, "unet": copies(unet)}), out_shardings=job_sh)(token_state["params"]["rows"],
+                                                                        place(b.params["unet"]))
+
+    def maps(j, rows, i, key):
+        st = setups[j]
+        return maps_any(rows, frozen, st.run_data["latents"][i, 0], jnp.asarray(st.image_ids_NxL[i]),
+                        jnp.asarray(st.image_positions_NxC[i]), key, jnp.asarray(st.concepts.ids, jnp.int32))
+
+    def final_like():
+        like = {"rows": _stack(rows0)}
+        if s.joint.steps:
+            like["unet"] = jax.tree.map(lambda x: jnp.zeros((k_jobs,) + x.shape, x.dtype), b.params["unet"])
+        return like
+
+    def job_metrics(m):
+        host = distributed.to_host(m)  # host sync only at logging steps (a gather when jobs span hosts)
+        return [{k: float(v[j]) for k, v in host.items()} for j in range(k_jobs)]
+
+    program = prog.Program(
+        jobs=k_jobs, batched=True, initial_state=lambda: states(rows0, token_opt),
+        inversion=inversion if s.init.steps else None,
+        token_step=stage_step(loss_cfg, token_opt, frozen, keys["token"]), joint_state=joint_state,
+        joint_step=lambda state: stage_step(dataclasses.replace(loss_cfg, remat=s.joint.remat), joint_opt,
+                                            {"text_encoder": frozen["text_encoder"]}, keys["joint"]),
+        rows=lambda state: list(distributed.to_host(state["params"]["rows"])),  # job-split: every host gathers
+        maps=maps,
+        place_masks=lambda masks: sharding.put(jnp.stack([prog.latent_masks(m, setups[0].latent_hw, mesh)
+                                                          for m in masks]), job_sh),
+        job_metrics=job_metrics, final_like=final_like)
+    return program, setups
+
+
+def check_jobs(s: settings.Settings, jobs) -> None:
+    """What batched jobs cannot do, refused before any work."""
     if not jobs:
         raise JaxconceptError("no jobs given: pass at least one concept set.")
     shapes = {structure(j) for j in jobs}
@@ -88,187 +148,25 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         raise JaxconceptError(f"jobs differ in structure (concepts per image: {sorted(shapes)}); jobs batched "
                               "in one program need the same number of images and of concepts per image. Group "
                               "them by structure, or run them one by one with python -m jaxconcept.train.")
-    if cfg.init.method == "inversion" or cfg.prior.folder:
-        raise JaxconceptError("learn_many does not support init.method='inversion' or prior preservation yet: "
-                              "use learner.learn for those jobs.")
-    outputs.check_writable(out_dir)
+    if s.joint.text_encoder:
+        raise JaxconceptError("batched jobs do not tune the text encoder (joint.text_encoder=True): each job "
+                              "would need its own copy; run such jobs one by one with learner.learn "
+                              "(python -m jaxconcept.train --concepts ...).")
+
+
+def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, mesh=None, ground_truths=None,
+               progress: bool = True) -> list[dict]:
+    """Learn every job (a sequence of ImageSpecs each) into out_dir/job_NN; returns their summaries."""
     t_start = time.time()
-    k_jobs = len(jobs)
-    run_dirs = [os.path.join(out_dir, f"job_{j:02d}") for j in range(k_jobs)]
-    base = bundle or load_model(cfg.model, cfg.dtype, seed=cfg.seed)
-    setups, b, user_tokens = prepare_jobs(cfg, jobs, base)
-    mesh = mesh or sharding.make_mesh()
-    place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
-    job_sh = steps.job_axis_sharding(mesh, k_jobs)
-    frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
-    setups = [dataclasses.replace(s, run_data=place(s.run_data)) for s in setups]
-    run_data, ids_KxN = stacked_inputs(setups, mesh)
-    tcfg = cfg.tokens
-    loss_cfg = steps.LossConfig(batch_size=tcfg.batch_size, attn_weight=tcfg.attn_weight,
-                                attn_resolution=tcfg.attn_resolution, flip_prob=cfg.flip_prob)
-    token_opt = steps.make_optimizer(tcfg.lr, tcfg.clip, tcfg.weight_decay)
-    token_step = steps.make_jobs_step(b, loss_cfg, token_opt, mesh, k_jobs)
-    maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=tuple(cfg.masks.resolutions)),
-                                       cfg.masks.num_timesteps, setups[0].latent_hw, mesh)
-    # every job draws what `learner.learn` draws with this config's seed
-    k_inv, k_tok, k_est, k_joint = jax.random.split(jax.random.key(cfg.seed), 4)
-    keys_tok = sharding.put(jnp.stack([k_tok] * k_jobs), job_sh)
-    mngr = learner.checkpoint_manager(out_dir)
-    n_rounds = -(-tcfg.steps // tcfg.estep_every) if tcfg.steps else 0
-    total = tcfg.steps + cfg.joint.steps
-    truths = [learner.truth_masks(s, None if ground_truths is None else ground_truths[j])
-              for j, s in enumerate(setups)]
-    primary = distributed.is_primary()  # multi-host: process 0 writes the files, all write checkpoints
-    files = [learner.start_run_folder(run_dir, cfg, s) for run_dir, s in zip(run_dirs, setups)]
-    histories: list[list[dict]] = [[] for _ in jobs]
-    bar = tqdm(total=total * k_jobs, desc=f"learning {k_jobs} jobs", unit="job-step", dynamic_ncols=True,
-               disable=not (progress and primary))
-
-    def record(j: int, entry: dict) -> None:
-        if primary:
-            files[j].write(json.dumps(entry) + "\n")
-            files[j].flush()
-
-    def maps_for(j):
-        ids = jnp.asarray(setups[j].concepts.ids, jnp.int32)
-        return lambda rows, fr, lat, ids_l, pos, key: maps_any(rows, fr, lat, ids_l, pos, key, ids)
-
-    def e_step(rows_KxNxD, r: int):
-        rows_KxNxD = distributed.to_host(rows_KxNxD)  # job-split over hosts: every host gathers all jobs' rows
-        got = [learner.estimate_masks(s, maps_for(j), rows_KxNxD[j], frozen, jax.random.fold_in(k_est, r), cfg)
-               for j, s in enumerate(setups)]
-        return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
-
-    def round_entry(j, r, masks_now, raw, prev, info, index, stage):
-        entry = dict(learner.round_metrics(r, masks_now, raw, prev, info, user_tokens[j], truths[j]),
-                     index=index, stage=stage)
-        histories[j].append(entry)
-        record(j, entry)
-        s = setups[j]
-        if primary:
-            outputs.save_masks(os.path.join(run_dirs[j], "masks", f"round_{r:02d}"), s.inputs.names,
-                               outputs.file_names(user_tokens[j]), np.asarray(s.inputs.owner_C), masks_now)
-
-    def latent_masks(masks_list):
-        lat = [learner.latent_masks(m, setups[0].latent_hw, mesh) for m in masks_list]
-        return sharding.put(jnp.stack(lat), job_sh)
-
-    def run_steps(step_fn, state, frozen_part, masks_lat, keys, ids, n, stage, done):
-        for _ in range(n):
-            state, m = step_fn(state, frozen_part, run_data, masks_lat, keys, ids)
-            done += 1
-            bar.update(k_jobs)
-            if done % cfg.log_every == 0:
-                host = distributed.to_host(m)  # host sync only at logging steps (a gather when jobs span hosts)
-                for j in range(k_jobs):
-                    mm = {k: float(v[j]) for k, v in host.items()}
-                    if not all(np.isfinite(v) for v in mm.values()):
-                        raise learner.TrainingError(f"job {j}: the loss became {mm['loss']} during {stage} step "
-                                                    f"{done}; the last round's checkpoint in {out_dir} is kept.")
-                    record(j, {"stage": stage, "step": done, **mm})
-                bar.set_postfix(loss=f"{float(np.mean(host['loss'])):.4g}")
-        return state, done
-
-    # ---- state: stage 1, or resume from the last round's checkpoint
-    state = sharding.put(_stack([steps.init_state({"rows": jnp.asarray(s.concepts.init_rows)}, token_opt)
-                                   for s in setups]), job_sh)
-    size = setups[0].images_u8.shape[1:3]
-    n_c = len(setups[0].inputs.owner_C)
-    last = mngr.latest_step()
-    if last is None:
-        if cfg.mode == "user":
-            masks_now = [np.stack(s.inputs.user_masks) for s in setups]
-            raws, infos = masks_now, [{}] * k_jobs
-        else:
-            masks_now, raws, infos = e_step(state["params"]["rows"], 0)
-        for j in range(k_jobs):
-            round_entry(j, 0, masks_now[j], raws[j], None, infos[j], 0, "init")
-        learner.save_checkpoint(mngr, 0, {"stage": "token", "round": 0}, state, np.stack(masks_now))
-        start_round, done = 0, 0
-    else:
-        meta = learner.latest_meta(mngr)
-        if meta["stage"] == "done":  # finished before: write the results again from the final checkpoint
-            return _finish_from_checkpoint(cfg, mngr, meta, state, b, k_jobs, n_c, size, run_dirs, setups,
-                                           user_tokens, truths, t_start, files)
-        meta, state, masks_all = learner.restore_checkpoint(mngr, last, state, np.zeros((k_jobs, n_c) + size))
-        state = sharding.put(state, job_sh)
-        masks_now = list(masks_all)
-        start_round, done = meta["round"], meta["round"] * tcfg.estep_every
-        for j, run_dir in enumerate(run_dirs):  # the rounds already recorded
-            for line in open(os.path.join(run_dir, "metrics.jsonl")):
-                e = json.loads(line)
-                if "round" in e and e["round"] <= meta["round"]:
-                    histories[j].append(e)
-        print(f"resuming {k_jobs} jobs in {out_dir} after round {meta['round']}")
-        bar.update(min(done, tcfg.steps) * k_jobs)
-
-    # ---- stage 2: EM rounds, all jobs in one program per step
-    for r in range(start_round, n_rounds):
-        n = min(tcfg.estep_every, tcfg.steps - r * tcfg.estep_every)
-        state, done = run_steps(token_step, state, frozen, latent_masks(masks_now), keys_tok, ids_KxN, n, "token",
-                                done)
-        prev = masks_now
-        if cfg.mode == "em":
-            masks_now, raws, infos = e_step(state["params"]["rows"], r + 1)
-        else:
-            raws, infos = masks_now, [{}] * k_jobs
-        for j in range(k_jobs):
-            round_entry(j, r + 1, masks_now[j], raws[j], prev[j], infos[j], done, "token")
-        learner.save_checkpoint(mngr, r + 1, {"stage": "token", "round": r + 1}, state, np.stack(masks_now))
-
-    # ---- stage 3: joint tuning, each job its own UNet copy, the job axis over the devices
-    rows = state["params"]["rows"]
-    if cfg.joint.steps:
-        joint_opt = steps.make_optimizer(cfg.joint.lr, tcfg.clip, tcfg.weight_decay,
-                                         cfg.joint.get("optimizer", "adamw"))
-        joint_cfg = dataclasses.replace(loss_cfg, remat=cfg.joint.get("remat", "none"))
-        # every job starts from its own copy of the base UNet, made on the devices that hold the job
-        copies = lambda unet: jax.tree.map(lambda x: jnp.broadcast_to(x, (k_jobs,) + x.shape), unet)  # noqa: E731
-        joint_state = jax.jit(lambda r, unet: jax.vmap(lambda p: steps.init_state(p, joint_opt))(
-            {"rows": r, "unet": copies(unet)}), out_shardings=job_sh)(rows, place(b.params["unet"]))
-        joint_step = steps.make_jobs_step(b, joint_cfg, joint_opt, mesh, k_jobs)
-        keys_joint = sharding.put(jnp.stack([k_joint] * k_jobs), job_sh)
-        joint_state, _ = run_steps(joint_step, joint_state, place({"text_encoder": b.params["text_encoder"]}),
-                                   latent_masks(masks_now), keys_joint, ids_KxN, cfg.joint.steps, "joint", 0)
-        final = joint_state["params"]
-    else:
-        final = {"rows": rows}
-    learner.save_checkpoint(mngr, n_rounds + 1, {"stage": "done", "round": n_rounds}, {"params": final},
-                            np.stack(masks_now))
-    bar.close()
-    return _write_all(cfg, final, masks_now, run_dirs, setups, user_tokens, histories, truths, t_start, files)
-
-
-def _histories(run_dirs) -> list[list[dict]]:
-    out = []
-    for run_dir in run_dirs:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            out.append([e for e in map(json.loads, f) if "round" in e])
-    return out
-
-
-def _finish_from_checkpoint(cfg, mngr, meta, state, b, k_jobs, n_c, size, run_dirs, setups, user_tokens, truths,
-                            t_start, files):
-    like = {"rows": state["params"]["rows"]}
-    if cfg.joint.steps:
-        like["unet"] = jax.tree.map(lambda x: jnp.zeros((k_jobs,) + x.shape, x.dtype), b.params["unet"])
-    _, got, masks_all = learner.restore_checkpoint(mngr, meta["index"], {"params": like},
-                                                   np.zeros((k_jobs, n_c) + size))
-    return _write_all(cfg, got["params"], list(masks_all), run_dirs, setups, user_tokens, _histories(run_dirs),
-                      truths, t_start, files)
-
-
-def _write_all(cfg, final, masks_now, run_dirs, setups, user_tokens, histories, truths, t_start, files):
-    for f in files:
-        if f is not None:  # process 0's metrics files
-            f.close()
-    final = distributed.to_host(final)  # a collective when jobs span hosts: every process gathers all jobs
-    summaries = []
-    for j, (run_dir, s) in enumerate(zip(run_dirs, setups)):
-        named = dataclasses.replace(s, concepts=dataclasses.replace(s.concepts, tokens=tuple(user_tokens[j])))
-        final_j = {"rows": final["rows"][j]}
-        if "unet" in final:
-            final_j["unet"] = _unstack(final["unet"], j)
-        summaries.append(learner.write_results(run_dir, named, final_j, masks_now[j], histories[j], truths[j],
-                                               time.time() - t_start, cfg))
-    return summaries
+    s = settings.resolve(cfg)
+    jobs = [check_inputs(tuple(j)) for j in jobs]
+    check_jobs(s, jobs)
+    fp = learner.start_folder(s, [spec for j in jobs for spec in j], out_dir)
+    with runfolder.locked(out_dir):
+        base = bundle or load_model(s.model, s.dtype, seed=s.seed)
+        setups, b = prepare_jobs(s, jobs, base)
+        program, setups = jobs_program(s, setups, b, mesh or sharding.make_mesh())
+        run_dirs = [os.path.join(out_dir, f"job_{j:02d}") for j in range(len(jobs))]
+        job_list = [prog.Job(d, st, truth_masks(st, None if ground_truths is None else ground_truths[j]))
+                    for j, (d, st) in enumerate(zip(run_dirs, setups))]
+        return learner.run(s, program, job_list, out_dir, fp, progress=progress, t_start=t_start)

@@ -362,10 +362,17 @@ def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     return build_random(TINY_WORDS, TINY_TEXT, TINY_UNET, TINY_VAE, dtype=dtype, seed=seed, source="tiny")
 
 
-def _toy_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
-    from .toy.sd import load_toy  # the toy package builds on this module
+# the shipped, pre-trained toy model (`jaxconcept.toy.sd` describes it; the toy package builds on this module)
+TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "weights")
 
-    return load_toy(dtype, seed)
+
+def _toy_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
+    if not os.path.isdir(os.path.join(TOY_WEIGHTS, "unet")):
+        raise ModelSourceError(
+            f"the toy model's weights are not in {TOY_WEIGHTS}: train them with `python launch/train_toy.py` "
+            "and copy the run's model/ folder there."
+        )
+    return load_folder(TOY_WEIGHTS, dtype, source="toy")
 
 
 NAMED_MODELS = {"tiny": tiny_model, "toy": _toy_model}

@@ -1,5 +1,5 @@
 """A finished learning run, loaded back for generation and evaluation: the base model with the run's
-concept tokens added, their learned rows, and the tuned UNet when the run has one."""
+concept tokens added, their learned rows, and the tuned UNet and text encoder when the run has them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import adapter, outputs, tokens
+from . import adapter, outputs, runfolder, tokens
 from .errors import JaxconceptError
 from .model import ModelBundle, load_model
 
@@ -48,6 +49,7 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
         meta = f.metadata() or {}
     order = json.loads(meta["tokens"]) if "tokens" in meta else sorted(rows)
     bundle = bundle or load_model(cfg["model"], dtype, seed=cfg.get("seed", 0))
+    bundle = with_tuned_text_encoder(run_dir, cfg, bundle)
     bundle, concepts = tokens.add_concept_tokens(bundle, order, None)
     unet_dir = os.path.join(run_dir, "unet")
     if not os.path.isdir(unet_dir) and cfg.get("joint", {}).get("steps", 0):
@@ -62,6 +64,23 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
         bundle = bundle.replace(params={**bundle.params, "unet": unet_params})
     rows_NxD = jnp.asarray(np.stack([rows[t] for t in order]), dtype)
     return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir))
+
+
+def with_tuned_text_encoder(run_dir: str, cfg: dict, bundle: ModelBundle) -> ModelBundle:
+    """The base model with the run's tuned text encoder (joint.text_encoder), when the run has one."""
+    folder = os.path.join(run_dir, "text_encoder")
+    joint = cfg.get("joint", {})
+    if not os.path.isdir(folder):
+        if joint.get("text_encoder") and joint.get("steps", 0):
+            raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the text encoder but text_encoder/ "
+                                  "is missing. Start the same train command again to finish it.")
+        return bundle
+    try:
+        tuned = runfolder.load_text_encoder(folder, bundle.params["text_encoder"])
+    except (OSError, ValueError, KeyError) as e:
+        raise JaxconceptError(f"cannot read the tuned text encoder in {folder!r} ({e}); the run folder is "
+                              "damaged: delete text_encoder/ and start the same train command again.") from e
+    return bundle.replace(params={**bundle.params, "text_encoder": jax.tree.map(jnp.asarray, tuned)})
 
 
 def read_config(run_dir: str) -> dict:

@@ -30,13 +30,17 @@ from ml_collections import config_flags
 
 import jax
 
-from . import distributed, inputs, jobs, learner, presets
+from . import distributed, inputs, jobs, learner, presets, settings
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 TOY_SCENE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "examples", "heldout_scene")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "learner config (ml_collections file)")
+try:  # ml_collections defines a flag per --config.FIELD of the command line here, and fails on an unknown one
+    _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "learner config (ml_collections file)")
+    _DEFINE_ERROR = None
+except (AttributeError, KeyError, TypeError, ValueError) as e:  # reported by run(), without a traceback
+    _CONFIG, _DEFINE_ERROR = None, e
 _OUT = flags.DEFINE_string("out", "runs/train", "run folder (resumes if it has checkpoints)")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
                                   "join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
@@ -90,6 +94,7 @@ def main(argv) -> None:
     pylogging.getLogger("jaxconcept").setLevel(pylogging.WARNING)
     cfg = _CONFIG.value
     try:
+        settings.resolve(cfg)  # every config value checked before anything else
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
         if _JOBS.value and _CONCEPTS.value:
             raise JaxconceptError("give --concepts (one run) or --job (several concept sets), not both.")
@@ -110,13 +115,26 @@ def main(argv) -> None:
               + (f"\n({jax.process_count()} processes, {jax.device_count()} devices)" if multi else ""))
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with config overrides it cannot take (an unknown field, a value of the wrong
+    type) printed as one line naming the field (exit 2) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        print(f"error: {settings.command_line_error(argv, e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
+    if _DEFINE_ERROR is not None:
+        print(f"error: {settings.command_line_error(sys.argv, _DEFINE_ERROR)}", file=sys.stderr)
+        sys.exit(2)
     try:
         argv = presets.resolve_config_arg(sys.argv)  # `--config sd15`: a preset shipped in the package
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+# Identical programs compiled by several tests (or by a resumed run) come from this session's cache. It is
+# set in the environment before jax starts, so pytest-xdist workers (started by this process) and the
+# commands tests run in subprocesses read and fill the same cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxconcept-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# Identical programs compiled by several tests (or by a resumed run) come from this session's cache.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxconcept-xla-cache-"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+import jax  # noqa: E402, F401
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

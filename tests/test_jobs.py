@@ -83,6 +83,14 @@ def test_jobs_of_different_structure_are_refused(scenes, tmp_path, tiny):
         jobs.learn_many(_cfg(), [(two,), (one,)], str(tmp_path / "x"), bundle=tiny, progress=False)
 
 
+def test_text_encoder_tuning_is_refused_for_batched_jobs_before_any_work(scenes, tmp_path, tiny):
+    cfg = _cfg()
+    cfg.joint.text_encoder = True
+    with pytest.raises(JaxconceptError, match=r"batched jobs do not tune the text encoder \(joint.text_encoder=True\)"):
+        jobs.learn_many(cfg, [(_spec(f, s),) for f, s in scenes], str(tmp_path / "x"), bundle=tiny, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_scaling_benchmark_reports_every_k(tmp_path, capsys):
     from jaxconcept.bench import jobs as bench_jobs
 

@@ -34,7 +34,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    cache = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")  # the test session's compilation cache is shared
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_")) or k in cache}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                TOKENIZERS_PARALLELISM="false", **extra)
     return env
@@ -51,13 +53,29 @@ def _start(args, processes: int) -> list:
                                       JAX_PROCESS_ID=str(i))) for i in range(2)]
 
 
+# every command of one _run together: a hung collective (a process waiting for its peer) fails in minutes
+DEADLINE_S = 420
+
+
+def _communicate(proc, deadline: float, every: list):
+    try:
+        return proc.communicate(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        for p in every:
+            p.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"multi-process command still running after {DEADLINE_S} s (a hung collective?); killed. "
+                    f"stderr: {err[-2000:]}")
+
+
 def _run(*commands) -> list[str]:
     """Run (args, processes) pairs side by side (they are independent); the stdout of each one's process 0."""
     t0 = time.time()
     started = [_start(args, n) for args, n in commands]
     stdouts = []
+    deadline = t0 + DEADLINE_S
     for procs in started:
-        outs = [p.communicate(timeout=600) for p in procs]
+        outs = [_communicate(p, deadline, [q for ps in started for q in ps]) for p in procs]
         for p, (_, err) in zip(procs, outs):
             assert p.returncode == 0, err[-3000:]
         if len(procs) > 1:

@@ -21,7 +21,7 @@ import tempfile
 import jax
 import numpy as np
 
-from .. import config, inputs, jobs, sharding, steps
+from .. import config, inputs, jobs, settings, sharding, steps
 from ..errors import JaxconceptError
 from ..model import load_model
 from ..toy import scene
@@ -54,7 +54,7 @@ def measure(model: str, ks, iters: int) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         all_jobs = scene_jobs(max(ks), base.resolution, tmp)
-        setups, b, _ = jobs.prepare_jobs(cfg, all_jobs, base)
+        setups, b = jobs.prepare_jobs(settings.resolve(cfg), all_jobs, base)
         frozen = sharding.put_replicated({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}, mesh)
         hw = setups[0].latent_hw
         masks = [sharding.put_replicated(jax.numpy.asarray(np.ones((len(s.inputs.owner_C),) + hw, np.float32)), mesh)

@@ -18,7 +18,7 @@ synchronisation and `torch.no_grad` where the reference does no training):
   joint    one joint step: concept rows and UNet trainable, AdamW 2e-6.
   e_attn   the E-step's attention pass (`steps.make_concept_maps`, T timesteps in one batch, maps upsampled
            to image size and brought to the host), per image.
-  e_crf    the E-step's host side (`learner.assign_masks`: labels, multi-label DenseCRF, clean-up); one
+  e_crf    the E-step's host side (`estep.assign_masks`: labels, multi-label DenseCRF, clean-up); one
            (--crf host: pydensecrf at image size; device-latent: the exact dense CRF in JAX at latent size)
            shared implementation, so it is counted once, for both.
   e_step   e_attn + e_crf.
@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import capture, config, images, inputs, learner, masks as masks_lib, model, sampling, sharding, steps, tokens
+from .. import capture, config, estep, images, inputs, learner, masks as masks_lib, model, sampling, sharding, steps, tokens
 from ..errors import JaxconceptError
 from ..toy import scene
 
@@ -323,7 +323,7 @@ def bench_ours_train(setup, work: Workload, mesh, stage: str, iters: int, warmup
 
 def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed: int,
                      crf: str = "host") -> tuple[dict, dict, np.ndarray]:
-    """(attention pass, CRF, soft maps at image size): the E-step of one image as `learner.estimate_masks`."""
+    """(attention pass, CRF, soft maps at image size): the E-step of one image as `estep.estimate_masks`."""
     b = setup.bundle
     selector = capture.LayerSelector(resolutions=work.estep_grids)
     maps_fn = steps.make_concept_maps(b, setup.concepts.ids, selector, work.timesteps, setup.latent_hw, mesh)
@@ -348,13 +348,13 @@ CRF_CHOICES = ("host", "device-latent")
 
 
 def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "host", latent_hw=None) -> dict:
-    """`learner.assign_masks` on the E-step's soft maps (shared by both implementations): pydensecrf on the
+    """`estep.assign_masks` on the E-step's soft maps (shared by both implementations): pydensecrf on the
     host at image size, or the exact dense CRF on the device at latent size."""
     info = {}
     where = ("host", None) if crf == "host" else ("device", tuple(latent_hw))
 
     def call():
-        info.update(learner.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds), BACKGROUND_LEVEL, True, 0.5,
+        info.update(estep.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds), BACKGROUND_LEVEL, True, 0.5,
                                          *where)[2])
 
     out = time_calls(call, iters, 1)

@@ -7,12 +7,9 @@ and 8x8; a 2-layer, 64-wide CLIP text encoder over the scene vocabulary (one tok
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
 
 from .. import model
-from ..errors import ModelSourceError
 from . import scene
 
 IMAGE_SIZE = 64
@@ -33,7 +30,7 @@ VAE = dict(
 # Captions are short; 32 positions keep the text encoder and the attention maps small.
 MAX_LENGTH = 32
 
-WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
+WEIGHTS = model.TOY_WEIGHTS
 
 
 def words() -> tuple[str, ...]:
@@ -63,9 +60,4 @@ def random_toy(arch: str = "toy", seed: int = 0, dtype=jnp.float32, unet_widths:
 
 def load_toy(dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
     """The shipped, pre-trained toy model (`load_model("toy")`)."""
-    if not os.path.isdir(os.path.join(WEIGHTS, "unet")):
-        raise ModelSourceError(
-            f"the toy model's weights are not in {WEIGHTS}: train them with `python launch/train_toy.py` "
-            "and copy the run's model/ folder there."
-        )
-    return model.load_folder(WEIGHTS, dtype, source="toy")
+    return model.load_model("toy", dtype, seed=seed)

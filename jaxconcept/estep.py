@@ -1,0 +1,121 @@
+"""The E-step on the host: masks of every image's concepts from their cross-attention maps (DESIGN §3, §4).
+
+One declared grid: the soft maps come from the device at the latent grid, are upsampled once to the
+image grid (where the labels, the CRF and the mask PNGs live; the device CRF may run at its own
+`crf_size`, see `crf.refine_labels`). `estimate_masks` takes a `maps(image, key)` function, so single
+runs and batched jobs (`learner.Program.maps`) share it. Pure helpers (`masks.py`) do the per-pixel work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import numpy as np
+
+from . import crf, masks
+
+log = logging.getLogger(__name__)
+
+
+def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: bool, crf_min_iou: float = 0.5,
+                 crf_backend: str = "host", crf_size=None):
+    """Masks of one image's concepts from their soft maps (image resolution).
+
+    Objects: argmax against a constant background level (non-overlapping); a "background" concept gets
+    what no object claims. Then (optionally) a multi-label DenseCRF, hole filling and speck removal, and
+    a fallback for an empty mask (its map's top 5%, minus other objects' pixels). The CRF runs on the host
+    (pydensecrf) or on the device (`crf_backend`), at image resolution or at `crf_size` (h, w).
+    Returns (masks K x H x W, masks without CRF, info {"crf_seconds", "fallbacks", "crf_rejected"}).
+    """
+    soft_KxHxW = np.asarray(soft_KxHxW, np.float32)
+    objects = [k for k, kind in enumerate(kinds) if kind == "object"]
+    h, w = soft_KxHxW.shape[1:]
+    labels = _labels(soft_KxHxW[objects], background_level) if objects else np.zeros((h, w), np.int32)
+    info = {"crf_seconds": 0.0, "fallbacks": [], "crf_rejected": []}
+    raw = _masks_from_object_labels(labels, soft_KxHxW, objects, kinds, info, record=False)
+    if not use_crf or not objects:
+        return raw, raw, info
+    refined, crf_info = crf.refine_labels(image_u8, labels, len(objects) + 1, crf.CRFParams(min_iou=crf_min_iou),
+                                          soft_KxHxW=soft_KxHxW[objects], backend=crf_backend, size=crf_size)
+    info["crf_seconds"] = crf_info["seconds"]
+    info["crf_rejected"] = [objects[k] for k, r in enumerate(crf_info["rejected"]) if r]
+    return _masks_from_object_labels(refined, soft_KxHxW, objects, kinds, info, record=True), raw, info
+
+
+def _labels(maps_KxHxW, background_level: float) -> np.ndarray:
+    """`masks.labels_from_maps` on the host (the maps are already here for the CRF; the same argmax)."""
+    bg = np.full((1,) + maps_KxHxW.shape[1:], background_level, maps_KxHxW.dtype)
+    return np.argmax(np.concatenate([bg, maps_KxHxW]), axis=0).astype(np.int32)
+
+
+def _masks_from_object_labels(labels_HxW, soft_KxHxW, objects, kinds, info, record: bool):
+    out = np.zeros((len(kinds),) + labels_HxW.shape, bool)
+    for j, k in enumerate(objects):
+        own = labels_HxW == j + 1
+        others = (labels_HxW > 0) & ~own
+        mask = masks.clean_mask(own) & ~others  # filled holes must not swallow another object
+        mask, used = masks.nonempty_or_fallback(mask, np.where(others, 0.0, soft_KxHxW[k]))
+        if used and record:
+            info["fallbacks"].append(k)
+        out[k] = mask
+    claimed = out[objects].any(axis=0) if objects else np.zeros(labels_HxW.shape, bool)
+    for k, kind in enumerate(kinds):
+        if kind == "background":
+            out[k] = ~claimed
+            if not out[k].any():
+                out[k], used = masks.nonempty_or_fallback(out[k], 1.0 - soft_KxHxW[objects].max(0))
+                if used and record:
+                    info["fallbacks"].append(k)
+    return out
+
+
+def estimate_masks(maps, images_u8, owner_C, kinds, tokens, key, background_level: float, use_crf: bool,
+                   crf_min_iou: float, crf_where, valid=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """E-step over all images: (masks C x H x W, masks without CRF, info).
+
+    maps(i, key) -> soft maps of image i's prompt, C x h x w on the latent grid (device); crf_where =
+    (backend, size) of the CRF; valid(i) -> H x W bool, False on padding (resize "pad"), which belongs to no
+    concept (None: the whole frame is image)."""
+    owner_C, kinds = np.asarray(owner_C), np.asarray(kinds)
+    size = images_u8.shape[1:3]
+    out = np.zeros((len(owner_C),) + size, bool)
+    raw_out = np.zeros_like(out)
+    info = {"crf_seconds": 0.0, "fallbacks": [], "crf_rejected": [], "attention_seconds": 0.0}
+    for i in range(len(images_u8)):
+        t0 = time.time()
+        mine = np.flatnonzero(owner_C == i)
+        soft_Kxhxw = maps(i, jax.random.fold_in(key, i))[mine]
+        soft_KxHxW = np.asarray(masks.upsample_maps(soft_Kxhxw, size))  # the one upsample, on the device
+        info["attention_seconds"] += time.time() - t0
+        frame_HxW = np.ones(size, bool) if valid is None else valid(i)
+        got, raw, inf = assign_masks(soft_KxHxW * frame_HxW, images_u8[i], list(kinds[mine]), background_level,
+                                     use_crf, crf_min_iou, *crf_where)
+        out[mine], raw_out[mine] = got & frame_HxW, raw & frame_HxW
+        info["crf_seconds"] += inf["crf_seconds"]
+        info["fallbacks"] += [tokens[mine[k]] for k in inf["fallbacks"]]
+        info["crf_rejected"] += [tokens[mine[k]] for k in inf["crf_rejected"]]
+    for token in info["fallbacks"]:
+        log.warning("mask of %s came out empty: using the top 5%% of its attention map instead", token)
+    return out, raw_out, info
+
+
+def mean_iou(a_CxHxW, b_CxHxW) -> list[float]:
+    return [masks.iou(a, b) for a, b in zip(a_CxHxW, b_CxHxW)]
+
+
+def round_metrics(r: int, masks_now, raw, prev, info: dict, tokens, truth) -> dict:
+    """The metrics.jsonl entry of one round: timings, fallbacks, mask change, and IoU against `truth`
+    (with and without CRF) when there is one."""
+    entry = {"round": r, "crf_seconds": round(info.get("crf_seconds", 0.0), 4),
+             "attention_seconds": round(info.get("attention_seconds", 0.0), 4),
+             "fallbacks": info.get("fallbacks", []), "crf_rejected": info.get("crf_rejected", [])}
+    if prev is not None:
+        entry["mask_change"] = float(1.0 - np.mean(mean_iou(prev, masks_now)))
+    if truth is not None:
+        entry["iou"] = dict(zip(tokens, mean_iou(masks_now, truth)))
+        entry["iou_no_crf"] = dict(zip(tokens, mean_iou(raw, truth)))
+        entry["mean_iou"] = float(np.mean(list(entry["iou"].values())))
+        entry["mean_iou_no_crf"] = float(np.mean(list(entry["iou_no_crf"].values())))
+    return entry
