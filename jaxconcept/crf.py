@@ -261,6 +261,7 @@ def refine_labels(
     *,
     backend: str = "host",
     size=None,
+    reference_HxW=None,
 ):
     """Multi-label DenseCRF on a label map: 0 = background, 1..num_labels − 1 = concepts.
 
@@ -269,7 +270,9 @@ def refine_labels(
     module docstring. `params` are for `params.reference_size` px and are scaled to the CRF's size here.
     backend: "host" (pydensecrf) or "device" (exact CRF in JAX, `crf_exact`). size: None (the CRF runs
     at H x W) or (h, w) <= (H, W): the CRF runs at h x w on area-downsampled inputs and its Q is
-    upsampled bilinearly to H x W before the argmax (module docstring).
+    upsampled bilinearly to H x W before the argmax (module docstring). reference_HxW (optional labels,
+    e.g. the previous EM round's): hysteresis, a concept's refinement is also accepted when its IoU with
+    its mask there reaches `min_iou` (rejected pixels still go back to the unrefined labels).
 
     Returns (labels_HxW int32, info); info["rejected"] and info["iou"] are tuples over concepts
     (index i ↔ label i + 1 ↔ mask i), info["seconds"] the CRF wall time (resampling, unary, inference,
@@ -347,6 +350,12 @@ def refine_labels(
 
     ious = tuple(_iou(refined_HxW == lab, unrefined_HxW == lab) for lab in range(1, num_labels))
     rejected = tuple(v < sp.min_iou for v in ious)
+    if reference_HxW is not None:
+        reference_HxW = np.asarray(reference_HxW)
+        if reference_HxW.shape != (h, w):
+            raise CRFInputError(f"reference labels shape {reference_HxW.shape} does not match image H x W {(h, w)}")
+        rejected = tuple(r and _iou(refined_HxW == lab, reference_HxW == lab) < sp.min_iou
+                         for lab, r in zip(range(1, num_labels), rejected))
     out_HxW = refined_HxW.copy()
     rejected_labels = [lab for lab in range(1, num_labels) if rejected[lab - 1]]
     for lab in rejected_labels:  # (1) untrusted CRF pixels go back to their unrefined label

@@ -133,14 +133,16 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
         ids = jnp.asarray(setups[j].concepts.ids, jnp.int32)
         return lambda rows, fr, lat, ids_l, pos, key: maps_any(rows, fr, lat, ids_l, pos, key, ids)
 
-    def e_step(rows_KxNxD, r: int):
+    def e_step(rows_KxNxD, r: int, prev=None):
         rows_KxNxD = distributed.to_host(rows_KxNxD)  # job-split over hosts: every host gathers all jobs' rows
-        got = [learner.estimate_masks(s, maps_for(j), rows_KxNxD[j], frozen, jax.random.fold_in(k_est, r), cfg)
+        got = [learner.estimate_masks(s, maps_for(j), rows_KxNxD[j], frozen, jax.random.fold_in(k_est, r), cfg,
+                                      previous=None if prev is None else prev[j])
                for j, s in enumerate(setups)]
         return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
 
     def round_entry(j, r, masks_now, raw, prev, info, index, stage):
-        entry = dict(learner.round_metrics(r, masks_now, raw, prev, info, user_tokens[j], truths[j]),
+        entry = dict(learner.round_metrics(r, masks_now, raw, prev, info, user_tokens[j], truths[j],
+                                           learner.tied_concepts(setups[j])),
                      index=index, stage=stage)
         histories[j].append(entry)
         record(j, entry)
@@ -209,12 +211,15 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
                                 done)
         prev = masks_now
         if cfg.mode == "em":
-            masks_now, raws, infos = e_step(state["params"]["rows"], r + 1)
+            masks_now, raws, infos = e_step(state["params"]["rows"], r + 1, prev)
         else:
             raws, infos = masks_now, [{}] * k_jobs
         for j in range(k_jobs):
             round_entry(j, r + 1, masks_now[j], raws[j], prev[j], infos[j], done, "token")
         learner.save_checkpoint(mngr, r + 1, {"stage": "token", "round": r + 1}, state, np.stack(masks_now))
+    if cfg.mode == "em" and n_rounds:  # the final masks, as learner.learn chooses them
+        masks_now = [learner.settle_final(run_dir, dataclasses.replace(s, concepts=dataclasses.replace(
+            s.concepts, tokens=tuple(user_tokens[j]))), n_rounds) for j, (run_dir, s) in enumerate(zip(run_dirs, setups))]
 
     # ---- stage 3: joint tuning, each job its own UNet copy, the job axis over the devices
     rows = state["params"]["rows"]

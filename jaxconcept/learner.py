@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from . import adapter, capture, crf, data, distributed, images, inputs, masks, outputs, sharding, steps, tokens
+from . import adapter, capture, crf, data, distributed, images, inputs, masks, outputs, settle, sharding, steps, tokens
 from .errors import JaxconceptError
 from .model import ModelBundle, load_model
 
@@ -121,16 +121,22 @@ def prior_data(cfg, bundle: ModelBundle) -> dict:
 
 
 def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: bool, crf_min_iou: float = 0.5,
-                 crf_backend: str = "host", crf_size=None):
+                 crf_backend: str = "host", crf_size=None, previous_KxHxW=None, mask_prior: float = 0.0,
+                 hysteresis: bool = False, ties=()):
     """Masks of one image's concepts from their soft maps (image resolution).
 
     Objects: argmax against a constant background level (non-overlapping); a "background" concept gets
     what no object claims. Then (optionally) a multi-label DenseCRF, hole filling and speck removal, and
     a fallback for an empty mask (its map's top 5%, minus other objects' pixels). The CRF runs on the host
     (pydensecrf) or on the device (`crf_backend`), at image resolution or at `crf_size` (h, w).
+    EM (`settle`): maps damped towards `previous_KxHxW` (the last round's masks) by `mask_prior`, the CRF's
+    rejection with hysteresis against them; without previous masks, tied groups (`ties`, indices into
+    the K concepts) split their shared region in reading order.
     Returns (masks K x H x W, masks without CRF, info {"crf_seconds", "fallbacks", "crf_rejected"}).
     """
-    soft_KxHxW = np.asarray(soft_KxHxW, np.float32)
+    soft_KxHxW = settle.damp_maps(soft_KxHxW, previous_KxHxW, mask_prior)
+    if previous_KxHxW is None and ties:
+        soft_KxHxW = masks.split_tied_maps(soft_KxHxW, ties, background_level)
     objects = [k for k, kind in enumerate(kinds) if kind == "object"]
     h, w = soft_KxHxW.shape[1:]
     labels = (np.asarray(masks.labels_from_maps(jnp.asarray(soft_KxHxW[objects]), background_level))
@@ -139,8 +145,11 @@ def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: 
     raw = _masks_from_object_labels(labels, soft_KxHxW, objects, kinds, info, record=False)
     if not use_crf or not objects:
         return raw, raw, info
+    reference = (settle.labels_of_masks(np.asarray(previous_KxHxW)[objects])
+                 if hysteresis and previous_KxHxW is not None else None)
     refined, crf_info = crf.refine_labels(image_u8, labels, len(objects) + 1, crf.CRFParams(min_iou=crf_min_iou),
-                                          soft_KxHxW=soft_KxHxW[objects], backend=crf_backend, size=crf_size)
+                                          soft_KxHxW=soft_KxHxW[objects], backend=crf_backend, size=crf_size,
+                                          reference_HxW=reference)
     info["crf_seconds"] = crf_info["seconds"]
     info["crf_rejected"] = [objects[k] for k, r in enumerate(crf_info["rejected"]) if r]
     return _masks_from_object_labels(refined, soft_KxHxW, objects, kinds, info, record=True), raw, info
@@ -187,8 +196,10 @@ def crf_where(cfg, image_hw, latent_hw) -> tuple[str, tuple[int, int] | None]:
                           f"image size {max(image_hw)}, got {size!r}.")
 
 
-def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
-    """E-step over all images: (masks C x H x W, masks without CRF, info)."""
+def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg, previous=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """E-step over all images: (masks C x H x W, masks without CRF, info); `previous` (the last round's
+    masks, C x H x W) damps the update (`settle`)."""
+    ties = tied_concepts(setup)
     owner_C = np.asarray(setup.inputs.owner_C)
     kinds = np.asarray(setup.inputs.kinds)
     size = setup.images_u8.shape[1:3]
@@ -203,8 +214,11 @@ def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg) -> tuple[np.nd
         mine = np.flatnonzero(owner_C == i)
         soft = np.asarray(masks.upsample_maps(soft_Cxhxw[mine], size))
         info["attention_seconds"] += time.time() - t0
+        local = [tuple(int(np.flatnonzero(mine == c)[0]) for c in g) for g in ties if owner_C[g[0]] == i]
         got, raw, inf = assign_masks(soft, setup.images_u8[i], list(kinds[mine]), cfg.masks.background_level,
-                                     cfg.masks.crf, cfg.masks.crf_min_iou, crf_backend, crf_size)
+                                     cfg.masks.crf, cfg.masks.crf_min_iou, crf_backend, crf_size,
+                                     None if previous is None else np.asarray(previous)[mine],
+                                     cfg.masks.get("mask_prior", 0.0), cfg.masks.get("crf_hysteresis", False), local)
         out[mine], raw_out[mine] = got, raw
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [setup.concepts.tokens[mine[k]] for k in inf["fallbacks"]]
@@ -223,17 +237,29 @@ def mean_iou(a_CxHxW, b_CxHxW) -> list[float]:
     return [masks.iou(a, b) for a, b in zip(a_CxHxW, b_CxHxW)]
 
 
-def round_metrics(r: int, masks_now, raw, prev, info: dict, tokens, truth) -> dict:
-    """The metrics.jsonl entry of one round: timings, fallbacks, mask change, and IoU against `truth`
-    (with and without CRF) when there is one."""
+def tied_concepts(setup: Setup) -> tuple[tuple[int, ...], ...]:
+    """Object concepts of one image with the same init word (`settle.tied_groups`)."""
+    return settle.tied_groups(setup.inputs.owner_C, setup.concepts.init_words, setup.inputs.kinds)
+
+
+MATCHING_NOTE = "tied concepts (same init word in one image) matched to the truth by the best assignment"
+
+
+def round_metrics(r: int, masks_now, raw, prev, info: dict, tokens, truth, tied=()) -> dict:
+    """The metrics.jsonl entry of one round: timings, fallbacks, mask change (mean and per concept), and
+    IoU against `truth` (with and without CRF) when there is one, `tied` groups matched (`masks.matched_ious`)."""
     entry = {"round": r, "crf_seconds": round(info.get("crf_seconds", 0.0), 4),
              "attention_seconds": round(info.get("attention_seconds", 0.0), 4),
              "fallbacks": info.get("fallbacks", []), "crf_rejected": info.get("crf_rejected", [])}
     if prev is not None:
-        entry["mask_change"] = float(1.0 - np.mean(mean_iou(prev, masks_now)))
+        change = settle.mask_change(prev, masks_now)
+        entry["mask_change"] = float(np.mean(change))
+        entry["mask_change_by_concept"] = dict(zip(tokens, change))
     if truth is not None:
-        entry["iou"] = dict(zip(tokens, mean_iou(masks_now, truth)))
-        entry["iou_no_crf"] = dict(zip(tokens, mean_iou(raw, truth)))
+        entry["iou"] = dict(zip(tokens, masks.matched_ious(masks_now, truth, tied)))
+        entry["iou_no_crf"] = dict(zip(tokens, masks.matched_ious(raw, truth, tied)))
+        if tied:
+            entry["iou_matching"] = MATCHING_NOTE
         entry["mean_iou"] = float(np.mean(list(entry["iou"].values())))
         entry["mean_iou_no_crf"] = float(np.mean(list(entry["iou_no_crf"].values())))
     return entry
@@ -326,6 +352,10 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     token_names = outputs.file_names(setup.concepts.tokens)
     owner_C = np.asarray(setup.inputs.owner_C)
     truth = truth_masks(setup, ground_truth)
+    tied = tied_concepts(setup)
+    warning = settle.tie_warning(tied, setup.concepts.tokens, setup.concepts.init_words)
+    if warning and primary:
+        log.warning(warning)
 
     def record(entry: dict) -> None:
         if metrics_file is not None:
@@ -366,7 +396,7 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
             on_checkpoint(dict(meta, index=index))
 
     def round_record(r: int, masks_now, raw, prev, info) -> dict:
-        return round_metrics(r, masks_now, raw, prev, info, setup.concepts.tokens, truth)
+        return round_metrics(r, masks_now, raw, prev, info, setup.concepts.tokens, truth, tied)
 
     def save_round_pngs(r, masks_now):
         if primary:
@@ -443,7 +473,7 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
             prev = masks_now
             if cfg.mode == "em":
                 masks_now, raw_now, info = estimate_masks(setup, maps_fn, token_state["params"]["rows"], frozen,
-                                                          jax.random.fold_in(k_est, r + 1), cfg)
+                                                          jax.random.fold_in(k_est, r + 1), cfg, previous=prev)
             else:  # masks kept: the no-CRF figures stay those of stage 1 (unknown after a resume)
                 info = {}
                 raw_now = raw_now if raw_now is not None else masks_now
@@ -453,6 +483,8 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
             record(entry)
             save_round_pngs(r + 1, masks_now)
             save(index, {"stage": "token", "round": r + 1}, token_state, masks_now)
+        if cfg.mode == "em" and n_rounds:  # the final masks: a ground-truth-free rule over the rounds (settle)
+            masks_now = settle_final(run_dir, setup, n_rounds)
         meta = {"stage": "joint", "index": inv_steps + tcfg.steps}
 
     # ---- stage 3: joint tuning with the masks fixed
@@ -492,6 +524,21 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     return write_results(run_dir, setup, final, masks_now, history, truth, time.time() - t_start, cfg)
 
 
+def settle_final(run_dir: str, setup: Setup, n_rounds: int) -> np.ndarray:
+    """The final masks of an EM run: `settle.final_round` over the rounds' masks (read back from the
+    masks/round_NN files, so a resumed run chooses as an uninterrupted one)."""
+    rounds = round_masks(run_dir, setup, n_rounds)
+    return rounds[settle.final_round(rounds)]
+
+
+def round_masks(run_dir: str, setup: Setup, n_rounds: int) -> list[np.ndarray]:
+    """The masks of rounds 0..n_rounds as the run wrote them (masks/round_NN)."""
+    names, owner_C = setup.inputs.names, np.asarray(setup.inputs.owner_C)
+    token_names = outputs.file_names(setup.concepts.tokens)
+    return [outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
+            for r in range(n_rounds + 1)]
+
+
 def write_results(run_dir, setup: Setup, final, masks_final, history, truth, seconds, cfg) -> dict:
     """The run's files (process 0 only) and its summary; `final` = {"rows", "unet" (if tuned)}."""
     names, owner_C = setup.inputs.names, np.asarray(setup.inputs.owner_C)
@@ -510,8 +557,17 @@ def write_results(run_dir, setup: Setup, final, masks_final, history, truth, sec
                                                        setup.concepts.init_words))],
         "template": cfg.template, "joiner": cfg.get("joiner", data.JOINER),
     }
+    rounds_h = [h for h in history if "round" in h]
+    summary["mask_change_by_round"] = [h.get("mask_change") for h in rounds_h[1:]]
+    if cfg.mode == "em" and rounds_h:
+        summary["final_round"] = settle.final_round(round_masks(run_dir, setup, len(rounds_h) - 1))
+    tied = tied_concepts(setup)
+    if tied:
+        summary["warning"] = settle.tie_warning(tied, setup.concepts.tokens, setup.concepts.init_words)
     if truth is not None:
-        summary["iou_final"] = dict(zip(setup.concepts.tokens, mean_iou(masks_final, truth)))
+        summary["iou_final"] = dict(zip(setup.concepts.tokens, masks.matched_ious(masks_final, truth, tied)))
+        if tied:
+            summary["iou_matching"] = MATCHING_NOTE
         summary["iou_by_round"] = [h.get("mean_iou") for h in history if "round" in h]
         summary["iou_no_crf_by_round"] = [h.get("mean_iou_no_crf") for h in history if "round" in h]
     if not distributed.is_primary():
@@ -521,8 +577,7 @@ def write_results(run_dir, setup: Setup, final, masks_final, history, truth, sec
         mine = np.flatnonzero(owner_C == i)
         images.save_image(outputs.color_overlay(setup.images_u8[i], masks_final[mine]),
                           os.path.join(run_dir, "overlays", f"{name}.png"))
-    rounds = [outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
-              for r in range(n_rounds)]
+    rounds = round_masks(run_dir, setup, n_rounds - 1)
     images.save_image(outputs.evolution_picture(setup.images_u8, owner_C, rounds, setup.concepts.tokens),
                       os.path.join(run_dir, "masks_evolution.png"))
     outputs.save_concepts(os.path.join(run_dir, "concepts.safetensors"), setup.concepts.tokens,

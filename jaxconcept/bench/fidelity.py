@@ -31,11 +31,45 @@ from ..toy.evaluate import parse_seeds
 # Benchmark scene s is toy scene SEED_OFFSET + s: toy pre-training draws seeds 0..num_scenes-1 (seed 0),
 # the toy gates 10,000,000 onwards.
 SEED_OFFSET = 20_000_000
+HARD_OFFSET = 30_000_000  # the hard set's seeds: no other part of the project draws scenes from here
 MODES = ("attention", "em", "user")
+SETS = ("natural", "hard")
+# close colours: two objects whose colours the toy model's attention tells apart poorly, on textured
+# backgrounds (pink beside purple and red)
+HARD_PAIRS = (("orange", "red"), ("purple", "blue"), ("red", "purple"))
+HARD_BACKGROUNDS = ("pink", "gray", "beige")
+HARD_TEXTURES = tuple(t for t in scene.TEXTURES if t != scene.DEFAULT_TEXTURE)
 
 
-def bench_scene(seed: int, size: int) -> scene.Scene:
+def natural_scene(seed: int, size: int) -> scene.Scene:
+    """Held-out scene s of the natural distribution: two objects, anything the toy world draws."""
     return scene.make_scene(SEED_OFFSET + seed, size=size, num_objects=2)
+
+
+bench_scene = natural_scene  # the earlier name
+
+
+def hard_scene(seed: int, size: int) -> scene.Scene:
+    """Hard scene s: two objects of close colours (`HARD_PAIRS`, random order, any shapes and patterns) on a
+    textured background (`HARD_BACKGROUNDS` x `HARD_TEXTURES`); deterministic in (seed, size)."""
+    rng = np.random.default_rng(HARD_OFFSET + seed)
+    background = scene.Background(scene._pick(rng, HARD_BACKGROUNDS), scene._pick(rng, HARD_TEXTURES))
+    colors = list(HARD_PAIRS[int(rng.integers(len(HARD_PAIRS)))])
+    if rng.random() < 0.5:
+        colors.reverse()
+    attributes = [(c, scene._pick(rng, scene.SHAPES), scene._pick(rng, scene.PATTERNS)) for c in colors]
+    names = scene._unique_names([scene.object_words(*a) for a in attributes])
+    objects = [scene.SceneObject(c, sh, p, name, box)
+               for (c, sh, p), name, box in zip(attributes, names, scene.draw_layout(rng, 2))]
+    image, masks = scene.render(objects, background, int(size), rng)
+    return scene.Scene(image=image, masks=masks, objects=objects, background=background,
+                       caption=scene.make_caption(objects, background), seed=int(seed), size=int(size))
+
+
+def make_bench_scene(which: str, seed: int, size: int) -> scene.Scene:
+    if which not in SETS:
+        raise JaxconceptError(f"unknown scene set {which!r}: use one of {', '.join(SETS)}")
+    return natural_scene(seed, size) if which == "natural" else hard_scene(seed, size)
 
 
 def new_prompts(s: scene.Scene, token_of: dict[str, str]) -> list[tuple[str, list]]:
