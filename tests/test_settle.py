@@ -51,16 +51,18 @@ def test_damp_maps_blends_with_the_previous_masks():
         settle.damp_maps(soft, prev, 1.0)
 
 
-def test_final_round_is_the_medoid_of_the_last_rounds_and_needs_no_truth():
+def test_final_round_is_the_most_settled_of_the_last_rounds_and_needs_no_truth():
     a = np.zeros((2, 8, 8), bool)
     a[0, :4] = True
     a[1, 4:] = True
-    b = a.copy()
+    b, c = a.copy(), a.copy()
     b[0, :, :2] = False  # another state
-    assert settle.final_round([b, a, a, b, a, a]) == 5  # the last of the settled state
-    assert settle.final_round([a, a, a, b, b, b]) == 5  # settled late: the window is the last half
-    assert settle.final_round([a, b, a, b]) == 3  # two-way tie: the later round
-    assert settle.final_round([a]) == 0
+    c[0, :, :1] = False  # a state near a
+    assert settle.final_round([b, b, a, b, a, a]) == 5  # settled at the end
+    assert settle.final_round([b, a, a, b, b, a]) == 4  # the last half's smallest change (b -> b)
+    assert settle.final_round([b, a, b, a, c, a]) == 5  # a <-> c changes less than a <-> b: the later of them
+    assert settle.final_round([a, b, a, b]) == 3  # always changing as much: the last round
+    assert settle.final_round([a]) == 0 and settle.final_round([b, a]) == 1
     assert settle.mask_change(a, b)[0] == pytest.approx(0.25) and settle.mask_change(a, a) == [0.0, 0.0]
 
 
