@@ -98,3 +98,24 @@ def test_tied_groups_and_their_warning():
     text = settle.tie_warning(groups, ["<a>", "<b>", "<bg>", "<c>", "<d>"], ["square"] * 5)
     assert "<a>, <b>" in text and "arbitrary" in text and "colour" in text and "best assignment" in text
     assert settle.tie_warning((), [], []) is None
+
+
+def test_e_step_splits_tied_concepts_and_metrics_match_them():
+    from jaxconcept import learner
+
+    h = w = 32
+    a, b = _disc(h, w, 16, 7, 4), _disc(h, w, 16, 24, 4)
+    image = np.full((h, w, 3), 128, np.uint8)
+    image[a | b] = (220, 40, 40)
+    shared = np.where(a | b, 0.9, 0.05).astype(np.float32)
+    soft = np.stack([shared * 0.99, shared, np.zeros_like(shared)])  # the second would win both regions
+    kinds = ["object", "object", "background"]
+    untied, _, _ = learner.assign_masks(soft, image, kinds, 0.55, True)
+    assert not untied[0].any() or masks.iou(untied[1], a | b) > 0.9  # without the tie-break one token takes all
+    got, _, _ = learner.assign_masks(soft, image, kinds, 0.55, True, ties=[(0, 1)])
+    assert masks.iou(got[0], a) > 0.95 and masks.iou(got[1], b) > 0.95 and masks.iou(got[2], ~(a | b)) > 0.95
+    truth = np.stack([b, a, ~(a | b)])  # the truth names them the other way round
+    entry = learner.round_metrics(1, got, got, got, {}, ["<x>", "<y>", "<bg>"], truth, tied=((0, 1),))
+    assert min(entry["iou"].values()) > 0.95 and entry["mask_change"] == 0.0 and "best assignment" in entry["iou_matching"]
+    plain = learner.round_metrics(1, got, got, None, {}, ["<x>", "<y>", "<bg>"], truth)
+    assert plain["iou"]["<x>"] < 0.05 and "iou_matching" not in plain
