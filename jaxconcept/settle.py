@@ -74,22 +74,24 @@ def final_round(rounds_RxCxHxW, window: int | None = None) -> int:
 
 
 def tied_groups(owner_C, init_words, kinds) -> tuple[tuple[int, ...], ...]:
-    """Groups (indices into the concepts, in their order) of object concepts of one image that start from
-    the same init word: their tokens start identical, so which takes which region is arbitrary."""
-    seen: dict[tuple[int, str], list[int]] = {}
+    """Groups (indices into the concepts, in their order) of object concepts of one image that nothing tells
+    apart at the start: the same init word, or none (random rows: which token takes which object is just
+    as arbitrary)."""
+    seen: dict[tuple[int, str | None], list[int]] = {}
     for c, (owner, word, kind) in enumerate(zip(owner_C, init_words, kinds)):
-        if word and kind == "object":
-            seen.setdefault((int(owner), word), []).append(c)
+        if kind == "object":
+            seen.setdefault((int(owner), word or None), []).append(c)
     return tuple(tuple(g) for g in seen.values() if len(g) > 1)
 
 
 def tie_warning(groups, tokens, init_words) -> str | None:
-    """The warning for repeated init words within an image (None without any)."""
-    if not groups:
+    """The warning for init words repeated within an image (None without any; random init is a choice)."""
+    named = [g for g in groups if init_words[g[0]]]
+    if not named:
         return None
-    parts = [f"{', '.join(tokens[c] for c in g)} (all {init_words[g[0]]!r})" for g in groups]
+    parts = [f"{', '.join(tokens[c] for c in g)} (all {init_words[g[0]]!r})" for g in named]
     return ("init words repeat within an image: " + "; ".join(parts) + ". These tokens start identical, so "
             "which one takes which region is arbitrary: here the first round splits their shared region in "
             "reading order (left to right) in the order the concepts were given. Give each concept a word "
-            "that tells it apart (its colour, e.g. 'red' and 'orange'), a mask (TOKEN@mask.png), or no init "
-            "word (random init). IoUs against ground truth match tied concepts by the best assignment.")
+            "that tells it apart (its colour, e.g. 'red' and 'orange') or a mask (TOKEN@mask.png). IoUs "
+            "against ground truth match tied concepts by the best assignment.")

@@ -94,9 +94,12 @@ def test_tied_concepts_split_their_region_in_reading_order():
 def test_tied_groups_and_their_warning():
     groups = settle.tied_groups([0, 0, 0, 1, 1], ["square", "square", "background", "square", None],
                                 ["object", "object", "background", "object", "object"])
-    assert groups == ((0, 1),)  # per image, objects only, words given
+    assert groups == ((0, 1),)  # per image, objects only
     text = settle.tie_warning(groups, ["<a>", "<b>", "<bg>", "<c>", "<d>"], ["square"] * 5)
     assert "<a>, <b>" in text and "arbitrary" in text and "colour" in text and "best assignment" in text
+    unnamed = settle.tied_groups([0, 0, 0], [None, None, "background"], ["object", "object", "background"])
+    assert unnamed == ((0, 1),)  # random rows: matched too, but no warning (random init is a choice)
+    assert settle.tie_warning(unnamed, ["<a>", "<b>", "<bg>"], [None, None, "background"]) is None
     assert settle.tie_warning((), [], []) is None
 
 

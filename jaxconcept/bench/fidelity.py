@@ -278,7 +278,7 @@ def iou_plot(result: dict) -> np.ndarray:
     panels = {}
     for row in result["table"].values():
         panel = panels.setdefault((row["set"], row["init"]), ({}, {}))
-        for suffix, key in (("", "iou_by_round"), (" no CRF", "iou_no_crf_by_round")):
+        for suffix, key in (("", "iou_by_round"), (" no CRF", "iou_no_crf_by_round"))[:1 if row["mode"] == "user" else 2]:
             panel[0][row["mode"] + suffix] = [m for m, _ in row[key]]
             panel[1][row["mode"] + suffix] = [e for _, e in row[key]]
     for (set_name, init), (series, errors) in panels.items():  # user (init-free) in every panel of its set
