@@ -199,7 +199,8 @@ def crf_where(cfg, image_hw, latent_hw) -> tuple[str, tuple[int, int] | None]:
 def estimate_masks(setup: Setup, maps_fn, rows, frozen, key, cfg, previous=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """E-step over all images: (masks C x H x W, masks without CRF, info); `previous` (the last round's
     masks, C x H x W) damps the update (`settle`)."""
-    ties = tied_concepts(setup)
+    # the split is for identical starts (one init word); random rows differ, and their maps say who is where
+    ties = [g for g in tied_concepts(setup) if setup.concepts.init_words[g[0]]]
     owner_C = np.asarray(setup.inputs.owner_C)
     kinds = np.asarray(setup.inputs.kinds)
     size = setup.images_u8.shape[1:3]

@@ -76,7 +76,9 @@ def final_round(rounds_RxCxHxW, window: int | None = None) -> int:
 def tied_groups(owner_C, init_words, kinds) -> tuple[tuple[int, ...], ...]:
     """Groups (indices into the concepts, in their order) of object concepts of one image that nothing tells
     apart at the start: the same init word, or none (random rows: which token takes which object is just
-    as arbitrary)."""
+    as arbitrary, so IoUs match them too; only same-word groups are split in the first E-step, as random
+    rows already have maps of their own: splitting them by position was measured to hurt, hard scene 0,
+    object IoU at round 0 0.54 -> 0.16)."""
     seen: dict[tuple[int, str | None], list[int]] = {}
     for c, (owner, word, kind) in enumerate(zip(owner_C, init_words, kinds)):
         if kind == "object":
