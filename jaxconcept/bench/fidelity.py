@@ -239,7 +239,8 @@ def aggregate(results) -> dict:
             "set": key[0], "init": key[1], "mode": key[2], "scenes": len(mine),
             "iou_by_round": [mean_se(c) for c in curves.T], "iou_no_crf_by_round": [mean_se(c) for c in raws.T],
             "iou_first": mean_se(curves[:, 0]), "iou_final": mean_se([r["iou_final"] for r in mine]),
-            "iou_final_no_crf": mean_se(raws[:, -1]),
+            # the unrefined masks of the round whose masks were kept (em: the final-round rule; else the last)
+            "iou_final_no_crf": mean_se([r["iou_no_crf_by_round"][r.get("final_round") or -1] for r in mine]),
             "samples_found": float(np.mean([f["found"] for f in samples])) if samples else None,
             "samples_pattern": float(np.mean([f["pattern"] for f in samples])) if samples else None,
         }
