@@ -240,7 +240,8 @@ def aggregate(results) -> dict:
             "iou_by_round": [mean_se(c) for c in curves.T], "iou_no_crf_by_round": [mean_se(c) for c in raws.T],
             "iou_first": mean_se(curves[:, 0]), "iou_final": mean_se([r["iou_final"] for r in mine]),
             # the unrefined masks of the round whose masks were kept (em: the final-round rule; else the last)
-            "iou_final_no_crf": mean_se([r["iou_no_crf_by_round"][r.get("final_round") or -1] for r in mine]),
+            "iou_final_no_crf": mean_se([r["iou_no_crf_by_round"][-1 if r.get("final_round") is None else r["final_round"]]
+                                         for r in mine]),
             "samples_found": float(np.mean([f["found"] for f in samples])) if samples else None,
             "samples_pattern": float(np.mean([f["pattern"] for f in samples])) if samples else None,
         }
