@@ -218,8 +218,9 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
             round_entry(j, r + 1, masks_now[j], raws[j], prev[j], infos[j], done, "token")
         learner.save_checkpoint(mngr, r + 1, {"stage": "token", "round": r + 1}, state, np.stack(masks_now))
     if cfg.mode == "em" and n_rounds:  # the final masks, as learner.learn chooses them
-        masks_now = [learner.settle_final(run_dir, dataclasses.replace(s, concepts=dataclasses.replace(
-            s.concepts, tokens=tuple(user_tokens[j]))), n_rounds) for j, (run_dir, s) in enumerate(zip(run_dirs, setups))]
+        named = [dataclasses.replace(s, concepts=dataclasses.replace(s.concepts, tokens=tuple(user_tokens[j])))
+                 for j, s in enumerate(setups)]
+        masks_now = [learner.settle_final(run_dir, s, n_rounds) for run_dir, s in zip(run_dirs, named)]
 
     # ---- stage 3: joint tuning, each job its own UNet copy, the job axis over the devices
     rows = state["params"]["rows"]

@@ -227,6 +227,11 @@ def mean_se(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
+def kept_round(row: dict) -> int:
+    """The round whose masks a run kept: em's final-round rule, else the last."""
+    return -1 if row.get("final_round") is None else row["final_round"]
+
+
 def aggregate(results) -> dict:
     """Per (set, init, mode): curves and final IoU as mean ± SE over scenes, samples; per (set, init): the
     paired em − attention difference of final object IoU."""
@@ -240,8 +245,7 @@ def aggregate(results) -> dict:
             "iou_by_round": [mean_se(c) for c in curves.T], "iou_no_crf_by_round": [mean_se(c) for c in raws.T],
             "iou_first": mean_se(curves[:, 0]), "iou_final": mean_se([r["iou_final"] for r in mine]),
             # the unrefined masks of the round whose masks were kept (em: the final-round rule; else the last)
-            "iou_final_no_crf": mean_se([r["iou_no_crf_by_round"][-1 if r.get("final_round") is None else r["final_round"]]
-                                         for r in mine]),
+            "iou_final_no_crf": mean_se([r["iou_no_crf_by_round"][kept_round(r)] for r in mine]),
             "samples_found": float(np.mean([f["found"] for f in samples])) if samples else None,
             "samples_pattern": float(np.mean([f["pattern"] for f in samples])) if samples else None,
         }
@@ -257,7 +261,8 @@ def aggregate(results) -> dict:
 def table_lines(result: dict) -> list[str]:
     """A markdown table: object IoU (round 0, final, final without CRF) as mean ± SE, samples found."""
     pm = lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
-    lines = ["| set | init | mode | scenes | IoU round 0 | IoU final | final, no CRF | em − attention | samples found |",
+    lines = ["| set | init | mode | scenes | IoU round 0 | IoU final | final, no CRF | em − attention "
+             "| samples found |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["table"].values():
         gain = result["gains"].get(f"{row['set']}/{row['init']}") if row["mode"] == "em" else None
@@ -280,7 +285,8 @@ def iou_plot(result: dict) -> np.ndarray:
     panels = {}
     for row in result["table"].values():
         panel = panels.setdefault((row["set"], row["init"]), ({}, {}))
-        for suffix, key in (("", "iou_by_round"), (" no CRF", "iou_no_crf_by_round"))[:1 if row["mode"] == "user" else 2]:
+        kinds = (("", "iou_by_round"), (" no CRF", "iou_no_crf_by_round"))
+        for suffix, key in kinds[:1] if row["mode"] == "user" else kinds:  # user's masks are the truth
             panel[0][row["mode"] + suffix] = [m for m, _ in row[key]]
             panel[1][row["mode"] + suffix] = [e for _, e in row[key]]
     for (set_name, init), (series, errors) in panels.items():  # user (init-free) in every panel of its set
