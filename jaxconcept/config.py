@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
         # crf_size ("latent": the latent grid, e.g. 64x64 for SD at 512 px; "image"; or pixels per side, "96")
         crf_backend="host",
         crf_size="image",
+        # EM settling (settle.py): each round's maps blended with the last round's masks by mask_prior, and
+        # the CRF's rejection with hysteresis against them; final masks by a ground-truth-free rule
+        mask_prior=0.0,
+        crf_hysteresis=True,
     ))
     # stage 2: token optimisation with L_mask + attn_weight * L_attn, masks re-estimated every estep_every
     c.tokens = ml_collections.ConfigDict(dict(

@@ -261,6 +261,7 @@ def refine_labels(
     *,
     backend: str = "host",
     size=None,
+    reference_HxW=None,
 ):
     """Multi-label DenseCRF on a label map: 0 = background, 1..num_labels − 1 = concepts.
 
@@ -269,7 +270,9 @@ def refine_labels(
     module docstring. `params` are for `params.reference_size` px and are scaled to the CRF's size here.
     backend: "host" (pydensecrf) or "device" (exact CRF in JAX, `crf_exact`). size: None (the CRF runs
     at H x W) or (h, w) <= (H, W): the CRF runs at h x w on area-downsampled inputs and its Q is
-    upsampled bilinearly to H x W before the argmax (module docstring).
+    upsampled bilinearly to H x W before the argmax (module docstring). reference_HxW (optional labels,
+    e.g. the previous EM round's): hysteresis, a concept's refinement is also accepted when its IoU with
+    its mask there reaches `min_iou` (rejected pixels still go back to the unrefined labels).
 
     Returns (labels_HxW int32, info); info["rejected"] and info["iou"] are tuples over concepts
     (index i ↔ label i + 1 ↔ mask i), info["seconds"] the CRF wall time (resampling, unary, inference,
@@ -322,7 +325,12 @@ def refine_labels(
             take = fill_small_holes(refined_HxW == lab) & (refined_HxW == 0)
             refined_HxW[take] = lab
 
-    out_HxW, info["rejected"], info["iou"] = _restore_rejected(refined_HxW, unrefined_HxW, num_labels, sp.min_iou)
+    if reference_HxW is not None:
+        reference_HxW = np.asarray(reference_HxW)
+        if reference_HxW.shape != (h, w):
+            raise CRFInputError(f"reference labels shape {reference_HxW.shape} does not match image H x W {(h, w)}")
+    out_HxW, info["rejected"], info["iou"] = _restore_rejected(refined_HxW, unrefined_HxW, num_labels, sp.min_iou,
+                                                               reference_HxW)
     return out_HxW, info
 
 
@@ -355,11 +363,15 @@ def _checked_labels(labels_HxW, num_labels, soft_KxHxW, h: int, w: int):
     return labels_HxW, num_labels, soft_KxHxW
 
 
-def _restore_rejected(refined_HxW, unrefined_HxW, num_labels: int, min_iou: float):
+def _restore_rejected(refined_HxW, unrefined_HxW, num_labels: int, min_iou: float, reference_HxW=None):
     """(labels, rejected, ious): a label whose refined mask overlaps its unrefined one by less than
-    min_iou is not trusted; its CRF pixels go back and its unrefined mask is restored."""
+    min_iou (and, with reference labels, its reference mask too) is not trusted; its CRF pixels go back
+    and its unrefined mask is restored."""
     ious = tuple(_iou(refined_HxW == lab, unrefined_HxW == lab) for lab in range(1, num_labels))
     rejected = tuple(v < min_iou for v in ious)
+    if reference_HxW is not None:  # hysteresis: a refinement close to the previous round's mask stays accepted
+        rejected = tuple(r and _iou(refined_HxW == lab, reference_HxW == lab) < min_iou
+                         for lab, r in zip(range(1, num_labels), rejected))
     out_HxW = refined_HxW.copy()
     rejected_labels = [lab for lab in range(1, num_labels) if rejected[lab - 1]]
     for lab in rejected_labels:  # (1) untrusted CRF pixels go back to their unrefined label

@@ -14,22 +14,28 @@ import time
 import jax
 import numpy as np
 
-from . import crf, masks
+from . import crf, masks, settle
 
 log = logging.getLogger(__name__)
 
 
 def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: bool, crf_min_iou: float = 0.5,
-                 crf_backend: str = "host", crf_size=None):
+                 crf_backend: str = "host", crf_size=None, previous_KxHxW=None, mask_prior: float = 0.0,
+                 hysteresis: bool = False, ties=()):
     """Masks of one image's concepts from their soft maps (image resolution).
 
     Objects: argmax against a constant background level (non-overlapping); a "background" concept gets
     what no object claims. Then (optionally) a multi-label DenseCRF, hole filling and speck removal, and
     a fallback for an empty mask (its map's top 5%, minus other objects' pixels). The CRF runs on the host
     (pydensecrf) or on the device (`crf_backend`), at image resolution or at `crf_size` (h, w).
+    EM (`settle`): maps damped towards `previous_KxHxW` (the last round's masks) by `mask_prior`, the CRF's
+    rejection with hysteresis against them; without previous masks, tied groups (`ties`, indices into
+    the K concepts) split their shared region in reading order.
     Returns (masks K x H x W, masks without CRF, info {"crf_seconds", "fallbacks", "crf_rejected"}).
     """
-    soft_KxHxW = np.asarray(soft_KxHxW, np.float32)
+    soft_KxHxW = settle.damp_maps(soft_KxHxW, previous_KxHxW, mask_prior)
+    if previous_KxHxW is None and ties:
+        soft_KxHxW = masks.split_tied_maps(soft_KxHxW, ties, background_level)
     objects = [k for k, kind in enumerate(kinds) if kind == "object"]
     h, w = soft_KxHxW.shape[1:]
     labels = _labels(soft_KxHxW[objects], background_level) if objects else np.zeros((h, w), np.int32)
@@ -37,8 +43,11 @@ def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: 
     raw = _masks_from_object_labels(labels, soft_KxHxW, objects, kinds, info, record=False)
     if not use_crf or not objects:
         return raw, raw, info
+    reference = (settle.labels_of_masks(np.asarray(previous_KxHxW)[objects])
+                 if hysteresis and previous_KxHxW is not None else None)
     refined, crf_info = crf.refine_labels(image_u8, labels, len(objects) + 1, crf.CRFParams(min_iou=crf_min_iou),
-                                          soft_KxHxW=soft_KxHxW[objects], backend=crf_backend, size=crf_size)
+                                          soft_KxHxW=soft_KxHxW[objects], backend=crf_backend, size=crf_size,
+                                          reference_HxW=reference)
     info["crf_seconds"] = crf_info["seconds"]
     info["crf_rejected"] = [objects[k] for k, r in enumerate(crf_info["rejected"]) if r]
     return _masks_from_object_labels(refined, soft_KxHxW, objects, kinds, info, record=True), raw, info
@@ -72,12 +81,14 @@ def _masks_from_object_labels(labels_HxW, soft_KxHxW, objects, kinds, info, reco
 
 
 def estimate_masks(maps, images_u8, owner_C, kinds, tokens, key, background_level: float, use_crf: bool,
-                   crf_min_iou: float, crf_where, valid=None) -> tuple[np.ndarray, np.ndarray, dict]:
+                   crf_min_iou: float, crf_where, valid=None, previous=None, mask_prior: float = 0.0,
+                   hysteresis: bool = False, ties=()) -> tuple[np.ndarray, np.ndarray, dict]:
     """E-step over all images: (masks C x H x W, masks without CRF, info).
 
     maps(i, key) -> soft maps of image i's prompt, C x h x w on the latent grid (device); crf_where =
     (backend, size) of the CRF; valid(i) -> H x W bool, False on padding (resize "pad"), which belongs to no
-    concept (None: the whole frame is image)."""
+    concept (None: the whole frame is image). previous: the last round's masks (C x H x W) for the settling
+    rules (`assign_masks`); ties: groups of concept indices that start identical (split in the first E-step)."""
     owner_C, kinds = np.asarray(owner_C), np.asarray(kinds)
     size = images_u8.shape[1:3]
     out = np.zeros((len(owner_C),) + size, bool)
@@ -90,8 +101,11 @@ def estimate_masks(maps, images_u8, owner_C, kinds, tokens, key, background_leve
         soft_KxHxW = np.asarray(masks.upsample_maps(soft_Kxhxw, size))  # the one upsample, on the device
         info["attention_seconds"] += time.time() - t0
         frame_HxW = np.ones(size, bool) if valid is None else valid(i)
+        local = [tuple(int(np.flatnonzero(mine == c)[0]) for c in g) for g in ties if owner_C[g[0]] == i]
         got, raw, inf = assign_masks(soft_KxHxW * frame_HxW, images_u8[i], list(kinds[mine]), background_level,
-                                     use_crf, crf_min_iou, *crf_where)
+                                     use_crf, crf_min_iou, *crf_where,
+                                     None if previous is None else np.asarray(previous)[mine], mask_prior,
+                                     hysteresis, local)
         out[mine], raw_out[mine] = got & frame_HxW, raw & frame_HxW
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [tokens[mine[k]] for k in inf["fallbacks"]]
@@ -105,17 +119,35 @@ def mean_iou(a_CxHxW, b_CxHxW) -> list[float]:
     return [masks.iou(a, b) for a, b in zip(a_CxHxW, b_CxHxW)]
 
 
-def round_metrics(r: int, masks_now, raw, prev, info: dict, tokens, truth) -> dict:
-    """The metrics.jsonl entry of one round: timings, fallbacks, mask change, and IoU against `truth`
-    (with and without CRF) when there is one."""
+def tied_concepts(setup) -> tuple[tuple[int, ...], ...]:
+    """Object concepts of one image with the same init word, or none (`settle.tied_groups`)."""
+    return settle.tied_groups(setup.inputs.owner_C, setup.concepts.init_words, setup.inputs.kinds)
+
+
+def split_ties(setup) -> list:
+    """The tied groups the first E-step splits: identical starts (one init word); random rows differ, and
+    their maps say who is where."""
+    return [g for g in tied_concepts(setup) if setup.concepts.init_words[g[0]]]
+
+
+MATCHING_NOTE = "tied concepts (same init word in one image) matched to the truth by the best assignment"
+
+
+def round_metrics(r: int, masks_now, raw, prev, info: dict, tokens, truth, tied=()) -> dict:
+    """The metrics.jsonl entry of one round: timings, fallbacks, mask change (mean and per concept), and
+    IoU against `truth` (with and without CRF) when there is one, `tied` groups matched (`masks.matched_ious`)."""
     entry = {"round": r, "crf_seconds": round(info.get("crf_seconds", 0.0), 4),
              "attention_seconds": round(info.get("attention_seconds", 0.0), 4),
              "fallbacks": info.get("fallbacks", []), "crf_rejected": info.get("crf_rejected", [])}
     if prev is not None:
-        entry["mask_change"] = float(1.0 - np.mean(mean_iou(prev, masks_now)))
+        change = settle.mask_change(prev, masks_now)
+        entry["mask_change"] = float(np.mean(change))
+        entry["mask_change_by_concept"] = dict(zip(tokens, change))
     if truth is not None:
-        entry["iou"] = dict(zip(tokens, mean_iou(masks_now, truth)))
-        entry["iou_no_crf"] = dict(zip(tokens, mean_iou(raw, truth)))
+        entry["iou"] = dict(zip(tokens, masks.matched_ious(masks_now, truth, tied)))
+        entry["iou_no_crf"] = dict(zip(tokens, masks.matched_ious(raw, truth, tied)))
+        if tied:
+            entry["iou_matching"] = MATCHING_NOTE
         entry["mean_iou"] = float(np.mean(list(entry["iou"].values())))
         entry["mean_iou_no_crf"] = float(np.mean(list(entry["iou_no_crf"].values())))
     return entry

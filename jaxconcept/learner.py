@@ -16,6 +16,7 @@ an uninterrupted one. Set-up: `setup.py`; E-step: `estep.py`; checkpoints: `chec
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Callable
 
@@ -23,12 +24,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoints, distributed, estep, outputs, runfolder, settings, sharding
+from . import checkpoints, distributed, estep, outputs, runfolder, settings, settle, sharding
 from .errors import JaxconceptError
 from .model import ModelBundle
 from .program import (Job, Program, latent_masks, loss_config, single_program,  # noqa: F401  (benchmarks)
                       stage_keys)
 from .setup import Setup, check_inputs, crf_where, prepare, truth_masks  # noqa: F401  (the learner's API)
+
+log = logging.getLogger(__name__)
 
 MODES = settings.MODES
 
@@ -90,6 +93,10 @@ def run(s: settings.Settings, program: Program, jobs: list, folder: str, fingerp
               else f"resuming {folder} from checkpoint {start.index} ({start.stage}, round {start.round})")
     for job in jobs:
         runfolder.start(job.run_dir, s, job.setup)
+        warning = settle.tie_warning(estep.tied_concepts(job.setup), job.setup.concepts.tokens,
+                                     job.setup.concepts.init_words)
+        if warning and distributed.is_primary():
+            log.warning(warning)
     keys = stage_keys(s.seed)
     bar = tqdm(total=s.total_steps * program.jobs, desc="learning" + (f" {program.jobs} jobs" * (program.jobs > 1)),
                dynamic_ncols=True, disable=not (progress and distributed.is_primary()))
@@ -144,10 +151,19 @@ def stage_rounds(loop: Loop, state, masks, first_round: int, raws=None):
                           s.tokens.round_steps(r), "token")
         prev = masks
         if s.mode == "em":
-            masks, raws, infos = e_step(loop, state, r + 1)
+            masks, raws, infos = e_step(loop, state, r + 1, prev)
         record_round(loop, r + 1, masks, raws, prev, infos, "token")
         save(loop, loop.done, {"stage": "token", "round": r + 1}, state, masks)
+    if s.mode == "em" and s.tokens.rounds:  # the final masks: a ground-truth-free rule over the rounds (settle)
+        masks = [settled_masks(job, s.tokens.rounds) for job in loop.jobs]
     return state, masks
+
+
+def settled_masks(job, n_rounds: int) -> np.ndarray:
+    """The masks `settle.final_round` picks among rounds 0..n_rounds, read back from the round PNGs (so a
+    resumed run chooses as an uninterrupted one)."""
+    rounds = runfolder.round_masks(job.run_dir, job.setup, n_rounds)
+    return rounds[settle.final_round(rounds)]
 
 
 def stage_joint(loop: Loop, state, masks, resumed: bool):
@@ -190,8 +206,9 @@ def run_steps(loop: Loop, step_fn, state, masks_placed, n: int, stage: str):
     return state
 
 
-def e_step(loop: Loop, state, r: int):
-    """Masks of every job from its current rows: ([masks C x H x W], [without CRF], [info])."""
+def e_step(loop: Loop, state, r: int, prevs=None):
+    """Masks of every job from its current rows: ([masks C x H x W], [without CRF], [info]); `prevs`, the
+    last round's masks per job, feed the settling rules (`settle`)."""
     s, program = loop.s, loop.program
     rows = program.rows(state)
     key = jax.random.fold_in(loop.keys["estep"], r)
@@ -202,13 +219,15 @@ def e_step(loop: Loop, state, r: int):
         got.append(estep.estimate_masks(
             lambda i, k, j=j: program.maps(j, rows[j], i, k), st.images_u8, st.inputs.owner_C, st.inputs.kinds,
             st.concepts.tokens, key, s.masks.background_level, s.masks.crf, s.masks.crf_min_iou, where,
-            valid=st.inputs.valid))
+            valid=st.inputs.valid, previous=None if prevs is None else prevs[j], mask_prior=s.masks.mask_prior,
+            hysteresis=s.masks.crf_hysteresis, ties=estep.split_ties(st)))
     return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
 
 
 def record_round(loop: Loop, r: int, masks, raws, prevs, infos, stage: str) -> None:
     for j, job in enumerate(loop.jobs):
-        entry = estep.round_metrics(r, masks[j], raws[j], prevs[j], infos[j], job.setup.concepts.tokens, job.truth)
+        entry = estep.round_metrics(r, masks[j], raws[j], prevs[j], infos[j], job.setup.concepts.tokens, job.truth,
+                                    estep.tied_concepts(job.setup))
         loop.metrics[j].write(dict(entry, index=loop.done, stage=stage))
         runfolder.save_round_masks(job.run_dir, job.setup, outputs.file_names(job.setup.concepts.tokens), r, masks[j])
 

@@ -9,6 +9,8 @@ silently empty.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,60 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def matched_ious(pred_CxHxW, truth_CxHxW, groups=()) -> list[float]:
+    """IoU of each concept with its truth, concepts of a tied group (same init word in one image: which of
+    them takes which region is arbitrary) matched to the group's truths by the assignment with the
+    largest total IoU (brute force over the group's permutations; earlier permutations win ties)."""
+    pred_CxHxW, truth_CxHxW = np.asarray(pred_CxHxW, bool), np.asarray(truth_CxHxW, bool)
+    out = [iou(a, b) for a, b in zip(pred_CxHxW, truth_CxHxW)]
+    for group in groups:
+        group = list(group)
+        if len(group) > 8:
+            raise ValueError(f"a tied group of {len(group)} concepts is too large to match by brute force")
+        table = np.array([[iou(pred_CxHxW[p], truth_CxHxW[t]) for t in group] for p in group])
+        best = max(itertools.permutations(range(len(group))),
+                   key=lambda perm: sum(table[i, perm[i]] for i in range(len(group))))
+        for i, c in enumerate(group):
+            out[c] = float(table[i, best[i]])
+    return out
+
+
+def reading_order_regions(region_HxW, n: int) -> list[np.ndarray]:
+    """Split a region into n parts in reading order (left to right, then top to bottom, by centroid): its n
+    largest connected components (smaller ones join the part with the nearest centroid); with fewer
+    components than n, equal-area slabs along x. Deterministic; parts may be empty when the region is."""
+    region_HxW = np.asarray(region_HxW, bool)
+    labelled, count = ndimage.label(region_HxW)
+    if count < n:
+        xs = np.nonzero(region_HxW)[1]
+        cuts = np.quantile(xs, np.linspace(0, 1, n + 1)) if xs.size else np.zeros(n + 1)
+        cols_W = np.arange(region_HxW.shape[1])
+        return [region_HxW & (cols_W >= cuts[j])[None] & ((cols_W < cuts[j + 1]) | (j == n - 1))[None]
+                for j in range(n)]
+    ids = np.arange(1, count + 1)
+    sizes = ndimage.sum(region_HxW, labelled, index=ids)
+    centres = np.array(ndimage.center_of_mass(region_HxW, labelled, ids))  # (row, col)
+    big = ids[np.argsort(-sizes, kind="stable")[:n]]
+    big = sorted(big, key=lambda i: (round(centres[i - 1, 1], 3), centres[i - 1, 0]))
+    parts = [labelled == i for i in big]
+    for i in ids:
+        if i not in big:
+            d = [np.sum((centres[i - 1] - centres[b - 1]) ** 2) for b in big]
+            parts[int(np.argmin(d))] |= labelled == i
+    return parts
+
+
+def split_tied_maps(soft_KxHxW, groups, background_level: float) -> np.ndarray:
+    """Maps with each tied group's shared region (where a member's map wins against the background level)
+    split in reading order: member j of the group (in the order given) keeps its map only on part j.
+    Concepts that start from one init word have near-identical maps, and which one wins is otherwise
+    decided by prompt position."""
+    soft_KxHxW = np.array(soft_KxHxW, np.float32)
+    for group in groups:
+        group = list(group)
+        region = soft_KxHxW[group].max(axis=0) >= background_level
+        for k, part in zip(group, reading_order_regions(region, len(group))):
+            soft_KxHxW[k] = np.where(region & ~part, 0.0, soft_KxHxW[k])
+    return soft_KxHxW

@@ -24,9 +24,8 @@ import flax.serialization
 import jax
 import numpy as np
 
-from . import adapter, distributed, images, outputs, tokens
+from . import adapter, distributed, estep, images, masks, outputs, settle, tokens
 from .errors import JaxconceptError
-from .estep import mean_iou
 
 
 class RunFolderError(JaxconceptError):
@@ -203,6 +202,14 @@ class Metrics:
             self.file.close()
 
 
+def round_masks(run_dir, setup, n_rounds: int) -> list[np.ndarray]:
+    """The masks of rounds 0..n_rounds as the run wrote them (masks/round_NN)."""
+    names, owner_C = setup.inputs.names, np.asarray(setup.inputs.owner_C)
+    token_names = outputs.file_names(setup.concepts.tokens)
+    return [outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
+            for r in range(n_rounds + 1)]
+
+
 def save_round_masks(run_dir, setup, token_names, r: int, masks_CxHxW) -> None:
     if distributed.is_primary():
         outputs.save_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), setup.inputs.names, token_names,
@@ -226,8 +233,16 @@ def summary_of(run_dir, settings, setup, masks_final, history, truth, seconds) -
                                                        setup.concepts.init_words))],
         "template": settings.template, "joiner": settings.joiner,
     }
+    summary["mask_change_by_round"] = [h.get("mask_change") for h in history[1:]]
+    if settings.mode == "em" and len(history) > 1:
+        summary["final_round"] = settle.final_round(round_masks(run_dir, setup, len(history) - 1))
+    tied = estep.tied_concepts(setup)
+    if tied:
+        summary["warning"] = settle.tie_warning(tied, setup.concepts.tokens, setup.concepts.init_words)
     if truth is not None:
-        summary["iou_final"] = dict(zip(setup.concepts.tokens, mean_iou(masks_final, truth)))
+        summary["iou_final"] = dict(zip(setup.concepts.tokens, masks.matched_ious(masks_final, truth, tied)))
+        if tied:
+            summary["iou_matching"] = estep.MATCHING_NOTE
         summary["iou_by_round"] = [h.get("mean_iou") for h in history]
         summary["iou_no_crf_by_round"] = [h.get("mean_iou_no_crf") for h in history]
     return summary
@@ -246,8 +261,7 @@ def write_results(run_dir, settings, setup, final, masks_final, history, truth, 
         mine = np.flatnonzero(owner_C == i)
         images.save_image(outputs.color_overlay(setup.images_u8[i], masks_final[mine]),
                           os.path.join(run_dir, "overlays", f"{name}.png"))
-    rounds = [outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
-              for r in range(len(history))]
+    rounds = round_masks(run_dir, setup, len(history) - 1)
     images.save_image(outputs.evolution_picture(setup.images_u8, owner_C, rounds, setup.concepts.tokens),
                       os.path.join(run_dir, "masks_evolution.png"))
     outputs.save_concepts(os.path.join(run_dir, "concepts.safetensors"), setup.concepts.tokens,

@@ -54,6 +54,8 @@ class Masks:
     crf_min_iou: float
     crf_backend: str
     crf_size: str | int  # "image", "latent" or pixels per side
+    mask_prior: float  # EM settling: maps blended with the last round's masks (settle.damp_maps)
+    crf_hysteresis: bool  # EM settling: a CRF refinement close to the last round's mask stays accepted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +232,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "masks.crf_min_iou": _number(0.0, 1.0),
     "masks.crf_backend": _choice(CRF_BACKENDS),
     "masks.crf_size": _crf_size,
+    "masks.mask_prior": _number(0.0, 1.0),
+    "masks.crf_hysteresis": _boolean,
     "tokens.steps": _integer(0),
     "tokens.estep_every": _integer(1),
     "tokens.lr": _number(0.0, above=True),

@@ -77,6 +77,14 @@ def summary_text(summary: dict) -> str:
         lines.append(f"  {token:<20} mask {area:6.1%} of the image" + ("" if iou is None else f"   IoU {iou:.3f}"))
     if summary.get("iou_by_round"):
         lines.append("  mean IoU by round: " + " ".join(f"{v:.3f}" for v in summary["iou_by_round"] if v is not None))
+    if summary.get("iou_matching"):
+        lines.append(f"  (IoU: {summary['iou_matching']})")
+    changes = [v for v in summary.get("mask_change_by_round") or [] if v is not None]
+    if changes and summary["mode"] == "em":
+        lines.append("  mask change by round (1 - IoU with the round before): " + " ".join(f"{v:.3f}" for v in changes)
+                     + f"; final masks: round {summary.get('final_round')}")
+    if summary.get("warning"):
+        lines.append(f"  warning: {summary['warning']}")
     run = summary["run"]
     lines += [f"results in {run}:",
               "  concepts.safetensors, masks/final/, overlays/, masks_evolution.png, metrics.jsonl",

@@ -51,8 +51,10 @@ def grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] |
 
 
 def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str = "", x_label: str = "",
-              size: tuple[int, int] = (480, 320), y_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
-    """A small line chart (uint8 H x W x 3) of named series over x = 0, 1, 2, ...; no matplotlib needed."""
+              size: tuple[int, int] = (480, 320), y_range: tuple[float, float] = (0.0, 1.0),
+              errors: dict[str, Sequence[float]] | None = None) -> np.ndarray:
+    """A small line chart (uint8 H x W x 3) of named series over x = 0, 1, 2, ...; no matplotlib needed.
+    `errors` (optional, per series name): half-lengths of vertical error bars at each point."""
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     w, h = size
     left, right, top, bottom = 44, 12, 24, 36
@@ -80,5 +82,10 @@ def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str 
             draw.line(pts, fill=c, width=2)
         for x, y in pts:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=c)
+        bars = (errors or {}).get(name) or []
+        for i, (v, e) in enumerate(zip(values, bars)):
+            if v is not None and e:
+                x = left + i * sx + (j - 2) * 1.5  # a small offset so coinciding bars stay visible
+                draw.line((x, h - bottom - (float(v) + e - lo) * sy, x, h - bottom - (float(v) - e - lo) * sy), fill=c)
         draw.text((left + 6, top + 4 + 12 * j), name, fill=c)
     return np.asarray(out)

@@ -1,22 +1,41 @@
 """The fidelity benchmark end to end on the tiny model (a few steps): its figures are well-formed and
-the modes behave as defined (user masks are the truth; attention masks never change)."""
+the modes behave as defined (user masks are the truth; attention masks never change); the hard scenes are
+what they claim to be."""
 
 import numpy as np
+import pytest
 
 from jaxconcept.bench import fidelity
+from jaxconcept.toy import scene
 
 
 def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
-    result = fidelity.run_benchmark([0], str(tmp_path), model="tiny", token_steps=2, estep_every=1, joint_steps=1,
-                                    num_timesteps=4, num_samples=4, sample_steps=2)
+    settings = fidelity.Settings(model="tiny", token_steps=2, estep_every=1, joint_steps=1, num_timesteps=4,
+                                 inversion_steps=2, num_samples=2, sample_steps=2)
+    result = fidelity.run_benchmark([1], str(tmp_path), settings=settings, sets=("hard",),
+                                    inits=("color", "inversion"))
     table = result["table"]
-    assert set(table) == {"attention", "em", "user"}
-    for mode, row in table.items():
-        assert len(row["iou_by_round"]) == 3  # stage 1 + 2 rounds
-        assert 0.0 <= row["samples_found"] <= 1.0 and 0.0 <= row["iou_final"] <= 1.0
-    np.testing.assert_allclose(table["user"]["iou_by_round"], 1.0)  # trained on the true masks
-    assert len(set(np.round(table["attention"]["iou_by_round"], 6))) == 1  # never re-estimated
-    assert (tmp_path / "runs" / "0" / "em" / "samples.png").exists()
-    assert (tmp_path / "runs" / "0" / "user" / "unet").exists()  # joint tuning ran in every mode, with one base model
-    fidelity.print_table(table)
-    assert "attention" in capsys.readouterr().out
+    assert set(table) == {f"hard/{it}/{m}" for it in ("color", "inversion") for m in ("attention", "em")} | {
+        "hard/color/user"}  # user once per scene
+    for row in table.values():
+        assert len(row["iou_by_round"]) == 3 and row["scenes"] == 1  # stage 1 + 2 rounds, (mean, SE)
+        assert 0.0 <= row["samples_found"] <= 1.0 and 0.0 <= row["iou_final"][0] <= 1.0 and row["iou_final"][1] >= 0
+    np.testing.assert_allclose([m for m, _ in table["hard/color/user"]["iou_by_round"]], 1.0)  # the true masks
+    assert len({round(m, 6) for m, _ in table["hard/inversion/attention"]["iou_by_round"]}) == 1  # kept
+    assert set(result["gains"]) == {"hard/color", "hard/inversion"}
+    assert fidelity.mean_se([0.2, 0.4, 0.6]) == pytest.approx((0.4, 0.2 / np.sqrt(3)))
+    assert (tmp_path / "runs" / "hard" / "1" / "inversion" / "em" / "samples.png").exists()
+    fidelity.write_outputs(result, str(tmp_path))
+    assert (tmp_path / "table.md").read_text().count("\n") == len(table) + 3
+    assert (tmp_path / "iou_by_round.png").exists()
+    assert "em − attention" in capsys.readouterr().out
+
+
+def test_hard_scenes_have_close_colours_on_textured_backgrounds():
+    pairs = {frozenset(p) for p in fidelity.HARD_PAIRS}
+    for seed in range(20):
+        s = fidelity.hard_scene(seed, 64)
+        assert frozenset(o.color for o in s.objects) in pairs
+        assert s.background.texture != scene.DEFAULT_TEXTURE and s.background.color in fidelity.HARD_BACKGROUNDS
+        assert sum(m.sum() for m in s.masks.values()) == 64 * 64  # masks partition the image
+        np.testing.assert_array_equal(s.image, fidelity.hard_scene(seed, 64).image)  # deterministic

@@ -180,6 +180,16 @@ def test_pad_keeps_the_whole_image_and_places_masks_with_it(tmp_path):
     assert crop.valid_NxHxW is None and crop.valid(0).all() and crop.user_masks[0][:20].all()
 
 
+def _e_step(setup, maps_fn):
+    """The learner's E-step (estep.estimate_masks) with maps from `maps_fn`, CRF off."""
+    from jaxconcept import estep
+
+    maps = lambda i, key: maps_fn(None, None, None, None, None, key)  # noqa: E731
+    return estep.estimate_masks(maps, setup.images_u8, setup.inputs.owner_C, setup.inputs.kinds,
+                                setup.concepts.tokens, jax.random.key(0), 0.55, False, 0.5, ("host", None),
+                                valid=setup.inputs.valid)
+
+
 def test_the_learner_keeps_the_padding_outside_every_estimated_mask(tiny, tmp_path):
     image, _, _ = _tall_scene(tmp_path)
     cfg = config.get_config()
@@ -189,7 +199,7 @@ def test_the_learner_keeps_the_padding_outside_every_estimated_mask(tiny, tmp_pa
     def maps_fn(rows, frozen, latents, ids, positions, key):  # the object's attention is high everywhere
         return jnp.ones((2,) + setup.latent_hw)
 
-    got, raw, _ = learner.estimate_masks(setup, maps_fn, None, None, jax.random.key(0), cfg)
+    got, raw, _ = _e_step(setup, maps_fn)
     valid = setup.inputs.valid(0)
     assert not valid.all() and valid.any()
     assert not got[:, ~valid].any() and not raw[:, ~valid].any()  # the padding is in no mask
@@ -199,5 +209,5 @@ def test_the_learner_keeps_the_padding_outside_every_estimated_mask(tiny, tmp_pa
         object_map = jnp.ones(setup.latent_hw).at[:, 4:12].set(jnp.linspace(0.1, 0.3, 16)[:, None])
         return jnp.stack([object_map, jnp.zeros(setup.latent_hw)])
 
-    got, _, info = learner.estimate_masks(setup, padding_maps, None, None, jax.random.key(0), cfg)
+    got, _, info = _e_step(setup, padding_maps)
     assert got[0].any() and not got[0][~valid].any()  # its fallback lands on the image, not on the padding
