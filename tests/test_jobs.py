@@ -83,6 +83,29 @@ def test_jobs_of_different_structure_are_refused(scenes, tmp_path, tiny):
         jobs.learn_many(_cfg(), [(two,), (one,)], str(tmp_path / "x"), bundle=tiny, progress=False)
 
 
+def test_batched_jobs_offer_inversion_and_prior_preservation_as_single_runs(scenes, tmp_path, tiny):
+    """The features of a single run: a job with an unmasked inversion first and prior preservation learns
+    what a run of its own learns."""
+    from PIL import Image
+
+    prior = tmp_path / "class_images"
+    prior.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(prior / "c.png")
+    cfg = _cfg()
+    cfg.init.method, cfg.init.inversion_steps, cfg.prior.folder = "inversion", 2, str(prior)
+    cfg.tokens.steps, cfg.joint.steps = 2, 0
+    folder, s = scenes[0]
+    many = jobs.learn_many(cfg, [(_spec(folder, s),)], str(tmp_path / "many"), bundle=tiny, progress=False)
+    alone = learner.learn(cfg, [_spec(folder, s)], str(tmp_path / "alone"), bundle=tiny, progress=False,
+                          mesh=sharding.make_mesh())
+    assert many[0]["mask_area"] == alone["mask_area"]
+    a = runs.load_run(str(tmp_path / "alone"), bundle=tiny).rows_NxD
+    m = runs.load_run(str(tmp_path / "many" / "job_00"), bundle=tiny).rows_NxD
+    np.testing.assert_allclose(m, a, rtol=1e-4, atol=1e-5)
+    logged = [json.loads(x) for x in open(tmp_path / "many" / "job_00" / "metrics.jsonl") if '"loss"' in x]
+    assert [x["stage"] for x in logged] == ["inversion", "token"] and all("loss_prior" in x for x in logged)
+
+
 def test_text_encoder_tuning_is_refused_for_batched_jobs_before_any_work(scenes, tmp_path, tiny):
     cfg = _cfg()
     cfg.joint.text_encoder = True

@@ -211,9 +211,15 @@ def test_a_second_run_on_a_folder_is_refused_and_a_stale_lock_taken(em_run, scen
 
 
 @pytest.mark.parametrize("mode", ["attention", "user"])
-def test_modes_keep_their_masks(mode, scene_dir, tmp_path):
+def test_modes_keep_their_masks(mode, scene_dir, tmp_path, capsys):
     out = tmp_path / mode
     learner.learn(_cfg(mode=mode, **{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+    if mode == "attention":  # without joint steps too, the end is recorded: started again, nothing is redone
+        capsys.readouterr()
+        with StepCounter() as counter:
+            learner.learn(_cfg(mode=mode, **{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+        printed = capsys.readouterr().out
+        assert sum(counter.calls()) == 0 and "is finished (checkpoint 5)" in printed and "resuming" not in printed
     rounds = [np.stack([np.asarray(Image.open(out / "masks" / f"round_{r:02d}" / f"image__{t}.png"))
                         for t in ("tri", "ring", "bg")]) for r in range(3)]
     assert np.array_equal(rounds[0], rounds[1]) and np.array_equal(rounds[1], rounds[2])

@@ -88,5 +88,6 @@ def test_the_command_line_refuses_bad_config_with_exit_2_before_any_work(tmp_pat
         proc = subprocess.run([sys.executable, "-m", "jaxconcept.train", "--out", str(tmp_path / "r"), *args],
                               capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 2, proc.stderr
-        assert f"error: {message}" in proc.stderr.replace('"', "'") and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("error: ") and message in proc.stderr.replace('"', "'")
+        assert "Traceback" not in proc.stderr
         assert not (tmp_path / "r").exists()
