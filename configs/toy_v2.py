@@ -28,5 +28,5 @@ def get_config():
     c.num_scenes = 16384
     c.checkpoint_every = 250
     c.vae.update(steps=1000, lr=5e-4, warmup=50, decoder_only=True, eval_every=250)
-    c.denoise.update(steps=4000, lr=3e-4, warmup=100, min_snr_gamma=5.0, ema_decay=0.999, snapshot_every=2000)
+    c.denoise.update(steps=1500, lr=3e-4, warmup=100, min_snr_gamma=5.0, ema_decay=0.999, snapshot_every=0)
     return c

@@ -52,6 +52,15 @@ class Concept:
 # ------------------------------------------------------------------------------------------ pure parts
 
 
+def speaks_toy(bundle) -> bool:
+    """A model of the toy world (the shipped one, or one trained by launch/train_toy.py): its vocabulary
+    holds every scene word, so the toy analysis can judge its samples."""
+    from .toy import scene
+
+    vocab = bundle.tokenizer.get_vocab()
+    return all(w + "</w>" in vocab or w in vocab for w in scene.vocabulary())
+
+
 def toy_attributes(token: str) -> dict | None:
     """Colour, shape and pattern named by a toy token such as <purple_dotted_ring> (None otherwise)."""
     from .toy import scene
@@ -228,7 +237,7 @@ def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, cli
 
             base_cache[cfg["model"]] = load_model(cfg["model"], seed=cfg.get("seed", 0))
         run = runs.load_run(run_dir, bundle=base_cache[cfg["model"]])
-        run_toy = (cfg["model"] == "toy") if toy is None else toy
+        run_toy = speaks_toy(base_cache[cfg["model"]]) if toy is None else toy
         prompts = expand_templates(templates, concepts, summary.get("template", "{}"),
                                    summary.get("joiner", " and "))
         pics = generate.generate(run, [p["prompt"] for p in prompts], settings, mesh=mesh, progress=progress)
