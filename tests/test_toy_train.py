@@ -33,8 +33,10 @@ def test_one_step_each_phase_writes_a_loadable_model(tmp_path):
     assert loaded.latent_scale == first.latent_scale and loaded.latent_scale > 0
     assert "striped" in loaded.tokenizer.get_vocab() or "striped</w>" in loaded.tokenizer.get_vocab()
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [(m["phase"], m["step"]) for m in lines] == [("vae", 1), ("denoise", 1)]
-    assert all(np.isfinite(m["loss"]) for m in lines) and lines[1]["aux"] > 0
+    assert [(m["phase"], m["step"]) for m in lines if "loss" in m] == [("vae", 1), ("denoise", 1)]
+    assert [m["step"] for m in lines if "val_psnr" in m] == [1]
+    steps = [m for m in lines if "loss" in m]
+    assert all(np.isfinite(m["loss"]) for m in steps) and steps[1]["aux"] > 0
 
 
 def test_resumed_phase_equals_uninterrupted(tmp_path):
@@ -83,22 +85,26 @@ def test_ema_update_averages_with_a_warmed_up_decay():
     first = train.ema_update(ema, params, jnp.asarray(0), 0.999)  # decay (1 + 0) / (10 + 0) = 0.1
     np.testing.assert_allclose(first["w"], 0.9)
     late = train.ema_update(ema, params, jnp.asarray(10 ** 6), 0.999)  # decay capped at 0.999
-    np.testing.assert_allclose(late["w"], 0.001, rtol=1e-5)
+    np.testing.assert_allclose(late["w"], 0.001, rtol=1e-4)
 
 
 def test_denoise_phase_with_weight_average_ships_the_average(tmp_path):
-    """One averaged step: the shipped weights are 0.1 x initial + 0.9 x trained (decay warm-up at step 0)."""
+    """Two averaged steps (the first at warm-up lr 0 leaves the weights as they were): with decays 0.1 then
+    2/11, the shipped weights are 2/11 x initial + 9/11 x trained, leaf by leaf."""
     cfg = _config()
-    cfg.denoise.ema_decay, cfg.denoise.min_snr_gamma = 0.999, 5.0
+    cfg.denoise.steps, cfg.denoise.ema_decay, cfg.denoise.min_snr_gamma = 2, 0.999, 5.0
     shipped = train.train(cfg, str(tmp_path))
     raw = load_model(str(tmp_path / "model_raw"))
     init = train.sd.random_toy("tiny", seed=cfg.seed)
+    moved = 0
     for part in ("unet", "text_encoder"):
-        k_init, k_raw, k_shipped = (jax.tree.leaves(b.params[part])[0] for b in (init, raw, shipped))
-        assert not np.allclose(k_raw, k_init)  # training moved the weights
-        np.testing.assert_allclose(k_shipped, 0.1 * np.asarray(k_init) + 0.9 * np.asarray(k_raw), atol=1e-6)
+        for k_init, k_raw, k_shipped in zip(*(jax.tree.leaves(b.params[part]) for b in (init, raw, shipped))):
+            moved += not np.allclose(k_raw, k_init)
+            np.testing.assert_allclose(k_shipped, 2 / 11 * np.asarray(k_init) + 9 / 11 * np.asarray(k_raw), atol=1e-6)
+    assert moved > 10  # training moved the weights
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [m["step"] for m in lines if "val_psnr" in m] == [1] and np.isfinite(lines[1]["val_psnr"])
+    assert [m["step"] for m in lines if "val_psnr" in m] == [1]
+    assert all(np.isfinite(m["val_psnr"]) for m in lines if "val_psnr" in m)
 
 
 def test_warm_start_decoder_only_keeps_encoder_and_latent_scale(tmp_path):
@@ -110,7 +116,7 @@ def test_warm_start_decoder_only_keeps_encoder_and_latent_scale(tmp_path):
     start = start.replace(vae=train.adapter.vae_from_config(dict(start.vae.config, scaling_factor=0.7)))
     model.save_flax(start, str(tmp_path / "v1"))
     cfg = _config()
-    cfg.init_from, cfg.vae.decoder_only = str(tmp_path / "v1"), True
+    cfg.init_from, cfg.vae.decoder_only, cfg.vae.steps = str(tmp_path / "v1"), True, 2  # step 0: warm-up lr 0
     out = train.train(cfg, str(tmp_path / "v2"))
     enc0, enc1 = start.params["vae"]["encoder"], out.params["vae"]["encoder"]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(enc0), jax.tree.leaves(enc1)))
