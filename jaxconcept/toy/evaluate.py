@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import aggregate, capture, crf, diffusion, images, masks, sampling, sharding, tokens, viz
+from .. import aggregate, capture, crf, images, masks, sampling, sharding, tokens, viz
 from ..errors import JaxconceptError
 from ..model import ModelBundle, load_model, recommended_sampling
 from ..show_attention import token_attention
@@ -90,10 +90,8 @@ def sample_fidelity(bundle: ModelBundle, scenes, num_steps: int = 25, guidance: 
 def reconstructions(bundle: ModelBundle, scenes) -> tuple[float, np.ndarray]:
     """(PSNR in dB over the scenes, VAE reconstructions N x H x W x 3 uint8) from the posterior means."""
     x = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    psnr = train.vae_psnr(bundle.vae, bundle.params["vae"], x)
-    mean, _ = diffusion.encode_images(bundle.vae, bundle.params["vae"], jnp.asarray(x))
-    recon = diffusion.decode_latents(bundle.vae, bundle.params["vae"], mean)
-    return psnr, images.to_uint8(np.clip(np.asarray(recon), -1, 1))
+    recon = train.reconstruct(bundle.vae, bundle.params["vae"], x)  # encoded and decoded once, for both
+    return train.psnr(recon, x), images.to_uint8(recon)
 
 
 def gates_figure(scenes, soft_maps, pictures, recons, rows: int = 6) -> np.ndarray:

@@ -242,16 +242,27 @@ def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int
 VALIDATION_SEEDS = range(10_100_000, 10_100_020)  # never trained on; the evaluation seeds are others
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _reconstruct(vae, vae_params, images_BxHxWx3):
+    mean_BxCxhxw, _ = diffusion.encode_images(vae, vae_params, images_BxHxWx3)
+    return jnp.clip(diffusion.decode_latents(vae, vae_params, mean_BxCxhxw), -1, 1)
+
+
+def reconstruct(vae, vae_params, images_BxHxWx3, batch: int = 64) -> np.ndarray:
+    """Reconstructions (in [-1, 1]) from the posterior means, in batches; one compiled program per VAE
+    and batch shape, so the PSNR logged during training does not recompile each time."""
+    return np.concatenate([np.asarray(_reconstruct(vae, vae_params, jnp.asarray(images_BxHxWx3[i:i + batch])))
+                           for i in range(0, len(images_BxHxWx3), batch)])
+
+
+def psnr(recon_BxHxWx3, images_BxHxWx3) -> float:
+    """PSNR in dB, peak-to-peak 2 (images in [-1, 1]), over all images."""
+    return float(10 * np.log10(4.0 / np.mean((np.asarray(recon_BxHxWx3) - images_BxHxWx3) ** 2)))
+
+
 def vae_psnr(vae, vae_params, images_BxHxWx3, batch: int = 64) -> float:
-    """PSNR (dB, peak-to-peak 2 in [-1, 1]) of reconstructions from the posterior means."""
-    encode = jax.jit(functools.partial(diffusion.encode_images, vae))
-    decode = jax.jit(functools.partial(diffusion.decode_latents, vae))
-    errs = []
-    for i in range(0, len(images_BxHxWx3), batch):
-        x = jnp.asarray(images_BxHxWx3[i:i + batch])
-        recon = jnp.clip(decode(vae_params, encode(vae_params, x)[0]), -1, 1)
-        errs.append(np.asarray(jnp.mean((recon - x) ** 2, axis=(1, 2, 3))))
-    return float(10 * np.log10(4.0 / np.mean(np.concatenate(errs))))
+    """PSNR (dB) of reconstructions from the posterior means."""
+    return psnr(reconstruct(vae, vae_params, images_BxHxWx3, batch), images_BxHxWx3)
 
 
 def scene_images(seeds, size: int) -> np.ndarray:
