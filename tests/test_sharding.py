@@ -121,20 +121,20 @@ def plain_joint(joint_setup):
     return _joint_steps(setup, masks, sharding.make_mesh(jax.devices()[:1]), fsdp=False)
 
 
-@pytest.mark.parametrize("remat,kind", [("full", "adamw"), ("dots", "adamw_bf16"), ("none", "adafactor")])
+# Remat is not crossed with the optimisers here: tests/test_learner.py checks that `dots` and `full` give the
+# gradients of no remat, so their trajectories follow; compiling remat programs again would only cost time.
+@pytest.mark.parametrize("remat,kind", [("none", "adamw_bf16"), ("none", "adafactor")])
 def test_memory_options_train_the_same_way(joint_setup, plain_joint, remat, kind):
-    """Recomputed activations give the same loss trajectory as stored ones; the low-memory optimisers
-    train (the loss and params move) with their smaller state."""
+    """The low-memory optimisers take the same first step and train (the loss and params move) with their
+    smaller state."""
     setup, masks = joint_setup
     mesh = sharding.make_mesh(jax.devices()[:1])
     ref, l_ref = plain_joint
     got, l_got = _joint_steps(setup, masks, mesh, fsdp=False, remat=remat, kind=kind)
     assert l_got[0] == pytest.approx(l_ref[0], rel=1e-5)  # the same first step, whatever is stored
-    if kind == "adamw":
-        np.testing.assert_allclose(l_got, l_ref, rtol=1e-5)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                          got["params"]["unet"], setup.bundle.params["unet"]))
     assert max(moved) > 0
     state_bytes = lambda s: sum(x.nbytes for x in jax.tree.leaves(s["opt_state"]))  # noqa: E731
-    if kind != "adamw":
-        assert state_bytes(got) < 0.8 * state_bytes(ref)
+    assert state_bytes(got) < 0.8 * state_bytes(ref)
+    assert l_got[1] != l_ref[1]  # another optimiser really ran
