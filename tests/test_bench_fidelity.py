@@ -10,7 +10,8 @@ from jaxconcept.toy import scene
 
 
 def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
-    settings = fidelity.Settings(model="tiny", token_steps=2, estep_every=1, joint_steps=1, num_timesteps=4,
+    # no joint stage, as the benchmark's default (the learner's joint stage is tested in test_learner)
+    settings = fidelity.Settings(model="tiny", token_steps=2, estep_every=1, joint_steps=0, num_timesteps=4,
                                  inversion_steps=2, num_samples=2, sample_steps=2)
     result = fidelity.run_benchmark([1], str(tmp_path), settings=settings, sets=("hard",),
                                     inits=("color", "inversion"))

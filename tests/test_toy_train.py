@@ -15,11 +15,15 @@ from jaxconcept.toy import scene, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config():
-    spec = importlib.util.spec_from_file_location("toy_pretrain", os.path.join(ROOT, "configs", "toy_pretrain.py"))
+def _load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    return mod.get_config()
+
+
+def _config():
+    cfg = _load_config("toy_pretrain")
     cfg.arch, cfg.num_scenes, cfg.batch_size, cfg.vae.batch_size = "tiny", 8, 4, 4
     cfg.vae.steps, cfg.denoise.steps, cfg.denoise.aux_weight = 1, 1, 0.1
     cfg.checkpoint_every = cfg.log_every = 1
@@ -37,6 +41,15 @@ def test_one_step_each_phase_writes_a_loadable_model(tmp_path):
     assert [m["step"] for m in lines if "val_psnr" in m] == [1]
     steps = [m for m in lines if "loss" in m]
     assert all(np.isfinite(m["loss"]) for m in steps) and steps[1]["aux"] > 0
+
+
+def test_the_recipe_configs_of_each_shipped_version_load():
+    v1, v2, v3 = (_load_config(n) for n in ("toy_pretrain", "toy_v2", "toy_v3"))
+    assert (v1.init_from, v2.init_from, v3.init_from) == ("", "runs/toy_v1/model", "toy")
+    assert len({v1.seed, v2.seed, v3.seed}) == 3  # each version trains on scenes the previous ones never saw
+    assert v3.vae.steps == 0 and v3.denoise.steps == 4000 and v3.denoise.ema_decay and v3.denoise.min_snr_gamma == 5
+    for c in (v1, v2, v3):
+        assert set(c.denoise) == set(v1.denoise) and set(c.vae) == set(v1.vae)  # no field misspelled
 
 
 def test_resumed_phase_equals_uninterrupted(tmp_path):
