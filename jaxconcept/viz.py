@@ -57,10 +57,11 @@ def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str 
     `errors` (optional, per series name): half-lengths of vertical error bars at each point."""
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     w, h = size
-    left, right, top, bottom = 44, 12, 24, 36
+    left, right, top, bottom = 44, 12, 32, 36
     out = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(out)
-    draw.text((left, 6), title, fill="black")
+    draw.text((left, 4), title, fill="black")
+    draw.text((4, 18), y_label, fill="black")  # above the y axis' ticks
     draw.rectangle((left, top, w - right, h - bottom), outline="black")
     lo, hi = y_range
     n = max((len(v) for v in series.values()), default=1)
@@ -73,8 +74,7 @@ def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str 
         draw.text((4, y - 6), f"{val:.2f}", fill="black")
     for i in range(n):
         draw.text((left + i * sx - 3, h - bottom + 4), str(i), fill="black")
-    draw.text((left, h - 14), x_label, fill="black")
-    draw.text((w - right - 6 * len(y_label), h - 14), y_label, fill="black")
+    draw.text(((left + w - right) / 2 - 3 * len(x_label), h - 14), x_label, fill="black")  # under the x axis
     for j, (name, values) in enumerate(series.items()):
         c = colors[j % len(colors)]
         pts = [(left + i * sx, h - bottom - (float(v) - lo) * sy) for i, v in enumerate(values) if v is not None]
