@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from jaxconcept.bench import fidelity
-from jaxconcept.model import load_model
 from jaxconcept.toy import scene
 
 
@@ -43,7 +42,7 @@ def test_hard_scenes_have_close_colours_on_textured_backgrounds():
         np.testing.assert_array_equal(s.image, fidelity.hard_scene(seed, 64).image)  # deterministic
 
 
-def test_without_samples_attention_is_read_off_em_and_equals_a_real_attention_run(tmp_path):
+def test_without_samples_attention_is_read_off_em_and_equals_a_real_attention_run(tiny, tmp_path):
     settings = fidelity.Settings(model="tiny", token_steps=2, estep_every=1, num_timesteps=4, num_samples=0)
     result = fidelity.run_benchmark([2], str(tmp_path / "bench"), modes=("attention", "em"), settings=settings,
                                     sets=("natural",), inits=("random",))
@@ -51,7 +50,7 @@ def test_without_samples_attention_is_read_off_em_and_equals_a_real_attention_ru
     assert derived["read_off"] == "em round 0" and not (tmp_path / "bench" / "runs" / "natural" / "2" / "random"
                                                          / "attention").exists()  # no run made
     s = fidelity.natural_scene(2, 32)
-    real = fidelity.bench_run(load_model("tiny"), None, s, str(tmp_path / "bench" / "scenes" / "natural" / "2"),
+    real = fidelity.bench_run(tiny, None, s, str(tmp_path / "bench" / "scenes" / "natural" / "2"),
                               "natural", "random", "attention", settings, str(tmp_path / "real"))
     np.testing.assert_allclose(derived["iou_by_round"], real["iou_by_round"], atol=1e-9)
     np.testing.assert_allclose(derived["iou_no_crf_by_round"], real["iou_no_crf_by_round"], atol=1e-9)

@@ -228,9 +228,11 @@ def run_benchmark(seeds, out: str, modes=MODES, settings: Settings = Settings(),
                     if mode == "user" and init != inits[0]:
                         continue
                     run_dir = os.path.join(out, "runs", set_name, str(seed), init, mode)
-                    rows[mode] = row = (attention_from_em(rows["em"]) if derive and mode == "attention" else
-                                        bench_run(base, sampler, s, folder, set_name, init, mode, settings, run_dir,
-                                                  progress))
+                    if derive and mode == "attention":
+                        row = attention_from_em(rows["em"])
+                    else:
+                        row = bench_run(base, sampler, s, folder, set_name, init, mode, settings, run_dir, progress)
+                    rows[mode] = row
                     results.append(row)
                     found = np.mean([f["found"] for f in row["samples"]]) if row["samples"] else float("nan")
                     took = "read off em's round 0" if row.get("read_off") else f"{row['seconds']:.0f} s"
