@@ -30,25 +30,51 @@ def _config():
     return cfg
 
 
-def test_one_step_each_phase_writes_a_loadable_model(tmp_path):
-    first = train.train(_config(), str(tmp_path))
-    loaded = load_model(str(tmp_path / "model"))  # the same loader as a real model
-    np.testing.assert_array_equal(loaded.params["unet"]["conv_in"]["kernel"], first.params["unet"]["conv_in"]["kernel"])
-    assert loaded.latent_scale == first.latent_scale and loaded.latent_scale > 0
+def test_each_phase_writes_a_loadable_model_that_ships_the_weight_average(tmp_path):
+    """Two VAE steps and two averaged denoiser steps, warm started from a saved model whose whole VAE trains
+    (v4's recipe): the encoder moved, so the latent scale is measured again. The first denoiser step, at
+    warm-up lr 0, leaves the weights as they were; with decays 0.1 then 2/11 the shipped weights are
+    2/11 x initial + 9/11 x trained, leaf by leaf."""
+    from jaxconcept import model
+
+    start = train.sd.random_toy("tiny")
+    start = start.replace(vae=train.adapter.vae_from_config(dict(start.vae.config, scaling_factor=0.7)))
+    model.save_flax(start, str(tmp_path / "start"))
+    cfg = _config()
+    cfg.init_from, cfg.vae.steps, cfg.vae.warmup = str(tmp_path / "start"), 2, 1  # step 0 at warm-up lr 0
+    cfg.denoise.steps, cfg.denoise.ema_decay, cfg.denoise.min_snr_gamma = 2, 0.999, 5.0
+    shipped = train.train(cfg, str(tmp_path / "run"))
+    loaded = load_model(str(tmp_path / "run" / "model"))  # the same loader as a real model
+    np.testing.assert_array_equal(loaded.params["unet"]["conv_in"]["kernel"], shipped.params["unet"]["conv_in"]["kernel"])
     assert "striped" in loaded.tokenizer.get_vocab() or "striped</w>" in loaded.tokenizer.get_vocab()
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [(m["phase"], m["step"]) for m in lines if "loss" in m] == [("vae", 1), ("denoise", 1)]
-    assert [m["step"] for m in lines if "val_psnr" in m] == [1]
+    enc0, enc1 = start.params["vae"]["encoder"], loaded.params["vae"]["encoder"]
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(enc0), jax.tree.leaves(enc1)))
+    assert loaded.latent_scale == shipped.latent_scale and loaded.latent_scale > 0 and loaded.latent_scale != 0.7
+    raw = load_model(str(tmp_path / "run" / "model_raw"))
+    moved = 0
+    for part in ("unet", "text_encoder"):
+        for k_init, k_raw, k_shipped in zip(*(jax.tree.leaves(b.params[part]) for b in (start, raw, shipped))):
+            moved += not np.allclose(k_raw, k_init)
+            np.testing.assert_allclose(k_shipped, 2 / 11 * np.asarray(k_init) + 9 / 11 * np.asarray(k_raw), atol=1e-6)
+    assert moved > 10  # training moved the weights
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(m["phase"], m["step"]) for m in lines if "loss" in m] == [("vae", 1), ("vae", 2), ("denoise", 1), ("denoise", 2)]
+    assert [m["step"] for m in lines if "val_psnr" in m] == [2]
     steps = [m for m in lines if "loss" in m]
-    assert all(np.isfinite(m["loss"]) for m in steps) and steps[1]["aux"] > 0
+    assert all(np.isfinite(m["loss"]) for m in steps) and steps[2]["aux"] > 0
+    assert all(np.isfinite(m["val_psnr"]) for m in lines if "val_psnr" in m)
+    from_scratch = train.start_model(_config())  # v1's start: the seeded random weights
+    np.testing.assert_array_equal(from_scratch.params["unet"]["conv_in"]["kernel"],
+                                  train.sd.random_toy("tiny", seed=0).params["unet"]["conv_in"]["kernel"])
 
 
 def test_the_recipe_configs_of_each_shipped_version_load():
-    v1, v2, v3 = (_load_config(n) for n in ("toy_pretrain", "toy_v2", "toy_v3"))
-    assert (v1.init_from, v2.init_from, v3.init_from) == ("", "runs/toy_v1/model", "toy")
-    assert len({v1.seed, v2.seed, v3.seed}) == 3  # each version trains on scenes the previous ones never saw
+    v1, v2, v3, v4 = (_load_config(n) for n in ("toy_pretrain", "toy_v2", "toy_v3", "toy_v4"))
+    assert (v1.init_from, v2.init_from, v3.init_from, v4.init_from) == ("", "runs/toy_v1/model", "toy", "toy")
+    assert len({v1.seed, v2.seed, v3.seed, v4.seed}) == 4  # each version trains on scenes the earlier ones never saw
     assert v3.vae.steps == 0 and v3.denoise.steps == 4000 and v3.denoise.ema_decay and v3.denoise.min_snr_gamma == 5
-    for c in (v1, v2, v3):
+    assert v4.vae.steps > 0 and not v4.vae.decoder_only and v4.vae.kl_weight == 1e-10
+    for c in (v1, v2, v3, v4):
         assert set(c.denoise) == set(v1.denoise) and set(c.vae) == set(v1.vae)  # no field misspelled
 
 
@@ -99,25 +125,6 @@ def test_ema_update_averages_with_a_warmed_up_decay():
     np.testing.assert_allclose(first["w"], 0.9)
     late = train.ema_update(ema, params, jnp.asarray(10 ** 6), 0.999)  # decay capped at 0.999
     np.testing.assert_allclose(late["w"], 0.001, rtol=1e-4)
-
-
-def test_denoise_phase_with_weight_average_ships_the_average(tmp_path):
-    """Two averaged steps (the first at warm-up lr 0 leaves the weights as they were): with decays 0.1 then
-    2/11, the shipped weights are 2/11 x initial + 9/11 x trained, leaf by leaf."""
-    cfg = _config()
-    cfg.denoise.steps, cfg.denoise.ema_decay, cfg.denoise.min_snr_gamma = 2, 0.999, 5.0
-    shipped = train.train(cfg, str(tmp_path))
-    raw = load_model(str(tmp_path / "model_raw"))
-    init = train.sd.random_toy("tiny", seed=cfg.seed)
-    moved = 0
-    for part in ("unet", "text_encoder"):
-        for k_init, k_raw, k_shipped in zip(*(jax.tree.leaves(b.params[part]) for b in (init, raw, shipped))):
-            moved += not np.allclose(k_raw, k_init)
-            np.testing.assert_allclose(k_shipped, 2 / 11 * np.asarray(k_init) + 9 / 11 * np.asarray(k_raw), atol=1e-6)
-    assert moved > 10  # training moved the weights
-    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [m["step"] for m in lines if "val_psnr" in m] == [1]
-    assert all(np.isfinite(m["val_psnr"]) for m in lines if "val_psnr" in m)
 
 
 def test_warm_start_decoder_only_keeps_encoder_and_latent_scale(tmp_path):
