@@ -1,8 +1,8 @@
-"""The toy Stable Diffusion v2 (the shipped one): a warm start from v1 with the levers that helped.
+"""The toy Stable Diffusion v2: a warm start from v1 with the levers that helped.
 
     python launch/train_toy.py --config configs/toy_pretrain.py --workdir runs/toy_v1    # v1 from scratch
     python launch/train_toy.py --config configs/toy_v2.py --workdir runs/toy_v2          # v2 from runs/toy_v1
-    python launch/train_toy.py --config configs/toy_v2.py --config.init_from=toy ...     # or from the shipped one
+    python launch/train_toy.py --config configs/toy_v2.py --config.init_from=path/to/v1 ...   # v1 elsewhere
 
 v2 keeps v1's encoder, so its latent space and latent scale, and:
   1. fine-tunes the VAE decoder alone on the encoder's posterior means (v1's decoder saw latents with noise

@@ -1,4 +1,4 @@
-"""A candidate toy Stable Diffusion v4: v3 with its whole VAE re-trained under a KL weight scaled to SD's.
+"""The toy Stable Diffusion v4 (the shipped one): v3 with its whole VAE re-trained under a KL weight scaled to SD's.
 
     python launch/train_toy.py --config configs/toy_v4.py --workdir runs/toy_v4
 
@@ -18,7 +18,7 @@ def get_config():
     v3 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(v3)
     c = v3.get_config()
-    c.init_from = "toy"  # the shipped v3
+    c.init_from = "runs/toy_v3/model"  # v3 (it was shipped as "toy" when this ran: `--config.init_from=toy` then)
     c.seed = 3  # fresh scenes: seeds 3 * 1_000_003 + i
     c.vae.update(steps=6000, lr=5e-4, warmup=100, kl_weight=1e-10, decoder_only=False, eval_every=500)
     c.denoise.update(steps=4000, lr=2e-4, snapshot_every=1000)

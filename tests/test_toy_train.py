@@ -70,7 +70,7 @@ def test_each_phase_writes_a_loadable_model_that_ships_the_weight_average(tmp_pa
 
 def test_the_recipe_configs_of_each_shipped_version_load():
     v1, v2, v3, v4 = (_load_config(n) for n in ("toy_pretrain", "toy_v2", "toy_v3", "toy_v4"))
-    assert (v1.init_from, v2.init_from, v3.init_from, v4.init_from) == ("", "runs/toy_v1/model", "toy", "toy")
+    assert (v1.init_from, v2.init_from, v3.init_from, v4.init_from) == ("", "runs/toy_v1/model", "runs/toy_v2/model", "runs/toy_v3/model")
     assert len({v1.seed, v2.seed, v3.seed, v4.seed}) == 4  # each version trains on scenes the earlier ones never saw
     assert v3.vae.steps == 0 and v3.denoise.steps == 4000 and v3.denoise.ema_decay and v3.denoise.min_snr_gamma == 5
     assert v4.vae.steps > 0 and not v4.vae.decoder_only and v4.vae.kl_weight == 1e-10
