@@ -3,8 +3,9 @@ commands together and end where one process with two devices ends; process 0 wri
 
 Trained once for the module, one command after another: two concept sets batched in one program
 (`train --job`) by one process with two devices and by two processes, and one concept set alone
-(`train --concepts`) by two processes. A job of a batch learns what a run of its own learns (tests/test_jobs.py), so job_00 of the
-one-process batch is the reference for the two-process single run as well."""
+(`train --concepts`) by two processes. A job of a batch learns what a run of its own learns
+(tests/test_jobs.py), so job_00 of the one-process batch is the reference for the two-process single run as
+well."""
 
 import json
 import os
