@@ -45,7 +45,8 @@ def test_each_phase_writes_a_loadable_model_that_ships_the_weight_average(tmp_pa
     cfg.denoise.steps, cfg.denoise.ema_decay, cfg.denoise.min_snr_gamma = 2, 0.999, 5.0
     shipped = train.train(cfg, str(tmp_path / "run"))
     loaded = load_model(str(tmp_path / "run" / "model"))  # the same loader as a real model
-    np.testing.assert_array_equal(loaded.params["unet"]["conv_in"]["kernel"], shipped.params["unet"]["conv_in"]["kernel"])
+    kernel = lambda b: b.params["unet"]["conv_in"]["kernel"]  # noqa: E731
+    np.testing.assert_array_equal(kernel(loaded), kernel(shipped))
     assert "striped" in loaded.tokenizer.get_vocab() or "striped</w>" in loaded.tokenizer.get_vocab()
     enc0, enc1 = start.params["vae"]["encoder"], loaded.params["vae"]["encoder"]
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(enc0), jax.tree.leaves(enc1)))
@@ -58,7 +59,8 @@ def test_each_phase_writes_a_loadable_model_that_ships_the_weight_average(tmp_pa
             np.testing.assert_allclose(k_shipped, 2 / 11 * np.asarray(k_init) + 9 / 11 * np.asarray(k_raw), atol=1e-6)
     assert moved > 10  # training moved the weights
     lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [(m["phase"], m["step"]) for m in lines if "loss" in m] == [("vae", 1), ("vae", 2), ("denoise", 1), ("denoise", 2)]
+    logged = [(m["phase"], m["step"]) for m in lines if "loss" in m]
+    assert logged == [("vae", 1), ("vae", 2), ("denoise", 1), ("denoise", 2)]
     assert [m["step"] for m in lines if "val_psnr" in m] == [2]
     steps = [m for m in lines if "loss" in m]
     assert all(np.isfinite(m["loss"]) for m in steps) and steps[2]["aux"] > 0
@@ -70,7 +72,8 @@ def test_each_phase_writes_a_loadable_model_that_ships_the_weight_average(tmp_pa
 
 def test_the_recipe_configs_of_each_shipped_version_load():
     v1, v2, v3, v4 = (_load_config(n) for n in ("toy_pretrain", "toy_v2", "toy_v3", "toy_v4"))
-    assert (v1.init_from, v2.init_from, v3.init_from, v4.init_from) == ("", "runs/toy_v1/model", "runs/toy_v2/model", "runs/toy_v3/model")
+    starts = (v1.init_from, v2.init_from, v3.init_from, v4.init_from)
+    assert starts == ("", "runs/toy_v1/model", "runs/toy_v2/model", "runs/toy_v3/model")  # each from the one before
     assert len({v1.seed, v2.seed, v3.seed, v4.seed}) == 4  # each version trains on scenes the earlier ones never saw
     assert v3.vae.steps == 0 and v3.denoise.steps == 4000 and v3.denoise.ema_decay and v3.denoise.min_snr_gamma == 5
     assert v4.vae.steps > 0 and not v4.vae.decoder_only and v4.vae.kl_weight == 1e-10
