@@ -358,11 +358,11 @@ def train(cfg, workdir: str) -> model.ModelBundle:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_file:
         images = jnp.asarray(data.pop("images"))
         vparams = train_vae(cfg, workdir, bundle, images, metrics_file)
-        # a warm start that keeps its encoder keeps its latent scale too (the loaded denoiser was trained with
-        # it); a re-trained encoder gets the scale of its own latents
-        keeps_encoder = bool(cfg.init_from) and (cfg.vae.decoder_only or cfg.vae.steps == 0)
-        means, scale = cached_latents(bundle, bundle.params["vae"] if keeps_encoder else vparams, images)
-        scale = bundle.latent_scale if keeps_encoder else scale
+        # vparams' encoder is the loaded one unless it trained; a warm start that keeps its encoder keeps its
+        # latent scale too (the loaded denoiser was trained with it), a re-trained one gets its latents' own
+        means, scale = cached_latents(bundle, vparams, images)
+        if cfg.init_from and (cfg.vae.decoder_only or cfg.vae.steps == 0):
+            scale = bundle.latent_scale
         del images
         bundle = bundle.replace(vae=adapter.vae_from_config(dict(bundle.vae.config, scaling_factor=scale)),
                                 params={**bundle.params, "vae": vparams})
