@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import FAST_COMPILE_FLAGS
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_SH = os.path.join(ROOT, "launch", "tpu_vm.sh")
@@ -382,7 +384,7 @@ def test_notebook_toy_cells_run(tmp_path):
         print("PICTURES", list(ns["pictures"].shape))
     ''')
     env = _env(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as in a plain notebook
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one CPU device, as in a plain notebook
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import checkpoints, config, estep, inputs, learner, outputs, settings, setup, steps
+from jaxconcept import checkpoints, config, estep, inputs, learner, outputs, settings, setup, sharding, steps
 from jaxconcept.errors import JaxconceptError
 from jaxconcept.toy import scene
 
@@ -45,6 +46,12 @@ def _cfg(**changes):
     return c
 
 
+def _learn(*args, **kwargs):
+    """learner.learn on one device: multi-device runs are tests/test_sharding.py's and test_jobs.py's subject,
+    and a tiny run on 4 simulated devices costs ~20% more."""
+    return learner.learn(*args, mesh=sharding.make_mesh(jax.devices()[:1]), **kwargs)
+
+
 class StepCounter:
     """Counts the calls of every train step the learner makes (in the order made: token, then joint)."""
 
@@ -76,7 +83,7 @@ def em_run(scene_dir, tmp_path_factory):
     """One uninterrupted run; records the train steps it makes and calls."""
     out = tmp_path_factory.mktemp("em") / "run"
     with StepCounter() as counter:
-        summary = learner.learn(_cfg(), [_spec(scene_dir)], str(out), progress=False)
+        summary = _learn(_cfg(), [_spec(scene_dir)], str(out), progress=False)
     return out, summary, counter
 
 
@@ -140,7 +147,7 @@ def _interrupt_at(cfg, spec, out, when):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        learner.learn(cfg, [spec], str(out), on_checkpoint=stop, progress=False)
+        _learn(cfg, [spec], str(out), on_checkpoint=stop, progress=False)
     assert not (out / "concepts.safetensors").exists() and not (out / ".lock").exists()
 
 
@@ -150,7 +157,7 @@ def test_resume_after_interruption_skips_finished_rounds(em_run, scene_dir, tmp_
     _interrupt_at(_cfg(), _spec(scene_dir), out_b, lambda meta: meta.get("round") == 1)
     capsys.readouterr()
     with StepCounter() as counter:
-        learner.learn(_cfg(), [_spec(scene_dir)], str(out_b), progress=False)
+        _learn(_cfg(), [_spec(scene_dir)], str(out_b), progress=False)
     assert counter.calls() == [2, 2]  # round 2's token steps only, then the joint steps
     assert "from checkpoint 2 (token, round 1)" in capsys.readouterr().out
     _same_results(out_a, out_b)
@@ -166,12 +173,12 @@ def test_resume_inside_the_joint_stage_and_after_the_end(em_run, scene_dir, tmp_
     _interrupt_at(cfg, _spec(scene_dir), out_b, lambda meta: meta["stage"] == "joint")
     assert checkpoints.latest_meta(checkpoints.manager(str(out_b)))["index"] == 5  # after joint step 1
     with StepCounter() as counter:
-        learner.learn(cfg, [_spec(scene_dir)], str(out_b), progress=False)
+        _learn(cfg, [_spec(scene_dir)], str(out_b), progress=False)
     assert counter.calls() == [0, 1]
     _same_results(out_a, out_b)
     capsys.readouterr()
     with StepCounter() as counter:
-        summary = learner.learn(cfg, [_spec(scene_dir)], str(out_b), progress=False)
+        summary = _learn(cfg, [_spec(scene_dir)], str(out_b), progress=False)
     assert sum(counter.calls()) == 0
     printed = capsys.readouterr().out
     assert "is finished (checkpoint 7)" in printed and "resuming" not in printed
@@ -185,13 +192,13 @@ def test_a_folder_of_another_run_is_refused_before_anything_is_written(em_run, s
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     other = _spec(scene_dir)
     with pytest.raises(JaxconceptError, match=r"differs in concepts or their masks.*another --out"):
-        learner.learn(_cfg(), [inputs.ImageSpec(other.path, other.concepts[:2])], str(out), progress=False)
+        _learn(_cfg(), [inputs.ImageSpec(other.path, other.concepts[:2])], str(out), progress=False)
     with pytest.raises(JaxconceptError, match=r"config tokens.steps \(4 then, 6 now\)"):
-        learner.learn(_cfg(**{"tokens.steps": 6}), [other], str(out), progress=False)
+        _learn(_cfg(**{"tokens.steps": 6}), [other], str(out), progress=False)
     twin = tmp_path / "image.png"  # another picture under the same file name
     Image.fromarray(255 - np.asarray(Image.open(other.path))).save(twin)
     with pytest.raises(JaxconceptError, match="differs in image contents"):
-        learner.learn(_cfg(), [inputs.ImageSpec(str(twin), other.concepts)], str(out), progress=False)
+        _learn(_cfg(), [inputs.ImageSpec(str(twin), other.concepts)], str(out), progress=False)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
@@ -200,24 +207,24 @@ def test_a_second_run_on_a_folder_is_refused_and_a_stale_lock_taken(em_run, scen
     out.mkdir()
     (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname()}))
     with pytest.raises(JaxconceptError, match=f"in use by another run \\(process {os.getpid()}"):
-        learner.learn(_cfg(), [_spec(scene_dir)], str(out), progress=False)
+        _learn(_cfg(), [_spec(scene_dir)], str(out), progress=False)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
     finished, _, _ = em_run
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (finished / ".lock").write_text(json.dumps({"pid": gone.pid, "host": __import__("socket").gethostname()}))
-    learner.learn(_cfg(), [_spec(scene_dir)], str(finished), progress=False)  # its process is gone: taken
+    _learn(_cfg(), [_spec(scene_dir)], str(finished), progress=False)  # its process is gone: taken
     assert not (finished / ".lock").exists()
 
 
 @pytest.mark.parametrize("mode", ["attention", "user"])
 def test_modes_keep_their_masks(mode, scene_dir, tmp_path, capsys):
     out = tmp_path / mode
-    learner.learn(_cfg(mode=mode, **{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+    _learn(_cfg(mode=mode, **{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
     if mode == "attention":  # without joint steps too, the end is recorded: started again, nothing is redone
         capsys.readouterr()
         with StepCounter() as counter:
-            learner.learn(_cfg(mode=mode, **{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+            _learn(_cfg(mode=mode, **{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
         printed = capsys.readouterr().out
         assert sum(counter.calls()) == 0 and "is finished (checkpoint 5)" in printed and "resuming" not in printed
     rounds = [np.stack([np.asarray(Image.open(out / "masks" / f"round_{r:02d}" / f"image__{t}.png"))
@@ -232,7 +239,7 @@ def test_modes_keep_their_masks(mode, scene_dir, tmp_path, capsys):
 
 def test_user_mode_needs_every_mask(scene_dir, tmp_path):
     with pytest.raises(JaxconceptError, match="needs a mask file for every concept"):
-        learner.learn(_cfg(mode="user"), [_spec(scene_dir, with_masks=False)], str(tmp_path / "r"), progress=False)
+        _learn(_cfg(mode="user"), [_spec(scene_dir, with_masks=False)], str(tmp_path / "r"), progress=False)
 
 
 def _write_bad_inputs(tmp_path, scene_dir):
@@ -267,23 +274,23 @@ def test_bad_input_is_a_clear_error(case, scene_dir, tmp_path):
     _write_bad_inputs(tmp_path, scene_dir)
     make_specs, changes, message = BAD[case]
     with pytest.raises(JaxconceptError, match=message.replace("?", r"\?")):
-        learner.learn(_cfg(**changes), make_specs(tmp_path, _spec(scene_dir, with_masks=False)),
+        _learn(_cfg(**changes), make_specs(tmp_path, _spec(scene_dir, with_masks=False)),
                       str(tmp_path / "run"), progress=False)
 
 
 def test_unwritable_output_folder(scene_dir, tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(JaxconceptError, match="cannot write to the output folder"):
-        learner.learn(_cfg(), [_spec(scene_dir)], str(tmp_path / "a_file" / "run"), progress=False)
+        _learn(_cfg(), [_spec(scene_dir)], str(tmp_path / "a_file" / "run"), progress=False)
     with pytest.raises(JaxconceptError, match="mount the bucket"):  # not a local folder named "gs:"
-        learner.learn(_cfg(), [_spec(scene_dir)], "gs://bucket/run", progress=False)
+        _learn(_cfg(), [_spec(scene_dir)], "gs://bucket/run", progress=False)
     assert not os.path.exists("gs:")
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(scene_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(learner.TrainingError, match="last good checkpoint"):
-        learner.learn(_cfg(**{"tokens.lr": 1e38, "joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+        _learn(_cfg(**{"tokens.lr": 1e38, "joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
     assert (out / "checkpoints").exists() and (out / "masks" / "round_00" / "image__tri.png").exists()
     assert checkpoints.latest_meta(checkpoints.manager(str(out)))["index"] == 0
 
@@ -345,7 +352,7 @@ def test_inversion_prior_preservation_and_text_encoder_tuning(scene_dir, tmp_pat
     cfg = _cfg(**{"init.method": "inversion", "init.inversion_steps": 2, "prior.folder": str(prior),
                   "joint.text_encoder": True, "joint.steps": 1, "joint.lr": 1e-3, "tokens.steps": 2})
     out = tmp_path / "run"
-    learner.learn(cfg, [_spec(scene_dir)], str(out), progress=False)
+    _learn(cfg, [_spec(scene_dir)], str(out), progress=False)
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert any(x.get("stage") == "inversion" for x in lines)
     steps_logged = [x for x in lines if "step" in x and x["stage"] in ("token", "joint")]
@@ -364,7 +371,6 @@ def test_inversion_prior_preservation_and_text_encoder_tuning(scene_dir, tmp_pat
 def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
     """Prior preservation: the class prompt's hidden states are cached while the text encoder is frozen; the
     loss must be what encoding it every step gives."""
-    import jax
 
     prior = tmp_path / "class_images"
     prior.mkdir()
@@ -412,7 +418,7 @@ def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr(steps, "make_concept_maps", maps_spy)
     out = tmp_path / "device_crf"
-    summary = learner.learn(_cfg(**{"masks.crf_backend": "device", "masks.crf_size": "latent", "joint.steps": 0}),
+    summary = _learn(_cfg(**{"masks.crf_backend": "device", "masks.crf_size": "latent", "joint.steps": 0}),
                             [_spec(scene_dir)], str(out), progress=False)
     # each E-step reads the rows of its time: the last one the rows the run ends with (no joint steps)
     learned = outputs.load_concepts(str(out / "concepts.safetensors"))
@@ -431,8 +437,6 @@ def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatc
 
 
 def test_remat_dots_and_full_give_the_gradients_of_no_remat(scene_dir):
-    import jax
-
     st = learner.prepare(_cfg(), [_spec(scene_dir)])
     masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
     trainable = {"rows": jax.numpy.asarray(st.concepts.init_rows), "unet": st.bundle.params["unet"]}

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
+from conftest import FAST_COMPILE_FLAGS
 from jaxconcept.toy import scene
 
 TOKENS = ("<tri>", "<ring>", "<bg>")
@@ -39,7 +40,7 @@ def _env(devices: int, **extra) -> dict:
     cache = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")  # the test session's compilation cache is shared
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_")) or k in cache}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
                TOKENIZERS_PARALLELISM="false", **extra)
     return env
 

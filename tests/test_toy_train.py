@@ -140,9 +140,13 @@ def test_warm_start_decoder_only_keeps_encoder_and_latent_scale(tmp_path):
     model.save_flax(start, str(tmp_path / "v1"))
     cfg = _config()
     cfg.init_from, cfg.vae.decoder_only, cfg.vae.steps = str(tmp_path / "v1"), True, 2  # step 0: warm-up lr 0
+    cfg.denoise.steps = 0  # v5's recipe: the loaded denoiser ships untouched
     out = train.train(cfg, str(tmp_path / "v2"))
     enc0, enc1 = start.params["vae"]["encoder"], out.params["vae"]["encoder"]
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(enc0), jax.tree.leaves(enc1)))
     dec0, dec1 = start.params["vae"]["decoder"], out.params["vae"]["decoder"]
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(dec0), jax.tree.leaves(dec1)))
     assert out.latent_scale == 0.7
+    for part in ("unet", "text_encoder"):
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start.params[part]),
+                                                        jax.tree.leaves(out.params[part]))), part

@@ -101,12 +101,10 @@ def downsample_mask(mask_HxW: np.ndarray, out_hw) -> np.ndarray:
 DECODER_PARTS = ("post_quant_conv", "decoder")
 
 
-def decoder_loss(vae, decoder_params, frozen_params, images_BxHxWx3):
-    """Reconstruction MSE of the decoder alone, from the frozen encoder's posterior means: the latent space
-    (and so a denoiser trained on it) stays as it is while reconstructions sharpen."""
-    params = {**frozen_params, **decoder_params}
-    mean_BxCxhxw, _ = diffusion.encode_images(vae, jax.lax.stop_gradient(params), images_BxHxWx3)
-    recon = diffusion.decode_latents(vae, params, mean_BxCxhxw)
+def decoder_loss(vae, decoder_params, frozen_params, means_BxCxhxw, images_BxHxWx3):
+    """Reconstruction MSE of the decoder alone, from the frozen encoder's posterior means (computed once, not
+    per step): the latent space (and so a denoiser trained on it) stays as it is while reconstructions sharpen."""
+    recon = diffusion.decode_latents(vae, {**frozen_params, **decoder_params}, means_BxCxhxw)
     rec = jnp.mean((recon - images_BxHxWx3) ** 2)
     return rec, {"recon": rec}
 
@@ -275,12 +273,13 @@ def train_vae(cfg, workdir: str, bundle, images, metrics_file):
     vparams = bundle.params["vae"]
     if cfg.vae.decoder_only:
         frozen = {k: v for k, v in vparams.items() if k not in DECODER_PARTS}
-        vloss = lambda p, batch, key: decoder_loss(bundle.vae, p, frozen, batch["images"])
+        vloss = lambda p, batch, key: decoder_loss(bundle.vae, p, frozen, batch["means"], batch["images"])
+        data = {"images": images, "means": jnp.asarray(cached_latents(bundle, vparams, images)[0])}
         vparams = {k: vparams[k] for k in DECODER_PARTS}
     else:
-        frozen = {}
+        frozen, data = {}, {"images": images}
         vloss = lambda p, batch, key: vae_loss(bundle.vae, p, batch["images"], key, cfg.vae.kl_weight)
-    vstep = make_step(vloss, vopt, {"images": images}, cfg.vae.batch_size)
+    vstep = make_step(vloss, vopt, data, cfg.vae.batch_size)
     held_out = scene_images(VALIDATION_SEEDS, images.shape[1])
 
     def log_psnr(done, state):
