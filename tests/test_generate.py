@@ -176,3 +176,20 @@ def test_cli_without_prompt_uses_each_concept_then_all(run_dir, tmp_path, capsys
     summary["concepts"][1]["kind"] = "object"
     (run_dir / "summary.json").write_text(json.dumps(summary))
     assert generate.default_prompts(str(run_dir)) == ["a photo of <v1>", "a photo of <v2>", "a photo of <v1> and <v2>"]
+
+
+def test_grid_captions_wrap_at_spaces_and_keep_tokens_whole(tmp_path, monkeypatch):
+    from jaxconcept import generate, viz
+
+    seen, real = {}, viz.grid
+
+    def spy(rows, labels, **kw):
+        seen["labels"] = labels
+        return real(rows, labels, **kw)
+
+    monkeypatch.setattr(viz, "grid", spy)
+    prompts = ["a <purple_dotted_ring>", "a <red_triangle> and a <purple_dotted_ring>"]
+    pictures = np.zeros((2, 3, 8, 8, 3), np.uint8)
+    generate.save_generation(str(tmp_path), prompts, pictures, generate.Settings(), {})
+    assert seen["labels"] == [["a", "<purple_dotted_ring>"], ["a <red_triangle> and", "a", "<purple_dotted_ring>"]]
+    assert (tmp_path / "grid.png").is_file()
