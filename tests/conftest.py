@@ -6,7 +6,7 @@ import os
 # skipped (results are the same: no fast-math, so no reassociation; a tiny learner test ~17-33% faster). Commands
 # the tests start in subprocesses get the same flags (FAST_COMPILE_FLAGS).
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-for _flag in ("--xla_force_host_platform_device_count=4", FAST_COMPILE_FLAGS):
+for _flag in ("--xla_force_host_platform_device_count=4", *FAST_COMPILE_FLAGS.split()):
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -40,8 +40,8 @@ def _env(devices: int, **extra) -> dict:
     cache = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")  # the test session's compilation cache is shared
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_")) or k in cache}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
-               TOKENIZERS_PARALLELISM="false", **extra)
+    flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags, TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
 

@@ -267,14 +267,15 @@ def scene_images(seeds, size: int) -> np.ndarray:
     return np.stack([scenes.make_scene(s, size=size).image for s in seeds]).astype(np.float32) / 127.5 - 1.0
 
 
-def train_vae(cfg, workdir: str, bundle, images, metrics_file):
-    """Phase 1; returns the VAE params and logs held-out PSNR (validation seeds)."""
+def train_vae(cfg, workdir: str, bundle, images, means, metrics_file):
+    """Phase 1; returns the VAE params and logs held-out PSNR (validation seeds). `means`: the loaded encoder's
+    posterior means of `images`, which the decoder alone trains on (used only when cfg.vae.decoder_only)."""
     vopt = make_optimizer(cfg.vae.lr, cfg.vae.steps, cfg.vae.warmup)
     vparams = bundle.params["vae"]
     if cfg.vae.decoder_only:
         frozen = {k: v for k, v in vparams.items() if k not in DECODER_PARTS}
         vloss = lambda p, batch, key: decoder_loss(bundle.vae, p, frozen, batch["means"], batch["images"])
-        data = {"images": images, "means": jnp.asarray(cached_latents(bundle, vparams, images)[0])}
+        data = {"images": images, "means": jnp.asarray(means)}
         vparams = {k: vparams[k] for k in DECODER_PARTS}
     else:
         frozen, data = {}, {"images": images}
@@ -356,11 +357,14 @@ def train(cfg, workdir: str) -> model.ModelBundle:
     data = make_dataset(cfg.num_scenes, size, cfg.seed, sd.MAX_LENGTH, bundle.tokenizer, latent_hw)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics_file:
         images = jnp.asarray(data.pop("images"))
-        vparams = train_vae(cfg, workdir, bundle, images, metrics_file)
-        # vparams' encoder is the loaded one unless it trained; a warm start that keeps its encoder keeps its
-        # latent scale too (the loaded denoiser was trained with it), a re-trained one gets its latents' own
-        means, scale = cached_latents(bundle, vparams, images)
-        if cfg.init_from and (cfg.vae.decoder_only or cfg.vae.steps == 0):
+        # an encoder that does not train gives the same means before and after phase 1: encoded once
+        keeps_encoder = cfg.vae.decoder_only or cfg.vae.steps == 0
+        loaded = cached_latents(bundle, bundle.params["vae"], images) if keeps_encoder else None
+        vparams = train_vae(cfg, workdir, bundle, images, None if loaded is None else loaded[0], metrics_file)
+        means, scale = loaded or cached_latents(bundle, vparams, images)
+        # a warm start that keeps its encoder keeps its latent scale too (the loaded denoiser was trained with
+        # it), a re-trained one gets its latents' own
+        if cfg.init_from and keeps_encoder:
             scale = bundle.latent_scale
         del images
         bundle = bundle.replace(vae=adapter.vae_from_config(dict(bundle.vae.config, scaling_factor=scale)),
