@@ -77,7 +77,12 @@ def test_the_recipe_configs_of_each_shipped_version_load():
     assert len({v1.seed, v2.seed, v3.seed, v4.seed}) == 4  # each version trains on scenes the earlier ones never saw
     assert v3.vae.steps == 0 and v3.denoise.steps == 4000 and v3.denoise.ema_decay and v3.denoise.min_snr_gamma == 5
     assert v4.vae.steps > 0 and not v4.vae.decoder_only and v4.vae.kl_weight == 1e-10
-    for c in (v1, v2, v3, v4):
+    v5, v6 = _load_config("toy_v5"), _load_config("toy_v6")  # the decoder alone, on from v4 then from v5
+    assert (v5.init_from, v6.init_from) == ("runs/toy_v4/model", "runs/toy_v5/model")
+    assert len({v1.seed, v2.seed, v3.seed, v4.seed, v5.seed, v6.seed}) == 6
+    for c in (v5, v6):
+        assert c.vae.decoder_only and c.vae.steps > 0 and c.denoise.steps == 0  # the denoiser stays v4's
+    for c in (v1, v2, v3, v4, v5, v6):
         assert set(c.denoise) == set(v1.denoise) and set(c.vae) == set(v1.vae)  # no field misspelled
 
 
