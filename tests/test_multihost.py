@@ -1,12 +1,11 @@
 """Multi-host: two processes (one CPU device each, joined with jax.distributed over localhost) run the
 commands together and end where one process with two devices ends; process 0 writes the files.
 
-Trained once for the module, one after another: two concept sets batched in one program by one process with
-two devices (in the test's own process: `jobs.learn_many` on two of its devices, what `train --job` calls), then
-by two processes (`train --job`), and one concept set alone (`train --concepts`) by two processes. A job of a
-batch learns what a run of its own learns (tests/test_jobs.py), so job_00 of the one-process batch is the
-reference for the two-process single run as well. tests/test_jobs.py trains the same batch with the same
-config on two devices, so whichever runs second reads its programs from the session's compilation cache."""
+Trained once for the module, one command after another: two concept sets batched in one program
+(`train --job`) by one process with two devices and by two processes, and one concept set alone
+(`train --concepts`) by two processes. A job of a batch learns what a run of its own learns
+(tests/test_jobs.py), so job_00 of the one-process batch is the reference for the two-process single run as
+well."""
 
 import json
 import os
@@ -15,14 +14,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
 from conftest import FAST_COMPILE_FLAGS
-from jaxconcept import config, jobs, sharding, train
 from jaxconcept.toy import scene
 
 TOKENS = ("<tri>", "<ring>", "<bg>")
@@ -108,25 +105,11 @@ def trained(tmp_path_factory):
         folder = root / f"scene_{seed}"
         scene.write_scene(scene.make_scene(seed, 32, 2), str(folder))
         images.append(str(folder / "image.png"))
-    jobs.learn_many(_config(TRAIN), train.resolve_jobs([_job(image) for image in images]),
-                    str(root / "one" / "runs"), mesh=sharding.make_mesh(jax.devices()[:2]), progress=False)
-    job_args = [a for image in images for a in ("--job", _job(image))]
-    outs = _run((["jaxconcept.train", "--out", str(root / "multi" / "runs"), *TRAIN, *job_args], 2),
+    jobs = [a for image in images for a in ("--job", _job(image))]
+    outs = _run((["jaxconcept.train", "--out", str(root / "one" / "runs"), *TRAIN, *jobs], 1),
+                (["jaxconcept.train", "--out", str(root / "multi" / "runs"), *TRAIN, *jobs], 2),
                 (["jaxconcept.train", "--out", str(root / "single"), *TRAIN, "--concepts", _job(images[0])], 2))
     return root, outs
-
-
-def _config(overrides):
-    """The config the command line makes of `--config.a.b=value` overrides (for the in-process reference)."""
-    c = config.get_config()
-    for arg in overrides:
-        key, value = arg.removeprefix("--config.").split("=")
-        *path, last = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[last] = value if isinstance(node[last], str) else type(node[last])(float(value))
-    return c
 
 
 def _same_run(a, b) -> None:
@@ -141,13 +124,13 @@ def _same_run(a, b) -> None:
 
 def test_two_processes_train_a_run_like_one_process(trained):
     root, outs = trained
-    assert "2 processes, 2 devices" in outs[1] and outs[1].count("done in") == 1
+    assert "2 processes, 2 devices" in outs[2] and outs[2].count("done in") == 1
     _same_run(root / "one" / "runs" / "job_00", root / "single")
 
 
 def test_two_processes_train_batched_jobs_like_one_process(trained):
     root, outs = trained
-    assert "2 processes, 2 devices" in outs[0] and outs[0].count("done in") == 2
+    assert "2 processes, 2 devices" in outs[1] and outs[1].count("done in") == 2
     for job in ("job_00", "job_01"):  # the job axis, split over the hosts, learns what one host learns
         _same_run(root / "one" / "runs" / job, root / "multi" / "runs" / job)
 
