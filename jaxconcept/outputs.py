@@ -93,14 +93,15 @@ def color_overlay(image_u8_HxWx3, masks_KxHxW, alpha: float = 0.5) -> np.ndarray
 
 
 def evolution_picture(images_u8, owner_C, rounds: list[np.ndarray], tokens, cell: int = 128) -> np.ndarray:
-    """Rows: images; columns: the image, then the masks (colour overlay) after every round."""
+    """Rows: images; columns: the image, the masks (colour overlay) after every round, then a key naming
+    each colour's concept."""
     owner_C = np.asarray(owner_C)
     tiles, labels = [], []
     for i, image in enumerate(images_u8):
         mine = np.flatnonzero(owner_C == i)
-        tiles.append([image] + [color_overlay(image, r[mine]) for r in rounds])
-        legend = ", ".join(tokens[c] for c in mine)
-        labels.append([legend[:40]] + [f"round {k}" for k in range(len(rounds))])
+        key = viz.key_tile([tokens[c] for c in mine], [PALETTE[k % len(PALETTE)] for k in range(len(mine))], cell)
+        tiles.append([image] + [color_overlay(image, r[mine]) for r in rounds] + [key])
+        labels.append([f"image {i}"] + [f"round {k}" for k in range(len(rounds))] + ["colours"])
     return viz.grid(tiles, labels, cell=cell)
 
 

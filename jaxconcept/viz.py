@@ -50,6 +50,23 @@ def grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] |
     return np.asarray(out)
 
 
+def key_tile(names: Sequence[str], colors, cell: int = 128) -> np.ndarray:
+    """A `cell` px white tile naming what each colour stands for: a swatch, then the name (wrapped at the
+    tile's width, 6 px per character), one entry under the other."""
+    out = Image.new("RGB", (cell, cell), "white")
+    draw = ImageDraw.Draw(out)
+    width = max(1, (cell - 16) // 6)
+    y = 2
+    for name, color in zip(names, colors):
+        color = tuple(int(c) for c in color)
+        draw.rectangle((2, y + 1, 11, y + 10), fill=color, outline="black")
+        for k in range(0, max(len(name), 1), width):
+            draw.text((14, y), name[k:k + width], fill="black")
+            y += 12
+        y += 2
+    return np.asarray(out)
+
+
 def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str = "", x_label: str = "",
               size: tuple[int, int] = (480, 320), y_range: tuple[float, float] = (0.0, 1.0),
               errors: dict[str, Sequence[float]] | None = None) -> np.ndarray:

@@ -1,0 +1,33 @@
+"""Run-folder pictures: the masks-evolution picture names the concept behind each overlay colour."""
+
+import numpy as np
+
+from jaxconcept import outputs, viz
+
+
+def test_evolution_picture_has_a_key_naming_each_overlay_colour():
+    image = np.full((16, 16, 3), 128, np.uint8)
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, :8], masks[1, 8:] = True, True
+    tokens = ["<red_triangle>", "<purple_dotted_ring>"]
+    cell, pad, label_h = 64, 4, 14
+    pic = outputs.evolution_picture([image], [0, 0], [masks, masks], tokens, cell=cell)
+    assert pic.shape == (pad + cell + label_h + pad, pad + 4 * (cell + pad), 3)  # image, 2 rounds, key
+    x0, y0 = pad + 3 * (cell + pad), pad + label_h  # the key tile
+    key = pic[y0:y0 + cell, x0:x0 + cell]
+    overlay = outputs.color_overlay(image, masks)
+    # swatch k sits at the top of entry k; "<red_triangle>" fits one 8-character line at 64 px, so entries
+    # start at y = 2 and 2 + 12 * lines(0) + 2
+    width = (cell - 16) // 6
+    lines0 = -(-len(tokens[0]) // width)
+    for k, top in enumerate((2, 2 + 12 * lines0 + 2)):
+        np.testing.assert_array_equal(key[top + 5, 6], outputs.PALETTE[k])
+        tinted = overlay[0, 0] if k == 0 else overlay[15, 0]
+        assert np.abs(tinted.astype(int) - (0.5 * 128 + 0.5 * outputs.PALETTE[k])).max() <= 1  # the same colour
+    text = (key[:, 14:] < 100).all(-1)  # dark text pixels right of the swatches
+    rows_with_text = np.flatnonzero(text.any(1))
+    assert rows_with_text.max() > 2 + 12 * lines0 + 12  # the long second name wrapped onto further lines
+
+
+def test_key_tile_is_white_without_names():
+    assert (viz.key_tile([], [], cell=32) == 255).all()
