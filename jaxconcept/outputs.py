@@ -4,7 +4,7 @@
     RUN/images/<image>.png               each input as the model saw it (cropped, resized)
     RUN/masks/round_NN/<image>__<token>.png, RUN/masks/final/...   0/255 at image resolution
     RUN/overlays/<image>.png             final masks in colour over the image
-    RUN/masks_evolution.png              rows: images; columns: rounds
+    RUN/masks_evolution.png              rows: images; columns: rounds, then a colour key
     RUN/concepts.safetensors             one embedding row per token, named by the token
     RUN/unet/                            the tuned UNet (diffusers Flax folder), after joint tuning
     RUN/metrics.jsonl, RUN/summary.json
