@@ -14,15 +14,13 @@ v2 keeps v1's encoder, so its latent space and latent scale, and:
 The model card (jaxconcept/toy/weights/README.md) has the table of measured levers.
 """
 
-import importlib.util
 import os
+
+from jaxconcept.toy import recipe_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("toy_pretrain", os.path.join(os.path.dirname(__file__), "toy_pretrain.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = recipe_config(os.path.join(os.path.dirname(__file__), "toy_pretrain.py"))
     c.init_from = "runs/toy_v1/model"
     c.seed = 1  # fresh scenes: seeds 1_000_003 + i, disjoint from v1's 0..4095
     c.num_scenes = 16384

@@ -9,15 +9,13 @@ fresh scenes again (seed 2: none of v1's or v2's), more steps at a lower peak le
 and snapshots every 1,000 steps so that the gain per step can be read off.
 """
 
-import importlib.util
 import os
+
+from jaxconcept.toy import recipe_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("toy_v2", os.path.join(os.path.dirname(__file__), "toy_v2.py"))
-    v2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(v2)
-    c = v2.get_config()
+    c = recipe_config(os.path.join(os.path.dirname(__file__), "toy_v2.py"))
     c.init_from = "runs/toy_v2/model"  # v2 (shipped as "toy" when v3 was trained; "toy" is now v4)
     c.seed = 2  # fresh scenes: seeds 2 * 1_000_003 + i
     c.vae.update(steps=0, eval_every=0)  # keep v2's VAE as it is; its held-out PSNR logged once

@@ -9,15 +9,13 @@ VAE at KL 1e-10, so the latent space moves: its scale is measured again and the 
 started from v3) continue on the new latents, on fresh scenes (seed 3: none of v1's, v2's or v3's).
 """
 
-import importlib.util
 import os
+
+from jaxconcept.toy import recipe_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("toy_v3", os.path.join(os.path.dirname(__file__), "toy_v3.py"))
-    v3 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(v3)
-    c = v3.get_config()
+    c = recipe_config(os.path.join(os.path.dirname(__file__), "toy_v3.py"))
     c.init_from = "runs/toy_v3/model"  # v3 (it was shipped as "toy" when this ran: `--config.init_from=toy` then)
     c.seed = 3  # fresh scenes: seeds 3 * 1_000_003 + i
     c.vae.update(steps=6000, lr=5e-4, warmup=100, kl_weight=1e-10, decoder_only=False, eval_every=500)

@@ -10,15 +10,13 @@ latent scale and so the denoiser (text encoder + UNet) stay exactly as shipped i
 change only through the sharper decoder. Fresh scenes (seed 4: none of v1-v4's).
 """
 
-import importlib.util
 import os
+
+from jaxconcept.toy import recipe_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("toy_v4", os.path.join(os.path.dirname(__file__), "toy_v4.py"))
-    v4 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(v4)
-    c = v4.get_config()
+    c = recipe_config(os.path.join(os.path.dirname(__file__), "toy_v4.py"))
     c.init_from = "runs/toy_v4/model"  # v4 (shipped as "toy" when v5 was trained)
     c.seed = 4  # fresh scenes: seeds 4 * 1_000_003 + i
     c.vae.update(steps=8000, lr=3e-4, warmup=200, decoder_only=True, eval_every=1000)

@@ -8,15 +8,13 @@ tail). This run restarts the schedule at half v5's peak rate on fresh scenes (se
 the encoder, the latent scale and the denoiser (text encoder + UNet) stay exactly v4's.
 """
 
-import importlib.util
 import os
+
+from jaxconcept.toy import recipe_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("toy_v5", os.path.join(os.path.dirname(__file__), "toy_v5.py"))
-    v5 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(v5)
-    c = v5.get_config()
+    c = recipe_config(os.path.join(os.path.dirname(__file__), "toy_v5.py"))
     c.init_from = "runs/toy_v5/model"
     c.seed = 5  # fresh scenes: seeds 5 * 1_000_003 + i
     c.vae.update(steps=8000, lr=1.5e-4, warmup=100, decoder_only=True, eval_every=1000)

@@ -16,8 +16,8 @@ def test_evolution_picture_has_a_key_naming_each_overlay_colour():
     x0, y0 = pad + 3 * (cell + pad), pad + label_h  # the key tile
     key = pic[y0:y0 + cell, x0:x0 + cell]
     overlay = outputs.color_overlay(image, masks)
-    # swatch k sits at the top of entry k; "<red_triangle>" fits one 8-character line at 64 px, so entries
-    # start at y = 2 and 2 + 12 * lines(0) + 2
+    # swatch k sits at the top of entry k; at 64 px a line holds 8 characters, so "<red_triangle>" takes
+    # lines0 = 2 lines and the entries start at y = 2 and 2 + 12 * lines0 + 2
     width = (cell - 16) // 6
     lines0 = -(-len(tokens[0]) // width)
     for k, top in enumerate((2, 2 + 12 * lines0 + 2)):

@@ -1,6 +1,5 @@
 """Toy pre-training: one step of each phase on the tiny architecture; resume equals an uninterrupted run."""
 
-import importlib.util
 import io
 import json
 import os
@@ -10,16 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxconcept import load_model
-from jaxconcept.toy import scene, train
+from jaxconcept.toy import recipe_config, scene, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return recipe_config(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def _config():
