@@ -84,11 +84,16 @@ def load_masks(folder: str, image_names, token_names, owner_C) -> np.ndarray:
     return np.stack(out)
 
 
+def mask_color(k: int) -> np.ndarray:
+    """The colour of an image's k-th mask in overlays and in their key."""
+    return PALETTE[k % len(PALETTE)]
+
+
 def color_overlay(image_u8_HxWx3, masks_KxHxW, alpha: float = 0.5) -> np.ndarray:
     """The image with each mask tinted in its own colour."""
     out = image_u8_HxWx3.astype(np.float32)
     for k, mask in enumerate(np.asarray(masks_KxHxW, bool)):
-        out[mask] = (1 - alpha) * out[mask] + alpha * PALETTE[k % len(PALETTE)]
+        out[mask] = (1 - alpha) * out[mask] + alpha * mask_color(k)
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -99,7 +104,7 @@ def evolution_picture(images_u8, owner_C, rounds: list[np.ndarray], tokens, cell
     tiles, labels = [], []
     for i, image in enumerate(images_u8):
         mine = np.flatnonzero(owner_C == i)
-        key = viz.key_tile([tokens[c] for c in mine], [PALETTE[k % len(PALETTE)] for k in range(len(mine))], cell)
+        key = viz.key_tile([tokens[c] for c in mine], [mask_color(k) for k in range(len(mine))], cell)
         tiles.append([image] + [color_overlay(image, r[mine]) for r in rounds] + [key])
         labels.append([f"image {i}"] + [f"round {k}" for k in range(len(rounds))] + ["colours"])
     return viz.grid(tiles, labels, cell=cell)

@@ -5,13 +5,13 @@ Pure numpy + Pillow, so that a tiny Stable Diffusion can be trained from scratch
 judged without CLIP.
 """
 
+import importlib.util
+import os
+
 
 def recipe_config(path: str):
     """`get_config()` of the ml_collections config file at `path`: how each toy recipe (`configs/toy_vN.py`)
     starts from the one before it."""
-    import importlib.util
-    import os
-
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
