@@ -327,6 +327,26 @@ def text_encoder_with_vocab(module, vocab_size: int):
     return FlaxCLIPTextModule(cfg, dtype=module.dtype)
 
 
+class StaticModule:
+    """A model module as a static jit argument (or cache key): equal when the modules are equal (linen modules
+    compare by their fields, a transformers config by its values); hashed by type and config, because
+    transformers' config objects are not hashable. Two runs of one model thus share a compiled program, though
+    each run builds its own text encoder (`text_encoder_with_vocab`)."""
+
+    def __init__(self, module):
+        self.module = module
+        config = getattr(module, "config", None)
+        digest = config.to_json_string() if hasattr(config, "to_json_string") else module
+        self._hash = hash((type(module).__qualname__, digest, str(getattr(module, "dtype", ""))))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, StaticModule) and type(other.module) is type(self.module)
+                and other.module == self.module)
+
+
 def load_flax_clip_text(folder: str, dtype=jnp.float32):
     """(module, params) from a transformers folder with `flax_model.msgpack`."""
     model, params = FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from . import aggregate, capture, data, diffusion, losses, sharding, tokens
+from . import adapter, aggregate, capture, data, diffusion, losses, sharding, tokens
 from .model import ModelBundle
 
 
@@ -39,6 +41,7 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
 
 
+@functools.lru_cache(maxsize=64)  # one object per setting: the optimizer is a static argument of the steps
 def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2,
                    kind: str = "adamw") -> optax.GradientTransformation:
     """AdamW with a constant rate after a global-norm clip (Break-a-Scene's settings).
@@ -61,7 +64,54 @@ def init_state(params, opt: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: ModelBundle, concept_ids,
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+    """What a step's program reads of a model besides its weights: the modules (Flax modules compare by their
+    config) and the training noise schedule. A static jit argument: every run of one model and config in a
+    process (a notebook's re-run, a benchmark's scenes, a test suite) reuses the program traced and compiled
+    by the first, instead of tracing the UNet again."""
+
+    unet: Any
+    text_encoder: Any
+    num_train_timesteps: int
+    prediction_type: str
+    alphas_cumprod: tuple[float, ...] = dataclasses.field(repr=False)  # exact: float32 values as Python floats
+    alphas_dtype: str = "float32"
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((self.unet, adapter.StaticModule(self.text_encoder),
+                                                self.num_train_timesteps, self.prediction_type, self.alphas_cumprod,
+                                                self.alphas_dtype)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def alphas(self) -> jnp.ndarray:
+        return jnp.asarray(np.asarray(self.alphas_cumprod, self.alphas_dtype))
+
+
+def step_model(bundle: ModelBundle) -> StepModel:
+    alphas = np.asarray(bundle.scheduler_state.common.alphas_cumprod)
+    return StepModel(bundle.unet, bundle.text_encoder, int(bundle.scheduler.config.num_train_timesteps),
+                     bundle.prediction_type, tuple(alphas.tolist()), str(alphas.dtype))
+
+
+class Bound:
+    """A jitted function with its static arguments (the leading ones) bound: calls and `lower` take the
+    array arguments only. Equal static arguments give the same program, traced and compiled once."""
+
+    def __init__(self, jitted, *statics):
+        self.jitted, self.statics = jitted, statics
+
+    def __call__(self, *args):
+        return self.jitted(*self.statics, *args)
+
+    def lower(self, *args):
+        return self.jitted.lower(*self.statics, *args)
+
+
+def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, model: StepModel, concept_ids,
                  cfg: LossConfig, mesh: Mesh | None = None):
     """L_mask + lambda * L_attn (+ prior) for one drawn batch; returns (loss, metrics)."""
     # joint tuning moves the UNet (and optionally the text encoder) from `frozen` into `trainable`
@@ -80,19 +130,19 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
     if mesh is not None and latents.shape[0] % mesh.size == 0:
         latents, ids = (jax.lax.with_sharding_constraint(x, sharding.batch_sharded(mesh)) for x in (latents, ids))
     n = latents.shape[0]
-    t = jax.random.randint(k_t, (n,), 0, bundle.scheduler.config.num_train_timesteps)
+    t = jax.random.randint(k_t, (n,), 0, model.num_train_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-    alphas_cumprod = bundle.scheduler_state.common.alphas_cumprod
+    alphas_cumprod = model.alphas()
     noisy = diffusion.add_noise(alphas_cumprod, latents, noise, t)
-    target = diffusion.training_target(bundle.prediction_type, alphas_cumprod, latents, noise, t)  # eps or v
+    target = diffusion.training_target(model.prediction_type, alphas_cumprod, latents, noise, t)  # eps or v
     if prior and "prior_context" in run_data and "text_encoder" not in trainable:
         # the class prompt's encoding is fixed while the text encoder is: cached once, not re-run each step
-        inst = tokens.text_hidden_states(bundle.text_encoder, text_params, ids[:b], concept_ids, trainable["rows"])
+        inst = tokens.text_hidden_states(model.text_encoder, text_params, ids[:b], concept_ids, trainable["rows"])
         context = jnp.concatenate([inst, jnp.broadcast_to(run_data["prior_context"], inst.shape)])
     else:
-        context = tokens.text_hidden_states(bundle.text_encoder, text_params, ids, concept_ids, trainable["rows"])
+        context = tokens.text_hidden_states(model.text_encoder, text_params, ids, concept_ids, trainable["rows"])
     selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
-    unet_fn = functools.partial(capture.unet_with_attention, bundle.unet, selector=selector)
+    unet_fn = functools.partial(capture.unet_with_attention, model.unet, selector=selector)
     if cfg.remat != "none":  # trade a second UNet forward for the activations' memory (joint stage)
         unet_fn = jax.checkpoint(unet_fn, policy=REMAT_POLICIES[cfg.remat])
     eps, maps = unet_fn(unet_params, noisy, t, context)
@@ -113,9 +163,9 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, bundle: Model
     return total, metrics
 
 
-def _step(bundle, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids):
+def _step(model: StepModel, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids):
     """One optimisation step of one job: the step's randomness is fold_in(base_key, step)."""
-    loss_fn = functools.partial(concept_loss, bundle=bundle, concept_ids=concept_ids, cfg=cfg, mesh=mesh)
+    loss_fn = functools.partial(concept_loss, model=model, concept_ids=concept_ids, cfg=cfg, mesh=mesh)
     key = jax.random.fold_in(base_key, state["step"])
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], frozen, run_data, masks_Cxhxw, key)
@@ -125,24 +175,25 @@ def _step(bundle, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key
     return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
 
+def _train_step(model, cfg, opt, mesh, concept_ids: tuple, state, frozen, run_data, masks_Cxhxw, base_key):
+    return _step(model, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key,
+                 jnp.asarray(concept_ids, jnp.int32))
+
+
 def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: optax.GradientTransformation,
-                    mesh: Mesh, *, state_shardings=None, frozen_shardings=None):
+                    mesh: Mesh, *, state_shardings=None, frozen_shardings=None) -> Bound:
     """jit(state, frozen, run_data, masks, base_key) -> (state, metrics), state donated.
 
     The drawn batch is split over every device of the mesh when it divides (a batch of 1 runs replicated).
     State and frozen weights are replicated unless shardings are given: `sharding.fsdp_shardings` of the
     state splits the joint stage's UNet, gradients and optimiser moments over the mesh's fsdp axis (the
     frozen weights likewise, when the UNet does not fit one device)."""
-    ids = jnp.asarray(concept_ids, jnp.int32)
-
-    def step(state, frozen, run_data, masks_Cxhxw, base_key):
-        return _step(bundle, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key, ids)
-
     rep = sharding.replicated(mesh)
     state_sh = rep if state_shardings is None else state_shardings
     frozen_sh = rep if frozen_shardings is None else frozen_shardings
-    return jax.jit(step, in_shardings=(state_sh, frozen_sh, rep, rep, rep), out_shardings=(state_sh, rep),
-                   donate_argnums=(0,))
+    jitted = jax.jit(_train_step, static_argnums=(0, 1, 2, 3, 4), in_shardings=(state_sh, frozen_sh, rep, rep, rep),
+                     out_shardings=(state_sh, rep), donate_argnums=(5,))
+    return Bound(jitted, step_model(bundle), cfg, opt, mesh, tuple(int(i) for i in concept_ids))
 
 
 def job_axis_sharding(mesh: Mesh, num_jobs: int):
@@ -150,8 +201,14 @@ def job_axis_sharding(mesh: Mesh, num_jobs: int):
     return sharding.batch_sharded(mesh) if num_jobs % mesh.size == 0 else sharding.replicated(mesh)
 
 
+def _jobs_step(model, cfg, opt, states, frozen, run_data, masks_KxCxhxw, keys, concept_ids_KxN):
+    one = functools.partial(_step, model, cfg, opt, None)
+    return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))(states, frozen, run_data, masks_KxCxhxw, keys,
+                                                        concept_ids_KxN)
+
+
 def make_jobs_step(bundle: ModelBundle, cfg: LossConfig, opt: optax.GradientTransformation, mesh: Mesh,
-                   num_jobs: int):
+                   num_jobs: int) -> Bound:
     """K independent personalisation jobs in one program: jit(states, frozen, run_data, masks, keys,
     concept_ids) -> (states, metrics), every argument but `frozen` with a leading job axis K.
 
@@ -160,13 +217,28 @@ def make_jobs_step(bundle: ModelBundle, cfg: LossConfig, opt: optax.GradientTran
     optimiser state, data, masks, randomness and concept ids (traced, so jobs with different tokens share
     the program). Per job it computes exactly what `make_train_step` computes. The job axis is split over
     the mesh when K divides over it: in the joint stage each device then tunes its own jobs' UNets."""
-
-    def one(state, frozen, run_data, masks_Cxhxw, base_key, concept_ids):
-        return _step(bundle, cfg, opt, None, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids)
-
-    jobs = jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))
     rep, job = sharding.replicated(mesh), job_axis_sharding(mesh, num_jobs)
-    return jax.jit(jobs, in_shardings=(job, rep, job, job, job, job), out_shardings=(job, job), donate_argnums=(0,))
+    jitted = jax.jit(_jobs_step, static_argnums=(0, 1, 2), in_shardings=(job, rep, job, job, job, job),
+                     out_shardings=(job, job), donate_argnums=(3,))
+    return Bound(jitted, step_model(bundle), cfg, opt)
+
+
+def _concept_maps(model, selector, num_timesteps, latent_hw, mesh, fixed_ids, rows, frozen, latents_Cxhxw, ids_L,
+                  positions_C, key, concept_ids=None):
+    concept_ids = jnp.asarray(fixed_ids, jnp.int32) if fixed_ids is not None else concept_ids
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.randint(k_t, (num_timesteps,), 0, model.num_train_timesteps)
+    noise = jax.random.normal(k_n, (num_timesteps,) + latents_Cxhxw.shape, latents_Cxhxw.dtype)
+    noisy = diffusion.add_noise(model.alphas(), jnp.broadcast_to(latents_Cxhxw, noise.shape), noise, t)
+    if num_timesteps % mesh.size == 0:
+        noisy = jax.lax.with_sharding_constraint(noisy, sharding.batch_sharded(mesh))
+    context = tokens.text_hidden_states(model.text_encoder, frozen["text_encoder"], ids_L[None], concept_ids, rows)
+    context = jnp.broadcast_to(context, (num_timesteps,) + context.shape[1:])
+    _, maps = capture.unet_with_attention(model.unet, frozen["unet"], noisy, t, context, selector)
+    agg_TxCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=latent_hw,
+                                           normalize=None)
+    soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_TxCxHxW, axis=0), "minmax")
+    return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)
 
 
 def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
@@ -177,32 +249,12 @@ def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerS
     `num_timesteps` random timesteps, then min-max normalised; concepts absent from the prompt get zeros.
     The timesteps form one batch, split over the mesh when they divide. With `concept_ids=None` the ids
     are a last argument instead (one program for many jobs with different tokens)."""
-
-    def maps_fn(rows, frozen, latents_Cxhxw, ids_L, positions_C, key, concept_ids):
-        k_t, k_n = jax.random.split(key)
-        t = jax.random.randint(k_t, (num_timesteps,), 0, bundle.scheduler.config.num_train_timesteps)
-        noise = jax.random.normal(k_n, (num_timesteps,) + latents_Cxhxw.shape, latents_Cxhxw.dtype)
-        noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod,
-                                    jnp.broadcast_to(latents_Cxhxw, noise.shape), noise, t)
-        if num_timesteps % mesh.size == 0:
-            noisy = jax.lax.with_sharding_constraint(noisy, sharding.batch_sharded(mesh))
-        context = tokens.text_hidden_states(bundle.text_encoder, frozen["text_encoder"], ids_L[None],
-                                            concept_ids, rows)
-        context = jnp.broadcast_to(context, (num_timesteps,) + context.shape[1:])
-        _, maps = capture.unet_with_attention(bundle.unet, frozen["unet"], noisy, t, context, selector)
-        agg_TxCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=latent_hw,
-                                               normalize=None)
-        soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_TxCxHxW, axis=0), "minmax")
-        return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)
-
     rep = sharding.replicated(mesh)
     frozen_sh = rep if frozen_shardings is None else frozen_shardings
-    fixed = None if concept_ids is None else jnp.asarray(concept_ids, jnp.int32)
-    if fixed is None:
-        jitted = jax.jit(maps_fn, in_shardings=(rep, frozen_sh, rep, rep, rep, rep, rep), out_shardings=rep)
-    else:
-        jitted = jax.jit(lambda *a: maps_fn(*a, fixed), in_shardings=(rep, frozen_sh, rep, rep, rep, rep),
-                         out_shardings=rep)
+    fixed = None if concept_ids is None else tuple(int(i) for i in concept_ids)
+    in_sh = (rep, frozen_sh, rep, rep, rep, rep) + ((rep,) if fixed is None else ())
+    jitted = Bound(jax.jit(_concept_maps, static_argnums=(0, 1, 2, 3, 4, 5), in_shardings=in_sh, out_shardings=rep),
+                   step_model(bundle), selector, num_timesteps, tuple(latent_hw), mesh, fixed)
 
     def run(rows, frozen, *args):
         # arguments placed like the program's own outputs: one compile for every image and round

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import checkpoints, config, estep, inputs, learner, outputs, settings, setup, sharding, steps
+from jaxconcept import adapter, checkpoints, config, estep, inputs, learner, outputs, settings, setup, sharding, steps
 from jaxconcept.errors import JaxconceptError
 from jaxconcept.toy import scene
 
@@ -114,8 +114,40 @@ def test_token_step_compiles_once_across_steps_and_rounds(em_run):
     _, _, counter = em_run
     token_step, joint_step = counter.made  # 4 token steps over 2 rounds, then 2 joint steps
     assert counter.calls() == [4, 2]
-    assert token_step["jitted"]._cache_size() == 1
-    assert joint_step["jitted"]._cache_size() == 1
+    assert token_step["jitted"].jitted._cache_size() == 1
+    assert joint_step["jitted"].jitted._cache_size() == 1
+
+
+def test_another_run_of_the_same_model_reuses_the_traced_step(scene_dir, monkeypatch):
+    """Runs in one process (a notebook, a benchmark, this suite) share programs: the step's statics compare
+    by value, so a second model load with its own text encoder object does not trace the UNet again."""
+    from jaxconcept import load_model
+
+    traced = []
+    real = steps._step
+    monkeypatch.setattr(steps, "_step", lambda *a: traced.append(1) or real(*a))
+    mesh = sharding.make_mesh(jax.devices()[:1])
+
+    def lower(bundle, cfg=steps.LossConfig()):
+        st = learner.prepare(_cfg(), [_spec(scene_dir)], bundle)
+        frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
+        opt = steps.make_optimizer(5e-4)
+        state = steps.init_state({"rows": jax.numpy.asarray(st.concepts.init_rows)}, opt)
+        masks = jax.numpy.ones((3,) + st.latent_hw, jax.numpy.float32)
+        steps.make_train_step(st.bundle, st.concepts.ids, cfg, opt, mesh).lower(
+            state, frozen, st.run_data, masks, jax.random.key(0))
+        return st
+
+    a = lower(load_model("tiny"))
+    first = len(traced)
+    b = lower(load_model("tiny", seed=1))  # other weights, a new text encoder object: the same program
+    assert b.bundle.text_encoder is not a.bundle.text_encoder and first <= 1 and len(traced) == first
+    assert steps.step_model(a.bundle) == steps.step_model(b.bundle)
+    assert hash(steps.step_model(a.bundle)) == hash(steps.step_model(b.bundle))
+    lower(load_model("tiny"), steps.LossConfig(attn_weight=0.123))  # another config: traced anew
+    assert len(traced) == first + 1
+    grown = a.bundle.replace(text_encoder=adapter.text_encoder_with_vocab(a.bundle.text_encoder, 300))
+    assert steps.step_model(grown) != steps.step_model(a.bundle)  # another vocabulary: another program
 
 
 def test_rows_moved_and_only_rows_in_token_stage(em_run, tiny):
@@ -381,7 +413,7 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
     frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
     loss = lambda data: steps.concept_loss(  # noqa: E731
         {"rows": jax.numpy.asarray(st.concepts.init_rows)}, frozen, data, masks, jax.random.key(3),
-        bundle=st.bundle, concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig())
+        model=steps.step_model(st.bundle), concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig())
     uncached = {k: v for k, v in st.run_data.items() if k != "prior_context"}
     (a, ma), (b, _) = loss(st.run_data), loss(uncached)
     assert float(a) == pytest.approx(float(b), rel=1e-6) and float(ma["loss_prior"]) > 0
@@ -444,7 +476,7 @@ def test_remat_dots_and_full_give_the_gradients_of_no_remat(scene_dir):
 
     def grads(remat):
         loss = lambda p: steps.concept_loss(  # noqa: E731
-            p, frozen, st.run_data, masks, jax.random.key(1), bundle=st.bundle,
+            p, frozen, st.run_data, masks, jax.random.key(1), model=steps.step_model(st.bundle),
             concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig(remat=remat))[0]
         return jax.jit(jax.grad(loss))(trainable)
 
