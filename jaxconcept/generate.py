@@ -21,7 +21,6 @@ import dataclasses
 import os
 import re
 import sys
-import textwrap
 import time
 
 import jax
@@ -139,10 +138,8 @@ def save_generation(out_dir: str, prompts, pictures_PxKxHxWx3, settings: Setting
             images.save_image(pic, path)
         files.append([os.path.relpath(p, out_dir) for p in paths])
     cell = min(256, max(128, pictures_PxKxHxWx3.shape[2]))
-    width = cell // 6  # characters a cell's label holds: a long prompt runs on over the row's cells, by words
-    labels = [textwrap.wrap(p, width, break_on_hyphens=False)[:len(pics)]
-              for p, pics in zip(prompts, pictures_PxKxHxWx3)]
-    images.save_image(viz.grid([list(p) for p in pictures_PxKxHxWx3], labels, cell=cell),
+    # each row's prompt whole, across the row (a prompt split into per-cell pieces reads as broken words)
+    images.save_image(viz.grid([list(p) for p in pictures_PxKxHxWx3], cell=cell, row_labels=list(prompts)),
                       os.path.join(out_dir, "grid.png"))
     record = {"prompts": list(prompts), "settings": dataclasses.asdict(settings), "files": files, **info}
     outputs.write_json(os.path.join(out_dir, "generation.json"), record)

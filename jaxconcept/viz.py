@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,21 +33,43 @@ def overlay(image_HxWx3: np.ndarray, map_HxW: np.ndarray, alpha: float = 0.55) -
     return np.round(image_HxWx3 * (1 - alpha) + heat * alpha).astype(np.uint8)
 
 
+CHAR_W, LINE_H = 6, 12  # PIL's default bitmap font: pixels per character and per line
+
+
+def caption_lines(text: str, width_px: int) -> list[str]:
+    """`text` wrapped at spaces into lines of at most `width_px` (words longer than a line, such as a long
+    concept token, get a line of their own and are cut only there)."""
+    width = max(1, width_px // CHAR_W)
+    lines = textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False) or [""]
+    return [line[:width] for line in lines]
+
+
 def grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] | None = None,
-         cell: int = 128, pad: int = 4, label_h: int = 14) -> np.ndarray:
-    """Labelled grid of uint8 images (each resized to `cell` px square, nearest for small maps)."""
+         cell: int = 128, pad: int = 4, label_h: int = 14,
+         row_labels: Sequence[str] | None = None) -> np.ndarray:
+    """Labelled grid of uint8 images (each resized to `cell` px square, nearest for small maps).
+
+    labels: one short label per cell, above it. row_labels: one caption per row (a prompt), written whole
+    across the row's width above its cells, on as many lines as it needs."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    out = Image.new("RGB", (pad + n_cols * (cell + pad), pad + n_rows * (cell + label_h + pad)), "white")
+    row_w = n_cols * (cell + pad) - pad
+    captions = [caption_lines(t, row_w - 4) for t in row_labels] if row_labels is not None else [[]] * n_rows
+    heads = [len(c) * LINE_H + 2 if c else label_h for c in captions]
+    tops = np.cumsum([pad] + [h + cell + pad for h in heads]).tolist()
+    out = Image.new("RGB", (pad + n_cols * (cell + pad), int(tops[-1])), "white")
     draw = ImageDraw.Draw(out)
     for i, row in enumerate(rows):
+        y = tops[i]
+        for k, line in enumerate(captions[i]):
+            draw.text((pad + 2, y + 1 + k * LINE_H), line, fill="black")
         for j, tile in enumerate(row):
             tile = np.asarray(tile)
             if tile.ndim == 2:
                 tile = heatmap(tile)
-            x, y = pad + j * (cell + pad), pad + i * (cell + label_h + pad)
-            out.paste(Image.fromarray(resize(tile, (cell, cell), nearest=tile.shape[0] < cell)), (x, y + label_h))
+            x = pad + j * (cell + pad)
+            out.paste(Image.fromarray(resize(tile, (cell, cell), nearest=tile.shape[0] < cell)), (x, y + heads[i]))
             if labels is not None and j < len(labels[i]):
-                draw.text((x + 2, y + 1), str(labels[i][j])[: cell // 6], fill="black")
+                draw.text((x + 2, y + 1), str(labels[i][j])[: cell // CHAR_W], fill="black")
     return np.asarray(out)
 
 

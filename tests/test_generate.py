@@ -8,6 +8,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from jaxconcept import adapter, config, generate, outputs, runs, sampling, sharding
@@ -178,18 +179,30 @@ def test_cli_without_prompt_uses_each_concept_then_all(run_dir, tmp_path, capsys
     assert generate.default_prompts(str(run_dir)) == ["a photo of <v1>", "a photo of <v2>", "a photo of <v1> and <v2>"]
 
 
-def test_grid_captions_wrap_at_spaces_and_keep_tokens_whole(tmp_path, monkeypatch):
+def test_grid_captions_are_whole_prompts_wrapped_at_spaces_across_the_row(tmp_path, monkeypatch):
     from jaxconcept import generate, viz
 
     seen, real = {}, viz.grid
 
-    def spy(rows, labels, **kw):
-        seen["labels"] = labels
+    def spy(rows, labels=None, **kw):
+        seen.update(kw, labels=labels)
         return real(rows, labels, **kw)
 
     monkeypatch.setattr(viz, "grid", spy)
-    prompts = ["a <purple_dotted_ring>", "a <red_triangle> and a <purple_dotted_ring>"]
+    prompts = ["a <purple_dotted_ring>", "a <red_triangle> and a <purple_dotted_ring> on a blue wood background"]
     pictures = np.zeros((2, 3, 8, 8, 3), np.uint8)
     generate.save_generation(str(tmp_path), prompts, pictures, generate.Settings(), {})
-    assert seen["labels"] == [["a", "<purple_dotted_ring>"], ["a <red_triangle> and", "a", "<purple_dotted_ring>"]]
-    assert (tmp_path / "grid.png").is_file()
+    assert seen["labels"] is None and seen["row_labels"] == prompts  # no prompt cut into per-cell pieces
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    row_w = 3 * (128 + 4) - 4
+    for prompt in prompts:
+        lines = viz.caption_lines(prompt, row_w - 4)
+        assert " ".join(lines) == prompt  # every word, tokens whole, in order
+        assert all(len(line) * viz.CHAR_W <= row_w - 4 for line in lines)
+    assert viz.caption_lines(prompts[1], 128) == ["a <red_triangle> and", "a", "<purple_dotted_ring>",
+                                                  "on a blue wood", "background"]  # 21 characters a line
+    assert viz.caption_lines("<a_very_long_token>", 60) == ["<a_very_lo"]  # cut only when one word overflows
+    # the second caption needs two lines across a 3-image row: its row starts lower than with a one-line one
+    one_line = 4 + (viz.LINE_H + 2) + 128 + 4
+    assert grid.shape[0] == one_line + 2 * viz.LINE_H + 2 + 128 + 4
+    assert (grid[one_line + 2: one_line + 2 * viz.LINE_H, 4:row_w] < 128).any()  # text on its second line
