@@ -78,14 +78,14 @@ def key_tile(names: Sequence[str], colors, cell: int = 128) -> np.ndarray:
     tile's width, 6 px per character), one entry under the other."""
     out = Image.new("RGB", (cell, cell), "white")
     draw = ImageDraw.Draw(out)
-    width = max(1, (cell - 16) // 6)
+    width = max(1, (cell - 16) // CHAR_W)
     y = 2
     for name, color in zip(names, colors):
         color = tuple(int(c) for c in color)
         draw.rectangle((2, y + 1, 11, y + 10), fill=color, outline="black")
         for k in range(0, max(len(name), 1), width):
             draw.text((14, y), name[k:k + width], fill="black")
-            y += 12
+            y += LINE_H
         y += 2
     return np.asarray(out)
 
