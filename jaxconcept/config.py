@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
         # freezing the first estimate, not by improving it
         mask_prior=0.0,
         crf_hysteresis=True,
+        same_noise=False,
     ))
     # stage 2: token optimisation with L_mask + attn_weight * L_attn, masks re-estimated every estep_every
     # lr: Break-a-Scene's 5e-4. The toy model's word rows are ~50x SD's per coordinate (mean |x| 0.76, words

@@ -79,7 +79,7 @@ def describe(token: str, init_word: str | None) -> str:
     if toy is not None:
         return " ".join(w for w in (toy["color"], None if toy["pattern"] == "solid" else toy["pattern"],
                                     toy["shape"]) if w)
-    return init_word or token.strip("<>").replace("_", " ").replace("-", " ")
+    return (init_word or "").replace("+", " ") or token.strip("<>").replace("_", " ").replace("-", " ")
 
 
 def reference_crop(image_u8_HxWx3: np.ndarray, mask_HxW: np.ndarray, margin: float = 0.1) -> np.ndarray:

@@ -14,7 +14,8 @@ Command-line form (`parse_concepts_arg`), one image per argument::
     C:\\photos\\cat.png:<cat>=cat@D:\\masks\\cat.png
 
 * TOKEN: the new word, e.g. ``<dog>``; no whitespace and none of ``, = / @ :``.
-* INIT: an existing word whose embedding starts the token (left out: a random start).
+* INIT: an existing word whose embedding starts the token (left out: a random start); words joined by
+  ``+`` (``purple+ring``) start it at the mean of their embeddings.
 * KIND: ``object`` (default) or ``background``.
 * MASK: a mask file of the image's size as displayed (after its EXIF orientation; white = the concept), for
   training with user masks, cropped or padded like its image (`resize`, see `jaxconcept.images`); it is the

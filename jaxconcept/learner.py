@@ -211,7 +211,7 @@ def e_step(loop: Loop, state, r: int, prevs=None):
     last round's masks per job, feed the settling rules (`settle`)."""
     s, program = loop.s, loop.program
     rows = program.rows(state)
-    key = jax.random.fold_in(loop.keys["estep"], r)
+    key = jax.random.fold_in(loop.keys["estep"], 0 if s.masks.same_noise else r)
     got = []
     for j, job in enumerate(loop.jobs):
         st = job.setup

@@ -56,6 +56,7 @@ class Masks:
     crf_size: str | int  # "image", "latent" or pixels per side
     mask_prior: float  # EM settling: maps blended with the last round's masks (settle.damp_maps)
     crf_hysteresis: bool  # EM settling: a CRF refinement close to the last round's mask stays accepted
+    same_noise: bool  # EM settling: every E-step draws the same timesteps and noise (only the rows differ)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +235,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "masks.crf_size": _crf_size,
     "masks.mask_prior": _number(0.0, 1.0),
     "masks.crf_hysteresis": _boolean,
+    "masks.same_noise": _boolean,
     "tokens.steps": _integer(0),
     "tokens.estep_every": _integer(1),
     "tokens.lr": _number(0.0, above=True),

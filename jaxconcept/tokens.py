@@ -113,6 +113,8 @@ def add_concept_tokens(
 ) -> tuple[ModelBundle, Concepts]:
     """Add placeholder tokens (e.g. "<v1>") with rows from an init word (its first piece) or random.
 
+    Several words joined by "+" ("purple+ring") start the row at the mean of their rows: a token that should
+    carry two attributes (a colour the attention follows, a shape the samples need) starts between them.
     Random rows have a random direction and the table's mean row norm, so they start on the scale of
     real words.
     """
@@ -125,7 +127,7 @@ def add_concept_tokens(
     tokenizer = bundle.tokenizer
     _check_new_tokens(tokenizer, tokens)
     table = np.asarray(embedding_table(bundle.params["text_encoder"]), np.float32)
-    init_ids = [_init_word_id(tokenizer, w, tokens) if w else None for w in init_words]
+    init_ids = [[_init_word_id(tokenizer, part, tokens) for part in w.split("+")] if w else None for w in init_words]
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_tokens(tokens)
@@ -143,7 +145,7 @@ def add_concept_tokens(
     rows = []
     for wid in init_ids:
         if wid is not None:
-            rows.append(table[wid])
+            rows.append(table[wid].mean(axis=0))
         else:
             direction = rng.standard_normal(table.shape[1]).astype(np.float32)
             rows.append(direction / np.linalg.norm(direction) * norms.mean())
@@ -183,6 +185,8 @@ def _check_new_tokens(tokenizer, tokens: list[str]) -> None:
 
 
 def _init_word_id(tokenizer, word: str, tokens: list[str]) -> int:
+    if not word.strip():
+        raise ConceptTokenError("an init word joined with '+' is empty: write e.g. 'purple+ring'.")
     if word in tokens:
         raise ConceptTokenError(f"init word {word!r} is itself a new concept token; use an existing word.")
     pieces = _pieces(tokenizer, word)

@@ -269,6 +269,25 @@ def test_modes_keep_their_masks(mode, scene_dir, tmp_path, capsys):
         assert not (out / "unet").exists()  # no joint steps asked for
 
 
+def test_same_noise_e_steps_draw_one_key_and_move_only_with_the_rows(scene_dir, tmp_path, monkeypatch):
+    """masks.same_noise: every E-step draws the same timesteps and noise (one key), so with rows that do not
+    move (an lr of 1e-12) the masks do not move either; each round without it draws its own key."""
+    keys, original = [], estep.estimate_masks
+
+    def recording(maps, *args, **kwargs):
+        keys.append(np.asarray(jax.random.key_data(args[4])))
+        return original(maps, *args, **kwargs)
+
+    monkeypatch.setattr(estep, "estimate_masks", recording)
+    cfg = _cfg(**{"masks.same_noise": True, "tokens.lr": 1e-12, "joint.steps": 0})
+    summary = _learn(cfg, [_spec(scene_dir)], str(tmp_path / "same"), progress=False)
+    assert len(keys) == 3 and all(np.array_equal(k, keys[0]) for k in keys)
+    assert summary["mask_change_by_round"] == [0.0, 0.0]
+    keys.clear()
+    _learn(_cfg(**{"joint.steps": 0}), [_spec(scene_dir)], str(tmp_path / "fresh"), progress=False)
+    assert len(keys) == 3 and not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
+
+
 def test_user_mode_needs_every_mask(scene_dir, tmp_path):
     with pytest.raises(JaxconceptError, match="needs a mask file for every concept"):
         _learn(_cfg(mode="user"), [_spec(scene_dir, with_masks=False)], str(tmp_path / "r"), progress=False)

@@ -38,6 +38,15 @@ def test_splice_changes_only_concept_rows_and_hidden_states(tiny_with_concepts):
     np.testing.assert_allclose(moved[1], base[1], atol=1e-6)  # the prompt without it does not
 
 
+def test_words_joined_by_plus_start_at_the_mean_of_their_rows(tiny):
+    table = np.asarray(tokens.embedding_table(tiny.params["text_encoder"]))
+    dog, cat = (tiny.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("dog", "cat"))
+    _, c = tokens.add_concept_tokens(tiny, ["<a>", "<b>"], ["dog+cat", "dog"])
+    np.testing.assert_allclose(c.init_rows[0], (table[dog] + table[cat]) / 2, rtol=1e-6)
+    np.testing.assert_array_equal(c.init_rows[1], table[dog])  # one word: its row, as before
+    assert c.init_words == ("dog+cat", "dog")
+
+
 def test_random_init_is_seeded(tiny):
     _, a = tokens.add_concept_tokens(tiny, ["<a>"], seed=3)
     _, b = tokens.add_concept_tokens(tiny, ["<a>"], seed=3)
@@ -56,6 +65,8 @@ def test_random_init_is_seeded(tiny):
     (["<v1>"], ["zebra#"], "unknown to this model's tokenizer"),
     (["<v1>"], ["\u00e9t\u00e9"], "unknown to this model's tokenizer"),
     (["<v1>", "<v2>"], ["<v2>", None], "itself a new concept token"),
+    (["<v1>"], ["dog+"], "joined with '\\+' is empty"),
+    (["<v1>"], ["dog+zebra#"], "'zebra#' is unknown"),
 ])
 def test_bad_tokens_and_init_words(tiny, toks, words, message):
     with pytest.raises(ConceptTokenError, match=message):
