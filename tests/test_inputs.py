@@ -299,9 +299,9 @@ def test_from_toy_scene_folder(tmp_path):
     spec = from_toy_scene_folder(str(tmp_path / "s3"))
     assert spec.path == str(tmp_path / "s3" / "image.png")
     assert [c.token for c in spec.concepts] == [f"<{o.name}>" for o in scene.objects] + ["<background>"]
-    assert [c.init_word for c in spec.concepts] == [o.color for o in scene.objects] + ["background"]
+    assert [c.init_word for c in spec.concepts] == [f"{o.color}+{o.shape}" for o in scene.objects] + ["background"]
     assert [c.kind for c in spec.concepts] == ["object"] * 2 + ["background"]
-    assert all(c.init_word in S.vocabulary() for c in spec.concepts)
+    assert all(w in S.vocabulary() for c in spec.concepts for w in c.init_word.split("+"))
 
     inputs = load([spec], 32)  # same size: the crop is the whole image and masks come back exactly
     for concept, mask_HxW in zip(spec.concepts, inputs.user_masks):
@@ -340,5 +340,7 @@ def test_from_toy_scene_folder_shape_init(tmp_path):
     S.write_scene(scene, str(tmp_path / "s3"))
     spec = from_toy_scene_folder(str(tmp_path / "s3"), init="shape")
     assert [c.init_word for c in spec.concepts] == [o.shape for o in scene.objects] + ["background"]
+    both = from_toy_scene_folder(str(tmp_path / "s3"), init="color+shape")
+    assert [c.init_word for c in both.concepts] == [f"{o.color}+{o.shape}" for o in scene.objects] + ["background"]
     with pytest.raises(InputError, match="init must be"):
         from_toy_scene_folder(str(tmp_path / "s3"), init="size")

@@ -270,8 +270,8 @@ def test_modes_keep_their_masks(mode, scene_dir, tmp_path, capsys):
 
 
 def test_same_noise_e_steps_draw_one_key_and_move_only_with_the_rows(scene_dir, tmp_path, monkeypatch):
-    """masks.same_noise: every E-step draws the same timesteps and noise (one key), so with rows that do not
-    move (an lr of 1e-12) the masks do not move either; each round without it draws its own key."""
+    """masks.same_noise (the default): every E-step draws the same timesteps and noise (one key), so with rows
+    that do not move (an lr of 1e-12) the masks do not move either; each round without it draws its own key."""
     keys, original = [], estep.estimate_masks
 
     def recording(maps, *args, **kwargs):
@@ -284,7 +284,8 @@ def test_same_noise_e_steps_draw_one_key_and_move_only_with_the_rows(scene_dir, 
     assert len(keys) == 3 and all(np.array_equal(k, keys[0]) for k in keys)
     assert summary["mask_change_by_round"] == [0.0, 0.0]
     keys.clear()
-    _learn(_cfg(**{"joint.steps": 0}), [_spec(scene_dir)], str(tmp_path / "fresh"), progress=False)
+    _learn(_cfg(**{"masks.same_noise": False, "joint.steps": 0}), [_spec(scene_dir)], str(tmp_path / "fresh"),
+           progress=False)
     assert len(keys) == 3 and not np.array_equal(keys[0], keys[1]) and not np.array_equal(keys[1], keys[2])
 
 

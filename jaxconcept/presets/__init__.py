@@ -46,6 +46,7 @@ def stable_diffusion(model: str, resolution: int):
     c.masks.resolutions = (latent // 4, latent // 2)
     c.masks.background_level = 0.45  # middle of DiffuMask's 0.35-0.55
     c.tokens.attn_resolution = latent // 4
+    c.tokens.lr, c.tokens.attn_weight = 5e-4, 0.01  # Break-a-Scene's for SD (the toy's 1e-2, 0.3 fit its rows' scale)
     c.joint.lr = 2e-6  # Break-a-Scene's for SD (the toy default, 1e-4, is for the 64 px toy UNet)
     c.log_every = 25
     return c
