@@ -509,7 +509,7 @@ def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color+shap
     its shape ("shape"); the token has to learn the rest (pattern, texture). Why both: the toy model's attention
     follows colour words best (shape words alone gave worse masks), and the samples need the shape. On six toy
     validation scenes (10100002/03/06/14/21/24, full learner, 16 samples a prompt) colour+shape drew the right
-    object alone in 58% of samples and both together in 44%, colour alone 42% / 30%, with masks exact on every
+    object alone in 54% of samples and both together in 44%, colour alone 42% / 30%, with masks exact on every
     scene (colour alone: 0.90, two orange objects tied on one word) (docs/em_settling.md, section 7).
     `suffix` (e.g. "_s7") keeps tokens apart when several scenes are used together."""
     if init not in TOY_INITS:
