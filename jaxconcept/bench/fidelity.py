@@ -19,11 +19,13 @@ Writes fidelity.json, table.md, iou_by_round.png (one panel per set and init) an
     python -m jaxconcept.bench.fidelity --seeds 100-119 --token-steps 400 --estep-every 50 --timesteps 50 \
         --joint-steps 400 --samples 4 --out runs/fidelity_full          # the learner's defaults (~10x longer)
 
-The default command is shortened to fit one working session (360 learner runs; measured 17 s a run without
-sampling on a quiet 2-core CPU, so about 2 to 2.5 h with it): 200 token steps with
+The default command is shortened to fit one working session (360 learner runs; measured 2026-12-05 on the 2-core
+CPU: ~5 s a run without sampling, ~6 s with 2 samples per prompt, runs of one model sharing their compiled
+programs, so about 40 minutes): 200 token steps with
 an E-step every 25 (the learner: 400 / 50), 16 timesteps per E-step (50), no joint stage (400; samples then
 use the learned tokens with the base UNet), 2 samples per prompt (4), 30 inversion steps (100).
-Seeds 100-119 of each set are the evaluation seeds; the E-step's settings were chosen on seeds 0-19.
+Seeds 100-119 of each set are the evaluation seeds; the E-step's and the tokens' settings were chosen on
+seeds 0-19.
 """
 
 from __future__ import annotations
