@@ -94,6 +94,6 @@ def tie_warning(groups, tokens, init_words) -> str | None:
     parts = [f"{', '.join(tokens[c] for c in g)} (all {init_words[g[0]]!r})" for g in named]
     return ("init words repeat within an image: " + "; ".join(parts) + ". These tokens start identical, so "
             "which one takes which region is arbitrary: here the first round splits their shared region in "
-            "reading order (left to right) in the order the concepts were given. Give each concept a word "
-            "that tells it apart (its colour, e.g. 'red' and 'orange') or a mask (TOKEN@mask.png). IoUs "
-            "against ground truth match tied concepts by the best assignment.")
+            "reading order (left to right) in the order the concepts were given. Give each concept words "
+            "that tell it apart (its colour, e.g. 'red+square' and 'orange+square') or a mask (TOKEN@mask.png). "
+            "IoUs against ground truth match tied concepts by the best assignment.")
