@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from . import distributed, generate, images, outputs, runs
+from .inputs import init_word_parts
 from .errors import JaxconceptError
 
 TOY_TEMPLATES = ("a {} on a teal water background", "a {all} on a beige sand background")
@@ -79,7 +80,9 @@ def describe(token: str, init_word: str | None) -> str:
     if toy is not None:
         return " ".join(w for w in (toy["color"], None if toy["pattern"] == "solid" else toy["pattern"],
                                     toy["shape"]) if w)
-    return (init_word or "").replace("+", " ") or token.strip("<>").replace("_", " ").replace("-", " ")
+    if init_word:
+        return " ".join(init_word_parts(init_word))
+    return token.strip("<>").replace("_", " ").replace("-", " ")
 
 
 def reference_crop(image_u8_HxWx3: np.ndarray, mask_HxW: np.ndarray, margin: float = 0.1) -> np.ndarray:

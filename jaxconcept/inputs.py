@@ -498,6 +498,14 @@ def _toy_token(name: str, suffix: str) -> str:
     return f"<{safe}{suffix}>"
 
 
+INIT_JOINER = "+"  # "purple+ring": several init words, one token started at the mean of their rows
+
+
+def init_word_parts(word: str) -> list[str]:
+    """The words of an init word (`INIT_JOINER`-joined; one word: itself)."""
+    return word.split(INIT_JOINER)
+
+
 TOY_INITS = ("color", "shape", "color+shape")  # an object's init word(s) in a toy scene folder
 
 
@@ -527,8 +535,8 @@ def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color+shap
         concepts = []
         for c in record["concepts"]:
             kind = c.get("kind", "object")
-            words = ["background"] if kind == "background" else [c.get(part) for part in init.split("+")]
-            word = "+".join(words) if all(w in vocab for w in words) else None
+            words = ["background"] if kind == "background" else [c.get(part) for part in init_word_parts(init)]
+            word = INIT_JOINER.join(words) if all(w in vocab for w in words) else None
             concepts.append(ConceptSpec(
                 token=_toy_token(c["name"], suffix), init_word=word, kind=kind,
                 mask=os.path.join(folder, c["mask"]) if c.get("mask") else None,
@@ -543,6 +551,6 @@ def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color+shap
 
 __all__ = [
     "CONCEPT_KEYS", "ConceptSpec", "EXAMPLE", "FORM", "IMAGE_KEYS", "ImageSpec", "InputError", "Inputs", "KINDS",
-    "check_sizes", "format_concepts_arg", "from_toy_scene_folder", "load", "parse_concepts_arg", "specs_from_config",
-    "validate",
+    "check_sizes", "format_concepts_arg", "from_toy_scene_folder", "init_word_parts", "load", "parse_concepts_arg",
+    "specs_from_config", "validate",
 ]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import adapter
+from .inputs import init_word_parts
 from .errors import ConceptTokenError, PromptError
 from .model import ModelBundle
 
@@ -127,7 +128,8 @@ def add_concept_tokens(
     tokenizer = bundle.tokenizer
     _check_new_tokens(tokenizer, tokens)
     table = np.asarray(embedding_table(bundle.params["text_encoder"]), np.float32)
-    init_ids = [[_init_word_id(tokenizer, part, tokens) for part in w.split("+")] if w else None for w in init_words]
+    init_ids = [[_init_word_id(tokenizer, part, tokens) for part in init_word_parts(w)] if w else None
+                for w in init_words]
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_tokens(tokens)
