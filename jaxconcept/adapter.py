@@ -8,11 +8,13 @@ pytrees and the small functions below.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -57,6 +59,7 @@ def _silence_deprecations() -> None:
 
 
 _silence_deprecations()
+
 
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxDPMSolverMultistepScheduler, FlaxPNDMScheduler,
@@ -345,6 +348,26 @@ class StaticModule:
     def __eq__(self, other) -> bool:
         return (isinstance(other, StaticModule) and type(other.module) is type(self.module)
                 and other.module == self.module)
+
+
+def param_shapes(module) -> dict:
+    """Shapes and dtypes of a model module's params (a tree of ShapeDtypeStructs), without computing them: a
+    UNet or VAE from its `init_weights`, a CLIP text or full CLIP module from a dummy input. Traced once per
+    module configuration in a process (a UNet's init takes ~1 s to trace, and loaders, tests and notebooks
+    build the same model again and again); each call returns its own containers."""
+    return jax.tree.map(lambda x: x, _param_shapes(StaticModule(module)))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(static: StaticModule) -> dict:
+    module = static.module
+    if hasattr(module, "init_weights"):
+        init = module.init_weights
+    elif isinstance(module, FlaxCLIPModule):
+        init = clip_init_fn(module)
+    else:
+        init = text_init_fn(module)
+    return jax.eval_shape(init, jax.random.key(0))
 
 
 def load_flax_clip_text(folder: str, dtype=jnp.float32):

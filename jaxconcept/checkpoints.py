@@ -21,6 +21,8 @@ def manager(run_dir: str) -> ocp.CheckpointManager:
 
 
 def save(mngr, index: int, meta: dict, state, masks) -> None:
+    if jax.process_count() == 1:  # one transfer for the tree: Orbax would slice every array per device first
+        state = jax.device_get(state)
     mngr.save(index, args=ocp.args.Composite(
         meta=ocp.args.JsonSave(meta), state=ocp.args.StandardSave(state),
         masks=ocp.args.StandardSave({"masks": np.asarray(masks, np.uint8)})))

@@ -98,7 +98,9 @@ def _complete(flat: dict, flat_shapes: dict, unexpected: list, what: str, dtype,
         )
     if unexpected:
         log.warning("%s: ignored %d unexpected weights, e.g. %s", what, len(unexpected), unexpected[:3])
-    return unflatten_dict({k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype) for k, (_, v) in flat.items()})
+    # cast on the host, then one transfer for the tree (per-leaf device arrays cost a dispatch and a compile each)
+    return jax.device_put(unflatten_dict({k: np.asarray(v, dtype=np.float32).astype(jnp.dtype(dtype))
+                                          for k, (_, v) in flat.items()}))
 
 
 def read_flax_msgpack(path: str, shapes: Mapping, *, what: str, dtype=jnp.float32) -> dict:
@@ -117,8 +119,3 @@ def read_flax_msgpack(path: str, shapes: Mapping, *, what: str, dtype=jnp.float3
     flat = {k: ("/".join(k), v) for k, v in flat_file.items() if k in flat_shapes}
     unexpected = ["/".join(k) for k in flat_file if k not in flat_shapes]
     return _complete(flat, flat_shapes, unexpected, what, dtype, "Flax")
-
-
-def shape_tree(init_fn) -> dict:
-    """Shapes of a module's params without computing them."""
-    return jax.eval_shape(init_fn, jax.random.key(0))

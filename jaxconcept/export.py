@@ -140,19 +140,19 @@ def _save_pt_component(folder: str, config: dict, weights_name: str, state: Mapp
 
 def save_unet_pytorch(folder: str, unet_module, params) -> dict:
     """`folder`/config.json + diffusion_pytorch_model.safetensors, for `UNet2DConditionModel.from_pretrained`."""
-    state = flax_to_pt_state(params, convert.shape_tree(unet_module.init_weights), what="UNet")
+    state = flax_to_pt_state(params, adapter.param_shapes(unet_module), what="UNet")
     return _save_pt_component(folder, adapter.pt_unet_config(unet_module), DIFFUSERS_WEIGHTS, state)
 
 
 def save_vae_pytorch(folder: str, vae_module, params) -> dict:
     """`folder`/config.json + diffusion_pytorch_model.safetensors, for `AutoencoderKL.from_pretrained`."""
-    state = flax_to_pt_state(params, convert.shape_tree(vae_module.init_weights), what="VAE")
+    state = flax_to_pt_state(params, adapter.param_shapes(vae_module), what="VAE")
     return _save_pt_component(folder, adapter.pt_vae_config(vae_module), DIFFUSERS_WEIGHTS, state)
 
 
 def save_text_encoder_pytorch(folder: str, text_module, params) -> dict:
     """`folder`/config.json + model.safetensors, for transformers' `CLIPTextModel.from_pretrained`."""
-    state = flax_to_pt_state(params, convert.shape_tree(adapter.text_init_fn(text_module)),
+    state = flax_to_pt_state(params, adapter.param_shapes(text_module),
                              adapter.flax_to_pt_text_key, forward=adapter.pt_to_flax_text_key, what="text encoder")
     return _save_pt_component(folder, adapter.pt_text_config(text_module), TEXT_WEIGHTS, state)
 

@@ -174,7 +174,7 @@ def _load_clip_weights(folder: str, config: dict, dtype):
             + (": only PyTorch .bin files, which need torch; re-save them as safetensors." if only_bin else ".")
         )
     module = adapter.clip_from_config(config, dtype=dtype)
-    shapes = convert.shape_tree(adapter.clip_init_fn(module))
+    shapes = adapter.param_shapes(module)
     state = convert.read_safetensors(folder, "model")
     return module, convert.pt_state_to_flax(state, shapes, what=folder, dtype=dtype, rename=adapter.pt_to_flax_clip_key)
 
@@ -206,7 +206,7 @@ def tiny_clip(dtype=jnp.float32, seed: int = 0) -> ClipBundle:
     """A tiny CLIP (32 px images, 16-d embeddings) with seeded random weights: every code path, no download."""
     tokenizer = model.word_tokenizer()
     module = adapter.clip_from_config(tiny_clip_config(tokenizer), dtype=dtype)
-    params = model.random_params(convert.shape_tree(adapter.clip_init_fn(module)), seed)
+    params = model.random_params(adapter.param_shapes(module), seed)
     # random_params draws a scalar "kernel" for the temperature; use CLIP's own initial value instead
     params["logit_scale"] = jnp.asarray(CLIP_LOGIT_SCALE_INIT, jnp.float32)
     return ClipBundle(

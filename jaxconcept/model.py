@@ -237,7 +237,7 @@ def _load_diffusers_component(folder, name, from_config, dtype, variant):
     if not os.path.isfile(config_path):
         raise ModelSourceError(f"{sub} has no config.json")
     module = from_config(read_json(config_path), dtype=dtype, what=config_path)
-    shapes = convert.shape_tree(module.init_weights)
+    shapes = adapter.param_shapes(module)
     if os.path.isfile(os.path.join(sub, "diffusion_flax_model.msgpack")):
         return module, convert.read_flax_msgpack(os.path.join(sub, "diffusion_flax_model.msgpack"), shapes,
                                                  what=sub, dtype=dtype)
@@ -264,7 +264,7 @@ def _load_text_encoder(sub: str, dtype, variant):
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load Flax weights of {sub}: {e}") from e
     module = adapter.text_encoder_from_config(config, dtype=dtype, what=config_path)
-    shapes = convert.shape_tree(adapter.text_init_fn(module))
+    shapes = adapter.param_shapes(module)
     state = convert.read_safetensors(sub, "model", variant)
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype, rename=adapter.pt_to_flax_text_key)
 
@@ -324,8 +324,8 @@ def random_params(shapes, seed: int) -> dict:
         else:
             fan_in = int(np.prod(shape[:-1])) or 1
             value = rng.standard_normal(shape, np.float32) / np.sqrt(fan_in)
-        out[path] = jnp.asarray(value)
-    return unflatten_dict(out)
+        out[path] = value
+    return jax.device_put(unflatten_dict(out))  # one transfer for the tree, not one per leaf
 
 
 def word_tokenizer(words=TINY_WORDS, max_length: int = 77):
@@ -345,9 +345,9 @@ def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, 
     unet = adapter.unet_from_config(unet_config, dtype=dtype)
     vae = adapter.vae_from_config(vae_config, dtype=dtype)
     params = {
-        "text_encoder": random_params(convert.shape_tree(adapter.text_init_fn(text_encoder)), seed),
-        "unet": random_params(convert.shape_tree(unet.init_weights), seed + 1),
-        "vae": random_params(convert.shape_tree(vae.init_weights), seed + 2),
+        "text_encoder": random_params(adapter.param_shapes(text_encoder), seed),
+        "unet": random_params(adapter.param_shapes(unet), seed + 1),
+        "vae": random_params(adapter.param_shapes(vae), seed + 2),
     }
     scheduler, scheduler_state = adapter.ddpm_scheduler(SD_SCHEDULER)
     return ModelBundle(

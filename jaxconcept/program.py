@@ -90,7 +90,9 @@ def single_program(s: settings.Settings, st: Setup, mesh) -> tuple[Program, Setu
     def joint_state(token_state):
         # fresh buffers: the joint step donates its state, and the base model's params (which a caller such
         # as the benchmark reuses for its next run) must not be donated with it
-        state = steps.init_state(jax.tree.map(jnp.copy, trainable(token_state["params"]["rows"])), joint_opt)
+        params = trainable(token_state["params"]["rows"])
+        copied = jax.device_put(params, jax.tree.map(lambda x: x.sharding, params), may_alias=False)
+        state = steps.init_state(copied, joint_opt)
         return sharding.put(state, sharding.fsdp_shardings(state, mesh, min_size))  # FSDP over the fsdp axis
 
     def joint_step(state):

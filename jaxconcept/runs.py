@@ -80,7 +80,7 @@ def with_tuned_text_encoder(run_dir: str, cfg: dict, bundle: ModelBundle) -> Mod
     except (OSError, ValueError, KeyError) as e:
         raise JaxconceptError(f"cannot read the tuned text encoder in {folder!r} ({e}); the run folder is "
                               "damaged: delete text_encoder/ and start the same train command again.") from e
-    return bundle.replace(params={**bundle.params, "text_encoder": jax.tree.map(jnp.asarray, tuned)})
+    return bundle.replace(params={**bundle.params, "text_encoder": jax.device_put(tuned)})
 
 
 def read_config(run_dir: str) -> dict:

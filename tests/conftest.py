@@ -12,12 +12,16 @@ for _flag in ("--xla_force_host_platform_device_count=4", *FAST_COMPILE_FLAGS.sp
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 # Identical programs compiled by several tests (or by a resumed run) come from this session's cache. It is
 # set in the environment before jax starts, so pytest-xdist workers (started by this process) and the
-# commands tests run in subprocesses read and fill the same cache.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxconcept-xla-cache-"))
+# commands tests run in subprocesses read and fill the same cache; the process that made it removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxconcept-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -37,3 +41,4 @@ def tiny_with_concepts(tiny):
     from jaxconcept import tokens
 
     return tokens.add_concept_tokens(tiny, ["<v1>", "<v2>"], ["dog", None], seed=0)
+

@@ -435,7 +435,7 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
         {"rows": jax.numpy.asarray(st.concepts.init_rows)}, frozen, data, masks, jax.random.key(3),
         model=steps.step_model(st.bundle), concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig())
     uncached = {k: v for k, v in st.run_data.items() if k != "prior_context"}
-    (a, ma), (b, _) = loss(st.run_data), loss(uncached)
+    (a, ma), (b, _) = jax.jit(loss)(st.run_data), jax.jit(loss)(uncached)  # eager, the UNet costs 3x the compile
     assert float(a) == pytest.approx(float(b), rel=1e-6) and float(ma["loss_prior"]) > 0
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxconcept import adapter, capture, convert, presets
+from jaxconcept import adapter, capture, presets
 from jaxconcept.bench.speed import SD15_UNET
 from jaxconcept.errors import JaxconceptError
 
@@ -46,7 +46,7 @@ def test_preset_grids_are_the_stated_layers_of_sds_unet(name):
     """Which layers the grids select, on SD's own UNet architecture (shapes only: nothing is computed)."""
     _, px, estep, loss, arch = STATED[name]
     unet = adapter.unet_from_config(arch)
-    shapes = convert.shape_tree(unet.init_weights)
+    shapes = adapter.param_shapes(unet)
     latent = px // 8
     x = jax.ShapeDtypeStruct((1, 4, latent, latent), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
