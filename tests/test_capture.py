@@ -27,7 +27,9 @@ def test_capture_changes_nothing(tiny_with_concepts, batch):
     p = bundle.params["unet"]
     plain = jax.jit(functools.partial(capture.unet_eps, bundle.unet))(p, latents, t, context)
     eps, maps = jax.jit(functools.partial(capture.unet_with_attention, bundle.unet))(p, latents, t, context)
-    np.testing.assert_array_equal(eps, plain)
+    # the same computation; the extra outputs only change how XLA fuses it (bit for bit with its newer fusion
+    # emitters, to float32 rounding with the older ones the tests compile with: conftest.FAST_COMPILE_FLAGS)
+    np.testing.assert_allclose(eps, plain, rtol=1e-5, atol=1e-6)
     assert len(maps) == 7
     for name, probs in maps.items():
         assert name.endswith("attn2") and probs.shape[0] == 2 and probs.shape[-1] == 77

@@ -127,20 +127,45 @@ def test_fsdp_joint_step_equals_the_single_device_step(joint_setup, one_device_s
 
 # Remat is not crossed with the optimisers here: tests/test_learner.py checks that `dots` and `full` give the
 # gradients of no remat, so their trajectories follow; compiling remat programs again would only cost time.
-@pytest.mark.parametrize("kind", ["adamw_bf16", "adafactor"])
-def test_memory_options_train_the_same_way(joint_setup, one_device_sgd, kind):
-    """The low-memory optimisers see the same first loss (it comes before any update), train (the params
-    move) and store less than AdamW (whose state is sized without running it)."""
+def test_factored_optimizer_trains_in_the_joint_step(joint_setup, one_device_sgd):
+    """Adafactor, the memory option whose state differs in structure from AdamW's (factored second moments, no
+    first moment), in the real joint step: the same first loss (it comes before any update), the params
+    move, and it stores less than AdamW (whose state is sized without running it)."""
     from jaxconcept import steps
 
     setup, masks = joint_setup
-    mesh = sharding.make_mesh(jax.devices()[:1])
     _, l_ref = one_device_sgd
-    got, l_got = _joint_steps(setup, masks, mesh, fsdp=False, kind=kind, n=1)
+    got, l_got = _joint_steps(setup, masks, sharding.make_mesh(jax.devices()[:1]), fsdp=False, kind="adafactor", n=1)
     assert l_got[0] == pytest.approx(l_ref[0], rel=1e-5)
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                          got["params"]["unet"], setup.bundle.params["unet"]))
     assert max(moved) > 0
     adamw = jax.eval_shape(lambda p: steps.init_state(p, steps.make_optimizer(1e-3, 1.0, 1e-2, "adamw")), got["params"])
-    state_bytes = lambda s: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s["opt_state"]))  # noqa: E731
-    assert state_bytes(got) < 0.8 * state_bytes(adamw)
+    assert _state_bytes(got["opt_state"]) < 0.6 * _state_bytes(adamw["opt_state"])
+
+
+def _state_bytes(opt_state) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+
+
+def test_bfloat16_first_moment_takes_adamws_step_in_three_quarters_of_its_memory(joint_setup):
+    """adamw_bf16 is AdamW with its first moment stored in bfloat16, and nothing else: its first update is AdamW's
+    to the moment's rounding (2^-8), shown on the rows and the UNet's outer convolutions, and its state for the
+    joint stage's whole tree (rows and UNet; sized without running it) takes 3/4 of AdamW's bytes. The step
+    itself is the optimizer-agnostic one adafactor runs above."""
+    from jaxconcept import steps
+
+    setup, _ = joint_setup
+    unet = setup.bundle.params["unet"]
+    params = {"rows": jnp.asarray(setup.concepts.init_rows), "conv_in": unet["conv_in"], "conv_out": unet["conv_out"]}
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.unflatten(treedef, [jnp.asarray(1e-3 * rng.standard_normal(x.shape), x.dtype) for x in leaves])
+    opts = {kind: steps.make_optimizer(1e-3, 1.0, 1e-2, kind) for kind in ("adamw", "adamw_bf16")}
+    first = {kind: jax.jit(lambda g, p, opt=opt: opt.update(g, opt.init(p), p)[0])(grads, params)
+             for kind, opt in opts.items()}
+    for a, b in zip(jax.tree.leaves(first["adamw_bf16"]), jax.tree.leaves(first["adamw"])):
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-7)
+    whole = {"rows": params["rows"], "unet": unet}
+    state = {kind: jax.eval_shape(opt.init, whole) for kind, opt in opts.items()}
+    assert _state_bytes(state["adamw_bf16"]) == pytest.approx(0.75 * _state_bytes(state["adamw"]), rel=1e-3)
