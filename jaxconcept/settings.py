@@ -20,13 +20,15 @@ from typing import Any, Callable
 
 from .crf import BACKENDS as CRF_BACKENDS
 from .errors import JaxconceptError
-from .steps import OPTIMIZERS, REMAT_POLICIES
 
+# The names only (steps.py builds what they name, from these): a bad value is refused without importing the
+# model code (diffusers, seconds at every start).
 MODES = ("em", "attention", "user")
 INIT_METHODS = ("words", "inversion")
 RESIZE_MODES = ("crop", "pad")
 DTYPES = ("float32", "bfloat16", "fp32", "bf16")
-REMATS = ("none", *REMAT_POLICIES)
+OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
+REMATS = ("none", "full", "dots")
 
 
 class ConfigError(JaxconceptError):

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from . import adapter, aggregate, capture, data, diffusion, losses, sharding, tokens
+from . import adapter, aggregate, capture, data, diffusion, losses, settings, sharding, tokens
 from .model import ModelBundle
 
 
@@ -37,8 +37,7 @@ class LossConfig:
 
 
 # what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
-OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}  # settings.REMATS names them
 
 
 @functools.lru_cache(maxsize=64)  # one object per setting: the optimizer is a static argument of the steps
@@ -56,7 +55,7 @@ def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2,
     elif kind == "adafactor":
         inner = optax.adafactor(lr, multiply_by_parameter_scale=False, weight_decay_rate=weight_decay or None)
     else:
-        raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(settings.OPTIMIZERS)}")
     return optax.chain(optax.clip_by_global_norm(clip), inner)
 
 

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 import jax
 
-from . import distributed, inputs, jobs, learner, presets, settings
+from . import distributed, inputs, presets, settings
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -103,6 +103,8 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     try:
         settings.resolve(cfg)  # every config value checked before anything else
+        from . import jobs, learner  # the model code (diffusers: seconds) once the command line is good
+
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
         if _JOBS.value and _CONCEPTS.value:
             raise JaxconceptError("give --concepts (one run) or --job (several concept sets), not both.")
