@@ -60,7 +60,6 @@ def _silence_deprecations() -> None:
 
 _silence_deprecations()
 
-
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxDDPMScheduler, FlaxDPMSolverMultistepScheduler, FlaxPNDMScheduler,
     FlaxUNet2DConditionModel,

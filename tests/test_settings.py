@@ -91,3 +91,15 @@ def test_the_command_line_refuses_bad_config_with_exit_2_before_any_work(tmp_pat
         assert proc.stderr.startswith("error: ") and message in proc.stderr.replace('"', "'")
         assert "Traceback" not in proc.stderr
         assert not (tmp_path / "r").exists()
+
+
+def test_the_names_settings_accepts_are_what_the_steps_build():
+    """settings names the optimizers and remat policies without importing the model code; each name it accepts
+    builds in steps, and steps builds no other."""
+    from jaxconcept import steps
+
+    assert set(settings.REMATS) == {"none", *steps.REMAT_POLICIES}
+    for kind in settings.OPTIMIZERS:
+        assert steps.make_optimizer(1e-3, kind=kind) is not None
+    with pytest.raises(ValueError, match="use one of adamw, adamw_bf16, adafactor"):
+        steps.make_optimizer(1e-3, kind="sgd")
