@@ -4,7 +4,7 @@ commands together and end where one process ends; process 0 writes the files.
 Trained once for the module, one command after another, both by two processes: two concept sets batched in
 one program (`train --job`; the job axis split over the hosts, so each job runs whole on one host's device,
 as a run on one device does, and process 1's job is gathered to process 0 to be written), and the second
-set alone (`train --concepts`; its batch and the joint stage's FSDP split over the hosts). The two must
+set alone (`train --concepts`; its drawn batch split over the hosts, data-parallel). The two must
 agree: a job of a batch learns what a run of its own learns (tests/test_jobs.py, one process), so the
 batch's job_01 is the one-device reference of the split run, and the comparison also checks the gathering.
 Evaluation runs on the batch's runs with one process and with two."""
