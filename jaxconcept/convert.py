@@ -99,7 +99,7 @@ def _complete(flat: dict, flat_shapes: dict, unexpected: list, what: str, dtype,
     if unexpected:
         log.warning("%s: ignored %d unexpected weights, e.g. %s", what, len(unexpected), unexpected[:3])
     # cast on the host, then one transfer for the tree (per-leaf device arrays cost a dispatch and a compile each)
-    return jax.device_put(unflatten_dict({k: np.asarray(v, dtype=np.float32).astype(jnp.dtype(dtype))
+    return jax.device_put(unflatten_dict({k: np.asarray(v, dtype=np.float32).astype(jnp.dtype(dtype), copy=False)
                                           for k, (_, v) in flat.items()}))
 
 

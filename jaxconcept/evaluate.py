@@ -33,8 +33,8 @@ import jax
 import numpy as np
 
 from . import distributed, generate, images, outputs, runs
-from .inputs import init_word_parts
 from .errors import JaxconceptError
+from .inputs import init_word_parts
 
 TOY_TEMPLATES = ("a {} on a teal water background", "a {all} on a beige sand background")
 SD_TEMPLATES = ("a photo of {}", "a photo of {} at the beach", "a photo of {all}")

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import adapter
-from .inputs import init_word_parts
 from .errors import ConceptTokenError, PromptError
+from .inputs import init_word_parts
 from .model import ModelBundle
 
 log = logging.getLogger(__name__)
