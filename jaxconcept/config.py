@@ -69,7 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
     # lr 5e-4, attn 0.01, fresh noise (before) +0.02 / +0.13; 1e-2, 0.1: +0.23 / +0.12; 1e-2, 0.3: +0.25 / +0.18
     # (kept); 1e-2, 1.0: +0.24 / +0.16; colour init stays >= attention (+0.02)
     c.tokens = ml_collections.ConfigDict(dict(
-        steps=400, estep_every=50, lr=1e-2, attn_weight=0.3, attn_resolution=16, batch_size=1, clip=1.0,
+        steps=400, estep_every=50, lr=1e-2, attn_weight=0.3, attn_resolution=16, loss_margin=0, loss_per_area=False, vectors=1,
+        batch_size=1, clip=1.0,
         weight_decay=1e-2,
     ))
     # stage 3: tokens and UNet (text encoder optional) with the masks fixed

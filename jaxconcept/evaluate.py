@@ -12,9 +12,14 @@ Per image, and aggregated per run and overall:
     descriptions); presence of each concept in multi-concept images (CLIP, see `metrics.concept_presence`);
     LPIPS-style diversity between the images of one prompt. All need a CLIP checkpoint (--clip).
   * on the toy model, the toy analysis: is each named object there with the right colour and shape
-    (and pattern)? This stands in for CLIP there (the toy world has no CLIP).
+    (and pattern)? This stands in for CLIP there (the toy world has no CLIP). Beside it, what users see
+    (`toy.judge`): each concept found alone, all named concepts found in the same image, and leakage (what a
+    single-concept prompt did not ask for), each next to the *words oracle*: the base model prompted with the
+    concepts' own words, the same prompts and noise.
   * mask IoU of each concept against ground truth, where the run had it (summary.json).
 Writes results.json, results.csv (one row per image and concept) and index.html, a contact sheet.
+Sampling follows the model's recommendation (its `sampling.json`: the toy model's DDIM 25 steps, guidance 5)
+unless --steps, --guidance or --scheduler say otherwise, as `generate` does.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from . import distributed, generate, images, outputs, runs
+from . import distributed, generate, images, outputs, runs, viz
 from .errors import JaxconceptError
 from .inputs import init_word_parts
 
@@ -201,7 +206,63 @@ def aggregate(rows: list[dict], prompts: list[dict]) -> dict:
     }
 
 
+TOY_FIGURES = ("found_alone", "found_alone_words", "together", "together_words", "leakage", "leakage_words")
+
+
+def toy_figures(judgements: list) -> dict:
+    """Means over runs of what users see (None where no run was judged): found alone (mean over concepts),
+    all found together, leakage, each for the tokens and for the words oracle."""
+    got = [j for j in judgements if j is not None]
+    pick = {"found_alone": ("tokens", "found_mean"), "found_alone_words": ("words", "found_mean"),
+            "together": ("tokens", "together"), "together_words": ("words", "together"),
+            "leakage": ("tokens", "leakage"), "leakage_words": ("words", "leakage")}
+    return {"toy_" + name: _mean([j[a][b] for j in got]) for name, (a, b) in pick.items()}
+
+
 # ------------------------------------------------------------------------------------------ runs and files
+
+
+def toy_concepts(concepts: list[Concept]):
+    """The run's object concepts the toy analysis can judge (`toy.judge.ToyConcept`)."""
+    from .toy import judge
+
+    return [judge.ToyConcept(c.token, **c.toy) for c in concepts if c.toy is not None and c.kind == "object"]
+
+
+def source_background(run_dir: str) -> str | None:
+    """The colour of the run's training background (its background concept's mask), for leakage."""
+    from PIL import Image
+
+    from .toy import judge
+
+    listed = runs.listed_concepts(runs.read_summary(run_dir))
+    bg = next((c for c in listed if c.get("kind") == "background" and c.get("image")), None)
+    if bg is None:
+        return None
+    image = np.asarray(Image.open(os.path.join(run_dir, bg["image"])).convert("RGB"))
+    mask_path = os.path.join(run_dir, bg["mask"]) if bg.get("mask") else ""
+    mask = np.asarray(Image.open(mask_path).convert("L")) > 127 if os.path.isfile(mask_path) else None
+    return judge.source_background(image, mask if mask is not None and mask.any() else None)
+
+
+def toy_judgement(prompts: list[dict], pics_tokens, pics_words, concepts: list[Concept], source_bg) -> dict:
+    """What users see, tokens beside the words oracle (`toy.judge`): {"tokens", "words", "report",
+    "per_prompt": [{"tokens": [...], "words": [...]}]} for one run's prompts."""
+    from .toy import judge
+
+    toy = {c.token: c for c in toy_concepts(concepts)}
+    keep = [i for i, p in enumerate(prompts) if p["concepts"] and all(t in toy for t in p["concepts"])]
+    measured = [{"kind": "alone" if len(prompts[i]["concepts"]) == 1 else "together",
+                 "concepts": [toy[t] for t in prompts[i]["concepts"]]} for i in keep]
+    asked = [judge.background_color(prompts[i]["words"]) for i in keep]
+    judged = {}
+    for key, pics in (("tokens", pics_tokens), ("words", pics_words)):
+        judged[key] = [judge.judge([pics[i]], [m], list(toy.values()), source_bg, a)[0]
+                       for i, m, a in zip(keep, measured, asked)]
+    out = {key: judge.summarize(measured, judged[key]) for key in judged}
+    out["report"] = judge.report(out["tokens"], out["words"])
+    out["per_prompt"] = {prompts[i]["prompt"]: {k: judged[k][n] for k in judged} for n, i in enumerate(keep)}
+    return out
 
 
 def run_concepts(run_dir: str) -> tuple[list[Concept], dict]:
@@ -246,6 +307,16 @@ def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, cli
         pics = generate.generate(run, [p["prompt"] for p in prompts], settings, mesh=mesh, progress=progress)
         run_name = f"{r_i:02d}_{outputs.safe_name(os.path.basename(os.path.abspath(run_dir)))}"
         folders = generate.prompt_folder_names([p["prompt"] for p in prompts])
+        toy_result = None
+        if run_toy and toy_concepts(concepts):  # the words oracle: the base model, same prompts in words and noise
+            words_pics = generate.generate(base_cache[cfg["model"]], [p["words"] for p in prompts], settings,
+                                           mesh=mesh, progress=progress)
+            for p, folder, pics_K in zip(prompts, folders, words_pics):
+                p["words_files"] = [os.path.join("images", run_name, "words", folder, f"sample_{k:02d}.png")
+                                    for k in range(len(pics_K))]
+                for f, pic in zip(p["words_files"], pics_K):
+                    save_image(pic, os.path.join(out_dir, f))
+            toy_result = toy_judgement(prompts, pics, words_pics, concepts, source_background(run_dir))
         ref_cache: dict = {}
         run_prompts = []
         for p, folder, pics_K in zip(prompts, folders, pics):
@@ -267,10 +338,12 @@ def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, cli
                 refs[c.token] = os.path.join("images", run_name, f"reference_{outputs.safe_name(c.token)}.png")
                 save_image(c.reference_u8, os.path.join(out_dir, refs[c.token]))
         prompt_records += run_prompts
-        per_run[run_dir] = {"summary": aggregate([r for r in rows if r["run"] == run_dir], run_prompts),
-                            "references": refs, "mode": summary.get("mode"), "model": cfg["model"]}
+        per_run[run_dir] = {"summary": {**aggregate([r for r in rows if r["run"] == run_dir], run_prompts),
+                                        **toy_figures([toy_result])},
+                            "references": refs, "mode": summary.get("mode"), "model": cfg["model"], "toy": toy_result}
+    overall = {**aggregate(rows, prompt_records), **toy_figures([r["toy"] for r in per_run.values()])}
     result = {"settings": dataclasses.asdict(settings), "templates": list(templates),
-              "clip": getattr(clip, "source", None), "overall": aggregate(rows, prompt_records), "runs": per_run,
+              "clip": getattr(clip, "source", None), "overall": overall, "runs": per_run,
               "prompts": prompt_records, "devices": jax.device_count()}
     if not distributed.is_primary():
         return result
@@ -302,7 +375,7 @@ def contact_sheet(result: dict, rows: list[dict]) -> str:
     per prompt with each image's scores under it."""
     e = html.escape
     keys = ("clip_i", "clip_t", "diversity", "toy_found", "toy_pattern", "presence_clip_multi", "toy_found_multi",
-            "mask_iou")
+            *("toy_" + k for k in TOY_FIGURES), "mask_iou")
     head = "".join(f"<th>{k}</th>" for k in keys)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>jaxconcept evaluation</title><style>",
              "body{font-family:sans-serif;margin:1em} img{width:128px;height:128px;image-rendering:pixelated}",
@@ -335,8 +408,42 @@ def contact_sheet(result: dict, rows: list[dict]) -> str:
                                                        if c.get(k) is not None) for c in cells)
                 parts.append(f"<figure><img src='{e(f)}'{cls}><figcaption>{caption}</figcaption></figure>")
             parts.append("</div>")
+            if p.get("words_files"):  # the words oracle: what a perfect token would give
+                parts.append(f"<p>the base model given the words: <i>{e(p['words'])}</i></p><div>")
+                parts += [f"<figure><img src='{e(f)}'></figure>" for f in p["words_files"]]
+                parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=None) -> list[str] | None:
+    """After training on the toy world: each object concept alone and all together on a new background
+    (`toy.judge.measure`), tokens beside the words oracle, with the model's recommended sampling. Writes
+    samples_check.png (token rows, then the same prompts in words) and samples_check.json into the run;
+    returns the table's lines, or None where the toy analysis cannot judge the run (not a toy model)."""
+    from .model import load_model, recommended_sampling
+    from .toy import judge
+
+    concepts, summary = run_concepts(run_dir)
+    toy = toy_concepts(concepts)
+    cfg = runs.read_config(run_dir)
+    base = bundle or load_model(cfg["model"], seed=cfg.get("seed", 0))
+    if not toy or not speaks_toy(base):
+        return None
+    settings = generate.Settings(num_images, seed=seed, **recommended_sampling(cfg["model"]))
+    run = runs.load_run(run_dir, bundle=base)
+    m = judge.measure(run, base, toy, source_background(run_dir), settings, template=summary.get("template", "a {}"),
+                      joiner=summary.get("joiner", " and a "))
+    rows = [list(p) for p in m["pictures"]["tokens"]] + [list(p) for p in m["pictures"]["words"]]
+    labels = [p["tokens"] for p in m["prompts"]] + [p["words"] + "   (base model, words)" for p in m["prompts"]]
+    images.save_image(viz.grid(rows, cell=64, row_labels=labels), os.path.join(run_dir, "samples_check.png"))
+    outputs.write_json(os.path.join(run_dir, "samples_check.json"),
+                       {"settings": dataclasses.asdict(settings), **{k: m[k] for k in ("prompts", "tokens", "words",
+                                                                                        "report")}})
+    return [f"samples ({num_images} per prompt, {settings.scheduler} {settings.steps} steps, guidance "
+            f"{settings.guidance}): tokens beside the base model given the words, same prompts and noise",
+            *("  " + line for line in judge.lines(m["tokens"], m["words"])),
+            f"  pictures: {os.path.join(run_dir, 'samples_check.png')}"]
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -350,9 +457,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--templates-file", default=None, help="a text file with one template per line")
     p.add_argument("--clip", default=None, help="CLIP checkpoint: a folder, a hub id, or 'tiny-clip' (tests)")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", default="ddim")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's recommendation, else 50")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's recommendation, else 7.5")
+    p.add_argument("--scheduler", default=None, help="ddim, pndm, dpm++; default: the model's, else ddim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--out", default="runs/eval")
@@ -361,10 +468,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def sampling_settings(args) -> generate.Settings:
+    """What --steps/--guidance/--scheduler give, else the runs' model's recommendation (`generate.settings_for`);
+    runs of different base models take the plain defaults for what was not given."""
+    models = {runs.read_config(r)["model"] for r in args.run}
+    return generate.settings_for(argparse.Namespace(**vars(args), negative_prompt=""),
+                                 models.pop() if len(models) == 1 else "")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    settings = generate.Settings(args.num_images, args.steps, args.guidance, "", args.seed, args.scheduler,
-                                 args.batch_size)
     try:
         if not args.run:
             raise JaxconceptError("no run given: pass --run RUN_DIR (repeatable).")
@@ -385,6 +498,7 @@ def main(argv=None) -> int:
             models = {runs.read_config(r)["model"] for r in args.run}
             templates = list(TOY_TEMPLATES if models == {"toy"} else SD_TEMPLATES)
         check_templates(templates)
+        settings = sampling_settings(args)
         clip = None
         if args.clip:
             from . import metrics
@@ -400,9 +514,16 @@ def main(argv=None) -> int:
     o = result["overall"]
     print(f"{o['images']} images, {o['prompts']} prompts, {len(args.run)} run(s) in {time.time() - t0:.0f} s on "
           f"{jax.device_count()} device(s)")
+    print(f"sampling: {settings.scheduler}, {settings.steps} steps, guidance {settings.guidance}")
     for k, v in o.items():
         if v is not None and k not in ("images", "prompts"):
             print(f"  {k:<20} {v:.3f}")
+    for run_dir, r in result["runs"].items():
+        if r.get("toy"):
+            from .toy import judge
+
+            print(f"{run_dir}: what users see (tokens beside the base model given the words, same prompts and noise)")
+            print("\n".join("  " + line for line in judge.lines(r["toy"]["tokens"], r["toy"]["words"])))
     print(f"contact sheet: {os.path.join(args.out, 'index.html')}\ntables: {os.path.join(args.out, 'results.json')}, "
           f"{os.path.join(args.out, 'results.csv')}")
     return 0

@@ -157,17 +157,22 @@ def save_text_encoder_pytorch(folder: str, text_module, params) -> dict:
     return _save_pt_component(folder, adapter.pt_text_config(text_module), TEXT_WEIGHTS, state)
 
 
-def save_textual_inversion(folder: str, tokens: Sequence[str], rows_NxD) -> dict[str, str]:
+def save_textual_inversion(folder: str, tokens: Sequence[str], rows_NxD, counts: Sequence[int] = ()) -> dict[str, str]:
     """One `{token: row_D}` float32 safetensors file per token (diffusers' textual-inversion format: a
-    single-key dict, the key names the token). Returns token -> file name within `folder`."""
+    single-key dict, the key names the token); a token of n vectors (`counts`) is `{token: n x D}`, which
+    diffusers loads as `token token_1 ...` and writes out in prompts itself. Returns token -> file name."""
     rows_NxD = np.asarray(rows_NxD, np.float32)
-    if rows_NxD.ndim != 2 or len(rows_NxD) != len(tokens):
-        raise ExportError(f"{len(tokens)} tokens but embedding rows of shape {rows_NxD.shape}: need one row per token.")
+    counts = list(counts) or [1] * len(tokens)
+    if rows_NxD.ndim != 2 or len(counts) != len(tokens) or len(rows_NxD) != sum(counts):
+        raise ExportError(f"{len(tokens)} tokens of {counts} vectors but embedding rows of shape {rows_NxD.shape}: "
+                          "need one row per vector.")
     os.makedirs(folder, exist_ok=True)
     files = {}
-    for token, name, row_D in zip(tokens, outputs.file_names(tokens), rows_NxD):
+    ends = np.cumsum(counts)
+    for token, name, n, e in zip(tokens, outputs.file_names(tokens), counts, ends):
         file = f"{name}.safetensors"
-        _save_safetensors(os.path.join(folder, file), {token: np.ascontiguousarray(row_D)})
+        _save_safetensors(os.path.join(folder, file), {token: np.ascontiguousarray(rows_NxD[e - n] if n == 1
+                                                                                   else rows_NxD[e - n:e])})
         files[token] = file
     return files
 
@@ -284,7 +289,7 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
     if not tuned:
         log.info("%s has no unet/ (no joint tuning): exporting the base model's UNet", run_dir)
 
-    files = save_textual_inversion(os.path.join(folder, EMBEDDINGS), run.tokens, run.rows_NxD)
+    files = save_textual_inversion(os.path.join(folder, EMBEDDINGS), run.tokens, run.rows_NxD, run.counts)
     written = [f"{EMBEDDINGS}/{f}" for f in files.values()]
     unet = save_unet_pytorch(os.path.join(folder, "unet"), run.bundle.unet, run.bundle.params["unet"])
     written += ["unet/config.json", f"unet/{DIFFUSERS_WEIGHTS}"]

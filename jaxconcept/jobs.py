@@ -56,11 +56,18 @@ def prepare_jobs(s: settings.Settings, jobs, base: ModelBundle):
     for j, specs in enumerate(jobs):
         setup = prepare(s, _internal_specs(specs, j), b)
         # initial rows as a run of its own would draw them (random rows take the *base* table's mean norm)
-        _, alone = tokens.add_concept_tokens(base, setup.concepts.tokens, setup.concepts.init_words, seed=s.seed)
+        _, alone = tokens.add_concept_tokens(base, setup.concepts.tokens, setup.concepts.init_words, seed=s.seed,
+                                             vectors=s.tokens.vectors)
         given = tuple(c.token for spec in specs for c in spec.concepts)
         setups.append(dataclasses.replace(setup, concepts=dataclasses.replace(
             setup.concepts, init_rows=alone.init_rows, tokens=given)))
         b = setup.bundle
+    counts = {st.concepts.counts for st in setups}
+    if len(counts) > 1:
+        raise JaxconceptError(f"jobs batched together need the same vectors per concept; these jobs have "
+                              f"{' / '.join(map(str, sorted(counts)))} (tokens.vectors=0 gives each concept one per "
+                              "init word): give their concepts the same number of '+'-joined init words, or set "
+                              "--config.tokens.vectors to a number.")
     return setups, b
 
 

@@ -110,9 +110,13 @@ def evolution_picture(images_u8, owner_C, rounds: list[np.ndarray], tokens, cell
     return viz.grid(tiles, labels, cell=cell)
 
 
-def save_concepts(path: str, tokens, rows_NxD, init_words=None) -> None:
-    """Embeddings by token (safetensors); init words in the metadata."""
-    tensors = {t: np.asarray(r, np.float32) for t, r in zip(tokens, np.asarray(rows_NxD, np.float32))}
+def save_concepts(path: str, tokens, rows_NxD, init_words=None, counts=None) -> None:
+    """Embeddings by token (safetensors): a D row per token, or n x D for a token of n vectors (`counts`, as
+    diffusers' multi-vector textual-inversion files); init words in the metadata."""
+    rows_NxD = np.asarray(rows_NxD, np.float32)
+    counts = list(counts) if counts else [1] * len(tokens)
+    ends = np.cumsum(counts)
+    tensors = {t: rows_NxD[e - n] if n == 1 else rows_NxD[e - n:e] for t, n, e in zip(tokens, counts, ends)}
     meta = {"format": "jaxconcept", "tokens": json.dumps(list(tokens))}
     if init_words is not None:
         meta["init_words"] = json.dumps(list(init_words))

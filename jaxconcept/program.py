@@ -51,7 +51,9 @@ class Job:
 
 def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
     return steps.LossConfig(batch_size=s.tokens.batch_size, attn_weight=s.tokens.attn_weight,
-                            attn_resolution=s.tokens.attn_resolution, flip_prob=s.flip_prob,
+                            attn_resolution=s.tokens.attn_resolution,
+                            loss_margin=s.tokens.loss_margin,
+                            loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
                             prior_weight=s.prior.weight, **changes)
 
 

@@ -265,7 +265,7 @@ def write_results(run_dir, settings, setup, final, masks_final, history, truth, 
     images.save_image(outputs.evolution_picture(setup.images_u8, owner_C, rounds, setup.concepts.tokens),
                       os.path.join(run_dir, "masks_evolution.png"))
     outputs.save_concepts(os.path.join(run_dir, "concepts.safetensors"), setup.concepts.tokens,
-                          np.asarray(final["rows"]), setup.concepts.init_words)
+                          np.asarray(final["rows"]), setup.concepts.init_words, setup.concepts.counts)
     if "unet" in final:
         adapter.save_flax_unet(os.path.join(run_dir, "unet"), setup.bundle.unet, final["unet"])
     if "text_encoder" in final:

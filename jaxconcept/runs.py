@@ -23,6 +23,7 @@ class LoadedRun:
     concept_ids: jnp.ndarray  # N
     rows_NxD: jnp.ndarray
     run_dir: str
+    counts: tuple[int, ...] = ()  # vectors per token (empty: one each)
 
     def hidden_states(self, ids_BxL):
         """Text conditioning with the learned rows spliced in."""
@@ -50,7 +51,12 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
     order = json.loads(meta["tokens"]) if "tokens" in meta else sorted(rows)
     bundle = bundle or load_model(cfg["model"], dtype, seed=cfg.get("seed", 0))
     bundle = with_tuned_text_encoder(run_dir, cfg, bundle)
-    bundle, concepts = tokens.add_concept_tokens(bundle, order, None)
+    missing = [t for t in order if t not in rows]
+    if missing:
+        raise JaxconceptError(f"{concepts_path!r} lists {', '.join(missing)} but holds no embedding for it; the run "
+                              "folder is damaged: start the same train command again to rewrite its results.")
+    rows = {t: np.atleast_2d(rows[t]) for t in order}  # a token of n vectors is stored n x D
+    bundle, concepts = tokens.add_concept_tokens(bundle, order, None, vectors=[len(rows[t]) for t in order])
     unet_dir = os.path.join(run_dir, "unet")
     if not os.path.isdir(unet_dir) and cfg.get("joint", {}).get("steps", 0):
         raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the UNet ({cfg['joint']['steps']} joint "
@@ -62,8 +68,8 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
             raise JaxconceptError(f"cannot read the tuned UNet in {unet_dir!r} ({e}); the run folder is damaged: "
                                   "delete unet/ and start the same train command again to rewrite it.") from e
         bundle = bundle.replace(params={**bundle.params, "unet": unet_params})
-    rows_NxD = jnp.asarray(np.stack([rows[t] for t in order]), dtype)
-    return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir))
+    rows_NxD = jnp.asarray(np.concatenate([rows[t] for t in order]), dtype)
+    return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir), concepts.counts)
 
 
 def with_tuned_text_encoder(run_dir: str, cfg: dict, bundle: ModelBundle) -> ModelBundle:

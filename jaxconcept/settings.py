@@ -68,6 +68,9 @@ class Tokens:
     lr: float
     attn_weight: float
     attn_resolution: int
+    loss_margin: int
+    loss_per_area: bool
+    vectors: int
     batch_size: int
     clip: float
     weight_decay: float
@@ -243,6 +246,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "tokens.lr": _number(0.0, above=True),
     "tokens.attn_weight": _number(0.0),
     "tokens.attn_resolution": _integer(1),
+    "tokens.loss_margin": _integer(0),
+    "tokens.loss_per_area": _boolean,
+    "tokens.vectors": _integer(0),
     "tokens.batch_size": _integer(1),
     "tokens.clip": _number(0.0, above=True),
     "tokens.weight_decay": _number(0.0),

@@ -87,11 +87,13 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
         raise JaxconceptError(f"mode 'user' needs a mask file for every concept; none for {', '.join(missing)}. "
                               "Give them (TOKEN@mask.png), or use mode 'em'.")
     toks = [c.token for c in loaded.concepts]
-    bundle, concepts = tokens.add_concept_tokens(bundle, toks, [c.init_word for c in loaded.concepts], seed=s.seed)
+    bundle, concepts = tokens.add_concept_tokens(bundle, toks, [c.init_word for c in loaded.concepts], seed=s.seed,
+                                                 vectors=s.tokens.vectors)
     owner_C = np.asarray(loaded.owner_C)
-    table = data.prompt_table(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length, s.template,
+    # a concept's attention is its first vector's: the positions are of the first vectors
+    table = data.prompt_table(bundle.tokenizer, toks, owner_C, concepts.first_ids, bundle.max_length, s.template,
                               s.joiner)
-    ids_NxL, pos_NxC = data.image_prompts(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length,
+    ids_NxL, pos_NxC = data.image_prompts(bundle.tokenizer, toks, owner_C, concepts.first_ids, bundle.max_length,
                                           s.template, s.joiner)
     latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_NxHxWx3, bundle.latent_scale)
     run_data = {"table": data.table_arrays(table), "latents": jnp.asarray(latents)}

@@ -31,6 +31,8 @@ class LossConfig:
     batch_size: int = 1
     attn_weight: float = 0.01  # lambda
     attn_resolution: int = 16  # query-grid height of the layers the attention loss reads
+    loss_margin: int = 0  # latent cells the masked diffusion loss reaches beyond the masks (outline, holes)
+    loss_per_area: bool = False  # L_mask averaged over the masked cells, not over all (small objects weigh as much)
     flip_prob: float = 0.5
     prior_weight: float = 1.0  # used only when prior latents are given
     remat: str = "none"  # UNet activations: "none" kept, "full" recomputed in the backward pass, "dots" keep matmuls
@@ -148,7 +150,8 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, model: StepMo
 
     present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
     masks_BxCxhxw = batch["masks"].astype(jnp.float32)
-    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], losses.union_mask(masks_BxCxhxw, present_BxC))
+    union_Bx1xhxw = losses.dilate(losses.union_mask(masks_BxCxhxw, present_BxC), cfg.loss_margin)
+    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, per_area=cfg.loss_per_area)
     grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
     attn_BxCxgxg = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latents.shape[2:],
                                             jnp.maximum(batch["positions"], 0), out_hw=grid, normalize="max")

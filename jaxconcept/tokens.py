@@ -4,6 +4,12 @@
 table holding the initial rows) and a `Concepts` record. In the token stage the trainable state is just
 `rows_NxD`; `text_hidden_states` splices those rows into the frozen table inside the (differentiable)
 forward pass, so the optimiser can only ever change the concept rows.
+
+A concept may have several vectors (`vectors`): its token `<ring>` then stands for `<ring> <ring>_1 ...` in
+every prompt (`tokenize` writes them out, as diffusers' multi-vector textual inversion does), and each vector
+can start from one of its init words ("purple+ring": one vector at "purple", one at "ring"), so that the token
+starts where the words are instead of at their mean. N counts vectors, C concepts; a concept's attention
+(positions, losses, masks) is its first vector's.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -24,20 +31,37 @@ from .model import ModelBundle
 log = logging.getLogger(__name__)
 
 EMBED_PATH = ("text_model", "embeddings", "token_embedding", "embedding")
+EXPANSIONS = "jaxconcept_vectors"  # tokenizer attribute: multi-vector token -> its vectors' names
 
 
 @dataclasses.dataclass(frozen=True)
 class Concepts:
     """The concept tokens of a bundle: names, their vocabulary ids, and their initial embedding rows."""
 
-    tokens: tuple[str, ...]
-    ids: tuple[int, ...]
-    init_words: tuple[str | None, ...]
+    tokens: tuple[str, ...]  # C
+    ids: tuple[int, ...]  # N: every vector's vocabulary id, concept by concept
+    init_words: tuple[str | None, ...]  # C
     init_rows: np.ndarray  # N x D, float32
+    vectors: tuple[int, ...] = ()  # C: vectors per concept (empty: one each)
 
     @property
     def ids_array(self) -> jnp.ndarray:
         return jnp.asarray(self.ids, jnp.int32)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return self.vectors or (1,) * len(self.tokens)
+
+    @property
+    def first_ids(self) -> tuple[int, ...]:
+        """C: the id of each concept's first vector (where its attention is read)."""
+        starts = np.cumsum((0,) + self.counts[:-1])
+        return tuple(self.ids[int(i)] for i in starts)
+
+    def rows_by_token(self, rows_NxD) -> dict:
+        """token -> its rows (n x D)."""
+        ends = np.cumsum(self.counts)
+        return {t: np.asarray(rows_NxD)[e - n:e] for t, n, e in zip(self.tokens, self.counts, ends)}
 
 
 def embedding_table(text_params) -> jnp.ndarray:
@@ -79,8 +103,24 @@ def text_hidden_states(text_encoder, text_params, input_ids_BxL, concept_ids_N=N
 # ------------------------------------------------------------------------------------------ tokenizing
 
 
+def vector_names(token: str, n: int) -> list[str]:
+    """The names of a concept's vectors: the token, then `token_1` ... (diffusers' multi-vector names)."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def expand_prompt(prompt: str, expansions: dict[str, str]) -> str:
+    """Each multi-vector token written out as all its vectors ("<ring>" -> "<ring> <ring>_1")."""
+    for token, written in expansions.items():
+        prompt = re.sub(re.escape(token) + r"(?!_\d)", lambda _m, w=written: w, prompt)
+    return prompt
+
+
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> np.ndarray:
-    """Ids (B x max_length) padded like SD's pipelines; a prompt that would be cut is an error."""
+    """Ids (B x max_length) padded like SD's pipelines; a prompt that would be cut is an error. Multi-vector
+    tokens of the tokenizer (`add_concept_tokens`) are written out first."""
+    expansions = getattr(tokenizer, EXPANSIONS, None)
+    if expansions:
+        prompts = [expand_prompt(p, expansions) for p in prompts]
     for prompt in prompts:
         n = len(tokenizer(prompt).input_ids)
         if n > max_length:
@@ -109,15 +149,27 @@ def _pieces(tokenizer, text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------ adding tokens
 
 
+def vector_counts(init_words: Sequence[str | None], vectors) -> list[int]:
+    """Vectors per concept: `vectors` as given (an int for all, or one per concept); 0 = one per init word
+    ("purple+ring": 2; one word or none: 1)."""
+    given = [vectors] * len(init_words) if isinstance(vectors, (int, np.integer)) else list(vectors)
+    if len(given) != len(init_words) or any(int(v) < 0 for v in given):
+        raise ConceptTokenError(f"vectors per concept must be >= 0, one number for all or one per concept; got "
+                                f"{vectors!r} for {len(init_words)} concepts.")
+    return [int(v) or (len(init_word_parts(w)) if w else 1) for v, w in zip(given, init_words)]
+
+
 def add_concept_tokens(
     bundle: ModelBundle, tokens: Sequence[str], init_words: Sequence[str | None] | None = None, seed: int = 0,
+    vectors=1,
 ) -> tuple[ModelBundle, Concepts]:
     """Add placeholder tokens (e.g. "<v1>") with rows from an init word (its first piece) or random.
 
-    Several words joined by "+" ("purple+ring") start the row at the mean of their rows: a token that should
-    carry two attributes (a colour the attention follows, a shape the samples need) starts between them.
-    Random rows have a random direction and the table's mean row norm, so they start on the scale of
-    real words.
+    With one vector per concept, several words joined by "+" ("purple+ring") start the row at the mean of their
+    rows: a token that should carry two attributes (a colour the attention follows, a shape the samples need)
+    starts between them. With as many vectors as words (`vectors=0`, see `vector_counts`), each vector starts at
+    its word: the token starts as the words themselves. Random rows have a random direction and the table's
+    mean row norm, so they start on the scale of real words.
     """
     tokens = list(tokens)
     init_words = list(init_words) if init_words is not None else [None] * len(tokens)
@@ -125,16 +177,21 @@ def add_concept_tokens(
         raise ConceptTokenError("no concept tokens given: name at least one, e.g. '<v1>'.")
     if len(init_words) != len(tokens):
         raise ConceptTokenError(f"{len(tokens)} tokens but {len(init_words)} init words: give one per token (or None).")
+    counts = vector_counts(init_words, vectors)
+    names = [name for t, n in zip(tokens, counts) for name in vector_names(t, n)]
     tokenizer = bundle.tokenizer
-    _check_new_tokens(tokenizer, tokens)
+    _check_new_tokens(tokenizer, names)
     table = np.asarray(embedding_table(bundle.params["text_encoder"]), np.float32)
     init_ids = [[_init_word_id(tokenizer, part, tokens) for part in init_word_parts(w)] if w else None
                 for w in init_words]
 
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.add_tokens(tokens)
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
-    for token, tid in zip(tokens, ids):
+    tokenizer.add_tokens(names)
+    expansions = dict(getattr(tokenizer, EXPANSIONS, None) or {})
+    expansions.update({t: " ".join(vector_names(t, n)) for t, n in zip(tokens, counts) if n > 1})
+    setattr(tokenizer, EXPANSIONS, expansions)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
+    for token, tid in zip(names, ids):
         for text in (token, f"a photo of {token} and a dog"):
             if tid not in _pieces(tokenizer, text) or _pieces(tokenizer, token) != [tid]:
                 raise ConceptTokenError(
@@ -142,16 +199,7 @@ def add_concept_tokens(
                     "choose a name without spaces or characters the tokenizer normalises, e.g. '<v1>'."
                 )
 
-    rng = np.random.default_rng(seed)
-    norms = np.linalg.norm(table, axis=1)
-    rows = []
-    for wid in init_ids:
-        if wid is not None:
-            rows.append(table[wid].mean(axis=0))
-        else:
-            direction = rng.standard_normal(table.shape[1]).astype(np.float32)
-            rows.append(direction / np.linalg.norm(direction) * norms.mean())
-    rows_NxD = np.stack(rows).astype(np.float32)
+    rows_NxD = initial_rows(table, init_ids, counts, seed)
 
     vocab = len(tokenizer)
     grown = np.zeros((vocab, table.shape[1]), np.float32)
@@ -164,7 +212,24 @@ def add_concept_tokens(
         text_encoder=adapter.text_encoder_with_vocab(bundle.text_encoder, vocab),
         params={**bundle.params, "text_encoder": text_params},
     )
-    return new_bundle, Concepts(tuple(tokens), tuple(ids), tuple(init_words), rows_NxD)
+    return new_bundle, Concepts(tuple(tokens), tuple(ids), tuple(init_words), rows_NxD,
+                                tuple(counts) if any(n > 1 for n in counts) else ())
+
+
+def initial_rows(table_VxD: np.ndarray, init_ids, counts, seed: int) -> np.ndarray:
+    """N x D: per concept, one row per vector. Word starts: one word per vector while there are words, the
+    mean of the words for one vector (or past the last word); random starts: the table's mean row norm."""
+    rng = np.random.default_rng(seed)
+    norm = np.linalg.norm(table_VxD, axis=1).mean()
+    rows = []
+    for wid, n in zip(init_ids, counts):
+        for v in range(n):
+            if wid is None:  # drawn in concept order, so one-vector runs draw the rows they always drew
+                direction = rng.standard_normal(table_VxD.shape[1]).astype(np.float32)
+                rows.append(direction / np.linalg.norm(direction) * norm)
+            else:
+                rows.append(table_VxD[wid[v]] if n > 1 and v < len(wid) else table_VxD[wid].mean(axis=0))
+    return np.stack(rows).astype(np.float32)
 
 
 def _check_new_tokens(tokenizer, tokens: list[str]) -> None:

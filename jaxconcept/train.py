@@ -45,6 +45,8 @@ _OUT = flags.DEFINE_string("out", "runs/train", "run folder (resumes if it has c
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", list(distributed.MODES),
                                   "join a multi-host job (TPU pod, SLURM): auto = when the environment says so")
 _CONCEPTS = flags.DEFINE_multi_string("concepts", [], "IMAGE:TOKEN[=INIT][/KIND][@MASK],... (one per image)")
+_CHECK = flags.DEFINE_integer("check_samples", 16, "toy-world runs: after training, samples per prompt of each "
+                              "concept alone and all together, judged beside the base model given the words (0: skip)")
 _JOBS = flags.DEFINE_multi_string("job", [], "one concept set of a batch of jobs: its --concepts arguments "
                                   "joined with ';' (repeatable; each job goes to OUT/job_NN)")
 
@@ -103,6 +105,8 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     try:
         settings.resolve(cfg)  # every config value checked before anything else
+        if _CHECK.value < 0:
+            raise JaxconceptError(f"--check_samples must be >= 0 (0 skips the samples check), got {_CHECK.value}.")
         from . import jobs, learner  # the model code (diffusers: seconds) once the command line is good
 
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
@@ -123,6 +127,23 @@ def main(argv) -> None:
     if distributed.is_primary():
         print("\n".join(summary_text(s) for s in summaries)
               + (f"\n({jax.process_count()} processes, {jax.device_count()} devices)" if multi else ""))
+        check_samples(summaries, _CHECK.value)
+
+
+def check_samples(summaries, num_images: int) -> None:
+    """The closing check of toy-world runs (`evaluate.check_toy_run`): do the concepts come back?"""
+    if num_images <= 0 or jax.process_count() > 1:
+        return
+    from . import evaluate
+
+    try:
+        for s in summaries:
+            got = evaluate.check_toy_run(s["run"], num_images)
+            if got:
+                print("\n".join(got))
+    except KeyboardInterrupt:
+        print("\ninterrupted during the samples check: the run is finished and saved", file=sys.stderr)
+        sys.exit(130)
 
 
 def parse_flags(argv):

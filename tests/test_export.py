@@ -288,3 +288,29 @@ def test_pytorch_pipeline_generates_our_images(run, pipe):
                   guidance_scale=7.5, height=32, width=32, output_type="np").images
     diff = np.abs(np.round(theirs * 255).astype(int) - ours.astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_a_multi_vector_token_loads_in_pytorch_as_its_vectors(exported, tiny, tmp_path):
+    """A token of 2 vectors (tokens.vectors) is one n x D textual-inversion file; diffusers adds `<m>`, `<m>_1`
+    and writes the token out in prompts itself: its text encoding equals ours."""
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = exported
+    rows = np.random.default_rng(5).standard_normal((3, 32)).astype(np.float32)
+    files = export.save_textual_inversion(str(tmp_path), ["<m>", "<s>"], rows, counts=[2, 1])
+    with safe_open(os.path.join(tmp_path, files["<m>"]), "np") as f:
+        np.testing.assert_array_equal(f.get_tensor("<m>"), rows[:2])
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None)
+    for token, file in files.items():
+        pipe.load_textual_inversion(os.path.join(tmp_path, file), token=token)
+    bundle, concepts = tokens.add_concept_tokens(tiny, ["<m>", "<s>"], None, vectors=[2, 1])
+    prompt = ["a photo of <m> and <s> on the beach"]
+    ours_ids = tokens.tokenize(bundle.tokenizer, prompt, bundle.max_length)
+    assert bundle.tokenizer.convert_ids_to_tokens(ours_ids[0][4:6].tolist()) == ["<m>", "<m>_1"]
+    ours = tokens.text_hidden_states(bundle.text_encoder, bundle.params["text_encoder"], jnp.asarray(ours_ids),
+                                     concepts.ids_array, jnp.asarray(rows))
+    pt_ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt[0], pipe.tokenizer), padding="max_length",
+                            max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = pipe.text_encoder(pt_ids).last_hidden_state.numpy()
+    assert rel_err(ours, ref) < 1e-5

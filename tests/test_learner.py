@@ -1,6 +1,7 @@
 """The EM learner end to end on the tiny model: outputs, one compile per program, resume equivalence,
 the three modes, and bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -505,3 +506,26 @@ def test_remat_dots_and_full_give_the_gradients_of_no_remat(scene_dir):
     for remat in ("full", "dots"):
         for a, b in zip(jax.tree.leaves(grads(remat)), jax.tree.leaves(plain)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_multi_vector_tokens_train_resume_and_load_back(em_run, scene_dir, tmp_path):
+    """tokens.vectors=0: a concept with two init words gets two vectors, learned, checkpointed (a resumed run
+    ends as an uninterrupted one), saved n x D and loaded back for generation."""
+    from jaxconcept import generate, runs
+
+    spec = _spec(scene_dir)
+    spec = inputs.ImageSpec(spec.path, (spec.concepts[0], dataclasses.replace(spec.concepts[1], init_word="red+dotted"),
+                                        spec.concepts[2]))
+    cfg = _cfg(**{"tokens.vectors": 0})
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    _learn(cfg, [spec], str(out_a), progress=False)
+    _interrupt_at(cfg, spec, out_b, lambda meta: meta.get("round") == 1)
+    _learn(cfg, [spec], str(out_b), progress=False)
+    _same_results(out_a, out_b)
+    rows = outputs.load_concepts(str(out_a / "concepts.safetensors"))
+    assert rows["<ring>"].shape == (2, 32) and rows["<tri>"].shape == (32,) and rows["<bg>"].shape == (32,)
+    run = runs.load_run(str(out_a))
+    assert run.counts == (1, 2, 1) and run.rows_NxD.shape == (4, 32)
+    np.testing.assert_array_equal(np.asarray(run.rows_NxD[1:3]), rows["<ring>"])
+    pics = generate.generate(run, ["a <ring> and a <tri>"], generate.Settings(num_images=1, steps=2), progress=False)
+    assert pics.shape == (1, 1, 32, 32, 3)

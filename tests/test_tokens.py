@@ -78,3 +78,32 @@ def test_prompt_too_long(tiny):
         tokens.tokenize(tiny.tokenizer, ["a dog " * 60], tiny.max_length)
     ids = tokens.tokenize(tiny.tokenizer, ["a dog"], tiny.max_length)
     assert ids.shape == (1, 77)
+
+
+def test_one_vector_per_init_word_starts_at_the_words(tiny):
+    """tokens.vectors=0: "dog+cat" gets two vectors, at dog and at cat; prompts write the token out."""
+    table = np.asarray(tokens.embedding_table(tiny.params["text_encoder"]))
+    dog, cat = (tiny.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("dog", "cat"))
+    b, c = tokens.add_concept_tokens(tiny, ["<a>", "<b>", "<r>"], ["dog+cat", "dog", None], vectors=0)
+    assert c.counts == (2, 1, 1) and len(c.ids) == 4 and c.init_rows.shape == (4, 32)
+    np.testing.assert_array_equal(c.init_rows[0], table[dog])
+    np.testing.assert_array_equal(c.init_rows[1], table[cat])
+    np.testing.assert_array_equal(c.init_rows[2], table[dog])
+    assert c.first_ids == (c.ids[0], c.ids[2], c.ids[3])
+    ids = tokens.tokenize(b.tokenizer, ["a photo of <a> and <b>"], b.max_length)[0]
+    assert b.tokenizer.convert_ids_to_tokens(ids[1:7].tolist()) == ["a</w>", "photo</w>", "of</w>", "<a>", "<a>_1",
+                                                                   "and</w>"]
+    assert tokens.token_positions(ids, c.first_ids) == [4, 7, -1]
+    by_token = c.rows_by_token(c.init_rows)
+    assert by_token["<a>"].shape == (2, 32) and by_token["<b>"].shape == (1, 32)
+    # one vector (the default) is what it always was: the mean of the words, the same random rows
+    _, one = tokens.add_concept_tokens(tiny, ["<a>", "<b>", "<r>"], ["dog+cat", "dog", None])
+    _, again = tokens.add_concept_tokens(tiny, ["<a>", "<b>", "<r>"], ["dog+cat", "dog", None], vectors=1)
+    assert one.counts == (1, 1, 1) and one.first_ids == one.ids
+    np.testing.assert_array_equal(one.init_rows, again.init_rows)
+    np.testing.assert_array_equal(one.init_rows[2], c.init_rows[3])  # the random row is drawn as before
+
+
+def test_a_multi_vector_name_taken_by_another_token_is_refused(tiny):
+    with pytest.raises(ConceptTokenError, match="given twice"):
+        tokens.add_concept_tokens(tiny, ["<a>", "<a>_1"], ["dog+cat", "dog"], vectors=0)
