@@ -68,8 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
     # settings, same_noise; docs/em_settling.md section 7), em - attention object IoU, random / shape init:
     # lr 5e-4, attn 0.01, fresh noise (before) +0.02 / +0.13; 1e-2, 0.1: +0.23 / +0.12; 1e-2, 0.3: +0.25 / +0.18
     # (kept); 1e-2, 1.0: +0.24 / +0.16; colour init stays >= attention (+0.02)
+    # vectors: per concept; 0 = one per init word ("purple+ring": two vectors starting at "purple" and at "ring",
+    # so the token starts as the words do; one word or none: one vector). loss_margin (latent cells the masked
+    # loss reaches past the masks) and loss_per_area (the masked loss averaged over the masked cells) were tried
+    # and left off (docs/concepts_back.md)
     c.tokens = ml_collections.ConfigDict(dict(
-        steps=400, estep_every=50, lr=1e-2, attn_weight=0.3, attn_resolution=16, loss_margin=0, loss_per_area=False, vectors=1,
+        steps=400, estep_every=50, lr=1e-2, attn_weight=0.3, attn_resolution=16, loss_margin=0, loss_per_area=False, vectors=0,
         batch_size=1, clip=1.0,
         weight_decay=1e-2,
     ))
@@ -82,7 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     # validation scenes 10100002 and 10100009: 3e-5 / 1e-4 / 3e-4 found 28 / 28 / 38% alone and 31 / 25 / 25%
     # together (16 and 8 samples per run, SE ~12 points): equal within noise, so kept. SD presets use
     # Break-a-Scene's 2e-6
-    c.joint = ml_collections.ConfigDict(dict(steps=400, lr=1e-4, text_encoder=False, remat="none",
+    # 2026-12-06: 3e-5 with two vectors per object (docs/concepts_back.md): on validation scenes 1e-4 lost a
+    # concept in 1 scene of 5 (found alone 0.85x the words', together 0.75x); 3e-5 kept all (0.92x, 1.17x)
+    c.joint = ml_collections.ConfigDict(dict(steps=400, lr=3e-5, text_encoder=False, remat="none",
                                              optimizer="adamw", checkpoint_every=100))
     # devices: a (data, fsdp) mesh over all of them; fsdp > 1 splits the joint stage's UNet, gradients and
     # optimiser state over groups of fsdp devices (and the frozen UNet too with shard_frozen)

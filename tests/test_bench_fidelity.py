@@ -20,15 +20,21 @@ def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
         "hard/color/user"}  # user once per scene
     for row in table.values():
         assert len(row["iou_by_round"]) == 3 and row["scenes"] == 1  # stage 1 + 2 rounds, (mean, SE)
-        assert 0.0 <= row["samples_found"] <= 1.0 and 0.0 <= row["iou_final"][0] <= 1.0 and row["iou_final"][1] >= 0
+        assert 0.0 <= row["iou_final"][0] <= 1.0 and row["iou_final"][1] >= 0
+        f = row["samples"]  # what the samples show, tokens beside the words oracle
+        assert f["scenes"] == 1 and 0.0 <= f["kept"] <= 1.0
+        for key in ("found_mean", "together", "leakage"):
+            assert 0.0 <= f[f"{key}_tokens"][0] <= 1.0 and 0.0 <= f[f"{key}_words"][0] <= 1.0
+    # the words oracle is one per scene: every mode and init compares against the same figures
+    assert len({(r["samples"]["found_mean_words"], r["samples"]["together_words"]) for r in table.values()}) == 1
     np.testing.assert_allclose([m for m, _ in table["hard/color/user"]["iou_by_round"]], 1.0)  # the true masks
     assert len({round(m, 6) for m, _ in table["hard/inversion/attention"]["iou_by_round"]}) == 1  # kept
     assert set(result["gains"]) == {"hard/color", "hard/inversion"}
     assert fidelity.mean_se([0.2, 0.4, 0.6]) == pytest.approx((0.4, 0.2 / np.sqrt(3)))
     assert (tmp_path / "runs" / "hard" / "1" / "inversion" / "em" / "samples.png").exists()
     fidelity.write_outputs(result, str(tmp_path))
-    assert (tmp_path / "table.md").read_text().count("\n") == len(table) + 3
-    assert (tmp_path / "iou_by_round.png").exists()
+    assert (tmp_path / "table.md").read_text().count("\n") == 2 * (len(table) + 3) + 1  # IoU, then samples
+    assert (tmp_path / "iou_by_round.png").exists() and (tmp_path / "samples.png").exists()
     assert "em − attention" in capsys.readouterr().out
 
 

@@ -39,10 +39,10 @@ import sys
 import jax
 import numpy as np
 
-from .. import config, images, inputs, learner, runs, sampling, tokens, viz
+from .. import config, generate, images, inputs, learner, runs, viz
 from ..errors import JaxconceptError
 from ..model import load_model
-from ..toy import analysis, scene
+from ..toy import judge, scene
 from ..toy.evaluate import parse_seeds
 
 # Benchmark scene s is toy scene SEED_OFFSET + s: toy pre-training draws seeds 0..num_scenes-1 (seed 0),
@@ -50,7 +50,7 @@ from ..toy.evaluate import parse_seeds
 SEED_OFFSET = 20_000_000
 HARD_OFFSET = 30_000_000  # the hard set's seeds: no other part of the project draws scenes from here
 MODES = ("attention", "em", "user")
-INITS = ("color", "shape", "random", "inversion")
+INITS = ("color", "shape", "random", "inversion", "color+shape")  # the last: the toy default start
 SETS = ("natural", "hard")
 # close colours: two objects whose colours the toy model's attention tells apart poorly, on textured
 # backgrounds (pink beside purple and red)
@@ -90,47 +90,32 @@ def make_bench_scene(which: str, seed: int, size: int) -> scene.Scene:
     return natural_scene(seed, size) if which == "natural" else hard_scene(seed, size)
 
 
-def new_prompts(s: scene.Scene, token_of: dict[str, str]) -> list[tuple[str, list]]:
-    """(prompt, expected objects): each object token alone and both together, on a background the scene
-    does not have."""
+def new_background(s: scene.Scene) -> str:
+    """A background the scene does not have ("teal water background"), drawn from the scene's seed: where
+    the samples put the learned objects."""
     colors = [c for c in scene.BACKGROUND_COLORS if c != s.background.color]
     textures = [t for t in scene.TEXTURES if t != s.background.texture]
     rng = np.random.default_rng(s.seed)
-    bg = f"{colors[rng.integers(len(colors))]} {textures[rng.integers(len(textures))]} background"
-    objs = list(s.objects)
-    out = [(f"a {token_of[o.name]} on a {bg}", [o]) for o in objs]
-    out.append((f"a {token_of[objs[0].name]} and a {token_of[objs[1].name]} on a {bg}", objs))
-    return out
+    return f"{colors[rng.integers(len(colors))]} {textures[rng.integers(len(textures))]} background"
 
 
-def sample_fidelity(run, prompts, sampler, num_samples: int, seed: int):
-    """Per prompt: share of samples where each expected object is found (colour + shape), and with pattern."""
-    records, pictures = [], []
-    for p, (prompt, expected) in enumerate(prompts):
-        ids = tokens.tokenize(run.bundle.tokenizer, [prompt, ""], run.bundle.max_length)
-        ctx = run.hidden_states(jax.numpy.asarray(ids))
-        cond = jax.numpy.broadcast_to(ctx[:1], (num_samples,) + ctx.shape[1:])
-        uncond = jax.numpy.broadcast_to(ctx[1:], cond.shape)
-        latent = run.bundle.resolution // run.bundle.vae_factor
-        noise = jax.random.normal(jax.random.key(seed * 1000 + p),
-                                  (num_samples, run.bundle.unet.config.in_channels, latent, latent))
-        pics = images.to_uint8(np.asarray(sampler(run.bundle.params, noise, cond, uncond)))
-        found, pattern = [], []
-        for pic in pics:
-            m = analysis.match_caption(pic, expected)
-            found.append(m["fraction"])
-            pattern.append(m["pattern_fraction"])
-        records.append({"prompt": prompt, "found": float(np.mean(found)), "pattern": float(np.mean(pattern))})
-        pictures.append(pics)
-    return records, pictures
+def sample_fidelity(run, base, s: scene.Scene, token_of: dict[str, str], settings: "Settings", words_cache: dict):
+    """What users see (`toy.judge`): each object token alone and both together on a new background, judged
+    beside the words oracle (the base model given the objects' words, same prompts and noise; cached per
+    scene). Returns (record, token pictures P x K x H x W x 3)."""
+    concepts = [judge.ToyConcept(token_of[o.name], o.color, o.shape, o.pattern) for o in s.objects]
+    gen = generate.Settings(num_images=settings.num_samples, steps=settings.sample_steps, guidance=settings.guidance,
+                            seed=s.seed)
+    m = judge.measure(run, base, concepts, s.background.color, gen, background=new_background(s), words=words_cache)
+    return {k: m[k] for k in ("prompts", "tokens", "words", "report")}, m["pictures"]["tokens"]
 
 
 def scene_spec(folder: str, init: str) -> inputs.ImageSpec:
     """The concepts of a written toy scene with the object tokens started from `init` (the background
-    always from "background"): "color"/"shape" words, or no word ("random", "inversion")."""
+    always from "background"): "color"/"shape"/"color+shape" words, or no word ("random", "inversion")."""
     if init not in INITS:
         raise JaxconceptError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
-    spec = inputs.from_toy_scene_folder(folder, init="shape" if init == "shape" else "color")
+    spec = inputs.from_toy_scene_folder(folder, init=init if init in inputs.TOY_INITS else "color")
     if init in ("random", "inversion"):
         spec = dataclasses.replace(spec, concepts=tuple(
             dataclasses.replace(c, init_word=None) if c.kind == "object" else c for c in spec.concepts))
@@ -174,9 +159,10 @@ def object_curves(run_dir: str, object_tokens) -> tuple[list[float], list[float]
             [float(np.mean([r["iou_no_crf"][t] for t in object_tokens])) for r in rounds])
 
 
-def bench_run(base, sampler, s: scene.Scene, folder: str, set_name: str, init: str, mode: str,
+def bench_run(base, words_cache: dict | None, s: scene.Scene, folder: str, set_name: str, init: str, mode: str,
               settings: Settings, run_dir: str, progress: bool = False) -> dict:
-    """One learner run on one scene: its IoU curves, final object IoU (the run's chosen masks) and samples."""
+    """One learner run on one scene: its IoU curves, final object IoU (the run's chosen masks) and, with
+    `settings.num_samples`, what its samples show (`sample_fidelity`; `words_cache` shared by a scene's runs)."""
     spec = scene_spec(folder, init)
     token_of = {os.path.basename(c.mask)[5:-4]: c.token for c in spec.concepts}
     truth = np.stack([s.masks[name] for name in token_of])
@@ -188,13 +174,13 @@ def bench_run(base, sampler, s: scene.Scene, folder: str, set_name: str, init: s
            "iou_by_round": curve, "iou_no_crf_by_round": curve_raw,
            "iou_final": float(np.mean([summary["iou_final"][t] for t in objects])),
            "final_round": summary.get("final_round"), "mask_change_by_round": summary.get("mask_change_by_round"),
-           "seconds": summary["seconds"], "samples": []}
-    if settings.num_samples and sampler is not None:
+           "seconds": summary["seconds"], "samples": None}
+    if settings.num_samples and words_cache is not None:
         run = runs.load_run(run_dir, bundle=base)
-        fid, pics = sample_fidelity(run, new_prompts(s, token_of), sampler, settings.num_samples, s.seed)
-        images.save_image(viz.grid([list(p) for p in pics], [[r["prompt"][:20]] for r in fid], cell=96),
+        row["samples"], pics = sample_fidelity(run, base, s, token_of, settings, words_cache)
+        images.save_image(viz.grid([list(p) for p in pics], cell=64, row_labels=[p["tokens"] for p in
+                                                                                 row["samples"]["prompts"]]),
                           os.path.join(run_dir, "samples.png"))
-        row["samples"] = fid
     return row
 
 
@@ -205,7 +191,7 @@ def attention_from_em(em_row: dict) -> dict:
     n = len(em_row["iou_by_round"])
     return dict(em_row, mode="attention", iou_by_round=[em_row["iou_by_round"][0]] * n,
                 iou_no_crf_by_round=[em_row["iou_no_crf_by_round"][0]] * n, iou_final=em_row["iou_by_round"][0],
-                final_round=None, mask_change_by_round=[0.0] * (n - 1), seconds=0.0, samples=[],
+                final_round=None, mask_change_by_round=[0.0] * (n - 1), seconds=0.0, samples=None,
                 read_off="em round 0")
 
 
@@ -214,8 +200,6 @@ def run_benchmark(seeds, out: str, modes=MODES, settings: Settings = Settings(),
     """Every (set, scene, init, mode) run; `user` only with the first init (its masks do not depend on it).
     Without samples, `attention` is read off `em`'s round 0 (`attention_from_em`) instead of run again."""
     base = load_model(settings.model)
-    sampler = (sampling.make_sampler(base, "ddim", settings.sample_steps, settings.guidance)
-               if settings.num_samples else None)  # modules shared by every run
     derive = not settings.num_samples and "em" in modes and "attention" in modes
     order = sorted(modes, key=lambda m: m == "attention") if derive else modes  # em before attention
     results = []
@@ -224,6 +208,7 @@ def run_benchmark(seeds, out: str, modes=MODES, settings: Settings = Settings(),
             s = make_bench_scene(set_name, seed, base.resolution)
             folder = os.path.join(out, "scenes", set_name, str(seed))
             scene.write_scene(s, folder)
+            words_cache: dict = {}  # the words oracle's samples of this scene, shared by its runs
             for init in inits:
                 rows = {}
                 for mode in order:
@@ -233,14 +218,36 @@ def run_benchmark(seeds, out: str, modes=MODES, settings: Settings = Settings(),
                     if derive and mode == "attention":
                         row = attention_from_em(rows["em"])
                     else:
-                        row = bench_run(base, sampler, s, folder, set_name, init, mode, settings, run_dir, progress)
+                        row = bench_run(base, words_cache, s, folder, set_name, init, mode, settings, run_dir,
+                                        progress)
                     rows[mode] = row
                     results.append(row)
-                    found = np.mean([f["found"] for f in row["samples"]]) if row["samples"] else float("nan")
                     took = "read off em's round 0" if row.get("read_off") else f"{row['seconds']:.0f} s"
-                    print(f"{set_name:<7} scene {seed} {init:<9} {mode:<9} object IoU {row['iou_by_round'][0]:.3f}"
-                          f" -> {row['iou_final']:.3f}  samples found {found:.2f}  ({took})", flush=True)
+                    print(f"{set_name:<7} scene {seed} {init:<11} {mode:<9} object IoU {row['iou_by_round'][0]:.3f}"
+                          f" -> {row['iou_final']:.3f}{samples_text(row['samples'])}  ({took})", flush=True)
     return aggregate(results)
+
+
+def samples_text(samples: dict | None) -> str:
+    """One run's samples for the progress line: found alone, together, leakage; tokens / words."""
+    if not samples:
+        return ""
+    t, w = samples["tokens"], samples["words"]
+    return (f"  found {t['found_mean']:.2f}/{w['found_mean']:.2f} together {t['together']:.2f}/{w['together']:.2f}"
+            f" leakage {t['leakage']:.2f}/{w['leakage']:.2f}")
+
+
+def samples_figures(rows: list[dict]) -> dict | None:
+    """Mean ± SE over scenes of what the samples show (tokens and words), and the share of scenes where every
+    concept came back at >= 0.5 x its words' rate ("kept")."""
+    got = [r["samples"] for r in rows if r.get("samples")]
+    if not got:
+        return None
+    out = {f"{key}_{src}": mean_se([g[src][key] for g in got])
+           for src in ("tokens", "words") for key in ("found_mean", "together", "leakage")}
+    out["kept"] = float(np.mean([g["report"]["weakest_ratio"] >= 0.5 for g in got]))
+    out["scenes"] = len(got)
+    return out
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -261,15 +268,13 @@ def aggregate(results) -> dict:
     for key in dict.fromkeys((r["set"], r["init"], r["mode"]) for r in results):
         mine = [r for r in results if (r["set"], r["init"], r["mode"]) == key]
         curves, raws = np.array([r["iou_by_round"] for r in mine]), np.array([r["iou_no_crf_by_round"] for r in mine])
-        samples = [f for r in mine for f in r["samples"]]
         table["/".join(key)] = {
             "set": key[0], "init": key[1], "mode": key[2], "scenes": len(mine),
             "iou_by_round": [mean_se(c) for c in curves.T], "iou_no_crf_by_round": [mean_se(c) for c in raws.T],
             "iou_first": mean_se(curves[:, 0]), "iou_final": mean_se([r["iou_final"] for r in mine]),
             # the unrefined masks of the round whose masks were kept (em: the final-round rule; else the last)
             "iou_final_no_crf": mean_se([r["iou_no_crf_by_round"][kept_round(r)] for r in mine]),
-            "samples_found": float(np.mean([f["found"] for f in samples])) if samples else None,
-            "samples_pattern": float(np.mean([f["pattern"] for f in samples])) if samples else None,
+            "samples": samples_figures(mine),
         }
     gains = {}
     for set_name, init in dict.fromkeys((r["set"], r["init"]) for r in results):
@@ -281,20 +286,34 @@ def aggregate(results) -> dict:
 
 
 def table_lines(result: dict) -> list[str]:
-    """A markdown table: object IoU (round 0, final, final without CRF) as mean ± SE, samples found."""
+    """Markdown tables: object IoU (round 0, final, final without CRF) as mean ± SE; then, where sampled,
+    what the samples show beside the words oracle."""
     pm = lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
-    lines = ["| set | init | mode | scenes | IoU round 0 | IoU final | final, no CRF | em − attention "
-             "| samples found |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| set | init | mode | scenes | IoU round 0 | IoU final | final, no CRF | em − attention |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["table"].values():
         gain = result["gains"].get(f"{row['set']}/{row['init']}") if row["mode"] == "em" else None
-        found = "–" if row["samples_found"] is None else f"{row['samples_found']:.2f}"
         lines.append(f"| {row['set']} | {row['init']} | {row['mode']} | {row['scenes']} | {pm(row['iou_first'])} | "
                      f"{pm(row['iou_final'])} | {pm(row['iou_final_no_crf'])} | "
-                     f"{pm(gain['em_minus_attention']) if gain else ''} | {found} |")
+                     f"{pm(gain['em_minus_attention']) if gain else ''} |")
     lines.append("Object-mask IoU against ground truth, mean ± standard error over scenes; concepts with the same "
                  "init word matched to the truth by the best assignment; 'no CRF': the same E-steps' unrefined "
                  "masks; em − attention paired per scene.")
+    sampled = [row for row in result["table"].values() if row.get("samples")]
+    if sampled:
+        pm2 = lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}"  # noqa: E731
+        lines += ["", "| set | init | mode | scenes | found alone | words | every concept kept | all together | "
+                  "words | leakage | words |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in sampled:
+            f = row["samples"]
+            lines.append(f"| {row['set']} | {row['init']} | {row['mode']} | {f['scenes']} | {pm2(f['found_mean_tokens'])}"
+                         f" | {pm2(f['found_mean_words'])} | {f['kept']:.0%} | {pm2(f['together_tokens'])} | "
+                         f"{pm2(f['together_words'])} | {pm2(f['leakage_tokens'])} | {pm2(f['leakage_words'])} |")
+        lines.append("Samples of each learned object alone and of both together on a background the scene does not "
+                     "have (toy analysis: colour and shape), mean ± SE over scenes; 'words': the base model given the "
+                     "objects' words, the same prompts and noise (what a perfect token would give); 'every concept "
+                     "kept': scenes where each concept was found at >= 0.5 x its words' rate; leakage: single-concept "
+                     "samples showing what was not asked (the other object, a mix of the two, the source background).")
     return lines
 
 
@@ -322,6 +341,26 @@ def iou_plot(result: dict) -> np.ndarray:
     inits = list(dict.fromkeys(k[1] for k in pics))
     blank = np.full_like(next(iter(pics.values())), 255)
     return np.concatenate([np.concatenate([pics.get((st, it), blank) for it in inits], axis=1) for st in sets])
+
+
+def samples_plot(result: dict) -> np.ndarray | None:
+    """One panel per (set, init): found alone, all together and leakage ± SE for x = the modes, then the words
+    oracle (user's samples, init-free, in every panel of its set). None when nothing was sampled."""
+    rows = [r for r in result["table"].values() if r.get("samples")]
+    if not rows:
+        return None
+    pics = []
+    for set_name, init in dict.fromkeys((r["set"], r["init"]) for r in rows if r["mode"] != "user"):
+        mine = {r["mode"]: r["samples"] for r in rows if r["set"] == set_name and (r["init"] == init or r["mode"] == "user")}
+        modes = [m for m in MODES if m in mine]
+        words = mine[modes[0]]
+        series, errors = {}, {}
+        for label, key in (("found alone", "found_mean"), ("all together", "together"), ("leakage", "leakage")):
+            series[label] = [mine[m][f"{key}_tokens"][0] for m in modes] + [words[f"{key}_words"][0]]
+            errors[label] = [mine[m][f"{key}_tokens"][1] for m in modes] + [words[f"{key}_words"][1]]
+        x = ", ".join(f"{i} {m}" for i, m in enumerate(modes + ["words"]))
+        pics.append(viz.line_plot(series, f"{set_name} scenes, {init} init: samples ± SE", "share", x, errors=errors))
+    return np.concatenate(pics)
 
 
 def main(argv=None) -> int:
@@ -365,6 +404,9 @@ def write_outputs(result: dict, out: str) -> None:
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(table_lines(result)) + "\n")
     images.save_image(iou_plot(result), os.path.join(out, "iou_by_round.png"))
+    plot = samples_plot(result)
+    if plot is not None:
+        images.save_image(plot, os.path.join(out, "samples.png"))
     print_table(result)
     print(f"details: {os.path.join(out, 'fidelity.json')}\nplot: {os.path.join(out, 'iou_by_round.png')}")
 
