@@ -81,13 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     # remat: "none", "full" (recompute the UNet's activations in the backward pass) or "dots" (keep matmuls);
     # optimizer: "adamw", or low-memory "adamw_bf16" / "adafactor"; checkpoint_every: joint steps between
     # checkpoints (a run stopped there resumes from the last one; 0 = only at the end)
-    # lr: 1e-4 for the toy model, chosen on a validation scene with toy v2 (toy seed 10200019: objects with the
-    # right colour and shape in 12% / 17% / 42% of samples at 2e-6 / 3e-5 / 1e-4); re-checked with v4 on
-    # validation scenes 10100002 and 10100009: 3e-5 / 1e-4 / 3e-4 found 28 / 28 / 38% alone and 31 / 25 / 25%
-    # together (16 and 8 samples per run, SE ~12 points): equal within noise, so kept. SD presets use
+    # lr: 3e-5 for the toy model with one vector per init word (docs/concepts_back.md: on validation scenes 1e-4
+    # lost a concept in 1 of 5 scenes, 3e-5 in none); it was 1e-4 with one vector per concept. SD presets use
     # Break-a-Scene's 2e-6
-    # 2026-12-06: 3e-5 with two vectors per object (docs/concepts_back.md): on validation scenes 1e-4 lost a
-    # concept in 1 scene of 5 (found alone 0.85x the words', together 0.75x); 3e-5 kept all (0.92x, 1.17x)
     c.joint = ml_collections.ConfigDict(dict(steps=400, lr=3e-5, text_encoder=False, remat="none",
                                              optimizer="adamw", checkpoint_every=100))
     # devices: a (data, fsdp) mesh over all of them; fsdp > 1 splits the joint stage's UNet, gradients and
