@@ -32,3 +32,22 @@ def test_attention_loss_sums_concepts_and_averages_batch():
 
 def test_diffusion_loss():
     np.testing.assert_allclose(float(losses.diffusion_loss(jnp.zeros((2, 3)), jnp.full((2, 3), 3.0))), 9.0)
+
+
+def test_per_area_averages_over_the_masked_elements_only():
+    eps, noise = jnp.zeros((1, 2, 2, 2)), jnp.ones((1, 2, 2, 2)) * 2.0
+    mask = jnp.array([[[[1.0, 0.0], [0.0, 0.0]]]])
+    # 4 at the one masked pixel, both channels: a small object weighs as much as a large one
+    assert float(losses.masked_diffusion_loss(eps, noise, mask, per_area=True)) == 4.0
+    assert float(losses.masked_diffusion_loss(eps, noise, jnp.zeros_like(mask), per_area=True)) == 0.0
+
+
+def test_dilate_grows_a_mask_by_whole_cells_and_fills_a_ring():
+    ring = np.zeros((1, 1, 7, 7), np.float32)
+    ring[0, 0, 2:5, 2:5] = 1.0
+    ring[0, 0, 3, 3] = 0.0  # the hole
+    grown = np.asarray(losses.dilate(jnp.asarray(ring), 1))
+    expected = np.zeros_like(ring)
+    expected[0, 0, 1:6, 1:6] = 1.0  # the hole filled and one cell around
+    np.testing.assert_array_equal(grown, expected)
+    np.testing.assert_array_equal(np.asarray(losses.dilate(jnp.asarray(ring), 0)), ring)
