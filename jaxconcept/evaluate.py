@@ -416,11 +416,13 @@ def contact_sheet(result: dict, rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=None) -> list[str] | None:
+def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=None, progress: bool = False,
+                  on_start=None) -> list[str] | None:
     """After training on the toy world: each object concept alone and all together on a new background
     (`toy.judge.measure`), tokens beside the words oracle, with the model's recommended sampling. Writes
     samples_check.png (token rows, then the same prompts in words) and samples_check.json into the run;
-    returns the table's lines, or None where the toy analysis cannot judge the run (not a toy model)."""
+    returns the table's lines, or None where the toy analysis cannot judge the run (not a toy model).
+    on_start(): called once the run is known to be judged, before sampling."""
     from .model import load_model, recommended_sampling
     from .toy import judge
 
@@ -432,8 +434,10 @@ def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=N
         return None
     settings = generate.Settings(num_images, seed=seed, **recommended_sampling(cfg["model"]))
     run = runs.load_run(run_dir, bundle=base)
+    if on_start is not None:  # the command says what it does before the sampling starts
+        on_start()
     m = judge.measure(run, base, toy, source_background(run_dir), settings, template=summary.get("template", "a {}"),
-                      joiner=summary.get("joiner", " and a "))
+                      joiner=summary.get("joiner", " and a "), progress=progress)
     rows = [list(p) for p in m["pictures"]["tokens"]] + [list(p) for p in m["pictures"]["words"]]
     labels = [p["tokens"] for p in m["prompts"]] + [p["words"] + "   (base model, words)" for p in m["prompts"]]
     images.save_image(viz.grid(rows, cell=64, row_labels=labels), os.path.join(run_dir, "samples_check.png"))

@@ -138,7 +138,9 @@ def check_samples(summaries, num_images: int) -> None:
 
     try:
         for s in summaries:
-            got = evaluate.check_toy_run(s["run"], num_images)
+            got = evaluate.check_toy_run(s["run"], num_images, progress=True, on_start=lambda: print(
+                f"checking what the tokens draw: {num_images} samples per prompt, beside the base model given the "
+                "words (--check_samples 0 skips this)", flush=True))
             if got:
                 print("\n".join(got))
     except KeyboardInterrupt:
