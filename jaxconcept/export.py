@@ -41,9 +41,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from . import adapter, convert, outputs, runs
+from .model import adapter, convert
+from .runio import outputs, runs
 from .errors import JaxconceptError
-from .model import NAMED_MODELS, load_model
+from .model.loading import NAMED_MODELS, load_model
 
 log = logging.getLogger(__name__)
 

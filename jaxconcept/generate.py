@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import adapter, distributed, images, outputs, sampling, sharding, tokens, viz
+from .model import adapter, sampling, tokens
+from .parallel import distributed, sharding
+from .runio import images, outputs, viz
 from .errors import JaxconceptError, PromptError
-from .model import ModelBundle
+from .model.loading import ModelBundle
 
 _TOKEN_LIKE = re.compile(r"<[^<>\s]+>")
 
@@ -148,7 +150,7 @@ def save_generation(out_dir: str, prompts, pictures_PxKxHxWx3, settings: Setting
 
 def default_prompts(run_dir: str) -> list[str]:
     """Without --prompt: each object concept of the run alone, then all together, in the run's template."""
-    from . import runs
+    from .runio import runs
 
     try:
         summary = runs.read_summary(run_dir)
@@ -183,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_for(args, model_source: str) -> Settings:
     """The command's settings: what it was given, else the model's recommended sampling, else the defaults."""
-    from .model import recommended_sampling
+    from .model.loading import recommended_sampling
 
     pick = {**recommended_sampling(model_source),
             **{k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
@@ -210,11 +212,11 @@ def main(argv=None) -> int:
         outputs.check_writable(out)
         t0 = time.time()
         if args.run:
-            from .runs import load_run
+            from .runio.runs import load_run
 
             source = load_run(args.run, dtype=args.dtype)
         else:
-            from .model import load_model
+            from .model.loading import load_model
 
             source = load_model(args.model or "toy", args.dtype, seed=args.seed)
         bundle = source if isinstance(source, ModelBundle) else source.bundle

@@ -18,7 +18,7 @@ import json
 import math
 from typing import Any, Callable
 
-from .crf import BACKENDS as CRF_BACKENDS
+from .masks.crf import BACKENDS as CRF_BACKENDS
 from .errors import JaxconceptError
 
 # The names only (steps.py builds what they name, from these): a bad value is refused without importing the

@@ -19,9 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import aggregate, capture, diffusion, images, sharding, tokens, viz
+from .masks import aggregate
+from .model import capture, diffusion, tokens
+from .parallel import sharding
+from .runio import images, viz
 from .errors import JaxconceptError
-from .model import ModelBundle, load_model
+from .model.loading import ModelBundle, load_model
 
 
 def prompt_words(bundle: ModelBundle, ids_L: np.ndarray) -> tuple[list[int], list[str]]:

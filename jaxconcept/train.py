@@ -30,7 +30,9 @@ from ml_collections import config_flags
 
 import jax
 
-from . import distributed, inputs, presets, settings
+from . import presets, settings
+from .parallel import distributed
+from .runio import inputs
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -103,7 +105,7 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     try:
         settings.resolve(cfg)  # every config value checked before anything else
-        from . import jobs, learner  # the model code (diffusers: seconds) once the command line is good
+        from .em import jobs, learner  # the model code (diffusers: seconds) once the command line is good
 
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
         if _JOBS.value and _CONCEPTS.value:

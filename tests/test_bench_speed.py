@@ -64,7 +64,7 @@ def test_torch_reference_attention_loss_has_a_gradient_into_the_tokens():
     """The captured 16x16 probabilities keep their graph: the attention loss alone moves the concept rows."""
     import torch
 
-    from jaxconcept import model
+    from jaxconcept.model import loading as model
 
     torch.manual_seed(0)
     work = _toy_workload()

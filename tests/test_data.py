@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import data, model
+from jaxconcept.em import data
+from jaxconcept.model import loading as model
 
 
 def _tokenizer(new=("<a>", "<b>", "<c>", "<d>")):

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import config, images, learner
-from jaxconcept.images import ImageError
-from jaxconcept.inputs import ConceptSpec as C
-from jaxconcept.inputs import ImageSpec, InputError, load, parse_concepts_arg
+from jaxconcept import config
+from jaxconcept.em import learner
+from jaxconcept.runio import images
+from jaxconcept.runio.images import ImageError
+from jaxconcept.runio.inputs import ConceptSpec as C
+from jaxconcept.runio.inputs import ImageSpec, InputError, load, parse_concepts_arg
 
 
 def _png(path, array, colour_type: int) -> str:
@@ -182,7 +184,7 @@ def test_pad_keeps_the_whole_image_and_places_masks_with_it(tmp_path):
 
 def _e_step(setup, maps_fn):
     """The learner's E-step (estep.estimate_masks) with maps from `maps_fn`, CRF off."""
-    from jaxconcept import estep
+    from jaxconcept.masks import estep
 
     maps = lambda i, key: maps_fn(None, None, None, None, None, key)  # noqa: E731
     return estep.estimate_masks(maps, setup.images_u8, setup.inputs.owner_C, setup.inputs.kinds,

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from jaxconcept import JaxconceptError
-from jaxconcept.images import ImageError
-from jaxconcept.inputs import (
+from jaxconcept.runio.images import ImageError
+from jaxconcept.runio.inputs import (
     FORM, ConceptSpec, ImageSpec, InputError, format_concepts_arg, from_toy_scene_folder, load, parse_concepts_arg,
     specs_from_config, validate,
 )

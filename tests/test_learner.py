@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import adapter, checkpoints, config, estep, inputs, learner, outputs, settings, setup, sharding, steps
+from jaxconcept import config, settings
+from jaxconcept.em import learner, prepare as setup, steps
+from jaxconcept.masks import estep
+from jaxconcept.model import adapter
+from jaxconcept.parallel import sharding
+from jaxconcept.runio import checkpoints, inputs, outputs
 from jaxconcept.errors import JaxconceptError
 from jaxconcept.toy import scene
 
@@ -153,7 +158,7 @@ def test_another_run_of_the_same_model_reuses_the_traced_step(scene_dir, monkeyp
 def test_rows_moved_and_only_rows_in_token_stage(em_run, tiny):
     out, _, _ = em_run
     rows = outputs.load_concepts(str(out / "concepts.safetensors"))
-    from jaxconcept import tokens
+    from jaxconcept.model import tokens
 
     table = np.asarray(tokens.embedding_table(tiny.params["text_encoder"]))
     red = tiny.tokenizer.convert_tokens_to_ids("red</w>")
@@ -377,7 +382,7 @@ def test_assign_masks_from_noisy_maps_crf_helps_and_background_takes_the_rest():
     soft = np.concatenate([soft, np.zeros((1, 48, 48), np.float32)])  # background concept: no map of its own
     kinds = ["object", "object", "background"]
     got, raw, info = estep.assign_masks(soft, image, kinds, 0.45, use_crf=True)
-    from jaxconcept import masks
+    from jaxconcept.masks import labels as masks
 
     for k, truth in enumerate((a, b)):
         assert masks.iou(got[k], truth) > masks.iou(raw[k], truth)
@@ -411,7 +416,9 @@ def test_inversion_prior_preservation_and_text_encoder_tuning(scene_dir, tmp_pat
     assert steps_logged and all("loss_prior" in x for x in steps_logged)
     assert [x["round"] for x in lines if "round" in x] == [0, 1]
     # the tuned text encoder is kept: a prompt without concept tokens is encoded differently from the base
-    from jaxconcept import load_model, runs, tokens
+    from jaxconcept import load_model
+    from jaxconcept.model import tokens
+    from jaxconcept.runio import runs
 
     base, run = load_model("tiny"), runs.load_run(str(out))
     ids = tokens.tokenize(base.tokenizer, ["a red dog"], base.max_length)
@@ -448,7 +455,7 @@ def test_where_the_e_step_crf_runs():
 
 
 def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatch):
-    from jaxconcept import crf_exact
+    from jaxconcept.masks import crf_exact
 
     seen = []
     real = crf_exact.inference

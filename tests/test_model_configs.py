@@ -15,9 +15,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxconcept import adapter, capture, config, diffusion, generate, learner, load_model, model, steps  # noqa: E402
+from jaxconcept import config, generate, load_model
+from jaxconcept.em import learner, steps
+from jaxconcept.model import adapter, capture, diffusion, loading as model  # noqa: E402
 from jaxconcept.errors import ModelSourceError  # noqa: E402
-from jaxconcept.inputs import ConceptSpec, ImageSpec  # noqa: E402
+from jaxconcept.runio.inputs import ConceptSpec, ImageSpec  # noqa: E402
 from torch_reference import build_folder  # noqa: E402
 
 

@@ -4,7 +4,7 @@ CRF's hysteresis, on small synthetic scenes."""
 import numpy as np
 import pytest
 
-from jaxconcept import crf, masks, settle
+from jaxconcept.masks import crf, labels as masks, settle
 
 
 def _disc(h, w, cy, cx, r):
@@ -104,7 +104,7 @@ def test_tied_groups_and_their_warning():
 
 
 def test_e_step_splits_tied_concepts_and_metrics_match_them():
-    from jaxconcept import estep
+    from jaxconcept.masks import estep
 
     h = w = 32
     a, b = _disc(h, w, 16, 7, 4), _disc(h, w, 16, 24, 4)

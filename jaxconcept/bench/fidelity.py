@@ -39,9 +39,12 @@ import sys
 import jax
 import numpy as np
 
-from .. import config, images, inputs, learner, runs, sampling, tokens, viz
+from .. import config
+from ..em import learner
+from ..model import sampling, tokens
+from ..runio import images, inputs, runs, viz
 from ..errors import JaxconceptError
-from ..model import load_model
+from ..model.loading import load_model
 from ..toy import analysis, scene
 from ..toy.evaluate import parse_seeds
 

@@ -68,7 +68,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import capture, config, estep, images, inputs, learner, masks as masks_lib, model, sampling, sharding, steps, tokens
+from .. import config
+from ..em import learner, steps
+from ..masks import estep, labels as masks_lib
+from ..model import capture, loading as model, sampling, tokens
+from ..parallel import sharding
+from ..runio import images, inputs
 from ..errors import JaxconceptError
 from ..toy import scene
 
@@ -171,7 +176,7 @@ def pad_vocab(bundle: model.ModelBundle, vocab_size: int) -> model.ModelBundle:
     extra = jnp.asarray(np.random.default_rng(1).standard_normal((vocab_size - table.shape[0], table.shape[1]),
                                                                   np.float32), table.dtype)
     text = tokens.with_embedding_table(bundle.params["text_encoder"], jnp.concatenate([table, extra]))
-    from .. import adapter
+    from ..model import adapter
 
     return bundle.replace(text_encoder=adapter.text_encoder_with_vocab(bundle.text_encoder, vocab_size),
                           params={**bundle.params, "text_encoder": text})

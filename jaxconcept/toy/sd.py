@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .. import model
+from ..model import loading as model
 from . import scene
 
 IMAGE_SIZE = 64

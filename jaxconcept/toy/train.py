@@ -24,7 +24,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from .. import adapter, aggregate, capture, diffusion, model, tokens
+from ..masks import aggregate
+from ..model import adapter, capture, diffusion, loading as model, tokens
 from ..errors import JaxconceptError
 from . import scene as scenes
 from . import sd

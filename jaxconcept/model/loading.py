@@ -23,7 +23,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from . import adapter, bpe, convert, diffusion
-from .errors import ModelSourceError
+from ..errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
 
 
 # the shipped, pre-trained toy model (`jaxconcept.toy.sd` describes it; the toy package builds on this module)
-TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "weights")
+TOY_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "weights")
 
 
 def _toy_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
@@ -377,4 +377,4 @@ def _toy_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
 
 NAMED_MODELS = {"tiny": tiny_model, "toy": _toy_model}
 # named models that live in a folder of the package (their recommended sampling settings are read there)
-_NAMED_FOLDERS = {"toy": os.path.join(os.path.dirname(__file__), "toy", "weights")}
+_NAMED_FOLDERS = {"toy": os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "weights")}

@@ -196,7 +196,7 @@ def config_problems(config: dict, kind: str) -> list[str]:
 
 def _flax_config(config: dict, cls, kind: str, what: str) -> dict:
     """The entries of `config` that `cls` takes, after refusing those that would change the computation."""
-    from .errors import ModelSourceError
+    from ..errors import ModelSourceError
 
     problems = config_problems(config, kind)
     if problems:
@@ -314,7 +314,7 @@ def text_encoder_from_config(config: dict, dtype=jnp.float32, what: str = "text 
 
 
 def check_text_config(config: dict, what: str) -> None:
-    from .errors import ModelSourceError
+    from ..errors import ModelSourceError
 
     problems = text_config_problems(config)
     if problems:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from .capture import grid_of
+from ..model.capture import grid_of
 
 NORMALIZATIONS = ("max", "minmax", None)
 

@@ -20,8 +20,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from . import adapter, aggregate, capture, data, diffusion, losses, settings, sharding, tokens
-from .model import ModelBundle
+from .. import settings
+from ..masks import aggregate
+from ..model import adapter, capture, diffusion, tokens
+from ..parallel import sharding
+from . import data, losses
+from ..model.loading import ModelBundle
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,7 @@ import time
 import numpy as np
 
 from jaxconcept.errors import JaxconceptError
-from jaxconcept.masks import fill_small_holes
+from jaxconcept.masks.labels import fill_small_holes
 
 
 class CRFInputError(JaxconceptError, ValueError):
@@ -235,7 +235,7 @@ def _crf_q(image, unary_LxN, num_labels: int, sp: CRFParams, backend: str) -> np
     """Final mean-field Q (L x h·w, float32 on the host) from the chosen backend."""
     h, w = image.shape[:2]
     if backend == "device":
-        from jaxconcept import crf_exact  # jax code, imported when used
+        from jaxconcept.masks import crf_exact  # jax code, imported when used
 
         return np.asarray(crf_exact.inference(unary_LxN, np.asarray(image, np.float32), sp), np.float32)
 

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import capture
-from .errors import ShardingError
+from ..model import capture
+from ..errors import ShardingError
 
 DATA = "data"
 FSDP = "fsdp"

@@ -24,8 +24,11 @@ import flax.serialization
 import jax
 import numpy as np
 
-from . import adapter, distributed, estep, images, masks, outputs, settle, tokens
-from .errors import JaxconceptError
+from ..masks import estep, labels as masks, settle
+from ..model import adapter, tokens
+from ..parallel import distributed
+from . import images, outputs
+from ..errors import JaxconceptError
 
 
 class RunFolderError(JaxconceptError):

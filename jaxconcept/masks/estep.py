@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from . import crf, masks, settle
+from . import crf, labels as masks, settle
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from . import data, images, inputs, tokens
-from .errors import JaxconceptError
-from .model import ModelBundle, load_model
-from . import settings
-from .settings import Settings
+from ..model import tokens
+from ..runio import images, inputs
+from . import data
+from ..errors import JaxconceptError
+from ..model.loading import ModelBundle, load_model
+from .. import settings
+from ..settings import Settings
 
 PRIOR_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

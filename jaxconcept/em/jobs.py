@@ -28,10 +28,14 @@ import time
 import jax
 import jax.numpy as jnp
 
-from . import capture, distributed, learner, outputs, program as prog, runfolder, settings, sharding, steps, tokens
-from .errors import JaxconceptError
-from .model import ModelBundle, load_model
-from .setup import check_inputs, prepare, truth_masks
+from .. import settings
+from ..model import capture, tokens
+from ..parallel import distributed, sharding
+from ..runio import outputs, runfolder
+from . import learner, stages as prog, steps
+from ..errors import JaxconceptError
+from ..model.loading import ModelBundle, load_model
+from .prepare import check_inputs, prepare, truth_masks
 
 
 def _internal_specs(specs, j: int):

@@ -22,7 +22,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import JaxconceptError
+from ..errors import JaxconceptError
 
 RESIZE_MODES = ("crop", "pad")
 MAX_UPSCALE = 4  # an image may be enlarged at most this many times to fill the frame

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .masks import iou
+from .labels import iou
 
 
 def damp_maps(soft_KxHxW, previous_KxHxW, prior: float) -> np.ndarray:

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import adapter, outputs, runfolder, tokens
-from .errors import JaxconceptError
-from .model import ModelBundle, load_model
+from ..model import adapter, tokens
+from . import outputs, runfolder
+from ..errors import JaxconceptError
+from ..model.loading import ModelBundle, load_model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import diffusion, tokens
-from .errors import JaxconceptError
+from ..model import diffusion, tokens
+from ..errors import JaxconceptError
 
 TEMPLATE = "a photo of {}"
 JOINER = " and "

@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import capture, data, settings, sharding, steps
-from .setup import Setup
+from .. import settings
+from ..model import capture
+from ..parallel import sharding
+from . import data, steps
+from .prepare import Setup
 
 
 def stage_keys(seed: int) -> dict:

@@ -14,8 +14,9 @@ import json
 import jax
 import jax.numpy as jnp
 
-from . import adapter, capture, diffusion, sharding, tokens
-from .model import ModelBundle
+from ..parallel import sharding
+from . import adapter, capture, diffusion, tokens
+from .loading import ModelBundle
 
 
 def guided_sample(eps_fn, scheduler, sched_state, noise_BxCxhxw, cond_BxTxD, uncond_BxTxD,

@@ -19,7 +19,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file
 
 from . import adapter
-from .errors import ModelSourceError
+from ..errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import adapter, convert, model
-from .errors import ModelSourceError
+from ..model import adapter, convert, loading as model
+from ..errors import ModelSourceError
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoints, distributed, estep, outputs, runfolder, settings, settle, sharding
-from .errors import JaxconceptError
-from .model import ModelBundle
-from .program import (Job, Program, latent_masks, loss_config, single_program,  # noqa: F401  (benchmarks)
-                      stage_keys)
-from .setup import Setup, check_inputs, crf_where, prepare, truth_masks  # noqa: F401  (the learner's API)
+from .. import settings
+from ..masks import estep, settle
+from ..parallel import distributed, sharding
+from ..runio import checkpoints, outputs, runfolder
+from ..errors import JaxconceptError
+from ..model.loading import ModelBundle
+from .stages import Job, Program, latent_masks, loss_config, single_program, stage_keys  # noqa: F401  (benchmarks)
+from .prepare import Setup, check_inputs, crf_where, prepare, truth_masks  # noqa: F401  (the learner's API)
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import adapter
-from .errors import ConceptTokenError, PromptError
-from .inputs import init_word_parts
-from .model import ModelBundle
+from ..errors import ConceptTokenError, PromptError
+from ..runio.inputs import init_word_parts
+from .loading import ModelBundle
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import images
-from .errors import JaxconceptError
+from ..errors import JaxconceptError
 
 KINDS: tuple[str, ...] = ("object", "background")
 FORM = "IMAGE:TOKEN[=INIT][/KIND][@MASK],TOKEN[=INIT][/KIND][@MASK],..."
@@ -522,7 +522,7 @@ def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color+shap
     `suffix` (e.g. "_s7") keeps tokens apart when several scenes are used together."""
     if init not in TOY_INITS:
         raise InputError(f"init must be one of {', '.join(TOY_INITS)}, got {init!r}")
-    from .toy import scene as toy_scene  # numpy + Pillow only
+    from ..toy import scene as toy_scene  # numpy + Pillow only
 
     record_path = os.path.join(folder, "concepts.json")
     if not os.path.isfile(record_path):
