@@ -8,6 +8,23 @@ The modules' former top-level names still import from here (`from jaxconcept imp
 as the notebooks and the README's Python API use them: each is imported on first use. So are `load_model`
 and `ModelBundle`: importing diffusers/transformers takes seconds, and light modules (the toy scene
 generator, the errors) should not pay for it.
+
+Shape letters. Arrays in the math code are named with their shape, axes joined by `x` (`probs_BxAxQxT`,
+`masks_CxHxW`, `rows_NxD`); the letters mean the same everywhere:
+
+    B  batch                                  P  prompts
+    C  concepts of a run (all its images)     K  concepts of one image (a subset of C)
+    I  images of a run                        J  jobs (concept sets learned in one program)
+    N  learned rows (one per concept token)   D  text embedding width
+    V  vocabulary                             T  prompt tokens (the text length)
+    A  attention heads                        Q  attention queries (the cells of a layer's grid)
+    Z  latent channels                        E  timesteps drawn by an E-step
+    R  EM rounds                              S  samples per prompt
+    F  features (a layer's hidden channels)   g x g  the attention loss's grid (`tokens.attn_resolution`)
+    h x w  the latent grid                    H x W  the image grid (masks, images); 3: RGB
+
+The DenseCRF modules (`masks/crf.py`, `masks/crf_exact.py`) write mean-field algebra in its own letters,
+defined in `crf_exact`'s docstring: L labels (K + 1), N pixels, B a block of pixel rows, F features.
 """
 
 import importlib

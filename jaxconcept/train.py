@@ -7,7 +7,7 @@
 
 --config takes a config file or a preset name (sd15, sd21_base, sd21: jaxconcept/presets/).
 
---concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/inputs.py).
+--concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/runio/inputs.py).
 Starting again with the same --out resumes from the last checkpoint.
 
 Many independent concept sets in one program (`jaxconcept.jobs`), each into OUT/job_NN:

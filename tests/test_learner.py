@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from jaxconcept import config, settings
-from jaxconcept.em import learner, prepare as setup, steps
+from jaxconcept.em import learner, steps
+from jaxconcept.em.prepare import crf_where, prepare
 from jaxconcept.masks import estep
 from jaxconcept.model import adapter
 from jaxconcept.parallel import sharding
@@ -134,7 +135,7 @@ def test_another_run_of_the_same_model_reuses_the_traced_step(scene_dir, monkeyp
     mesh = sharding.make_mesh(jax.devices()[:1])
 
     def lower(bundle, cfg=steps.LossConfig()):
-        st = learner.prepare(_cfg(), [_spec(scene_dir)], bundle)
+        st = prepare(_cfg(), [_spec(scene_dir)], bundle)
         frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
         opt = steps.make_optimizer(5e-4)
         state = steps.init_state({"rows": jax.numpy.asarray(st.concepts.init_rows)}, opt)
@@ -434,7 +435,7 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
     prior = tmp_path / "class_images"
     prior.mkdir()
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(prior / "c.png")
-    st = learner.prepare(_cfg(**{"prior.folder": str(prior)}), [_spec(scene_dir)])
+    st = prepare(_cfg(**{"prior.folder": str(prior)}), [_spec(scene_dir)])
     assert "prior_context" in st.run_data
     masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
     frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
@@ -447,7 +448,7 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
 
 
 def test_where_the_e_step_crf_runs():
-    where = lambda **kw: setup.crf_where(settings.resolve(_cfg(**{f"masks.{k}": v for k, v in kw.items()})),  # noqa: E731
+    where = lambda **kw: crf_where(settings.resolve(_cfg(**{f"masks.{k}": v for k, v in kw.items()})),  # noqa: E731
                                          (64, 48), (8, 6))
     assert where() == ("host", None)
     assert where(crf_backend="device", crf_size="latent") == ("device", (8, 6))
@@ -496,7 +497,7 @@ def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatc
 
 
 def test_remat_dots_and_full_give_the_gradients_of_no_remat(scene_dir):
-    st = learner.prepare(_cfg(), [_spec(scene_dir)])
+    st = prepare(_cfg(), [_spec(scene_dir)])
     masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
     trainable = {"rows": jax.numpy.asarray(st.concepts.init_rows), "unet": st.bundle.params["unet"]}
     frozen = {"text_encoder": st.bundle.params["text_encoder"]}

@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from jaxconcept import config, generate, load_model
-from jaxconcept.em import learner, steps
+from jaxconcept.em import steps
+from jaxconcept.em.prepare import prepare
 from jaxconcept.model import adapter, capture, diffusion, loading as model  # noqa: E402
 from jaxconcept.errors import ModelSourceError  # noqa: E402
 from jaxconcept.runio.inputs import ConceptSpec, ImageSpec  # noqa: E402
@@ -182,7 +183,7 @@ def test_v_prediction_models_train_on_v(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(capture, "unet_with_attention", exact)
     losses = {}
     for trained in ("epsilon", "v_prediction"):
-        setup = learner.prepare(cfg, [spec], _with_prediction(tiny, trained))
+        setup = prepare(cfg, [spec], _with_prediction(tiny, trained))
         b = setup.bundle
         assert b.prediction_type == trained
         run_data = dict(setup.run_data, latents=jnp.full_like(setup.run_data["latents"], x0))

@@ -55,7 +55,8 @@ def test_fsdp_spec_splits_large_arrays_along_a_divisible_dimension():
 @pytest.fixture(scope="module")
 def joint_setup(tmp_path_factory):
     from jaxconcept import config
-    from jaxconcept.em import learner
+    from jaxconcept.em.prepare import prepare
+    from jaxconcept.em.stages import latent_masks
     from jaxconcept.runio import inputs
     from jaxconcept.toy import scene
 
@@ -66,8 +67,8 @@ def joint_setup(tmp_path_factory):
         inputs.ConceptSpec("<ring>", None, "object", str(folder / "mask_purple_dotted_ring.png"))))
     cfg = config.get_config()
     cfg.model = "tiny"
-    setup = learner.prepare(cfg, [spec])
-    masks = learner.latent_masks(np.stack(setup.inputs.user_masks), setup.latent_hw, sharding.make_mesh())
+    setup = prepare(cfg, [spec])
+    masks = latent_masks(np.stack(setup.inputs.user_masks), setup.latent_hw, sharding.make_mesh())
     return setup, masks
 
 

@@ -67,9 +67,6 @@ def natural_scene(seed: int, size: int) -> scene.Scene:
     return scene.make_scene(SEED_OFFSET + seed, size=size, num_objects=2)
 
 
-bench_scene = natural_scene  # the earlier name
-
-
 def hard_scene(seed: int, size: int) -> scene.Scene:
     """Hard scene s: two objects of close colours (`HARD_PAIRS`, random order, any shapes and patterns) on a
     textured background (`HARD_BACKGROUNDS` x `HARD_TEXTURES`); deterministic in (seed, size)."""

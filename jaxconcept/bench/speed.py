@@ -69,7 +69,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import config
-from ..em import learner, steps
+from ..em import steps
+from ..em.prepare import prepare
+from ..em.stages import latent_masks
 from ..masks import estep, labels as masks_lib
 from ..model import capture, loading as model, sampling, tokens
 from ..parallel import sharding
@@ -200,14 +202,14 @@ class Workload:
     sample_steps: int
     vocab_size: int
     concept_ids: tuple[int, ...]
-    table: dict  # numpy: ids_PxL, positions_PxC, image_P, weight_P
-    latents_Nx2xCxhxw: np.ndarray
+    table: dict  # numpy: ids_PxT, positions_PxC, image_P, weight_P
+    latents_Ix2xZxhxw: np.ndarray
     masks_Cxhxw: np.ndarray  # float32, latent size
     image_u8: np.ndarray
-    image_ids_L: np.ndarray
+    image_ids_T: np.ndarray
     image_positions_C: np.ndarray
     kinds: tuple[str, ...]
-    sample_ids_2xL: np.ndarray  # uncond, cond
+    sample_ids_2xT: np.ndarray  # uncond, cond
 
     @property
     def attn_grid(self) -> int:
@@ -223,24 +225,24 @@ def prepare_ours(bench: BenchConfig, resolution: int, dtype, batch: int, timeste
     """(learner Setup, Workload): the model with 3 concept tokens, a synthetic image, random masks."""
     res = bench.resolution(resolution)
     spec, masks_CxHxW = write_scene(folder, res, seed)
-    setup = learner.prepare(learner_config(res), [spec], bench.build(dtype, seed))
+    setup = prepare(learner_config(res), [spec], bench.build(dtype, seed))
     if bench.vocab_size:
         setup = dataclasses.replace(setup, bundle=pad_vocab(setup.bundle, bench.vocab_size))
     b = setup.bundle
     t = setup.run_data["table"]
     weight_P = np.exp(np.asarray(t["logw_P"], np.float64))
-    lat_masks = np.asarray(learner.latent_masks(masks_CxHxW, setup.latent_hw, sharding.make_mesh(jax.devices()[:1])))
+    lat_masks = np.asarray(latent_masks(masks_CxHxW, setup.latent_hw, sharding.make_mesh(jax.devices()[:1])))
     names = [c for c, _, _ in CONCEPTS]
     ids = tokens.tokenize(b.tokenizer, ["", "a photo of " + " and ".join(names[:2])], b.max_length)
     work = Workload(
         bench=bench, resolution=res, latent=setup.latent_hw[0], batch=batch, timesteps=timesteps,
         sample_steps=sample_steps, vocab_size=int(tokens.embedding_table(b.params["text_encoder"]).shape[0]),
         concept_ids=tuple(setup.concepts.ids),
-        table={"ids_PxL": np.asarray(t["ids_PxL"]), "positions_PxC": np.asarray(t["positions_PxC"]),
+        table={"ids_PxT": np.asarray(t["ids_PxT"]), "positions_PxC": np.asarray(t["positions_PxC"]),
                "image_P": np.asarray(t["image_P"]), "weight_P": weight_P / weight_P.sum()},
-        latents_Nx2xCxhxw=np.asarray(setup.run_data["latents"], np.float32), masks_Cxhxw=lat_masks,
-        image_u8=setup.images_u8[0], image_ids_L=setup.image_ids_NxL[0],
-        image_positions_C=setup.image_positions_NxC[0], kinds=tuple(setup.inputs.kinds), sample_ids_2xL=ids)
+        latents_Ix2xZxhxw=np.asarray(setup.run_data["latents"], np.float32), masks_Cxhxw=lat_masks,
+        image_u8=setup.images_u8[0], image_ids_T=setup.image_ids_IxT[0],
+        image_positions_C=setup.image_positions_IxC[0], kinds=tuple(setup.inputs.kinds), sample_ids_2xT=ids)
     return setup, work
 
 
@@ -334,7 +336,7 @@ def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed:
     maps_fn = steps.make_concept_maps(b, setup.concepts.ids, selector, work.timesteps, setup.latent_hw, mesh)
     frozen = sharding.put_replicated({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}, mesh)
     args = sharding.put_replicated((jnp.asarray(setup.concepts.init_rows), frozen, setup.run_data["latents"][0, 0],
-                                    jnp.asarray(work.image_ids_L), jnp.asarray(work.image_positions_C),
+                                    jnp.asarray(work.image_ids_T), jnp.asarray(work.image_positions_C),
                                     jax.random.key(seed)), mesh)
     compiled, compile_s, flops = compile_timed(maps_fn.jitted, *args)
     size = work.image_u8.shape[:2]
@@ -369,7 +371,7 @@ def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "ho
 def bench_ours_sample(setup, work: Workload, mesh, iters: int, warmup: int, seed: int) -> dict:
     b = setup.bundle
     sampler = sampling.make_batch_sampler(b, "ddim", work.sample_steps, mesh, setup.concepts.ids)
-    ids = jnp.asarray(work.sample_ids_2xL)
+    ids = jnp.asarray(work.sample_ids_2xT)
     noise = jax.random.normal(jax.random.key(seed), (1, b.unet.config.in_channels, work.latent, work.latent), b.dtype)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
     args = (place(b.params), place(jnp.asarray(setup.concepts.init_rows)), noise, ids[1:], ids[:1],
@@ -385,7 +387,7 @@ def sample_flops_xla(bundle, work: Workload, sampler_flops: float | None) -> flo
     if sampler_flops is None:
         return None
     lat = jax.ShapeDtypeStruct((2, bundle.unet.config.in_channels, work.latent, work.latent), bundle.dtype)
-    ctx = jax.ShapeDtypeStruct((2, work.sample_ids_2xL.shape[1], bundle.unet.config.cross_attention_dim),
+    ctx = jax.ShapeDtypeStruct((2, work.sample_ids_2xT.shape[1], bundle.unet.config.cross_attention_dim),
                                bundle.dtype)
     t = jax.ShapeDtypeStruct((2,), jnp.int32)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bundle.params["unet"])
@@ -514,10 +516,10 @@ def torch_draw(rng: np.random.Generator, work: Workload, tm: TorchModels) -> dic
     p = rng.choice(len(t["weight_P"]), size=work.batch, p=t["weight_P"])
     flip = rng.random(work.batch) < 0.5
     image = t["image_P"][p]
-    lat = work.latents_Nx2xCxhxw[image, flip.astype(int)]
+    lat = work.latents_Ix2xZxhxw[image, flip.astype(int)]
     m = np.where(flip[:, None, None, None], work.masks_Cxhxw[None, :, :, ::-1], work.masks_Cxhxw[None])
     dev = tm.device
-    return {"ids": torch.as_tensor(t["ids_PxL"][p], dtype=torch.long, device=dev),
+    return {"ids": torch.as_tensor(t["ids_PxT"][p], dtype=torch.long, device=dev),
             "positions": torch.as_tensor(t["positions_PxC"][p], dtype=torch.long, device=dev),
             "latents": torch.as_tensor(np.ascontiguousarray(lat), device=dev),
             "masks": torch.as_tensor(np.ascontiguousarray(m), dtype=torch.float32, device=dev),
@@ -629,12 +631,12 @@ def torch_concept_maps(tm: TorchModels, work: Workload, store: list, generator):
     import torch.nn.functional as F
 
     n = work.timesteps
-    latents = torch.tensor(work.latents_Nx2xCxhxw[0, 0], device=tm.device)[None].expand(n, -1, -1, -1)
+    latents = torch.tensor(work.latents_Ix2xZxhxw[0, 0], device=tm.device)[None].expand(n, -1, -1, -1)
     t = torch.randint(0, 1000, (n,), device=tm.device, generator=generator)
     noise = torch.randn(latents.shape, device=tm.device, generator=generator)
     a = tm.alphas_cumprod[t][:, None, None, None]
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    ids = torch.as_tensor(work.image_ids_L, dtype=torch.long, device=tm.device)[None]
+    ids = torch.as_tensor(work.image_ids_T, dtype=torch.long, device=tm.device)[None]
     store.clear()
     with torch.no_grad(), _autocast(tm):
         context = tm.text(ids)[0].expand(n, -1, -1)
@@ -680,7 +682,7 @@ def bench_torch_sample(tm: TorchModels, work: Workload, iters: int, warmup: int,
 
     tm.unet.set_attn_processor(AttnProcessor2_0())
     sched = DDIMScheduler(**model.SD_SCHEDULER)
-    ids = torch.as_tensor(work.sample_ids_2xL, dtype=torch.long, device=tm.device)
+    ids = torch.as_tensor(work.sample_ids_2xT, dtype=torch.long, device=tm.device)
     gen = torch.Generator(device=tm.device).manual_seed(seed)
     scale = float(work.bench.vae["scaling_factor"])
 

@@ -33,7 +33,7 @@ MAX_ORDERED = 5
 class PromptTable:
     """P prompts: ids P x L, positions P x C (-1: concept absent), image P, weight P (sums to 1)."""
 
-    ids_PxL: np.ndarray
+    ids_PxT: np.ndarray
     positions_PxC: np.ndarray
     image_P: np.ndarray
     weight_P: np.ndarray
@@ -62,15 +62,15 @@ def prompt_table(tokenizer, concept_tokens, owner_C, concept_ids, max_length: in
                 images.append(i)
                 weights.append(1.0 / n_images / len(mine) / len(subsets))
     ids = tokens.tokenize(tokenizer, texts, max_length)
-    for ids_L in ids:
-        positions.append(tokens.token_positions(ids_L, concept_ids))
+    for ids_T in ids:
+        positions.append(tokens.token_positions(ids_T, concept_ids))
     return PromptTable(ids, np.asarray(positions, np.int32), np.asarray(images, np.int32),
                        np.asarray(weights, np.float64) / np.sum(weights), tuple(texts))
 
 
 def image_prompts(tokenizer, concept_tokens, owner_C, concept_ids, max_length: int,
                   template: str = TEMPLATE, joiner: str = JOINER) -> tuple[np.ndarray, np.ndarray]:
-    """Per image, the prompt naming all its concepts (for mask estimation): ids N x L, positions N x C."""
+    """Per image, the prompt naming all its concepts (for mask estimation): ids I x T, positions I x C."""
     owner_C = np.asarray(owner_C)
     texts = [concept_prompt([t for t, o in zip(concept_tokens, owner_C) if o == i], template, joiner)
              for i in range(int(owner_C.max()) + 1)]
@@ -78,32 +78,32 @@ def image_prompts(tokenizer, concept_tokens, owner_C, concept_ids, max_length: i
     return ids, np.asarray([tokens.token_positions(x, concept_ids) for x in ids], np.int32)
 
 
-def encode_with_flips(vae, vae_params, images_NxHxWx3, latent_scale: float, batch: int = 8):
+def encode_with_flips(vae, vae_params, images_IxHxWx3, latent_scale: float, batch: int = 8):
     """Scaled posterior-mean latents N x 2 x C x h x w (index 1: the horizontally flipped image)."""
     encode = jax.jit(lambda p, x: diffusion.encode_images(vae, p, x)[0])
-    both = np.concatenate([images_NxHxWx3, images_NxHxWx3[:, :, ::-1]])
+    both = np.concatenate([images_IxHxWx3, images_IxHxWx3[:, :, ::-1]])
     out = np.concatenate([np.asarray(encode(vae_params, jnp.asarray(both[i:i + batch])))
                           for i in range(0, len(both), batch)])
-    n = len(images_NxHxWx3)
+    n = len(images_IxHxWx3)
     return np.stack([out[:n], out[n:]], axis=1) * latent_scale
 
 
 def table_arrays(table: PromptTable) -> dict:
     """The prompt table as device arrays (what `draw_batch` reads)."""
-    return {"ids_PxL": jnp.asarray(table.ids_PxL), "positions_PxC": jnp.asarray(table.positions_PxC),
+    return {"ids_PxT": jnp.asarray(table.ids_PxT), "positions_PxC": jnp.asarray(table.positions_PxC),
             "image_P": jnp.asarray(table.image_P), "logw_P": jnp.asarray(np.log(table.weight_P), jnp.float32)}
 
 
-def draw_batch(key, table: dict, latents_Nx2xCxhxw, masks_Cxhxw, batch_size: int, flip_prob: float = 0.5):
-    """One step's instance batch: prompt ids B x L, concept positions B x C, latents B x C' x h x w, and the
+def draw_batch(key, table: dict, latents_Ix2xZxhxw, masks_Cxhxw, batch_size: int, flip_prob: float = 0.5):
+    """One step's instance batch: prompt ids B x T, concept positions B x C, latents B x Z x h x w, and the
     concept masks B x C x h x w flipped with their image."""
     k_p, k_f = jax.random.split(key)
     p_B = jax.random.categorical(k_p, table["logw_P"], shape=(batch_size,))
     flip_B = (jax.random.uniform(k_f, (batch_size,)) < flip_prob).astype(jnp.int32)
     image_B = table["image_P"][p_B]
-    latents = latents_Nx2xCxhxw[image_B, flip_B]
+    latents = latents_Ix2xZxhxw[image_B, flip_B]
     masks = jnp.where(flip_B[:, None, None, None] == 1, masks_Cxhxw[None, :, :, ::-1], masks_Cxhxw[None])
-    return {"ids": table["ids_PxL"][p_B], "positions": table["positions_PxC"][p_B], "latents": latents,
+    return {"ids": table["ids_PxT"][p_B], "positions": table["positions_PxC"][p_B], "latents": latents,
             "masks": masks, "image": image_B, "flip": flip_B}
 
 

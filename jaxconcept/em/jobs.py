@@ -1,10 +1,10 @@
-"""Many concept sets at once: K independent personalisation jobs in one program.
+"""Many concept sets at once: J independent personalisation jobs in one program.
 
     from jaxconcept import config, inputs, jobs
     specs = [(inputs.from_toy_scene_folder(d),) for d in scene_folders]     # one job per concept set
     summaries = jobs.learn_many(config.get_config(), specs, "runs/many")   # runs/many/job_00, job_01, ...
 
-The same loop as a single run (`learner.run`) drives a `jobs_program`: every job's step is one vmapped
+The same loop as a single run (`learner.run`) drives a `jobs_stages`: every job's step is one vmapped
 program against the one frozen UNet (the UNet's weights are read once per step for all jobs); E-steps run
 per job on the host between blocks of steps; the joint stage tunes each job's own copy of the UNet in one
 vmapped program whose job axis is split over the devices. Per job it computes what `learner.learn`
@@ -32,10 +32,11 @@ from .. import settings
 from ..model import capture, tokens
 from ..parallel import distributed, sharding
 from ..runio import outputs, runfolder
-from . import learner, stages as prog, steps
+from . import learner, steps
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
 from .prepare import check_inputs, prepare, truth_masks
+from .stages import Job, Stages, latent_masks, loss_config, stage_keys
 
 
 def _internal_specs(specs, j: int):
@@ -69,25 +70,25 @@ def prepare_jobs(s: settings.Settings, jobs, base: ModelBundle):
 
 
 def stacked_inputs(setups, mesh):
-    """Device arrays of all jobs with a leading job axis (split over the mesh when K divides): the run
-    data and the concept ids K x N."""
+    """Device arrays of all jobs with a leading job axis (split over the mesh when J divides): the run
+    data and the concept ids J x N."""
     job_sh = steps.job_axis_sharding(mesh, len(setups))
     run_data = sharding.put(_stack([s.run_data for s in setups]), job_sh)
-    ids_KxN = sharding.put(jnp.asarray([s.concepts.ids for s in setups], jnp.int32), job_sh)
-    return run_data, ids_KxN
+    ids_JxN = sharding.put(jnp.asarray([s.concepts.ids for s in setups], jnp.int32), job_sh)
+    return run_data, ids_JxN
 
 
-def jobs_program(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[prog.Program, list]:
-    """The Program of K jobs: states with a leading job axis, split over the devices when K divides."""
-    k_jobs = len(setups)
+def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Stages, list]:
+    """The stage functions of J jobs: states with a leading job axis, split over the devices when J divides."""
+    num_jobs = len(setups)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
-    job_sh = steps.job_axis_sharding(mesh, k_jobs)
+    job_sh = steps.job_axis_sharding(mesh, num_jobs)
     frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
     setups = [dataclasses.replace(st, run_data=place(st.run_data)) for st in setups]
-    run_data, ids_KxN = stacked_inputs(setups, mesh)
-    loss_cfg = prog.loss_config(s)
-    keys = prog.stage_keys(s.seed)
-    per_job = lambda key: sharding.put(jnp.stack([key] * k_jobs), job_sh)  # noqa: E731  (each as run alone)
+    run_data, ids_JxN = stacked_inputs(setups, mesh)
+    loss_cfg = loss_config(s)
+    keys = stage_keys(s.seed)
+    per_job = lambda key: sharding.put(jnp.stack([key] * num_jobs), job_sh)  # noqa: E731  (each as run alone)
     maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
                                        s.masks.num_timesteps, setups[0].latent_hw, mesh)
     token_opt = steps.make_optimizer(s.tokens.lr, s.tokens.clip, s.tokens.weight_decay)
@@ -95,8 +96,8 @@ def jobs_program(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[pr
     rows0 = [jnp.asarray(st.concepts.init_rows) for st in setups]
 
     def stage_step(cfg, opt, frozen_part, key):
-        fn, keys_k = steps.make_jobs_step(b, cfg, opt, mesh, k_jobs), per_job(key)
-        return lambda state, m: fn(state, frozen_part, run_data, m, keys_k, ids_KxN)
+        fn, keys_j = steps.make_jobs_step(b, cfg, opt, mesh, num_jobs), per_job(key)
+        return lambda state, m: fn(state, frozen_part, run_data, m, keys_j, ids_JxN)
 
     def states(rows_list, opt):
         return sharding.put(_stack([steps.init_state({"rows": r}, opt) for r in rows_list]), job_sh)
@@ -109,38 +110,38 @@ def jobs_program(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[pr
 
     def joint_state(token_state):
         # every job starts from its own copy of the base UNet, made on the devices that hold the job
-        copies = lambda unet: jax.tree.map(lambda x: jnp.broadcast_to(x, (k_jobs,) + x.shape), unet)  # noqa: E731
+        copies = lambda unet: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_jobs,) + x.shape), unet)  # noqa: E731
         return jax.jit(lambda r, unet: jax.vmap(lambda p: steps.init_state(p, joint_opt))(
             {"rows": r, "unet": copies(unet)}), out_shardings=job_sh)(token_state["params"]["rows"],
                                                                         place(b.params["unet"]))
 
     def maps(j, rows, i, key):
         st = setups[j]
-        return maps_any(rows, frozen, st.run_data["latents"][i, 0], jnp.asarray(st.image_ids_NxL[i]),
-                        jnp.asarray(st.image_positions_NxC[i]), key, jnp.asarray(st.concepts.ids, jnp.int32))
+        return maps_any(rows, frozen, st.run_data["latents"][i, 0], jnp.asarray(st.image_ids_IxT[i]),
+                        jnp.asarray(st.image_positions_IxC[i]), key, jnp.asarray(st.concepts.ids, jnp.int32))
 
     def final_like():
         like = {"rows": _stack(rows0)}
         if s.joint.steps:
-            like["unet"] = jax.tree.map(lambda x: jnp.zeros((k_jobs,) + x.shape, x.dtype), b.params["unet"])
+            like["unet"] = jax.tree.map(lambda x: jnp.zeros((num_jobs,) + x.shape, x.dtype), b.params["unet"])
         return like
 
     def job_metrics(m):
         host = distributed.to_host(m)  # host sync only at logging steps (a gather when jobs span hosts)
-        return [{k: float(v[j]) for k, v in host.items()} for j in range(k_jobs)]
+        return [{k: float(v[j]) for k, v in host.items()} for j in range(num_jobs)]
 
-    program = prog.Program(
-        jobs=k_jobs, batched=True, initial_state=lambda: states(rows0, token_opt),
+    stages = Stages(
+        jobs=num_jobs, batched=True, initial_state=lambda: states(rows0, token_opt),
         inversion=inversion if s.init.steps else None,
         token_step=stage_step(loss_cfg, token_opt, frozen, keys["token"]), joint_state=joint_state,
         joint_step=lambda state: stage_step(dataclasses.replace(loss_cfg, remat=s.joint.remat), joint_opt,
                                             {"text_encoder": frozen["text_encoder"]}, keys["joint"]),
         rows=lambda state: list(distributed.to_host(state["params"]["rows"])),  # job-split: every host gathers
         maps=maps,
-        place_masks=lambda masks: sharding.put(jnp.stack([prog.latent_masks(m, setups[0].latent_hw, mesh)
+        place_masks=lambda masks: sharding.put(jnp.stack([latent_masks(m, setups[0].latent_hw, mesh)
                                                           for m in masks]), job_sh),
         job_metrics=job_metrics, final_like=final_like)
-    return program, setups
+    return stages, setups
 
 
 def check_jobs(s: settings.Settings, jobs) -> None:
@@ -169,8 +170,8 @@ def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, me
     with runfolder.locked(out_dir):
         base = bundle or load_model(s.model, s.dtype, seed=s.seed)
         setups, b = prepare_jobs(s, jobs, base)
-        program, setups = jobs_program(s, setups, b, mesh or sharding.make_mesh())
+        stages, setups = jobs_stages(s, setups, b, mesh or sharding.make_mesh())
         run_dirs = [os.path.join(out_dir, f"job_{j:02d}") for j in range(len(jobs))]
-        job_list = [prog.Job(d, st, truth_masks(st, None if ground_truths is None else ground_truths[j]))
+        job_list = [Job(d, st, truth_masks(st, None if ground_truths is None else ground_truths[j]))
                     for j, (d, st) in enumerate(zip(run_dirs, setups))]
-        return learner.run(s, program, job_list, out_dir, fp, progress=progress, t_start=t_start)
+        return learner.run(s, stages, job_list, out_dir, fp, progress=progress, t_start=t_start)

@@ -1,16 +1,16 @@
-"""The EM concept learner (DESIGN §1): one loop around the pure steps, for a single run and for K jobs.
+"""The EM concept learner (DESIGN §1): one loop around the pure steps, for a single run and for J jobs.
 
     stage 1  tokens from init words (or a short unmasked inversion); masks from cross-attention + CRF
     stage 2  EM rounds: token optimisation (L_mask + lambda L_attn, one compiled step), each round followed
              on the host by mask re-estimation (mode "em"); masks kept (modes "attention", "user")
     stage 3  joint tuning of tokens and UNet (text encoder optional) with the masks fixed
 
-The loop drives a `Program` (initial state, token and joint steps, the maps of an image, mask placement):
-`single_program` here for one run, `jobs.jobs_program` for K vmapped jobs. Where to start is decided once,
-in order, from the newest checkpoint (`resume_point`); checkpoints after stage 1, every round, every
+The loop drives a `Stages`, the stage functions (initial state, token and joint steps, the maps of an image,
+mask placement): `stages.single_run_stages` for one run, `jobs.jobs_stages` for J vmapped jobs. Where to
+start is decided once, in order, from the newest checkpoint (`resume_point`); checkpoints after stage 1, every round, every
 `joint.checkpoint_every` joint steps and at the end make a run started again on its folder end exactly as
-an uninterrupted one. Set-up: `setup.py`; E-step: `estep.py`; checkpoints: `checkpoints.py`; run folder:
-`runfolder.py`. Usable from a notebook: `learn(get_config(), specs, "runs/x")`.
+an uninterrupted one. Preparing a run: `em/prepare.py`; E-step: `masks/estep.py`; checkpoints:
+`runio/checkpoints.py`; run folder: `runio/runfolder.py`. Usable from a notebook: `learn(get_config(), specs, "runs/x")`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ from ..parallel import distributed, sharding
 from ..runio import checkpoints, outputs, runfolder
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle
-from .stages import Job, Program, latent_masks, loss_config, single_program, stage_keys  # noqa: F401  (benchmarks)
-from .prepare import Setup, check_inputs, crf_where, prepare, truth_masks  # noqa: F401  (the learner's API)
+from .prepare import check_inputs, crf_where, prepare, truth_masks
+from .stages import Job, Stages, single_run_stages, stage_keys
 
 log = logging.getLogger(__name__)
-
-MODES = settings.MODES
 
 
 class TrainingError(JaxconceptError):
@@ -47,7 +45,7 @@ class Loop:
     """The loop's fixed parts and its two counters (steps done, for logging and checkpoint indices)."""
 
     s: settings.Settings
-    program: Program
+    stages: Stages
     jobs: list
     mngr: Any
     metrics: list
@@ -69,27 +67,27 @@ class Start:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def resume_point(mngr, s: settings.Settings, program: Program, masks_shape) -> Start:
+def resume_point(mngr, s: settings.Settings, stages: Stages, masks_shape) -> Start:
     """Where to start, decided once from the newest checkpoint: nothing saved -> stage 1; a token-stage
     checkpoint -> the next EM round; a joint one -> the joint step after it; the final one -> results."""
     meta = checkpoints.latest_meta(mngr)
     if meta is None:
         return Start("init", 0, 0)
     stage, index = meta["stage"], meta["index"]
-    like = {"token": program.initial_state, "joint": lambda: program.joint_state(program.initial_state()),
-            "done": lambda: {"params": program.final_like()}}[stage]()
+    like = {"token": stages.initial_state, "joint": lambda: stages.joint_state(stages.initial_state()),
+            "done": lambda: {"params": stages.final_like()}}[stage]()
     _, state, masks = checkpoints.restore(mngr, index, like, masks_shape)
     return Start(stage, meta.get("round", 0), index, state, list(masks))
 
 
-def run(s: settings.Settings, program: Program, jobs: list, folder: str, fingerprint: dict, *,
+def run(s: settings.Settings, stages: Stages, jobs: list, folder: str, fingerprint: dict, *,
         progress: bool = True, on_checkpoint=None, t_start: float | None = None) -> list[dict]:
     """Every stage into the jobs' folders (checkpoints and run.json in `folder`); one summary per job."""
     t_start = time.time() if t_start is None else t_start
     runfolder.write_record(folder, fingerprint, finished=False)
     mngr = checkpoints.manager(folder)
     first = jobs[0].setup
-    start = resume_point(mngr, s, program, (len(jobs), len(first.inputs.owner_C)) + first.images_u8.shape[1:3])
+    start = resume_point(mngr, s, stages, (len(jobs), len(first.inputs.owner_C)) + first.images_u8.shape[1:3])
     if start.stage != "init" and distributed.is_primary():
         print(f"{folder} is finished (checkpoint {start.index}): writing its results again" if start.stage == "done"
               else f"resuming {folder} from checkpoint {start.index} ({start.stage}, round {start.round})")
@@ -100,12 +98,12 @@ def run(s: settings.Settings, program: Program, jobs: list, folder: str, fingerp
         if warning and distributed.is_primary():
             log.warning(warning)
     keys = stage_keys(s.seed)
-    bar = tqdm(total=s.total_steps * program.jobs, desc="learning" + (f" {program.jobs} jobs" * (program.jobs > 1)),
+    bar = tqdm(total=s.total_steps * stages.jobs, desc="learning" + (f" {stages.jobs} jobs" * (stages.jobs > 1)),
                dynamic_ncols=True, disable=not (progress and distributed.is_primary()))
-    loop = Loop(s, program, jobs, mngr, [runfolder.Metrics(j.run_dir, None if start.stage == "init" else start.index)
+    loop = Loop(s, stages, jobs, mngr, [runfolder.Metrics(j.run_dir, None if start.stage == "init" else start.index)
                                          for j in jobs], bar, keys, on_checkpoint)
     loop.done = min(start.index, s.total_steps)
-    bar.update(loop.done * program.jobs)
+    bar.update(loop.done * stages.jobs)
     state, masks, raws = start.state, start.masks, None
     if start.stage == "init":
         state, masks, raws = stage_initial(loop)
@@ -117,7 +115,7 @@ def run(s: settings.Settings, program: Program, jobs: list, folder: str, fingerp
     for m in loop.metrics:
         m.close()
     final = distributed.to_host(state["params"])  # a collective when split over hosts: every process gathers
-    part = (lambda j: jax.tree.map(lambda x: x[j], final)) if program.batched else (lambda j: final)
+    part = (lambda j: jax.tree.map(lambda x: x[j], final)) if stages.batched else (lambda j: final)
     out = [runfolder.write_results(job.run_dir, s, job.setup, part(j), masks[j], loop.metrics[j].rounds,
                                    job.truth, time.time() - t_start) for j, job in enumerate(jobs)]
     runfolder.write_record(folder, fingerprint, finished=True)
@@ -126,12 +124,12 @@ def run(s: settings.Settings, program: Program, jobs: list, folder: str, fingerp
 
 def stage_initial(loop: Loop):
     """Stage 1: the initial rows (after the optional inversion) and the first masks; checkpoint."""
-    s, program = loop.s, loop.program
-    state = program.initial_state()
-    if program.inversion is not None:
-        inv_state, inv_step, to_token_state = program.inversion()
+    s, stages = loop.s, loop.stages
+    state = stages.initial_state()
+    if stages.inversion is not None:
+        inv_state, inv_step, to_token_state = stages.inversion()
         ones = [np.ones((len(j.setup.inputs.owner_C),) + j.setup.images_u8.shape[1:3], bool) for j in loop.jobs]
-        inv_state = run_steps(loop, inv_step, inv_state, program.place_masks(ones), s.init.steps, "inversion")
+        inv_state = run_steps(loop, inv_step, inv_state, stages.place_masks(ones), s.init.steps, "inversion")
         state = to_token_state(inv_state)
     if s.mode == "user":  # setup.prepare checked that every concept has its mask
         masks = [np.stack(j.setup.inputs.user_masks) for j in loop.jobs]
@@ -149,7 +147,7 @@ def stage_rounds(loop: Loop, state, masks, first_round: int, raws=None):
     s = loop.s
     raws, infos = raws or masks, [{}] * len(masks)
     for r in range(first_round, s.tokens.rounds):
-        state = run_steps(loop, loop.program.token_step, state, loop.program.place_masks(masks),
+        state = run_steps(loop, loop.stages.token_step, state, loop.stages.place_masks(masks),
                           s.tokens.round_steps(r), "token")
         prev = masks
         if s.mode == "em":
@@ -171,10 +169,10 @@ def settled_masks(job, n_rounds: int) -> np.ndarray:
 def stage_joint(loop: Loop, state, masks, resumed: bool):
     """Stage 3: tokens and UNet (and text encoder) tuned with the masks fixed; checkpoints every
     `joint.checkpoint_every` steps and a final one holding the results. Returns the final state."""
-    s, program = loop.s, loop.program
+    s, stages = loop.s, loop.stages
     if s.joint.steps:
-        state = state if resumed else program.joint_state(state)
-        step, placed = program.joint_step(state), program.place_masks(masks)
+        state = state if resumed else stages.joint_state(state)
+        step, placed = stages.joint_step(state), stages.place_masks(masks)
         every = s.joint.checkpoint_every or s.joint.steps
         while loop.done < s.total_steps:
             n = min(every - (loop.done - s.init.steps - s.tokens.steps) % every, s.total_steps - loop.done)
@@ -191,9 +189,9 @@ def run_steps(loop: Loop, step_fn, state, masks_placed, n: int, stage: str):
     for _ in range(n):
         state, m = step_fn(state, masks_placed)
         loop.done += 1
-        loop.bar.update(loop.program.jobs)
+        loop.bar.update(loop.stages.jobs)
         if loop.done % loop.s.log_every == 0:
-            per_job = loop.program.job_metrics(m)  # the host reads the device only here
+            per_job = loop.stages.job_metrics(m)  # the host reads the device only here
             for j, mm in enumerate(per_job):
                 if not all(np.isfinite(v) for v in mm.values()):
                     last = loop.mngr.latest_step()
@@ -211,15 +209,15 @@ def run_steps(loop: Loop, step_fn, state, masks_placed, n: int, stage: str):
 def e_step(loop: Loop, state, r: int, prevs=None):
     """Masks of every job from its current rows: ([masks C x H x W], [without CRF], [info]); `prevs`, the
     last round's masks per job, feed the settling rules (`settle`)."""
-    s, program = loop.s, loop.program
-    rows = program.rows(state)
+    s, stages = loop.s, loop.stages
+    rows = stages.rows(state)
     key = jax.random.fold_in(loop.keys["estep"], 0 if s.masks.same_noise else r)
     got = []
     for j, job in enumerate(loop.jobs):
         st = job.setup
         where = crf_where(s, st.images_u8.shape[1:3], st.latent_hw)
         got.append(estep.estimate_masks(
-            lambda i, k, j=j: program.maps(j, rows[j], i, k), st.images_u8, st.inputs.owner_C, st.inputs.kinds,
+            lambda i, k, j=j: stages.maps(j, rows[j], i, k), st.images_u8, st.inputs.owner_C, st.inputs.kinds,
             st.concepts.tokens, key, s.masks.background_level, s.masks.crf, s.masks.crf_min_iou, where,
             valid=st.inputs.valid, previous=None if prevs is None else prevs[j], mask_prior=s.masks.mask_prior,
             hysteresis=s.masks.crf_hysteresis, ties=estep.split_ties(st)))
@@ -265,6 +263,6 @@ def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=N
     fp = start_folder(s, specs, run_dir)
     with runfolder.locked(run_dir):
         st = prepare(s, specs, bundle)
-        program, st = single_program(s, st, mesh or sharding.make_mesh(fsdp=s.mesh.fsdp))
-        return run(s, program, [Job(run_dir, st, truth_masks(st, ground_truth))], run_dir, fp, progress=progress,
+        stages, st = single_run_stages(s, st, mesh or sharding.make_mesh(fsdp=s.mesh.fsdp))
+        return run(s, stages, [Job(run_dir, st, truth_masks(st, ground_truth))], run_dir, fp, progress=progress,
                    on_checkpoint=on_checkpoint, t_start=t_start)[0]

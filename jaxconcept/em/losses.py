@@ -20,9 +20,9 @@ def union_mask(masks_BxCxhxw, present_BxC):
     return jnp.max(chosen, axis=1, keepdims=True)
 
 
-def masked_diffusion_loss(eps_BxCxhxw, noise_BxCxhxw, mask_Bx1xhxw):
+def masked_diffusion_loss(eps_BxZxhxw, noise_BxZxhxw, mask_Bx1xhxw):
     """mean(((eps - noise) * M)^2) over every element."""
-    diff = (eps_BxCxhxw.astype(jnp.float32) - noise_BxCxhxw.astype(jnp.float32)) * mask_Bx1xhxw
+    diff = (eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) * mask_Bx1xhxw
     return jnp.mean(diff ** 2)
 
 
@@ -32,6 +32,6 @@ def attention_loss(maps_BxCxhxw, masks_BxCxhxw, present_BxC):
     return jnp.sum(per_BxC * present_BxC) / maps_BxCxhxw.shape[0]
 
 
-def diffusion_loss(eps_BxCxhxw, noise_BxCxhxw):
+def diffusion_loss(eps_BxZxhxw, noise_BxZxhxw):
     """Plain eps-MSE (prior preservation)."""
-    return jnp.mean((eps_BxCxhxw.astype(jnp.float32) - noise_BxCxhxw.astype(jnp.float32)) ** 2)
+    return jnp.mean((eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) ** 2)

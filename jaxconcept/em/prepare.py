@@ -34,8 +34,8 @@ class Setup:
     inputs: inputs.Inputs
     images_u8: np.ndarray  # N x H x W x 3
     run_data: dict  # device arrays read by the step: prompt table, latents (+ prior)
-    image_ids_NxL: np.ndarray
-    image_positions_NxC: np.ndarray
+    image_ids_IxT: np.ndarray
+    image_positions_IxC: np.ndarray
     latent_hw: tuple[int, int]
 
 
@@ -93,13 +93,13 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     owner_C = np.asarray(loaded.owner_C)
     table = data.prompt_table(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length, s.template,
                               s.joiner)
-    ids_NxL, pos_NxC = data.image_prompts(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length,
+    ids_IxT, pos_IxC = data.image_prompts(bundle.tokenizer, toks, owner_C, concepts.ids, bundle.max_length,
                                           s.template, s.joiner)
-    latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_NxHxWx3, bundle.latent_scale)
+    latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_IxHxWx3, bundle.latent_scale)
     run_data = {"table": data.table_arrays(table), "latents": jnp.asarray(latents)}
     if s.prior.folder:
         run_data.update(prior_data(s, bundle))
-    return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_NxHxWx3), run_data, ids_NxL, pos_NxC,
+    return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
                  tuple(latents.shape[-2:]))
 
 

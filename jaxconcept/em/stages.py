@@ -1,6 +1,6 @@
-"""The interface the EM loop (`learner.run`) drives, and its implementation for a single run.
+"""The stage functions the EM loop (`learner.run`) drives, and their builder for a single run.
 
-A `Program` holds what differs between one run and K batched jobs (`jobs.jobs_program`): the initial
+A `Stages` holds what differs between one run and J batched jobs (`jobs.jobs_stages`): the initial
 state, the token and joint steps, the maps of an image, and where the masks go; the loop, the E-step, the
 checkpoints and the run folders are shared.
 """
@@ -27,9 +27,10 @@ def stage_keys(seed: int) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Program:
-    """What the loop runs, for J jobs (J = 1: a single run). States are pytrees {"params", "opt_state",
-    "step"} (a leading job axis when batched); masks are lists of J bool arrays C x H x W."""
+class Stages:
+    """The stage functions: what the loop runs, for J jobs (J = 1: a single run). States are pytrees
+    {"params", "opt_state", "step"} (a leading job axis when batched); masks are lists of J bool arrays
+    C x H x W."""
 
     jobs: int
     batched: bool  # states and results have a leading job axis
@@ -58,8 +59,8 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
                             prior_weight=s.prior.weight, **changes)
 
 
-def single_program(s: settings.Settings, st: Setup, mesh) -> tuple[Program, Setup]:
-    """The Program of one run: the frozen weights replicated (or FSDP-split with mesh.shard_frozen)."""
+def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Setup]:
+    """The stage functions of one run: the frozen weights replicated (or FSDP-split with mesh.shard_frozen)."""
     b, place, min_size = st.bundle, (lambda tree: sharding.put_replicated(tree, mesh)), s.mesh.fsdp_min_size
     frozen = {"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}
     frozen_sh = sharding.fsdp_shardings(frozen, mesh, min_size) if s.mesh.shard_frozen else None
@@ -104,18 +105,18 @@ def single_program(s: settings.Settings, st: Setup, mesh) -> tuple[Program, Setu
                   fsh=None if frozen_sh is None else {k: frozen_sh[k] for k in joint_frozen})
         return lambda state, m: fn(state, joint_frozen, run_data, m, keys["joint"])
 
-    program = Program(
+    stages = Stages(
         jobs=1, batched=False, initial_state=lambda: place(steps.init_state({"rows": rows0}, token_opt)),
         inversion=inversion if s.init.steps else None,
         token_step=lambda state, m: token_fn(state, frozen, run_data, m, keys["token"]),
         joint_state=joint_state, joint_step=joint_step, rows=lambda state: [state["params"]["rows"]],
         maps=lambda j, rows, i, key: maps_fn(rows, frozen, run_data["latents"][i, 0],
-                                             jnp.asarray(st.image_ids_NxL[i]), jnp.asarray(st.image_positions_NxC[i]),
+                                             jnp.asarray(st.image_ids_IxT[i]), jnp.asarray(st.image_positions_IxC[i]),
                                              key),
         place_masks=lambda masks: latent_masks(masks[0], st.latent_hw, mesh),
         job_metrics=lambda m: [{k: float(v) for k, v in m.items()}],
         final_like=lambda: trainable(rows0) if s.joint.steps else {"rows": rows0})
-    return program, dataclasses.replace(st, run_data=run_data)
+    return stages, dataclasses.replace(st, run_data=run_data)
 
 
 def latent_masks(masks_CxHxW: np.ndarray, latent_hw, mesh) -> jnp.ndarray:

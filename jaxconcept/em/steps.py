@@ -204,49 +204,49 @@ def job_axis_sharding(mesh: Mesh, num_jobs: int):
     return sharding.batch_sharded(mesh) if num_jobs % mesh.size == 0 else sharding.replicated(mesh)
 
 
-def _jobs_step(model, cfg, opt, states, frozen, run_data, masks_KxCxhxw, keys, concept_ids_KxN):
+def _jobs_step(model, cfg, opt, states, frozen, run_data, masks_JxCxhxw, keys, concept_ids_JxN):
     one = functools.partial(_step, model, cfg, opt, None)
-    return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))(states, frozen, run_data, masks_KxCxhxw, keys,
-                                                        concept_ids_KxN)
+    return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))(states, frozen, run_data, masks_JxCxhxw, keys,
+                                                        concept_ids_JxN)
 
 
 def make_jobs_step(bundle: ModelBundle, cfg: LossConfig, opt: optax.GradientTransformation, mesh: Mesh,
                    num_jobs: int) -> Bound:
-    """K independent personalisation jobs in one program: jit(states, frozen, run_data, masks, keys,
-    concept_ids) -> (states, metrics), every argument but `frozen` with a leading job axis K.
+    """J independent personalisation jobs in one program: jit(states, frozen, run_data, masks, keys,
+    concept_ids) -> (states, metrics), every argument but `frozen` with a leading job axis J.
 
-    The jobs share the frozen weights (one UNet for all: the token stage's cost per job falls as K grows,
+    The jobs share the frozen weights (one UNet for all: the token stage's cost per job falls as J grows,
     the UNet's weights are read once per step for every job); each job keeps its own concept rows,
     optimiser state, data, masks, randomness and concept ids (traced, so jobs with different tokens share
     the program). Per job it computes exactly what `make_train_step` computes. The job axis is split over
-    the mesh when K divides over it: in the joint stage each device then tunes its own jobs' UNets."""
+    the mesh when J divides over it: in the joint stage each device then tunes its own jobs' UNets."""
     rep, job = sharding.replicated(mesh), job_axis_sharding(mesh, num_jobs)
     jitted = jax.jit(_jobs_step, static_argnums=(0, 1, 2), in_shardings=(job, rep, job, job, job, job),
                      out_shardings=(job, job), donate_argnums=(3,))
     return Bound(jitted, step_model(bundle), cfg, opt)
 
 
-def _concept_maps(model, selector, num_timesteps, latent_hw, mesh, fixed_ids, rows, frozen, latents_Cxhxw, ids_L,
+def _concept_maps(model, selector, num_timesteps, latent_hw, mesh, fixed_ids, rows, frozen, latents_Zxhxw, ids_T,
                   positions_C, key, concept_ids=None):
     concept_ids = jnp.asarray(fixed_ids, jnp.int32) if fixed_ids is not None else concept_ids
     k_t, k_n = jax.random.split(key)
     t = jax.random.randint(k_t, (num_timesteps,), 0, model.num_train_timesteps)
-    noise = jax.random.normal(k_n, (num_timesteps,) + latents_Cxhxw.shape, latents_Cxhxw.dtype)
-    noisy = diffusion.add_noise(model.alphas(), jnp.broadcast_to(latents_Cxhxw, noise.shape), noise, t)
+    noise = jax.random.normal(k_n, (num_timesteps,) + latents_Zxhxw.shape, latents_Zxhxw.dtype)
+    noisy = diffusion.add_noise(model.alphas(), jnp.broadcast_to(latents_Zxhxw, noise.shape), noise, t)
     if num_timesteps % mesh.size == 0:
         noisy = jax.lax.with_sharding_constraint(noisy, sharding.batch_sharded(mesh))
-    context = tokens.text_hidden_states(model.text_encoder, frozen["text_encoder"], ids_L[None], concept_ids, rows)
+    context = tokens.text_hidden_states(model.text_encoder, frozen["text_encoder"], ids_T[None], concept_ids, rows)
     context = jnp.broadcast_to(context, (num_timesteps,) + context.shape[1:])
     _, maps = capture.unet_with_attention(model.unet, frozen["unet"], noisy, t, context, selector)
-    agg_TxCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=latent_hw,
+    agg_ExCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=latent_hw,
                                            normalize=None)
-    soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_TxCxHxW, axis=0), "minmax")
+    soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_ExCxHxW, axis=0), "minmax")
     return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)
 
 
 def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
                       latent_hw: tuple[int, int], mesh: Mesh, frozen_shardings=None):
-    """jit(rows, frozen, latents C' x h x w, ids L, positions C, key) -> soft maps C x h x w (latent size).
+    """jit(rows, frozen, latents Z x h x w, ids T, positions C, key) -> soft maps C x h x w (latent size).
 
     Each concept's cross-attention (conditional branch only) averaged over heads, the selected layers and
     `num_timesteps` random timesteps, then min-max normalised; concepts absent from the prompt get zeros.

@@ -254,7 +254,7 @@ def _check_images(images) -> jnp.ndarray:
         # floats are ambiguous ([0, 1]? [-1, 1]? [0, 255]?): a silent mix-up would shift every metric
         raise TypeError(
             f"images must be uint8 in [0, 255]; got {images.dtype}. Convert jaxconcept's [-1, 1] floats with "
-            "jaxconcept.images.to_uint8."
+            "jaxconcept.runio.images.to_uint8."
         )
     return images
 
@@ -273,9 +273,9 @@ def embed_pixels(module, params, pixels_BxSxSx3: jnp.ndarray) -> jnp.ndarray:
     return unit(adapter.clip_image_features(module, params, pixels_BxSxSx3.astype(module.dtype)))
 
 
-def embed_tokens(module, params, ids_BxL: jnp.ndarray, mask_BxL: jnp.ndarray) -> jnp.ndarray:
+def embed_tokens(module, params, ids_BxT: jnp.ndarray, mask_BxT: jnp.ndarray) -> jnp.ndarray:
     """Unit text embeddings B x P of token ids (pure; the text tower + projection)."""
-    return unit(adapter.clip_text_features(module, params, ids_BxL, mask_BxL))
+    return unit(adapter.clip_text_features(module, params, ids_BxT, mask_BxT))
 
 
 def pixel_embeddings(clip: ClipBundle, pixels_BxSxSx3) -> jnp.ndarray:
@@ -306,10 +306,10 @@ def tokenize(clip: ClipBundle, texts: Sequence[str]) -> tuple[np.ndarray, np.nda
 
 def text_embeddings(clip: ClipBundle, texts: Sequence[str]) -> jnp.ndarray:
     """Unit CLIP text embeddings B x P (padded to max_length, so one compile per batch size)."""
-    ids_BxL, mask_BxL = tokenize(clip, texts)
+    ids_BxT, mask_BxT = tokenize(clip, texts)
     module = clip.module
     fn = clip.jitted("texts", lambda: jax.jit(lambda p, i, m: embed_tokens(module, p, i, m)))
-    return fn(clip.params, ids_BxL, mask_BxL)
+    return fn(clip.params, ids_BxT, mask_BxT)
 
 
 # ------------------------------------------------------------------------------------------ similarities

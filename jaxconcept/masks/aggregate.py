@@ -21,9 +21,9 @@ def per_resolution(probs_by_layer: Mapping[str, jnp.ndarray], latent_hw) -> dict
     """{grid (rows, cols): B x rows x cols x T}, the mean over heads and over the layers at that grid."""
     groups: dict[tuple[int, int], list[jnp.ndarray]] = {}
     for name in sorted(probs_by_layer):
-        probs_BxHxQxT = probs_by_layer[name]
-        grid = grid_of(probs_BxHxQxT.shape[2], latent_hw)
-        groups.setdefault(grid, []).append(probs_BxHxQxT.astype(jnp.float32).mean(axis=1))
+        probs_BxAxQxT = probs_by_layer[name]
+        grid = grid_of(probs_BxAxQxT.shape[2], latent_hw)
+        groups.setdefault(grid, []).append(probs_BxAxQxT.astype(jnp.float32).mean(axis=1))
     return {
         grid: jnp.mean(jnp.stack(maps), axis=0).reshape(maps[0].shape[0], grid[0], grid[1], maps[0].shape[-1])
         for grid, maps in groups.items()
@@ -71,11 +71,11 @@ def aggregate_maps(
     return normalize_maps(jnp.maximum(maps_BxTxHxW, 0.0), normalize, eps)
 
 
-def normalize_maps(maps_BxKxHxW, normalize: str | None = "max", eps: float = 1e-8):
+def normalize_maps(maps_BxCxHxW, normalize: str | None = "max", eps: float = 1e-8):
     if normalize is None:
-        return maps_BxKxHxW
-    hi = maps_BxKxHxW.max(axis=(-2, -1), keepdims=True)
+        return maps_BxCxHxW
+    hi = maps_BxCxHxW.max(axis=(-2, -1), keepdims=True)
     if normalize == "max":
-        return maps_BxKxHxW / (hi + eps)
-    lo = maps_BxKxHxW.min(axis=(-2, -1), keepdims=True)
-    return (maps_BxKxHxW - lo) / (hi - lo + eps)
+        return maps_BxCxHxW / (hi + eps)
+    lo = maps_BxCxHxW.min(axis=(-2, -1), keepdims=True)
+    return (maps_BxCxHxW - lo) / (hi - lo + eps)

@@ -3,7 +3,7 @@
 One declared grid: the soft maps come from the device at the latent grid, are upsampled once to the
 image grid (where the labels, the CRF and the mask PNGs live; the device CRF may run at its own
 `crf_size`, see `crf.refine_labels`). `estimate_masks` takes a `maps(image, key)` function, so single
-runs and batched jobs (`learner.Program.maps`) share it. Pure helpers (`masks.py`) do the per-pixel work.
+runs and batched jobs (`em.stages.Stages.maps`) share it. Pure helpers (`labels.py`) do the per-pixel work.
 """
 
 from __future__ import annotations
@@ -113,10 +113,6 @@ def estimate_masks(maps, images_u8, owner_C, kinds, tokens, key, background_leve
     for token in info["fallbacks"]:
         log.warning("mask of %s came out empty: using the top 5%% of its attention map instead", token)
     return out, raw_out, info
-
-
-def mean_iou(a_CxHxW, b_CxHxW) -> list[float]:
-    return [masks.iou(a, b) for a, b in zip(a_CxHxW, b_CxHxW)]
 
 
 def tied_concepts(setup) -> tuple[tuple[int, ...], ...]:

@@ -24,10 +24,10 @@ def labels_from_maps(maps_KxHxW, background_level: float = 0.45) -> jnp.ndarray:
     return jnp.argmax(jnp.concatenate([bg, maps_KxHxW]), axis=0).astype(jnp.int32)
 
 
-def upsample_maps(maps_KxhxW, out_hw: tuple[int, int]) -> jnp.ndarray:
+def upsample_maps(maps_Kxhxw, out_hw: tuple[int, int]) -> jnp.ndarray:
     """Bilinear upsampling of token maps to image resolution, clamped to >= 0."""
-    k = maps_KxhxW.shape[0]
-    return jnp.maximum(jax.image.resize(maps_KxhxW, (k,) + tuple(out_hw), "bilinear"), 0.0)
+    k = maps_Kxhxw.shape[0]
+    return jnp.maximum(jax.image.resize(maps_Kxhxw, (k,) + tuple(out_hw), "bilinear"), 0.0)
 
 
 def masks_from_labels(labels_HxW: np.ndarray, num_concepts: int) -> np.ndarray:

@@ -220,13 +220,13 @@ def transformer_group_norm_pytorch_eps(module, hidden):
     return norm.apply({"params": module.variables["params"]}, hidden)
 
 
-def attention_with_probs(module, hidden_BxQxC, context_BxTxD):
+def attention_with_probs(module, hidden_BxQxF, context_BxTxD):
     """diffusers' FlaxAttention forward (non-chunked path) that also returns probs (B x heads x Q x T)."""
     heads, dim_head = module.heads, module.dim_head
-    q = module.query(hidden_BxQxC)
+    q = module.query(hidden_BxQxF)
     k = module.key(context_BxTxD)
     v = module.value(context_BxTxD)
-    batch, num_q, num_t = hidden_BxQxC.shape[0], hidden_BxQxC.shape[1], context_BxTxD.shape[1]
+    batch, num_q, num_t = hidden_BxQxF.shape[0], hidden_BxQxF.shape[1], context_BxTxD.shape[1]
     if module.split_head_dim:
         q = q.reshape(batch, -1, heads, dim_head)
         k = k.reshape(batch, -1, heads, dim_head)
@@ -234,15 +234,15 @@ def attention_with_probs(module, hidden_BxQxC, context_BxTxD):
         scores = jnp.einsum("b t n h, b f n h -> b n f t", k, q) * dim_head**-0.5
         probs = nn.softmax(scores, axis=-1)
         out = jnp.einsum("b n f t, b t n h -> b f n h", probs, v).reshape(batch, -1, heads * dim_head)
-        probs_BxHxQxT = probs
+        probs_BxAxQxT = probs
     else:
         q, k, v = (module.reshape_heads_to_batch_dim(x) for x in (q, k, v))
         scores = jnp.einsum("b i d, b j d->b i j", q, k) * dim_head**-0.5
         probs = nn.softmax(scores, axis=2)
         out = module.reshape_batch_dim_to_heads(jnp.einsum("b i j, b j d -> b i d", probs, v))
-        probs_BxHxQxT = probs.reshape(batch, heads, num_q, num_t)
+        probs_BxAxQxT = probs.reshape(batch, heads, num_q, num_t)
     out = module.proj_attn(out)
-    return module.dropout_layer(out, deterministic=True), probs_BxHxQxT
+    return module.dropout_layer(out, deterministic=True), probs_BxAxQxT
 
 
 # ---------------------------------------------------------------- UNet / VAE
@@ -542,15 +542,15 @@ def clip_image_features(module, params, pixels_BxSxSx3):
     return module.apply({"params": params}, pixels_BxSxSx3, method=features)
 
 
-def clip_text_features(module, params, ids_BxL, mask_BxL):
+def clip_text_features(module, params, ids_BxT, mask_BxT):
     """Projected text features (not normalised): the end-token state of the text tower, projected."""
-    position_ids = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1], dtype=jnp.int32), ids_BxL.shape)
+    position_ids = jnp.broadcast_to(jnp.arange(ids_BxT.shape[1], dtype=jnp.int32), ids_BxT.shape)
 
     def features(m, ids, mask, pos):
         pooled = m.text_model(input_ids=ids, attention_mask=mask, position_ids=pos, deterministic=True)[1]
         return m.text_projection(pooled)
 
-    return module.apply({"params": params}, ids_BxL, mask_BxL, position_ids, method=features)
+    return module.apply({"params": params}, ids_BxT, mask_BxT, position_ids, method=features)
 
 
 def clip_vision_layer_states(module, params, pixels_BxSxSx3) -> tuple:

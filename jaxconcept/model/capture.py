@@ -9,7 +9,7 @@ function, so this works under `jax.jit` (around a compiled function it would do 
 
 Every UNet application of the package is here (`unet_with_attention`, `unet_eps`); each runs
 `_pytorch_faithful`, which restores the PyTorch model's exact GELU and GroupNorm eps where diffusers' Flax
-port differs. The diffusers internals these rely on are named only in `adapter.py`.
+port differs. The diffusers internals these rely on are named only in `model/adapter.py`.
 """
 
 from __future__ import annotations
@@ -105,28 +105,28 @@ def _collect(tree, prefix=()) -> dict[str, jnp.ndarray]:
     return out
 
 
-def unet_with_attention(unet, unet_params, latents_BxCxhxw, timesteps_B, context_BxTxD,
+def unet_with_attention(unet, unet_params, latents_BxZxhxw, timesteps_B, context_BxTxD,
                         selector: LayerSelector = ALL_LAYERS):
-    """(eps_BxCxhxw, {layer path: probs_BxHxQxT}) for the cross-attention layers the selector keeps."""
-    latent_hw = tuple(latents_BxCxhxw.shape[2:])
+    """(eps_BxZxhxw, {layer path: probs_BxAxQxT}) for the cross-attention layers the selector keeps."""
+    latent_hw = tuple(latents_BxZxhxw.shape[2:])
     with nn.intercept_methods(_pytorch_faithful), nn.intercept_methods(functools.partial(_interceptor, selector, latent_hw)):
         out, state = unet.apply(
-            {"params": unet_params}, latents_BxCxhxw, timesteps_B, context_BxTxD, mutable=[COLLECTION]
+            {"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD, mutable=[COLLECTION]
         )
     return out.sample, _collect(state.get(COLLECTION, {}))
 
 
-def unet_eps(unet, unet_params, latents_BxCxhxw, timesteps_B, context_BxTxD):
+def unet_eps(unet, unet_params, latents_BxZxhxw, timesteps_B, context_BxTxD):
     """The UNet's noise prediction, no capture."""
     with nn.intercept_methods(_pytorch_faithful):
-        return unet.apply({"params": unet_params}, latents_BxCxhxw, timesteps_B, context_BxTxD).sample
+        return unet.apply({"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD).sample
 
 
-def layer_names(unet, unet_params, latents_BxCxhxw, context_BxTxD, selector: LayerSelector = ALL_LAYERS):
+def layer_names(unet, unet_params, latents_BxZxhxw, context_BxTxD, selector: LayerSelector = ALL_LAYERS):
     """{layer path: (grid_hw, heads)} of captured layers, from shapes only (no compute)."""
-    t = jnp.zeros((latents_BxCxhxw.shape[0],), jnp.int32)
+    t = jnp.zeros((latents_BxZxhxw.shape[0],), jnp.int32)
     _, maps = jax.eval_shape(
-        functools.partial(unet_with_attention, unet, selector=selector), unet_params, latents_BxCxhxw, t, context_BxTxD
+        functools.partial(unet_with_attention, unet, selector=selector), unet_params, latents_BxZxhxw, t, context_BxTxD
     )
-    hw = tuple(latents_BxCxhxw.shape[2:])
+    hw = tuple(latents_BxZxhxw.shape[2:])
     return {k: (grid_of(v.shape[2], hw), v.shape[1]) for k, v in maps.items()}

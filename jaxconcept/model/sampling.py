@@ -19,7 +19,7 @@ from . import adapter, capture, diffusion, tokens
 from .loading import ModelBundle
 
 
-def guided_sample(eps_fn, scheduler, sched_state, noise_BxCxhxw, cond_BxTxD, uncond_BxTxD,
+def guided_sample(eps_fn, scheduler, sched_state, noise_BxZxhxw, cond_BxTxD, uncond_BxTxD,
                   num_steps: int, guidance):
     """Latents after `num_steps` scheduler steps from `noise`; eps = uncond + g (cond - uncond).
 
@@ -29,10 +29,10 @@ def guided_sample(eps_fn, scheduler, sched_state, noise_BxCxhxw, cond_BxTxD, unc
     The conditional and unconditional halves run as one batch of 2B through the UNet. `guidance` may be
     a traced scalar (a sweep over guidance reuses one program).
     """
-    state = scheduler.set_timesteps(sched_state, num_steps, noise_BxCxhxw.shape)
-    latents = noise_BxCxhxw * state.init_noise_sigma
+    state = scheduler.set_timesteps(sched_state, num_steps, noise_BxZxhxw.shape)
+    latents = noise_BxZxhxw * state.init_noise_sigma
     context_2BxTxD = jnp.concatenate([uncond_BxTxD, cond_BxTxD])
-    batch = noise_BxCxhxw.shape[0]
+    batch = noise_BxZxhxw.shape[0]
     # PNDM's PLMS warm-up evaluates the model once more than num_steps: loop over its own timestep list
     num_evals = state.timesteps.shape[0]
 
@@ -69,7 +69,7 @@ def make_sampler(bundle: ModelBundle, scheduler: str = "ddim", num_steps: int = 
 
 
 def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None):
-    """Jitted (params, rows_NxD, noise_BxCxhxw, cond_ids_BxL, uncond_ids_BxL, guidance) -> images B x H x W x 3.
+    """Jitted (params, rows_NxD, noise_BxZxhxw, cond_ids_BxT, uncond_ids_BxT, guidance) -> images B x H x W x 3.
 
     Params, the concept rows and guidance are replicated; noise, ids and images are split over the mesh's
     data axis (B must be a multiple of its size). `concept_ids` (static) are the rows' vocabulary ids;

@@ -63,15 +63,15 @@ def splice_rows(table_VxD, ids_N, rows_NxD):
     return table_VxD.at[ids_N].set(rows_NxD.astype(table_VxD.dtype))
 
 
-def text_hidden_states(text_encoder, text_params, input_ids_BxL, concept_ids_N=None, rows_NxD=None):
+def text_hidden_states(text_encoder, text_params, input_ids_BxT, concept_ids_N=None, rows_NxD=None):
     """Last hidden states of the CLIP text encoder (what SD's UNet attends to), with optional spliced rows."""
     if rows_NxD is not None:
         table = splice_rows(embedding_table(text_params), concept_ids_N, rows_NxD)
         text_params = with_embedding_table(text_params, table)
-    batch, length = input_ids_BxL.shape
+    batch, length = input_ids_BxT.shape
     position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     out = text_encoder.apply(
-        {"params": text_params}, input_ids_BxL, jnp.ones_like(input_ids_BxL), position_ids, deterministic=True
+        {"params": text_params}, input_ids_BxT, jnp.ones_like(input_ids_BxT), position_ids, deterministic=True
     )
     return out[0]
 
@@ -92,12 +92,12 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int) -> np.ndarray:
     return np.asarray(enc.input_ids, np.int32)
 
 
-def token_positions(ids_L: np.ndarray, concept_ids: Sequence[int]) -> list[int]:
+def token_positions(ids_T: np.ndarray, concept_ids: Sequence[int]) -> list[int]:
     """Position of each concept id in one tokenized prompt (-1 where absent)."""
-    ids_L = np.asarray(ids_L)
+    ids_T = np.asarray(ids_T)
     out = []
     for cid in concept_ids:
-        where = np.flatnonzero(ids_L == cid)
+        where = np.flatnonzero(ids_T == cid)
         out.append(int(where[0]) if where.size else -1)
     return out
 

@@ -18,7 +18,7 @@ Command-line form (`parse_concepts_arg`), one image per argument::
   ``+`` (``purple+ring``) start it at the mean of their embeddings.
 * KIND: ``object`` (default) or ``background``.
 * MASK: a mask file of the image's size as displayed (after its EXIF orientation; white = the concept), for
-  training with user masks, cropped or padded like its image (`resize`, see `jaxconcept.images`); it is the
+  training with user masks, cropped or padded like its image (`resize`, see `jaxconcept.runio.images`); it is the
   rest of the item after the first ``@``, so it may hold ``/``, ``:`` and ``@`` but not ``,``.
 * Spaces around items are ignored (``a.png:<a>, <b>``).
 
@@ -306,20 +306,20 @@ def _validate_concept(c: ConceptSpec, path: str) -> None:
 class Inputs:
     """Loaded images and their concepts, flattened over images in order (C concepts, N images)."""
 
-    images_NxHxWx3: np.ndarray          # float32 in [-1, 1]
+    images_IxHxWx3: np.ndarray          # float32 in [-1, 1]
     names: tuple[str, ...]              # image stems, made unique ("a", "a_2")
     paths: tuple[str, ...]
     concepts: tuple[ConceptSpec, ...]
     owner_C: np.ndarray                 # int32: index of the image each concept belongs to
     kinds: tuple[str, ...]
     user_masks: tuple[np.ndarray | None, ...]  # per concept: H x W bool (cropped and resized like its image)
-    valid_NxHxW: np.ndarray | None = None      # bool: False on padding (resize "pad"); None: no padding anywhere
+    valid_IxHxW: np.ndarray | None = None      # bool: False on padding (resize "pad"); None: no padding anywhere
 
     def valid(self, image_index: int) -> np.ndarray:
         """H x W bool: where image `image_index`'s frame shows the image (False on padding)."""
-        if self.valid_NxHxW is None:
-            return np.ones(self.images_NxHxWx3.shape[1:3], bool)
-        return self.valid_NxHxW[image_index]
+        if self.valid_IxHxW is None:
+            return np.ones(self.images_IxHxWx3.shape[1:3], bool)
+        return self.valid_IxHxW[image_index]
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -476,17 +476,17 @@ def load(specs: Sequence[ImageSpec] | ImageSpec, size: int | tuple[int, int], re
     out_hw = _frame(size)
     loaded = [_load_image(s, out_hw, resize) for s in specs]
     masks = [m for s, (_, p) in zip(specs, loaded) for m in _image_masks(s, p)]
-    images_NxHxWx3 = np.stack([a for a, _ in loaded]).astype(np.float32)
-    valid_NxHxW = np.stack([images.valid_region(p) for _, p in loaded])
+    images_IxHxWx3 = np.stack([a for a, _ in loaded]).astype(np.float32)
+    valid_IxHxW = np.stack([images.valid_region(p) for _, p in loaded])
     owner_C = np.asarray([i for i, s in enumerate(specs) for _ in s.concepts], np.int32)
-    for array in (images_NxHxWx3, owner_C, valid_NxHxW):
+    for array in (images_IxHxWx3, owner_C, valid_IxHxW):
         array.setflags(write=False)
     concepts = tuple(c for s in specs for c in s.concepts)
     return Inputs(
-        images_NxHxWx3=images_NxHxWx3, names=_unique_names([s.path for s in specs]),
+        images_IxHxWx3=images_IxHxWx3, names=_unique_names([s.path for s in specs]),
         paths=tuple(s.path for s in specs), concepts=concepts, owner_C=owner_C,
         kinds=tuple(c.kind for c in concepts), user_masks=tuple(masks),
-        valid_NxHxW=None if valid_NxHxW.all() else valid_NxHxW,
+        valid_IxHxW=None if valid_IxHxW.all() else valid_IxHxW,
     )
 
 

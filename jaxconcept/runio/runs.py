@@ -25,9 +25,9 @@ class LoadedRun:
     rows_NxD: jnp.ndarray
     run_dir: str
 
-    def hidden_states(self, ids_BxL):
+    def hidden_states(self, ids_BxT):
         """Text conditioning with the learned rows spliced in."""
-        return tokens.text_hidden_states(self.bundle.text_encoder, self.bundle.params["text_encoder"], ids_BxL,
+        return tokens.text_hidden_states(self.bundle.text_encoder, self.bundle.params["text_encoder"], ids_BxT,
                                          self.concept_ids, self.rows_NxD)
 
 
