@@ -32,7 +32,7 @@ for the attention loss (SDPA everywhere else); the sample runs the cond/uncond h
 
 Also reported: compile time (ours) and first-call time (torch) separately; the E-step's share of the EM
 wall time with an E-step every 50 token steps, E / (50 token + E); FLOPs per step from XLA's cost analysis
-of our compiled programs and, for sd15, from DESIGN §6's cost model (area-scaled off 512 px), the achieved
+of our compiled programs and, for sd15, from docs/method.md §7's cost model (area-scaled off 512 px), the achieved
 TFLOP/s and, on a GPU, the fraction of the measured (bf16 matmul) and quoted bf16 peak. Everything goes to
 DIR/speed.json (default runs/speed).
 
@@ -113,7 +113,7 @@ class BenchConfig:
     words: tuple[str, ...] = model.TINY_WORDS
     vocab_size: int = 0  # pad the token table to this many rows (0: the tokenizer's own size)
     attn_factor: int = 4  # attention loss at latent / attn_factor (Break-a-Scene: the 16x16 layers)
-    estep_factors: tuple[int, ...] = (4, 2)  # E-step maps at latent / f for each f (DESIGN §3: 16 and 32)
+    estep_factors: tuple[int, ...] = (4, 2)  # E-step maps at latent / f for each f (docs/method.md §4: 16 and 32)
     estep_timesteps: int = 50  # T of the E-step's attention pass
 
     def build(self, dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
@@ -144,9 +144,9 @@ LABELS = {"token": "token step", "joint": "joint step", "e_attn": "E-step attent
 ESTEP_EVERY = 50
 TOKEN_LR, JOINT_LR, CLIP, WEIGHT_DECAY, ATTN_WEIGHT, GUIDANCE = 5e-4, 2e-6, 1.0, 1e-2, 0.01, 7.5
 BACKGROUND_LEVEL = 0.55
-# DESIGN §6, SD 1.5 at 512 px, batch 1 (TFLOP)
+# docs/method.md §7, SD 1.5 at 512 px, batch 1 (TFLOP)
 SD15_TFLOP = {"unet_forward": 0.80, "unet_fwd_bwd_all": 2.39, "unet_fwd_bwd_text": 1.67, "sample_50": 82.0}
-# bf16 dense peaks (FLOP/s) by device kind: DESIGN §6's measured H100 figure, vendors' figures otherwise
+# bf16 dense peaks (FLOP/s) by device kind: docs/method.md §7's measured H100 figure, vendors' figures otherwise
 QUOTED_BF16_PEAK = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 CONCEPTS = (("<c1>", "dog", "object"), ("<c2>", "cat", "object"), ("<bg>", "background", "background"))
 
@@ -540,7 +540,7 @@ def torch_attention_maps(store: list, grid: int, positions):
 
 
 def torch_concept_loss(tm: TorchModels, store: list, batch: dict, grid: int):
-    """L_mask + 0.01 L_attn of one batch, as steps.concept_loss computes it (DESIGN §2)."""
+    """L_mask + 0.01 L_attn of one batch, as steps.concept_loss computes it (docs/method.md §2)."""
     import torch
     import torch.nn.functional as F
 
@@ -738,7 +738,7 @@ def run_torch(work: Workload, groups, dtype: str, iters: int, warmup: int, seed:
 
 
 def model_flops(work: Workload) -> dict:
-    """DESIGN §6's cost model (SD 1.5, 512 px) per step, area-scaled to the resolution; {} for other configs."""
+    """docs/method.md §7's cost model (SD 1.5, 512 px) per step, area-scaled to the resolution; {} for other configs."""
     if work.bench.name != "sd15":
         return {}
     s = (work.resolution / 512) ** 2
@@ -860,8 +860,8 @@ def format_tables(result: dict) -> str:
             line += (f" | {_pair(r, f'ours_fraction_of_{peak_key}', 100, '.1f'):>24}"
                      f" | {_pair(r, f'torch_fraction_of_{peak_key}', 100, '.1f'):>25}")
         lines.append(line)
-    lines.append("FLOPs: XLA's cost analysis of our compiled programs / DESIGN §6's cost model (sd15 only); torch is "
-                 "credited with the same FLOPs.")
+    lines.append("FLOPs: XLA's cost analysis of our compiled programs / docs/method.md §7's cost model (sd15 only); "
+                 "torch is credited with the same FLOPs.")
     if peak_key:
         lines.append(f"bf16 peak: measured {_f(peak.get('measured') and peak['measured'] / 1e12, '.0f')} TFLOP/s "
                      f"(jax bf16 matmul), quoted {_f(peak.get('quoted') and peak['quoted'] / 1e12, '.0f')} TFLOP/s")

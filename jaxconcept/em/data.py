@@ -1,4 +1,4 @@
-"""Training data of one personalisation run, kept on device, and the per-step draw (DESIGN §2).
+"""Training data of one personalisation run, kept on device, and the per-step draw (docs/method.md §2).
 
 Everything a step needs is precomputed once on the host into small arrays:
 - latents per image and per flip (the VAE runs once: a flip is the only augmentation);
@@ -25,13 +25,13 @@ from ..errors import JaxconceptError
 
 TEMPLATE = "a photo of {}"
 JOINER = " and "
-# ordered subsets grow as N!; beyond this many concepts per image, subsets are drawn without ordering
+# ordered subsets grow as K!; beyond this many concepts per image, subsets are drawn without ordering
 MAX_ORDERED = 5
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptTable:
-    """P prompts: ids P x L, positions P x C (-1: concept absent), image P, weight P (sums to 1)."""
+    """P prompts: ids P x T, positions P x C (-1: concept absent), image P, weight P (sums to 1)."""
 
     ids_PxT: np.ndarray
     positions_PxC: np.ndarray

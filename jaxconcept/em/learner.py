@@ -1,4 +1,4 @@
-"""The EM concept learner (DESIGN §1): one loop around the pure steps, for a single run and for J jobs.
+"""The EM concept learner (docs/method.md §1): one loop around the pure steps, for a single run and J jobs.
 
     stage 1  tokens from init words (or a short unmasked inversion); masks from cross-attention + CRF
     stage 2  EM rounds: token optimisation (L_mask + lambda L_attn, one compiled step), each round followed
@@ -7,10 +7,11 @@
 
 The loop drives a `Stages`, the stage functions (initial state, token and joint steps, the maps of an image,
 mask placement): `stages.single_run_stages` for one run, `jobs.jobs_stages` for J vmapped jobs. Where to
-start is decided once, in order, from the newest checkpoint (`resume_point`); checkpoints after stage 1, every round, every
-`joint.checkpoint_every` joint steps and at the end make a run started again on its folder end exactly as
-an uninterrupted one. Preparing a run: `em/prepare.py`; E-step: `masks/estep.py`; checkpoints:
-`runio/checkpoints.py`; run folder: `runio/runfolder.py`. Usable from a notebook: `learn(get_config(), specs, "runs/x")`.
+start is decided once, in order, from the newest checkpoint (`resume_point`); checkpoints after stage 1,
+every round, every `joint.checkpoint_every` joint steps and at the end make a run started again on its
+folder end exactly as an uninterrupted one. Preparing a run: `em/prepare.py`; E-step: `masks/estep.py`;
+checkpoints: `runio/checkpoints.py`; run folder: `runio/runfolder.py`. Usable from a notebook:
+`learn(get_config(), specs, "runs/x")`.
 """
 
 from __future__ import annotations

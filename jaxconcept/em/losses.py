@@ -1,4 +1,4 @@
-"""The token-optimisation losses (DESIGN §2), as pure functions of arrays.
+"""The token-optimisation losses (docs/method.md §2), as pure functions of arrays.
 
 The UNet's output is compared with its training target: the noise for epsilon models, v for v-prediction
 models (`diffusion.training_target`); "noise" below is that target.

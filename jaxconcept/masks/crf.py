@@ -1,4 +1,4 @@
-"""Multi-label DenseCRF refinement of concept masks (DESIGN §4), run between device steps: on the host
+"""Multi-label DenseCRF refinement of concept masks (docs/method.md §5), run between device steps: on the host
 (pydensecrf) or on the device (exact CRF in JAX, `crf_exact`).
 
 Method (CutLER's MaskCut refinement, extended from fg/bg to background + K concepts):
@@ -10,7 +10,7 @@ Method (CutLER's MaskCut refinement, extended from fg/bg to background + K conce
   terms, tuned by CutLER against that gap, keep the same strength. The current label then gets
   e^g / (e^g + L − 1) (0.731 for L = 2, 0.576 for L = 3), the others share the rest equally.
   `CRFParams.confidence` is the two-label probability (0.731 ↔ g = 1).
-  With soft maps m_k ∈ [0, 1] (per-concept, normalised per token, DESIGN §3) the logits are
+  With soft maps m_k ∈ [0, 1] (per-concept, normalised per token, docs/method.md §4) the logits are
   g·[1 − max_k m_k, m_1, …, m_K]: for K = 1 this is exactly CutLER's [1 − m, m], and hard 0/1 maps give
   the same unary as hard labels.
 - Pairwise: Gaussian (sxy 3, compat 7) + bilateral (sxy 50, srgb 5, compat 10), Potts compatibility,

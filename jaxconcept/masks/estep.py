@@ -1,4 +1,4 @@
-"""The E-step on the host: masks of every image's concepts from their cross-attention maps (DESIGN §3, §4).
+"""The E-step on the host: masks of every image's concepts from their cross-attention maps (docs/method.md §4, §5).
 
 One declared grid: the soft maps come from the device at the latent grid, are upsampled once to the
 image grid (where the labels, the CRF and the mask PNGs live; the device CRF may run at its own

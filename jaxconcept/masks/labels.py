@@ -1,4 +1,4 @@
-"""Masks from cross-attention maps (DESIGN §3): one label per pixel, then host-side clean-up.
+"""Masks from cross-attention maps (docs/method.md §4): one label per pixel, then host-side clean-up.
 
 `labels_from_maps` is pure JAX: concept maps (normalised per token) are stacked with a constant
 background channel and the argmax gives non-overlapping labels (0 = background, k + 1 = concept k).
