@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     # together (16 and 8 samples per run, SE ~12 points): equal within noise, so kept. SD presets use
     # Break-a-Scene's 2e-6
     c.joint = ml_collections.ConfigDict(dict(steps=400, lr=1e-4, text_encoder=False, remat="none",
-                                             optimizer="adamw", checkpoint_every=100))
+                                             optimizer="adamw", checkpoint_every=100, clip=1.0, weight_decay=1e-2))
     # devices: a (data, fsdp) mesh over all of them; fsdp > 1 splits the joint stage's UNet, gradients and
     # optimiser state over groups of fsdp devices (and the frozen UNet too with shard_frozen)
     c.mesh = ml_collections.ConfigDict(dict(fsdp=1, shard_frozen=False, fsdp_min_size=2 ** 14))

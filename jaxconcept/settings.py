@@ -89,6 +89,8 @@ class Joint:
     remat: str
     optimizer: str
     checkpoint_every: int  # joint steps between checkpoints; 0 = only at the end
+    clip: float  # global gradient-norm clip of the joint optimiser
+    weight_decay: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +256,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "joint.remat": _choice(REMATS),
     "joint.optimizer": _choice(OPTIMIZERS),
     "joint.checkpoint_every": _integer(0),
+    "joint.clip": _number(0.0, above=True),
+    "joint.weight_decay": _number(0.0),
     "mesh.fsdp": _integer(1),
     "mesh.shard_frozen": _boolean,
     "mesh.fsdp_min_size": _integer(0),

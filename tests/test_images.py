@@ -187,9 +187,7 @@ def _e_step(setup, maps_fn):
     from jaxconcept.masks import estep
 
     maps = lambda i, key: maps_fn(None, None, None, None, None, key)  # noqa: E731
-    return estep.estimate_masks(maps, setup.images_u8, setup.inputs.owner_C, setup.inputs.kinds,
-                                setup.concepts.tokens, jax.random.key(0), 0.55, False, 0.5, ("host", None),
-                                valid=setup.inputs.valid)
+    return estep.estimate_masks(maps, setup, jax.random.key(0), estep.MaskRules(0.55, use_crf=False))
 
 
 def test_the_learner_keeps_the_padding_outside_every_estimated_mask(tiny, tmp_path):

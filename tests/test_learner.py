@@ -68,11 +68,17 @@ class StepCounter:
             fn = self.original(*a, **k)
             entry = {"jitted": fn, "calls": 0}
             self.made.append(entry)
+            bind = fn.bind
 
-            def counted(*args):
-                entry["calls"] += 1
-                return fn(*args)
-            return counted
+            def counting_bind(*fixed):
+                step = bind(*fixed)
+
+                def counted(state, masks):
+                    entry["calls"] += 1
+                    return step(state, masks)
+                return counted
+            fn.bind = counting_bind
+            return fn
 
         steps.make_train_step = recording
         return self
@@ -130,8 +136,8 @@ def test_another_run_of_the_same_model_reuses_the_traced_step(scene_dir, monkeyp
     from jaxconcept import load_model
 
     traced = []
-    real = steps._step
-    monkeypatch.setattr(steps, "_step", lambda *a: traced.append(1) or real(*a))
+    real = steps.concept_loss
+    monkeypatch.setattr(steps, "concept_loss", lambda *a, **k: traced.append(1) or real(*a, **k))
     mesh = sharding.make_mesh(jax.devices()[:1])
 
     def lower(bundle, cfg=steps.LossConfig()):
@@ -280,9 +286,9 @@ def test_same_noise_e_steps_draw_one_key_and_move_only_with_the_rows(scene_dir, 
     that do not move (an lr of 1e-12) the masks do not move either; each round without it draws its own key."""
     keys, original = [], estep.estimate_masks
 
-    def recording(maps, *args, **kwargs):
-        keys.append(np.asarray(jax.random.key_data(args[4])))
-        return original(maps, *args, **kwargs)
+    def recording(maps, setup, key, *args, **kwargs):
+        keys.append(np.asarray(jax.random.key_data(key)))
+        return original(maps, setup, key, *args, **kwargs)
 
     monkeypatch.setattr(estep, "estimate_masks", recording)
     cfg = _cfg(**{"masks.same_noise": True, "tokens.lr": 1e-12, "joint.steps": 0})
@@ -382,7 +388,7 @@ def test_assign_masks_from_noisy_maps_crf_helps_and_background_takes_the_rest():
     soft = np.clip(soft / soft.max(axis=(1, 2), keepdims=True) + 0.1 * rng.random(soft.shape), 0, 1)
     soft = np.concatenate([soft, np.zeros((1, 48, 48), np.float32)])  # background concept: no map of its own
     kinds = ["object", "object", "background"]
-    got, raw, info = estep.assign_masks(soft, image, kinds, 0.45, use_crf=True)
+    got, raw, info = estep.assign_masks(soft, image, kinds, estep.MaskRules(0.45))
     from jaxconcept.masks import labels as masks
 
     for k, truth in enumerate((a, b)):
@@ -397,7 +403,7 @@ def test_assign_masks_never_returns_an_empty_mask():
     image, a, _ = _two_discs()
     soft = np.stack([a.astype(np.float32), np.full((48, 48), 0.2, np.float32)])  # 2nd below the level
     soft[1, 40:, 40:] = 0.3
-    got, _, info = estep.assign_masks(soft, image, ["object", "object"], 0.45, use_crf=True)
+    got, _, info = estep.assign_masks(soft, image, ["object", "object"], estep.MaskRules(0.45))
     assert got[1].any() and info["fallbacks"] == [1]
     assert not (got[0] & got[1]).any()
 
@@ -441,7 +447,8 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
     frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
     loss = lambda data: steps.concept_loss(  # noqa: E731
         {"rows": jax.numpy.asarray(st.concepts.init_rows)}, frozen, data, masks, jax.random.key(3),
-        model=steps.step_model(st.bundle), concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig())
+        statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig()),
+        concept_ids_N=jax.numpy.asarray(st.concepts.ids))
     uncached = {k: v for k, v in st.run_data.items() if k != "prior_context"}
     (a, ma), (b, _) = jax.jit(loss)(st.run_data), jax.jit(loss)(uncached)  # eager, the UNet costs 3x the compile
     assert float(a) == pytest.approx(float(b), rel=1e-6) and float(ma["loss_prior"]) > 0
@@ -504,8 +511,9 @@ def test_remat_dots_and_full_give_the_gradients_of_no_remat(scene_dir):
 
     def grads(remat):
         loss = lambda p: steps.concept_loss(  # noqa: E731
-            p, frozen, st.run_data, masks, jax.random.key(1), model=steps.step_model(st.bundle),
-            concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig(remat=remat))[0]
+            p, frozen, st.run_data, masks, jax.random.key(1),
+            statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(remat=remat)),
+            concept_ids_N=jax.numpy.asarray(st.concepts.ids))[0]
         return jax.jit(jax.grad(loss))(trainable)
 
     plain = grads("none")

@@ -192,8 +192,8 @@ def test_v_prediction_models_train_on_v(tiny, tmp_path, monkeypatch):
         for kind in ("epsilon", "v_prediction"):
             oracle["kind"] = kind
             _, metrics = steps.concept_loss({"rows": jnp.asarray(setup.concepts.init_rows)}, b.params, run_data, masks,
-                                            jax.random.key(0), model=steps.step_model(b), concept_ids=jnp.asarray(setup.concepts.ids),
-                                            cfg=steps.LossConfig())
+                                            jax.random.key(0), steps.StepStatics(steps.step_model(b), steps.LossConfig()),
+                                            jnp.asarray(setup.concepts.ids))
             losses[trained, kind] = float(metrics["loss_mask"])
     assert losses["v_prediction", "v_prediction"] < 1e-8 and losses["epsilon", "epsilon"] < 1e-8, losses
     assert losses["v_prediction", "epsilon"] > 1e-2 and losses["epsilon", "v_prediction"] > 1e-2, losses

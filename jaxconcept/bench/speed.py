@@ -361,8 +361,8 @@ def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "ho
     where = ("host", None) if crf == "host" else ("device", tuple(latent_hw))
 
     def call():
-        info.update(estep.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds), BACKGROUND_LEVEL, True, 0.5,
-                                         *where)[2])
+        info.update(estep.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds),
+                                       estep.MaskRules(BACKGROUND_LEVEL, True, 0.5, *where))[2])
 
     out = time_calls(call, iters, 1)
     return dict(out, crf_seconds_inside=info.get("crf_seconds"))

@@ -36,7 +36,7 @@ from . import learner, steps
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
 from .prepare import check_inputs, prepare, truth_masks
-from .stages import Job, Stages, latent_masks, loss_config, stage_keys
+from .stages import Job, Stages, latent_masks, loss_config, stage_keys, stage_optimizers
 
 
 def _internal_specs(specs, j: int):
@@ -91,19 +91,18 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
     per_job = lambda key: sharding.put(jnp.stack([key] * num_jobs), job_sh)  # noqa: E731  (each as run alone)
     maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
                                        s.masks.num_timesteps, setups[0].latent_hw, mesh)
-    token_opt = steps.make_optimizer(s.tokens.lr, s.tokens.clip, s.tokens.weight_decay)
-    joint_opt = steps.make_optimizer(s.joint.lr, s.tokens.clip, s.tokens.weight_decay, s.joint.optimizer)
+    opts = stage_optimizers(s)
+    token_opt, joint_opt = opts["token"], opts["joint"]
     rows0 = [jnp.asarray(st.concepts.init_rows) for st in setups]
 
     def stage_step(cfg, opt, frozen_part, key):
-        fn, keys_j = steps.make_jobs_step(b, cfg, opt, mesh, num_jobs), per_job(key)
-        return lambda state, m: fn(state, frozen_part, run_data, m, keys_j, ids_JxN)
+        return steps.make_jobs_step(b, cfg, opt, mesh, num_jobs).bind(frozen_part, run_data, per_job(key), ids_JxN)
 
     def states(rows_list, opt):
         return sharding.put(_stack([steps.init_state({"rows": r}, opt) for r in rows_list]), job_sh)
 
     def inversion():
-        inv_opt = steps.make_optimizer(s.init.inversion_lr, s.tokens.clip, s.tokens.weight_decay)
+        inv_opt = opts["inversion"]
         step = stage_step(dataclasses.replace(loss_cfg, attn_weight=0.0), inv_opt, frozen, keys["inversion"])
         to_token = lambda inv: states(list(distributed.to_host(inv["params"]["rows"])), token_opt)  # noqa: E731
         return states(rows0, inv_opt), step, to_token

@@ -216,12 +216,9 @@ def e_step(loop: Loop, state, r: int, prevs=None):
     got = []
     for j, job in enumerate(loop.jobs):
         st = job.setup
-        where = crf_where(s, st.images_u8.shape[1:3], st.latent_hw)
-        got.append(estep.estimate_masks(
-            lambda i, k, j=j: stages.maps(j, rows[j], i, k), st.images_u8, st.inputs.owner_C, st.inputs.kinds,
-            st.concepts.tokens, key, s.masks.background_level, s.masks.crf, s.masks.crf_min_iou, where,
-            valid=st.inputs.valid, previous=None if prevs is None else prevs[j], mask_prior=s.masks.mask_prior,
-            hysteresis=s.masks.crf_hysteresis, ties=estep.split_ties(st)))
+        rules = estep.MaskRules.of(s.masks, crf_where(s, st.images_u8.shape[1:3], st.latent_hw))
+        got.append(estep.estimate_masks(lambda i, k, j=j: stages.maps(j, rows[j], i, k), st, key, rules,
+                                        previous=None if prevs is None else prevs[j]))
     return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
 
 

@@ -59,6 +59,14 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
                             prior_weight=s.prior.weight, **changes)
 
 
+def stage_optimizers(s: settings.Settings) -> dict:
+    """Each stage's optimiser from its own settings: the inversion and the token stage's from `tokens`, the joint
+    stage's from `joint` (`steps.make_optimizer` returns one object per setting: a static argument)."""
+    return {"inversion": steps.make_optimizer(s.init.inversion_lr, s.tokens.clip, s.tokens.weight_decay),
+            "token": steps.make_optimizer(s.tokens.lr, s.tokens.clip, s.tokens.weight_decay),
+            "joint": steps.make_optimizer(s.joint.lr, s.joint.clip, s.joint.weight_decay, s.joint.optimizer)}
+
+
 def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Setup]:
     """The stage functions of one run: the frozen weights replicated (or FSDP-split with mesh.shard_frozen)."""
     b, place, min_size = st.bundle, (lambda tree: sharding.put_replicated(tree, mesh)), s.mesh.fsdp_min_size
@@ -73,22 +81,20 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
         return steps.make_train_step(b, st.concepts.ids, cfg, opt, mesh, state_shardings=state_shardings,
                                      frozen_shardings=fsh)
 
-    token_opt = steps.make_optimizer(s.tokens.lr, s.tokens.clip, s.tokens.weight_decay)
-    token_fn = make(loss_cfg, token_opt)
+    opts = stage_optimizers(s)
+    token_opt, joint_opt = opts["token"], opts["joint"]
     maps_fn = steps.make_concept_maps(b, st.concepts.ids, capture.LayerSelector(resolutions=s.masks.resolutions),
                                       s.masks.num_timesteps, st.latent_hw, mesh, frozen_shardings=frozen_sh)
     keys = stage_keys(s.seed)
     te = s.joint.text_encoder
     joint_frozen = {} if te else {"text_encoder": frozen["text_encoder"]}
-    joint_opt = steps.make_optimizer(s.joint.lr, s.tokens.clip, s.tokens.weight_decay, s.joint.optimizer)
     trainable = lambda rows: {"rows": rows, "unet": b.params["unet"],  # noqa: E731
                               **({"text_encoder": b.params["text_encoder"]} if te else {})}
 
     def inversion():
-        inv_opt = steps.make_optimizer(s.init.inversion_lr, s.tokens.clip, s.tokens.weight_decay)
-        inv_fn = make(dataclasses.replace(loss_cfg, attn_weight=0.0), inv_opt)
-        return (place(steps.init_state({"rows": rows0}, inv_opt)),
-                lambda state, m: inv_fn(state, frozen, run_data, m, keys["inversion"]),
+        inv_fn = make(dataclasses.replace(loss_cfg, attn_weight=0.0), opts["inversion"])
+        return (place(steps.init_state({"rows": rows0}, opts["inversion"])),
+                inv_fn.bind(frozen, run_data, keys["inversion"]),
                 lambda inv: place(steps.init_state({"rows": inv["params"]["rows"]}, token_opt)))
 
     def joint_state(token_state):
@@ -103,12 +109,12 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
         state_sh = sharding.fsdp_shardings(state, mesh, min_size)
         fn = make(dataclasses.replace(loss_cfg, remat=s.joint.remat), joint_opt, state_shardings=state_sh,
                   fsh=None if frozen_sh is None else {k: frozen_sh[k] for k in joint_frozen})
-        return lambda state, m: fn(state, joint_frozen, run_data, m, keys["joint"])
+        return fn.bind(joint_frozen, run_data, keys["joint"])
 
     stages = Stages(
         jobs=1, batched=False, initial_state=lambda: place(steps.init_state({"rows": rows0}, token_opt)),
         inversion=inversion if s.init.steps else None,
-        token_step=lambda state, m: token_fn(state, frozen, run_data, m, keys["token"]),
+        token_step=make(loss_cfg, token_opt).bind(frozen, run_data, keys["token"]),
         joint_state=joint_state, joint_step=joint_step, rows=lambda state: [state["params"]["rows"]],
         maps=lambda j, rows, i, key: maps_fn(rows, frozen, run_data["latents"][i, 0],
                                              jnp.asarray(st.image_ids_IxT[i]), jnp.asarray(st.image_positions_IxC[i]),

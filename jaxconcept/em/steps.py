@@ -113,10 +113,31 @@ class Bound:
     def lower(self, *args):
         return self.jitted.lower(*self.statics, *args)
 
+    def bind(self, frozen, run_data, key, *rest):
+        """(state, masks) -> (state, metrics): a train step with a stage's fixed arrays bound, as the loop calls it
+        (`jit(state, frozen, run_data, masks, key, *rest)` underneath)."""
+        jitted, statics = self.jitted, self.statics
 
-def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, model: StepModel, concept_ids,
-                 cfg: LossConfig, mesh: Mesh | None = None):
+        def step(state, masks):
+            return jitted(*statics, state, frozen, run_data, masks, key, *rest)
+
+        return step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStatics:
+    """What a train step's program is specialised on (hashable: static, the compiled program's identity)."""
+
+    model: StepModel
+    cfg: LossConfig
+    opt: optax.GradientTransformation | None = None  # None: the loss alone
+    mesh: Mesh | None = None  # the batch's sharding constraint (None inside the jobs' vmap)
+    concept_ids: tuple[int, ...] | None = None  # the rows' vocabulary ids; None: an argument (jobs, traced)
+
+
+def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepStatics, concept_ids_N):
     """L_mask + lambda * L_attn (+ prior) for one drawn batch; returns (loss, metrics)."""
+    model, cfg, mesh, concept_ids = statics.model, statics.cfg, statics.mesh, concept_ids_N
     # joint tuning moves the UNet (and optionally the text encoder) from `frozen` into `trainable`
     text_params = trainable["text_encoder"] if "text_encoder" in trainable else frozen["text_encoder"]
     unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
@@ -166,21 +187,18 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, *, model: StepMo
     return total, metrics
 
 
-def _step(model: StepModel, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids):
-    """One optimisation step of one job: the step's randomness is fold_in(base_key, step)."""
-    loss_fn = functools.partial(concept_loss, model=model, concept_ids=concept_ids, cfg=cfg, mesh=mesh)
+def train_step(statics: StepStatics, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids_N=None):
+    """One optimisation step of one job: the step's randomness is fold_in(base_key, step). The concept ids are
+    `statics.concept_ids` (a single run), or `concept_ids_N` (traced: each of the vmapped jobs its own)."""
+    ids_N = jnp.asarray(statics.concept_ids if concept_ids_N is None else concept_ids_N, jnp.int32)
     key = jax.random.fold_in(base_key, state["step"])
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], frozen, run_data, masks_Cxhxw, key)
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    loss_fn = functools.partial(concept_loss, statics=statics, concept_ids_N=ids_N)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, run_data, masks_Cxhxw,
+                                                                       key)
+    updates, opt_state = statics.opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-
-
-def _train_step(model, cfg, opt, mesh, concept_ids: tuple, state, frozen, run_data, masks_Cxhxw, base_key):
-    return _step(model, cfg, opt, mesh, state, frozen, run_data, masks_Cxhxw, base_key,
-                 jnp.asarray(concept_ids, jnp.int32))
 
 
 def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: optax.GradientTransformation,
@@ -194,9 +212,9 @@ def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: opta
     rep = sharding.replicated(mesh)
     state_sh = rep if state_shardings is None else state_shardings
     frozen_sh = rep if frozen_shardings is None else frozen_shardings
-    jitted = jax.jit(_train_step, static_argnums=(0, 1, 2, 3, 4), in_shardings=(state_sh, frozen_sh, rep, rep, rep),
-                     out_shardings=(state_sh, rep), donate_argnums=(5,))
-    return Bound(jitted, step_model(bundle), cfg, opt, mesh, tuple(int(i) for i in concept_ids))
+    jitted = jax.jit(train_step, static_argnums=(0,), in_shardings=(state_sh, frozen_sh, rep, rep, rep),
+                     out_shardings=(state_sh, rep), donate_argnums=(1,))
+    return Bound(jitted, StepStatics(step_model(bundle), cfg, opt, mesh, tuple(int(i) for i in concept_ids)))
 
 
 def job_axis_sharding(mesh: Mesh, num_jobs: int):
@@ -204,8 +222,8 @@ def job_axis_sharding(mesh: Mesh, num_jobs: int):
     return sharding.batch_sharded(mesh) if num_jobs % mesh.size == 0 else sharding.replicated(mesh)
 
 
-def _jobs_step(model, cfg, opt, states, frozen, run_data, masks_JxCxhxw, keys, concept_ids_JxN):
-    one = functools.partial(_step, model, cfg, opt, None)
+def _jobs_step(statics: StepStatics, states, frozen, run_data, masks_JxCxhxw, keys, concept_ids_JxN):
+    one = functools.partial(train_step, statics)
     return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))(states, frozen, run_data, masks_JxCxhxw, keys,
                                                         concept_ids_JxN)
 
@@ -221,13 +239,26 @@ def make_jobs_step(bundle: ModelBundle, cfg: LossConfig, opt: optax.GradientTran
     the program). Per job it computes exactly what `make_train_step` computes. The job axis is split over
     the mesh when J divides over it: in the joint stage each device then tunes its own jobs' UNets."""
     rep, job = sharding.replicated(mesh), job_axis_sharding(mesh, num_jobs)
-    jitted = jax.jit(_jobs_step, static_argnums=(0, 1, 2), in_shardings=(job, rep, job, job, job, job),
-                     out_shardings=(job, job), donate_argnums=(3,))
-    return Bound(jitted, step_model(bundle), cfg, opt)
+    jitted = jax.jit(_jobs_step, static_argnums=(0,), in_shardings=(job, rep, job, job, job, job),
+                     out_shardings=(job, job), donate_argnums=(1,))
+    return Bound(jitted, StepStatics(step_model(bundle), cfg, opt))
 
 
-def _concept_maps(model, selector, num_timesteps, latent_hw, mesh, fixed_ids, rows, frozen, latents_Zxhxw, ids_T,
-                  positions_C, key, concept_ids=None):
+@dataclasses.dataclass(frozen=True)
+class MapsStatics:
+    """What the E-step's attention pass is specialised on (hashable: static, the compiled program's identity)."""
+
+    model: StepModel
+    selector: capture.LayerSelector
+    num_timesteps: int
+    latent_hw: tuple[int, int]
+    mesh: Mesh
+    concept_ids: tuple[int, ...] | None  # None: an argument (jobs, traced)
+
+
+def _concept_maps(statics: MapsStatics, rows, frozen, latents_Zxhxw, ids_T, positions_C, key, concept_ids=None):
+    model, selector, num_timesteps = statics.model, statics.selector, statics.num_timesteps
+    latent_hw, mesh, fixed_ids = statics.latent_hw, statics.mesh, statics.concept_ids
     concept_ids = jnp.asarray(fixed_ids, jnp.int32) if fixed_ids is not None else concept_ids
     k_t, k_n = jax.random.split(key)
     t = jax.random.randint(k_t, (num_timesteps,), 0, model.num_train_timesteps)
@@ -256,8 +287,8 @@ def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerS
     frozen_sh = rep if frozen_shardings is None else frozen_shardings
     fixed = None if concept_ids is None else tuple(int(i) for i in concept_ids)
     in_sh = (rep, frozen_sh, rep, rep, rep, rep) + ((rep,) if fixed is None else ())
-    jitted = Bound(jax.jit(_concept_maps, static_argnums=(0, 1, 2, 3, 4, 5), in_shardings=in_sh, out_shardings=rep),
-                   step_model(bundle), selector, num_timesteps, tuple(latent_hw), mesh, fixed)
+    jitted = Bound(jax.jit(_concept_maps, static_argnums=(0,), in_shardings=in_sh, out_shardings=rep),
+                   MapsStatics(step_model(bundle), selector, num_timesteps, tuple(latent_hw), mesh, fixed))
 
     def run(rows, frozen, *args):
         # arguments placed like the program's own outputs: one compile for every image and round

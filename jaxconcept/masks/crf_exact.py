@@ -201,9 +201,10 @@ def messages(q_LxN, image_HxWx3, params, block_rows: int | None = None, dense: b
 
 
 @functools.partial(jax.jit, static_argnames=("iterations", "block_rows"))
-def _inference(unary_LxN, image_HxWx3, sxy_g, compat_g, sxy_b, srgb, compat_b, *, iterations, block_rows):
+def _inference(unary_LxN, image_HxWx3, weights, *, iterations, block_rows):
+    """weights: `_f32_params` (traced scalars: new sigmas or weights do not recompile)."""
     n = image_HxWx3.shape[0] * image_HxWx3.shape[1]
-    pairwise = _Pairwise(image_HxWx3, sxy_g, compat_g, sxy_b, srgb, compat_b, block_rows, dense=block_rows >= n)
+    pairwise = _Pairwise(image_HxWx3, *weights, block_rows, dense=block_rows >= n)
     neg_u_NxL = -unary_LxN.T
     q_NxL = jax.nn.softmax(neg_u_NxL, axis=1)  # Q⁰ = softmax(−U)
     q_NxL = jax.lax.fori_loop(
@@ -238,7 +239,7 @@ def inference(unary_LxN, image_HxWx3, params, iterations: int | None = None, *, 
     return _inference(
         unary_LxN,
         image_HxWx3,
-        *_f32_params(params),
+        _f32_params(params),
         iterations=iterations,
         block_rows=max(1, min(block_rows, h * w)),
     )

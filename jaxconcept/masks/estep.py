@@ -8,6 +8,7 @@ runs and batched jobs (`em.stages.Stages.maps`) share it. Pure helpers (`labels.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -19,35 +20,52 @@ from . import crf, labels as masks, settle
 log = logging.getLogger(__name__)
 
 
-def assign_masks(soft_KxHxW, image_u8, kinds, background_level: float, use_crf: bool, crf_min_iou: float = 0.5,
-                 crf_backend: str = "host", crf_size=None, previous_KxHxW=None, mask_prior: float = 0.0,
-                 hysteresis: bool = False, ties=()):
+@dataclasses.dataclass(frozen=True)
+class MaskRules:
+    """How an E-step turns soft maps into masks: the `masks` settings, with where the CRF runs resolved."""
+
+    background_level: float
+    use_crf: bool = True
+    crf_min_iou: float = 0.5
+    crf_backend: str = "host"  # "host" (pydensecrf) or "device" (crf_exact)
+    crf_size: tuple[int, int] | None = None  # None: the image's size
+    mask_prior: float = 0.0  # EM settling (`settle.damp_maps`)
+    hysteresis: bool = False  # EM settling: the CRF's rejection also against the last round's masks
+
+    @classmethod
+    def of(cls, masks, crf_where) -> "MaskRules":
+        """From `settings.Masks` and `(backend, size)` (`em.prepare.crf_where`)."""
+        return cls(masks.background_level, masks.crf, masks.crf_min_iou, *crf_where, masks.mask_prior,
+                   masks.crf_hysteresis)
+
+
+def assign_masks(soft_KxHxW, image_u8, kinds, rules: MaskRules, previous_KxHxW=None, ties=()):
     """Masks of one image's concepts from their soft maps (image resolution).
 
     Objects: argmax against a constant background level (non-overlapping); a "background" concept gets
     what no object claims. Then (optionally) a multi-label DenseCRF, hole filling and speck removal, and
     a fallback for an empty mask (its map's top 5%, minus other objects' pixels). The CRF runs on the host
-    (pydensecrf) or on the device (`crf_backend`), at image resolution or at `crf_size` (h, w).
+    (pydensecrf) or on the device (`rules.crf_backend`), at image resolution or at `rules.crf_size` (h, w).
     EM (`settle`): maps damped towards `previous_KxHxW` (the last round's masks) by `mask_prior`, the CRF's
     rejection with hysteresis against them; without previous masks, tied groups (`ties`, indices into
     the K concepts) split their shared region in reading order.
     Returns (masks K x H x W, masks without CRF, info {"crf_seconds", "fallbacks", "crf_rejected"}).
     """
-    soft_KxHxW = settle.damp_maps(soft_KxHxW, previous_KxHxW, mask_prior)
+    soft_KxHxW = settle.damp_maps(soft_KxHxW, previous_KxHxW, rules.mask_prior)
     if previous_KxHxW is None and ties:
-        soft_KxHxW = masks.split_tied_maps(soft_KxHxW, ties, background_level)
+        soft_KxHxW = masks.split_tied_maps(soft_KxHxW, ties, rules.background_level)
     objects = [k for k, kind in enumerate(kinds) if kind == "object"]
     h, w = soft_KxHxW.shape[1:]
-    labels = _labels(soft_KxHxW[objects], background_level) if objects else np.zeros((h, w), np.int32)
+    labels = _labels(soft_KxHxW[objects], rules.background_level) if objects else np.zeros((h, w), np.int32)
     info = {"crf_seconds": 0.0, "fallbacks": [], "crf_rejected": []}
     raw = _masks_from_object_labels(labels, soft_KxHxW, objects, kinds, info, record=False)
-    if not use_crf or not objects:
+    if not rules.use_crf or not objects:
         return raw, raw, info
     reference = (settle.labels_of_masks(np.asarray(previous_KxHxW)[objects])
-                 if hysteresis and previous_KxHxW is not None else None)
-    refined, crf_info = crf.refine_labels(image_u8, labels, len(objects) + 1, crf.CRFParams(min_iou=crf_min_iou),
-                                          soft_KxHxW=soft_KxHxW[objects], backend=crf_backend, size=crf_size,
-                                          reference_HxW=reference)
+                 if rules.hysteresis and previous_KxHxW is not None else None)
+    refined, crf_info = crf.refine_labels(image_u8, labels, len(objects) + 1,
+                                          crf.CRFParams(min_iou=rules.crf_min_iou), soft_KxHxW=soft_KxHxW[objects],
+                                          backend=rules.crf_backend, size=rules.crf_size, reference_HxW=reference)
     info["crf_seconds"] = crf_info["seconds"]
     info["crf_rejected"] = [objects[k] for k, r in enumerate(crf_info["rejected"]) if r]
     return _masks_from_object_labels(refined, soft_KxHxW, objects, kinds, info, record=True), raw, info
@@ -80,16 +98,15 @@ def _masks_from_object_labels(labels_HxW, soft_KxHxW, objects, kinds, info, reco
     return out
 
 
-def estimate_masks(maps, images_u8, owner_C, kinds, tokens, key, background_level: float, use_crf: bool,
-                   crf_min_iou: float, crf_where, valid=None, previous=None, mask_prior: float = 0.0,
-                   hysteresis: bool = False, ties=()) -> tuple[np.ndarray, np.ndarray, dict]:
-    """E-step over all images: (masks C x H x W, masks without CRF, info).
+def estimate_masks(maps, setup, key, rules: MaskRules, previous=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """E-step over all images of a prepared run (`em.prepare.Setup`): (masks C x H x W, masks without CRF, info).
 
-    maps(i, key) -> soft maps of image i's prompt, C x h x w on the latent grid (device); crf_where =
-    (backend, size) of the CRF; valid(i) -> H x W bool, False on padding (resize "pad"), which belongs to no
-    concept (None: the whole frame is image). previous: the last round's masks (C x H x W) for the settling
-    rules (`assign_masks`); ties: groups of concept indices that start identical (split in the first E-step)."""
-    owner_C, kinds = np.asarray(owner_C), np.asarray(kinds)
+    maps(i, key) -> soft maps of image i's prompt, C x h x w on the latent grid (device). Padding (resize
+    "pad", `setup.inputs.valid`) belongs to no concept. previous: the last round's masks (C x H x W) for the
+    settling rules (`assign_masks`); concepts of one image that start identical are split in the first E-step
+    (`split_ties`)."""
+    images_u8, valid, tokens, ties = setup.images_u8, setup.inputs.valid, setup.concepts.tokens, split_ties(setup)
+    owner_C, kinds = np.asarray(setup.inputs.owner_C), np.asarray(setup.inputs.kinds)
     size = images_u8.shape[1:3]
     out = np.zeros((len(owner_C),) + size, bool)
     raw_out = np.zeros_like(out)
@@ -102,10 +119,8 @@ def estimate_masks(maps, images_u8, owner_C, kinds, tokens, key, background_leve
         info["attention_seconds"] += time.time() - t0
         frame_HxW = np.ones(size, bool) if valid is None else valid(i)
         local = [tuple(int(np.flatnonzero(mine == c)[0]) for c in g) for g in ties if owner_C[g[0]] == i]
-        got, raw, inf = assign_masks(soft_KxHxW * frame_HxW, images_u8[i], list(kinds[mine]), background_level,
-                                     use_crf, crf_min_iou, *crf_where,
-                                     None if previous is None else np.asarray(previous)[mine], mask_prior,
-                                     hysteresis, local)
+        got, raw, inf = assign_masks(soft_KxHxW * frame_HxW, images_u8[i], list(kinds[mine]), rules,
+                                     None if previous is None else np.asarray(previous)[mine], local)
         out[mine], raw_out[mine] = got & frame_HxW, raw & frame_HxW
         info["crf_seconds"] += inf["crf_seconds"]
         info["fallbacks"] += [tokens[mine[k]] for k in inf["fallbacks"]]

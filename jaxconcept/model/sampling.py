@@ -50,7 +50,9 @@ def guided_sample(eps_fn, scheduler, sched_state, noise_BxZxhxw, cond_BxTxD, unc
     return latents
 
 
-def _images(unet, vae, latent_scale, sched, sched_state, params, noise, cond, uncond, num_steps, guidance):
+def _images(nets, schedule, params, noise, cond, uncond, guidance):
+    """Guided sampling then decoding: nets = (unet, vae, latent_scale), schedule = (scheduler, its state, steps)."""
+    (unet, vae, latent_scale), (sched, sched_state, num_steps) = nets, schedule
     eps_fn = functools.partial(capture.unet_eps, unet, params["unet"])
     latents = guided_sample(eps_fn, sched, sched_state, noise, cond, uncond, num_steps, guidance)
     return jnp.clip(diffusion.decode_latents(vae, params["vae"], latents / latent_scale), -1, 1)
@@ -62,8 +64,8 @@ def make_sampler(bundle: ModelBundle, scheduler: str = "ddim", num_steps: int = 
 
     @jax.jit
     def sample(params, noise, cond, uncond):
-        return _images(bundle.unet, bundle.vae, bundle.latent_scale, sched, sched_state, params, noise, cond, uncond,
-                       num_steps, guidance)
+        return _images((bundle.unet, bundle.vae, bundle.latent_scale), (sched, sched_state, num_steps), params,
+                       noise, cond, uncond, guidance)
 
     return sample
 
@@ -80,12 +82,12 @@ def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh
     sched_key = json.dumps(bundle.scheduler_config, sort_keys=True, default=str)
     ids = None if concept_ids is None else tuple(int(i) for i in concept_ids)
     text_encoder = adapter.StaticModule(bundle.text_encoder)
-    return _batch_program(bundle.unet, bundle.vae, text_encoder, bundle.latent_scale, sched_key,
-                          scheduler, num_steps, mesh, ids)
+    return _batch_program((bundle.unet, bundle.vae, bundle.latent_scale), text_encoder, sched_key, scheduler,
+                          num_steps, mesh, ids)
 
 
 @functools.lru_cache(maxsize=16)
-def _batch_program(unet, vae, text_encoder, latent_scale, sched_key, scheduler, num_steps, mesh, concept_ids):
+def _batch_program(nets, text_encoder, sched_key, scheduler, num_steps, mesh, concept_ids):
     sched, sched_state = adapter.inference_scheduler(scheduler, json.loads(sched_key))
     ids = None if concept_ids is None else jnp.asarray(concept_ids, jnp.int32)
 
@@ -95,7 +97,7 @@ def _batch_program(unet, vae, text_encoder, latent_scale, sched_key, scheduler, 
             cond, uncond = encode(cond_ids), encode(uncond_ids)
         else:
             cond, uncond = encode(cond_ids, ids, rows_NxD), encode(uncond_ids, ids, rows_NxD)
-        return _images(unet, vae, latent_scale, sched, sched_state, params, noise, cond, uncond, num_steps, guidance)
+        return _images(nets, (sched, sched_state, num_steps), params, noise, cond, uncond, guidance)
 
     rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(sample, in_shardings=(rep, rep, bat, bat, bat, rep), out_shardings=bat)
