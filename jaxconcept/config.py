@@ -73,9 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
     # loss reaches past the masks) and loss_per_area (the masked loss averaged over the masked cells) were tried
     # and left off (docs/concepts_back.md)
     c.tokens = ml_collections.ConfigDict(dict(
-        steps=400, estep_every=50, lr=1e-2, attn_weight=0.3, attn_resolution=16, loss_margin=0, loss_per_area=False, vectors=0,
-        batch_size=1, clip=1.0,
-        weight_decay=1e-2,
+        steps=400, estep_every=50, lr=1e-2, attn_weight=0.3, attn_resolution=16, loss_margin=0, loss_per_area=False,
+        vectors=0, batch_size=1, clip=1.0, weight_decay=1e-2,
     ))
     # stage 3: tokens and UNet (text encoder optional) with the masks fixed
     # remat: "none", "full" (recompute the UNet's activations in the backward pass) or "dots" (keep matmuls);
@@ -85,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     # lost a concept in 1 of 5 scenes, 3e-5 in none); it was 1e-4 with one vector per concept. SD presets use
     # Break-a-Scene's 2e-6
     c.joint = ml_collections.ConfigDict(dict(steps=400, lr=3e-5, text_encoder=False, remat="none",
-                                             optimizer="adamw", checkpoint_every=100))
+                                             optimizer="adamw", checkpoint_every=100, clip=1.0, weight_decay=1e-2))
     # devices: a (data, fsdp) mesh over all of them; fsdp > 1 splits the joint stage's UNet, gradients and
     # optimiser state over groups of fsdp devices (and the frozen UNet too with shard_frozen)
     c.mesh = ml_collections.ConfigDict(dict(fsdp=1, shard_frozen=False, fsdp_min_size=2 ** 14))

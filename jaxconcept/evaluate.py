@@ -37,9 +37,11 @@ import time
 import jax
 import numpy as np
 
-from . import distributed, generate, images, outputs, runs, viz
+from . import generate
+from .parallel import distributed
+from .runio import images, outputs, runs, viz
 from .errors import JaxconceptError
-from .inputs import init_word_parts
+from .runio.inputs import init_word_parts
 
 TOY_TEMPLATES = ("a {} on a teal water background", "a {all} on a beige sand background")
 SD_TEMPLATES = ("a photo of {}", "a photo of {} at the beach", "a photo of {all}")
@@ -134,7 +136,7 @@ def score_images(pictures_Kx, prompt: dict, concepts: dict, clip=None, toy: bool
     concepts: token -> Concept. clip: a `metrics` CLIP bundle or None. toy: run the toy analysis.
     ref_cache: token -> reference embedding, shared by a run's prompts (each reference is embedded once).
     """
-    from . import metrics
+    from .eval import metrics
 
     named = [concepts[t] for t in prompt["concepts"]]
     records = [{"sample": k, "concepts": {}} for k in range(len(pictures_Kx))]
@@ -297,7 +299,7 @@ def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, cli
         by_token = {c.token: c for c in concepts}
         cfg = runs.read_config(run_dir)
         if cfg["model"] not in base_cache:  # the base model, shared by every run on it
-            from .model import load_model
+            from .model.loading import load_model
 
             base_cache[cfg["model"]] = load_model(cfg["model"], seed=cfg.get("seed", 0))
         run = runs.load_run(run_dir, bundle=base_cache[cfg["model"]])
@@ -423,7 +425,7 @@ def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=N
     samples_check.png (token rows, then the same prompts in words) and samples_check.json into the run;
     returns the table's lines, or None where the toy analysis cannot judge the run (not a toy model).
     on_start(): called once the run is known to be judged, before sampling."""
-    from .model import load_model, recommended_sampling
+    from .model.loading import load_model, recommended_sampling
     from .toy import judge
 
     concepts, summary = run_concepts(run_dir)
@@ -505,7 +507,7 @@ def main(argv=None) -> int:
         settings = sampling_settings(args)
         clip = None
         if args.clip:
-            from . import metrics
+            from .eval import metrics
 
             clip = metrics.load_clip(args.clip)
         t0 = time.time()

@@ -41,9 +41,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from . import adapter, convert, outputs, runs
+from .model import adapter, convert
+from .runio import outputs, runs
 from .errors import JaxconceptError
-from .model import NAMED_MODELS, load_model
+from .model.loading import NAMED_MODELS, load_model
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _check_round_trip(key, value, pt_name, pt_value, flat_shapes, forward, what)
         raise ExportError(
             f"{what}: Flax parameter {'/'.join(key)} would be written as {pt_name!r}, which is no PyTorch parameter "
             f"name (those end in {' or '.join(PT_PARAM_NAMES)}). This is a bug in the Flax -> PyTorch naming "
-            "(jaxconcept.adapter.flax_to_pt_key); nothing was written."
+            "(jaxconcept.model.adapter.flax_to_pt_key); nothing was written."
         )
     try:
         back_key, back = forward(pt_name, pt_value, flat_shapes)
@@ -121,7 +122,7 @@ def _check_round_trip(key, value, pt_name, pt_value, flat_shapes, forward, what)
     raise ExportError(
         f"{what}: Flax parameter {'/'.join(key)} would be written as {pt_name!r} {tuple(pt_value.shape)}, but the "
         f"PyTorch -> Flax rule our loader uses {problem}; PyTorch would load a wrong model. This is a bug in the "
-        "Flax -> PyTorch naming (jaxconcept.adapter.flax_to_pt_key); nothing was written."
+        "Flax -> PyTorch naming (jaxconcept.model.adapter.flax_to_pt_key); nothing was written."
     )
 
 

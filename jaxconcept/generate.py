@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import adapter, distributed, images, outputs, sampling, sharding, tokens, viz
+from .model import adapter, sampling, tokens
+from .parallel import distributed, sharding
+from .runio import images, outputs, viz
 from .errors import JaxconceptError, PromptError
-from .model import ModelBundle
+from .model.loading import ModelBundle
 
 _TOKEN_LIKE = re.compile(r"<[^<>\s]+>")
 
@@ -65,12 +67,12 @@ def check_prompts(prompts, known_tokens, where: str) -> None:
                               f"its concept tokens: {have}.")
 
 
-def initial_noise(seed: int, num_prompts: int, num_images: int, shape_Cxhxw) -> np.ndarray:
-    """P x K x C x h x w noise; entry (p, k) depends only on (seed, p, k)."""
+def initial_noise(seed: int, num_prompts: int, num_images: int, shape_Zxhxw) -> np.ndarray:
+    """P x S x Z x h x w noise; entry (p, k) depends only on (seed, p, k)."""
     base = jax.random.key(seed)
     keys = [jax.random.fold_in(jax.random.fold_in(base, p), k) for p in range(num_prompts) for k in range(num_images)]
-    noise = jax.vmap(lambda k: jax.random.normal(k, tuple(shape_Cxhxw)))(jnp.stack(keys))
-    return np.asarray(noise).reshape((num_prompts, num_images) + tuple(shape_Cxhxw))
+    noise = jax.vmap(lambda k: jax.random.normal(k, tuple(shape_Zxhxw)))(jnp.stack(keys))
+    return np.asarray(noise).reshape((num_prompts, num_images) + tuple(shape_Zxhxw))
 
 
 def batch_plan(total: int, batch_size: int, num_devices: int) -> int:
@@ -80,7 +82,7 @@ def batch_plan(total: int, batch_size: int, num_devices: int) -> int:
 
 
 def generate(source, prompts, settings: Settings = Settings(), *, mesh=None, progress: bool = True) -> np.ndarray:
-    """Images (uint8, P x K x H x W x 3) for each prompt; `source` is a `runs.LoadedRun` or a `ModelBundle`."""
+    """Images (uint8, P x S x H x W x 3) for each prompt; `source` is a `runs.LoadedRun` or a `ModelBundle`."""
     prompts = list(prompts)
     bundle, concept_ids, rows, known = _source_parts(source)
     check_prompts(prompts, known, f"run {getattr(source, 'run_dir', '')!r}" if known else "the model")
@@ -129,17 +131,17 @@ def prompt_folder_names(prompts) -> list[str]:
     return [f"{i:02d}_{outputs.safe_name(p)[:60]}" for i, p in enumerate(prompts)]
 
 
-def save_generation(out_dir: str, prompts, pictures_PxKxHxWx3, settings: Settings, info: dict) -> dict:
+def save_generation(out_dir: str, prompts, pictures_PxSxHxWx3, settings: Settings, info: dict) -> dict:
     """PNGs per prompt, a labelled grid (rows: prompts) and generation.json; returns the record."""
     files = []
-    for folder, pics in zip(prompt_folder_names(prompts), pictures_PxKxHxWx3):
+    for folder, pics in zip(prompt_folder_names(prompts), pictures_PxSxHxWx3):
         paths = [os.path.join(out_dir, folder, f"sample_{k:02d}.png") for k in range(len(pics))]
         for path, pic in zip(paths, pics):
             images.save_image(pic, path)
         files.append([os.path.relpath(p, out_dir) for p in paths])
-    cell = min(256, max(128, pictures_PxKxHxWx3.shape[2]))
+    cell = min(256, max(128, pictures_PxSxHxWx3.shape[2]))
     # each row's prompt whole, across the row (a prompt split into per-cell pieces reads as broken words)
-    images.save_image(viz.grid([list(p) for p in pictures_PxKxHxWx3], cell=cell, row_labels=list(prompts)),
+    images.save_image(viz.grid([list(p) for p in pictures_PxSxHxWx3], cell=cell, row_labels=list(prompts)),
                       os.path.join(out_dir, "grid.png"))
     record = {"prompts": list(prompts), "settings": dataclasses.asdict(settings), "files": files, **info}
     outputs.write_json(os.path.join(out_dir, "generation.json"), record)
@@ -148,7 +150,7 @@ def save_generation(out_dir: str, prompts, pictures_PxKxHxWx3, settings: Setting
 
 def default_prompts(run_dir: str) -> list[str]:
     """Without --prompt: each object concept of the run alone, then all together, in the run's template."""
-    from . import runs
+    from .runio import runs
 
     try:
         summary = runs.read_summary(run_dir)
@@ -183,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_for(args, model_source: str) -> Settings:
     """The command's settings: what it was given, else the model's recommended sampling, else the defaults."""
-    from .model import recommended_sampling
+    from .model.loading import recommended_sampling
 
     pick = {**recommended_sampling(model_source),
             **{k: v for k, v in dict(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler).items()
@@ -210,11 +212,11 @@ def main(argv=None) -> int:
         outputs.check_writable(out)
         t0 = time.time()
         if args.run:
-            from .runs import load_run
+            from .runio.runs import load_run
 
             source = load_run(args.run, dtype=args.dtype)
         else:
-            from .model import load_model
+            from .model.loading import load_model
 
             source = load_model(args.model or "toy", args.dtype, seed=args.seed)
         bundle = source if isinstance(source, ModelBundle) else source.bundle

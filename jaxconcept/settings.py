@@ -7,7 +7,7 @@ the nearest known name), a wrong type, or a value out of range is a `ConfigError
 value and what is allowed. The command line prints it and exits 2.
 
 Checks that need the model (the resolution's multiple, the CRF size against the image size) are made
-by `setup.py` right after loading it, before any work.
+by `em/prepare.py` right after loading it, before any work.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import json
 import math
 from typing import Any, Callable
 
-from .crf import BACKENDS as CRF_BACKENDS
+from .masks.crf import BACKENDS as CRF_BACKENDS
 from .errors import JaxconceptError
 
-# The names only (steps.py builds what they name, from these): a bad value is refused without importing the
+# The names only (em/steps.py builds what they name, from these): a bad value is refused without importing the
 # model code (diffusers, seconds at every start).
 MODES = ("em", "attention", "user")
 INIT_METHODS = ("words", "inversion")
@@ -92,10 +92,14 @@ class Joint:
     remat: str
     optimizer: str
     checkpoint_every: int  # joint steps between checkpoints; 0 = only at the end
+    clip: float  # global gradient-norm clip of the joint optimiser
+    weight_decay: float
 
 
 @dataclasses.dataclass(frozen=True)
-class Mesh:
+class Devices:
+    """The device mesh's settings (config group `mesh`)."""
+
     fsdp: int
     shard_frozen: bool
     fsdp_min_size: int
@@ -125,7 +129,7 @@ class Settings:
     masks: Masks
     tokens: Tokens
     joint: Joint
-    mesh: Mesh
+    mesh: Devices
     prior: Prior
     config_json: str  # the config as given (config.json of the run)
 
@@ -258,6 +262,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "joint.remat": _choice(REMATS),
     "joint.optimizer": _choice(OPTIMIZERS),
     "joint.checkpoint_every": _integer(0),
+    "joint.clip": _number(0.0, above=True),
+    "joint.weight_decay": _number(0.0),
     "mesh.fsdp": _integer(1),
     "mesh.shard_frozen": _boolean,
     "mesh.fsdp_min_size": _integer(0),
@@ -331,4 +337,4 @@ def resolve(cfg) -> Settings:
     text = cfg.to_json(indent=2) if hasattr(cfg, "to_json") else json.dumps(cfg, indent=2)
     return Settings(**top, init=_group(Init, flat, "init"), masks=_group(Masks, flat, "masks"),
                     tokens=_group(Tokens, flat, "tokens"), joint=_group(Joint, flat, "joint"),
-                    mesh=_group(Mesh, flat, "mesh"), prior=_group(Prior, flat, "prior"), config_json=text)
+                    mesh=_group(Devices, flat, "mesh"), prior=_group(Prior, flat, "prior"), config_json=text)

@@ -19,17 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import aggregate, capture, diffusion, images, sharding, tokens, viz
+from .masks import aggregate
+from .model import capture, diffusion, tokens
+from .parallel import sharding
+from .runio import images, viz
 from .errors import JaxconceptError
-from .model import ModelBundle, load_model
+from .model.loading import ModelBundle, load_model
 
 
-def prompt_words(bundle: ModelBundle, ids_L: np.ndarray) -> tuple[list[int], list[str]]:
+def prompt_words(bundle: ModelBundle, ids_T: np.ndarray) -> tuple[list[int], list[str]]:
     """Positions and readable pieces of the prompt's tokens (start/end/padding left out)."""
     tok = bundle.tokenizer
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-    positions = [i for i, t in enumerate(ids_L) if int(t) not in special]
-    words = [tok.convert_ids_to_tokens(int(ids_L[i])).replace("</w>", "") for i in positions]
+    positions = [i for i, t in enumerate(ids_T) if int(t) not in special]
+    words = [tok.convert_ids_to_tokens(int(ids_T[i])).replace("</w>", "") for i in positions]
     return positions, words
 
 

@@ -7,7 +7,7 @@
 
 --config takes a config file or a preset name (sd15, sd21_base, sd21: jaxconcept/presets/).
 
---concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/inputs.py).
+--concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/runio/inputs.py).
 Starting again with the same --out resumes from the last checkpoint.
 
 Many independent concept sets in one program (`jaxconcept.jobs`), each into OUT/job_NN:
@@ -30,7 +30,9 @@ from ml_collections import config_flags
 
 import jax
 
-from . import distributed, inputs, presets, settings
+from . import presets, settings
+from .parallel import distributed
+from .runio import inputs
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -107,7 +109,7 @@ def main(argv) -> None:
         settings.resolve(cfg)  # every config value checked before anything else
         if _CHECK.value < 0:
             raise JaxconceptError(f"--check_samples must be >= 0 (0 skips the samples check), got {_CHECK.value}.")
-        from . import jobs, learner  # the model code (diffusers: seconds) once the command line is good
+        from .em import jobs, learner  # the model code (diffusers: seconds) once the command line is good
 
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
         if _JOBS.value and _CONCEPTS.value:

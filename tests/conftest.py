@@ -40,7 +40,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_with_concepts(tiny):
-    from jaxconcept import tokens
+    from jaxconcept.model import tokens
 
     return tokens.add_concept_tokens(tiny, ["<v1>", "<v2>"], ["dog", None], seed=0)
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import aggregate
+from jaxconcept.masks import aggregate
 
 
 def _const(b, heads, q, t, values_per_head):

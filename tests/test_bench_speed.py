@@ -64,7 +64,7 @@ def test_torch_reference_attention_loss_has_a_gradient_into_the_tokens():
     """The captured 16x16 probabilities keep their graph: the attention loss alone moves the concept rows."""
     import torch
 
-    from jaxconcept import model
+    from jaxconcept.model import loading as model
 
     torch.manual_seed(0)
     work = _toy_workload()
@@ -103,11 +103,11 @@ def _toy_workload() -> speed.Workload:
     return speed.Workload(
         bench=bench, resolution=32, latent=16, batch=1, timesteps=2, sample_steps=2, vocab_size=vocab,
         concept_ids=ids,
-        table={"ids_PxL": prompt[None], "positions_PxC": np.array([[3, 5, -1]]), "image_P": np.zeros(1, int),
+        table={"ids_PxT": prompt[None], "positions_PxC": np.array([[3, 5, -1]]), "image_P": np.zeros(1, int),
                "weight_P": np.ones(1)},
-        latents_Nx2xCxhxw=rng.standard_normal((1, 2, 4, 16, 16)).astype(np.float32), masks_Cxhxw=masks,
-        image_u8=np.zeros((32, 32, 3), np.uint8), image_ids_L=prompt, image_positions_C=np.array([3, 5, -1]),
-        kinds=("object", "object", "background"), sample_ids_2xL=np.stack([prompt, prompt]))
+        latents_Ix2xZxhxw=rng.standard_normal((1, 2, 4, 16, 16)).astype(np.float32), masks_Cxhxw=masks,
+        image_u8=np.zeros((32, 32, 3), np.uint8), image_ids_T=prompt, image_positions_C=np.array([3, 5, -1]),
+        kinds=("object", "object", "background"), sample_ids_2xT=np.stack([prompt, prompt]))
 
 
 def test_without_torch_only_ours_is_timed(tmp_path, monkeypatch, result):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxconcept import bpe, model
+from jaxconcept.model import bpe, loading as model
 
 
 def test_every_word_is_one_token_and_round_trips():

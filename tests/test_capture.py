@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxconcept import aggregate, capture, tokens
+from jaxconcept.masks import aggregate
+from jaxconcept.model import capture, tokens
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxconcept import crf
+from jaxconcept.masks import crf
 
 H = W = 64
 GREEN, RED, BLUE = (40, 160, 40), (200, 30, 30), (30, 40, 210)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxconcept import crf, crf_exact
+from jaxconcept.masks import crf, crf_exact
 
 GREEN, RED, BLUE, YELLOW = (40, 160, 40), (200, 30, 30), (30, 40, 210), (220, 200, 40)
 

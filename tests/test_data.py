@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import data, model
+from jaxconcept.em import data
+from jaxconcept.model import loading as model
 
 
 def _tokenizer(new=("<a>", "<b>", "<c>", "<d>")):
@@ -23,12 +24,12 @@ def test_prompt_table_lists_ordered_subsets_with_positions():
     assert len(table.texts) == data.num_prompts([3, 1]) == 3 + 6 + 6 + 1
     assert "a photo of <c> and <a>" in table.texts  # the default template and joiner
     np.testing.assert_allclose(table.weight_P.sum(), 1.0)
-    for text, ids_L, pos, img in zip(table.texts, table.ids_PxL, table.positions_PxC, table.image_P):
+    for text, ids_T, pos, img in zip(table.texts, table.ids_PxT, table.positions_PxC, table.image_P):
         named = [t for t in toks if t in text.split()]
         for c, t in enumerate(toks):
             assert (pos[c] >= 0) == (t in named)
             if pos[c] >= 0:
-                assert ids_L[pos[c]] == ids[c]
+                assert ids_T[pos[c]] == ids[c]
         assert all(owner[toks.index(t)] == img for t in named)
     # images equally likely, then k uniform among 1..N
     w = collections.defaultdict(float)

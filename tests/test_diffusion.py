@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import diffusion
+from jaxconcept.model import diffusion
 
 
 def test_add_noise_matches_diffusers_scheduler(tiny):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from jaxconcept.bench import fidelity
-from jaxconcept.model import load_model
+from jaxconcept.model.loading import load_model
 from jaxconcept.toy import scene
 
 SCENE, RUN_SEED = 2, 0

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import config, evaluate, generate, metrics, outputs, sharding, tokens
+from jaxconcept import config, evaluate, generate
+from jaxconcept.eval import metrics
+from jaxconcept.model import tokens
+from jaxconcept.parallel import sharding
+from jaxconcept.runio import outputs
 from jaxconcept.errors import JaxconceptError
-from jaxconcept.model import load_model
+from jaxconcept.model.loading import load_model
 from jaxconcept.toy import scene as toy_scene
 
 

@@ -19,7 +19,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from jaxconcept import adapter, capture, config, diffusion, export, outputs, runs, tokens  # noqa: E402
+from jaxconcept import config, export
+from jaxconcept.model import adapter, capture, diffusion, tokens
+from jaxconcept.runio import outputs, runs  # noqa: E402
 from torch_reference import rel_err  # noqa: E402
 
 TOKENS = ("<v1>", "<v2>")

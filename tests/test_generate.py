@@ -11,7 +11,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from jaxconcept import adapter, config, generate, outputs, runs, sampling, sharding
+from jaxconcept import config, generate
+from jaxconcept.model import adapter, sampling
+from jaxconcept.parallel import sharding
+from jaxconcept.runio import outputs, runs
 from jaxconcept.errors import JaxconceptError, PromptError
 
 PROMPTS = ["a photo of <v1>", "a photo of <v2> and a dog"]
@@ -180,7 +183,8 @@ def test_cli_without_prompt_uses_each_concept_then_all(run_dir, tmp_path, capsys
 
 
 def test_grid_captions_are_whole_prompts_wrapped_at_spaces_across_the_row(tmp_path, monkeypatch):
-    from jaxconcept import generate, viz
+    from jaxconcept import generate
+    from jaxconcept.runio import viz
 
     seen, real = {}, viz.grid
 

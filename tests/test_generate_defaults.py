@@ -3,7 +3,8 @@
 import json
 import types
 
-from jaxconcept import generate, model
+from jaxconcept import generate
+from jaxconcept.model import loading as model
 
 
 def _args(**kw):

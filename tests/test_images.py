@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import config, images, learner
-from jaxconcept.images import ImageError
-from jaxconcept.inputs import ConceptSpec as C
-from jaxconcept.inputs import ImageSpec, InputError, load, parse_concepts_arg
+from jaxconcept import config
+from jaxconcept.em.prepare import prepare
+from jaxconcept.runio import images
+from jaxconcept.runio.images import ImageError
+from jaxconcept.runio.inputs import ConceptSpec as C
+from jaxconcept.runio.inputs import ImageSpec, InputError, load, parse_concepts_arg
 
 
 def _png(path, array, colour_type: int) -> str:
@@ -96,7 +98,7 @@ def test_exif_rotated_photos_and_their_masks_are_read_upright(tmp_path):
     mask[:10, 10:] = 255
     Image.fromarray(mask, "L").save(tmp_path / "m.png")
     got = load([parse_concepts_arg(f"{tmp_path / 'photo.jpg'}:<a>@{tmp_path / 'm.png'}")], (30, 20))
-    assert np.all(got.images_NxHxWx3[0, 1:9, 11:19] > 0.9) and np.all(got.images_NxHxWx3[0, 12:, :] < -0.9)
+    assert np.all(got.images_IxHxWx3[0, 1:9, 11:19] > 0.9) and np.all(got.images_IxHxWx3[0, 12:, :] < -0.9)
     np.testing.assert_array_equal(got.user_masks[0], mask > 0)
 
 
@@ -110,9 +112,9 @@ def test_too_small_images_are_refused_naming_size_and_minimum(tmp_path):
     Image.new("RGB", (600, 100)).save(tmp_path / "strip.png")  # crop: its 100 px side limits; pad: its 600 px side
     with pytest.raises(ImageError, match="is 600x100 pixels .* at least 128x128 pixels"):
         load([ImageSpec(str(tmp_path / "strip.png"), (C("<a>"),))], 512)
-    assert load([ImageSpec(str(tmp_path / "strip.png"), (C("<a>"),))], 512, "pad").images_NxHxWx3.shape[1] == 512
+    assert load([ImageSpec(str(tmp_path / "strip.png"), (C("<a>"),))], 512, "pad").images_IxHxWx3.shape[1] == 512
     Image.new("RGB", (128, 128)).save(tmp_path / "ok.png")
-    assert load([ImageSpec(str(tmp_path / "ok.png"), (C("<a>"),))], 512).images_NxHxWx3.shape == (1, 512, 512, 3)
+    assert load([ImageSpec(str(tmp_path / "ok.png"), (C("<a>"),))], 512).images_IxHxWx3.shape == (1, 512, 512, 3)
 
 
 def test_train_cli_refuses_a_too_small_image_with_exit_2(tmp_path):
@@ -167,7 +169,7 @@ def _tall_scene(tmp_path):
 def test_pad_keeps_the_whole_image_and_places_masks_with_it(tmp_path):
     image, top, bottom = _tall_scene(tmp_path)
     got = load([parse_concepts_arg(f"{image}:<top>@{top},<bottom>/background@{bottom}")], 40, "pad")
-    frame = got.images_NxHxWx3[0]  # scaled to 20 x 40, centred: columns 10..30 show the image
+    frame = got.images_IxHxWx3[0]  # scaled to 20 x 40, centred: columns 10..30 show the image
     np.testing.assert_allclose(frame[:, :10], images.PAD_GREY / 127.5 - 1, atol=1e-6)
     np.testing.assert_allclose(frame[:, 30:], images.PAD_GREY / 127.5 - 1, atol=1e-6)
     assert np.all(frame[:19, 10:30, 0] > 0.9) and np.all(frame[21:, 10:30, 2] > 0.9)  # red above, blue below
@@ -177,24 +179,22 @@ def test_pad_keeps_the_whole_image_and_places_masks_with_it(tmp_path):
     np.testing.assert_array_equal(got.user_masks[1], np.roll(expected_top, 20, axis=0))  # none on the padding
     np.testing.assert_array_equal(got.valid(0), expected_top | np.roll(expected_top, 20, axis=0))
     crop = load([parse_concepts_arg(f"{image}:<top>@{top},<bottom>/background@{bottom}")], 40)
-    assert crop.valid_NxHxW is None and crop.valid(0).all() and crop.user_masks[0][:20].all()
+    assert crop.valid_IxHxW is None and crop.valid(0).all() and crop.user_masks[0][:20].all()
 
 
 def _e_step(setup, maps_fn):
     """The learner's E-step (estep.estimate_masks) with maps from `maps_fn`, CRF off."""
-    from jaxconcept import estep
+    from jaxconcept.masks import estep
 
     maps = lambda i, key: maps_fn(None, None, None, None, None, key)  # noqa: E731
-    return estep.estimate_masks(maps, setup.images_u8, setup.inputs.owner_C, setup.inputs.kinds,
-                                setup.concepts.tokens, jax.random.key(0), 0.55, False, 0.5, ("host", None),
-                                valid=setup.inputs.valid)
+    return estep.estimate_masks(maps, setup, jax.random.key(0), estep.MaskRules(0.55, use_crf=False))
 
 
 def test_the_learner_keeps_the_padding_outside_every_estimated_mask(tiny, tmp_path):
     image, _, _ = _tall_scene(tmp_path)
     cfg = config.get_config()
     cfg.model, cfg.resize, cfg.masks.crf = "tiny", "pad", False
-    setup = learner.prepare(cfg, [parse_concepts_arg(f"{image}:<top>=red,<rest>/background")], tiny)
+    setup = prepare(cfg, [parse_concepts_arg(f"{image}:<top>=red,<rest>/background")], tiny)
 
     def maps_fn(rows, frozen, latents, ids, positions, key):  # the object's attention is high everywhere
         return jnp.ones((2,) + setup.latent_hw)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from jaxconcept import JaxconceptError
-from jaxconcept.images import ImageError
-from jaxconcept.inputs import (
+from jaxconcept.runio.images import ImageError
+from jaxconcept.runio.inputs import (
     FORM, ConceptSpec, ImageSpec, InputError, format_concepts_arg, from_toy_scene_folder, load, parse_concepts_arg,
     specs_from_config, validate,
 )
@@ -173,19 +173,19 @@ def test_load_png_jpeg_rgba_and_greyscale(tmp_path):
     ]
     specs = [ImageSpec(p, (C(f"<v{i}>"),)) for i, p in enumerate(paths)]
     inputs = load(specs, 16)
-    assert inputs.images_NxHxWx3.shape == (4, 16, 16, 3) and inputs.images_NxHxWx3.dtype == np.float32
-    assert inputs.images_NxHxWx3.min() >= -1 and inputs.images_NxHxWx3.max() <= 1
-    np.testing.assert_allclose(inputs.images_NxHxWx3[0, ..., 0], 200 / 127.5 - 1, atol=1e-5)
-    np.testing.assert_allclose(inputs.images_NxHxWx3[1, ..., 0], 200 / 127.5 - 1, atol=0.05)  # JPEG loss
-    np.testing.assert_allclose(inputs.images_NxHxWx3[2], inputs.images_NxHxWx3[0])
-    np.testing.assert_allclose(inputs.images_NxHxWx3[3], 100 / 127.5 - 1, atol=1e-5)
+    assert inputs.images_IxHxWx3.shape == (4, 16, 16, 3) and inputs.images_IxHxWx3.dtype == np.float32
+    assert inputs.images_IxHxWx3.min() >= -1 and inputs.images_IxHxWx3.max() <= 1
+    np.testing.assert_allclose(inputs.images_IxHxWx3[0, ..., 0], 200 / 127.5 - 1, atol=1e-5)
+    np.testing.assert_allclose(inputs.images_IxHxWx3[1, ..., 0], 200 / 127.5 - 1, atol=0.05)  # JPEG loss
+    np.testing.assert_allclose(inputs.images_IxHxWx3[2], inputs.images_IxHxWx3[0])
+    np.testing.assert_allclose(inputs.images_IxHxWx3[3], 100 / 127.5 - 1, atol=1e-5)
     assert inputs.names == ("a", "a_2", "a_3", "grey")
     assert inputs.tokens == ("<v0>", "<v1>", "<v2>", "<v3>") and inputs.kinds == ("object",) * 4
     assert inputs.user_masks == (None,) * 4 and inputs.user_masks_CxHxW is None
     assert not inputs.has_any_user_masks and not inputs.has_all_user_masks
-    assert load(specs[:1], (8, 12)).images_NxHxWx3.shape == (1, 8, 12, 3)
+    assert load(specs[:1], (8, 12)).images_IxHxWx3.shape == (1, 8, 12, 3)
     with pytest.raises(ValueError):  # arrays are read-only: the record is frozen
-        inputs.images_NxHxWx3[0, 0, 0, 0] = 0
+        inputs.images_IxHxWx3[0, 0, 0, 0] = 0
 
 
 def test_missing_and_corrupt_images_give_clear_errors(tmp_path):
@@ -216,7 +216,7 @@ def test_user_masks_get_the_image_crop_geometry(tmp_path):
     expected[10:30, 15:25] = True
     np.testing.assert_array_equal(box_HxW, expected)
     np.testing.assert_array_equal(inputs.user_masks[1], ~expected)
-    image_HxWx3 = inputs.images_NxHxWx3[0]
+    image_HxWx3 = inputs.images_IxHxWx3[0]
     assert np.all(image_HxWx3[11:29, 16:24, 0] > 0.7) and np.all(image_HxWx3[11:29, 16:24, 1] < -0.7)
     assert np.all(image_HxWx3[:, :14, 0] < -0.6) and np.all(image_HxWx3[:, 26:, 0] < -0.6)
     assert inputs.has_all_user_masks and inputs.user_masks_CxHxW.shape == (2, 40, 40)
@@ -286,7 +286,7 @@ def test_four_concepts_over_two_images(tmp_path):
     np.testing.assert_array_equal(inputs.owner_C, [0, 0, 1, 1])
     assert inputs.owner_C.dtype == np.int32
     assert inputs.concepts_of(0) == (0, 1) and inputs.concepts_of(1) == (2, 3)
-    assert inputs.images_NxHxWx3.shape == (2, 32, 32, 3)
+    assert inputs.images_IxHxWx3.shape == (2, 32, 32, 3)
     assert [m is None for m in inputs.user_masks] == [False, False, True, True]
 
 
@@ -307,7 +307,7 @@ def test_from_toy_scene_folder(tmp_path):
     for concept, mask_HxW in zip(spec.concepts, inputs.user_masks):
         name = concept.token[1:-1]
         np.testing.assert_array_equal(mask_HxW, scene.masks[name])
-    np.testing.assert_allclose(inputs.images_NxHxWx3[0], scene.image / 127.5 - 1, atol=1e-5)
+    np.testing.assert_allclose(inputs.images_IxHxWx3[0], scene.image / 127.5 - 1, atol=1e-5)
 
     # several scenes together need distinct tokens: the suffix keeps them apart
     S.write_scene(S.make_scene(4, 32, 1), str(tmp_path / "s4"))

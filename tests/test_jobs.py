@@ -10,7 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxconcept import config, inputs, jobs, learner, runs, sharding
+from jaxconcept import config
+from jaxconcept.em import jobs, learner
+from jaxconcept.parallel import sharding
+from jaxconcept.runio import inputs, runs
 from jaxconcept.errors import JaxconceptError
 from jaxconcept.toy import scene
 

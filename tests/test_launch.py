@@ -340,6 +340,28 @@ def test_notebook_is_valid_nbformat4_with_empty_outputs():
         assert needle in text, needle
 
 
+def test_every_jaxconcept_import_of_the_notebook_resolves():
+    """Every `from jaxconcept... import name` of every code cell (the toy cells, and those that need an upload or a
+    real model, which no test runs) names something that imports: a moved module cannot break the notebook unseen."""
+    import importlib
+
+    wanted = []
+    for cell in _notebook()["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse(_python_of(cell))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "jaxconcept":
+                wanted += [(node.module, a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                wanted += [(a.name, None) for a in node.names if a.name.split(".")[0] == "jaxconcept"]
+    assert {name for _, name in wanted} >= {"config", "learner", "train", "generate", "runs", "inputs", "evaluate",
+                                             "metrics", "export"}
+    for module, name in wanted:  # as `from module import name` does: an attribute, else a submodule
+        got = importlib.import_module(module)
+        if name is not None and getattr(got, name, None) is None:
+            importlib.import_module(f"{module}.{name}")
+
+
 NOTEBOOK_PREAMBLE = '''
 import dataclasses, os, sys, types
 

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxconcept import adapter, checkpoints, config, estep, inputs, learner, outputs, settings, setup, sharding, steps
+from jaxconcept import config, settings
+from jaxconcept.em import learner, steps
+from jaxconcept.em.prepare import crf_where, prepare
+from jaxconcept.masks import estep
+from jaxconcept.model import adapter
+from jaxconcept.parallel import sharding
+from jaxconcept.runio import checkpoints, inputs, outputs
 from jaxconcept.errors import JaxconceptError
 from jaxconcept.toy import scene
 
@@ -63,11 +69,17 @@ class StepCounter:
             fn = self.original(*a, **k)
             entry = {"jitted": fn, "calls": 0}
             self.made.append(entry)
+            bind = fn.bind
 
-            def counted(*args):
-                entry["calls"] += 1
-                return fn(*args)
-            return counted
+            def counting_bind(*fixed):
+                step = bind(*fixed)
+
+                def counted(state, masks):
+                    entry["calls"] += 1
+                    return step(state, masks)
+                return counted
+            fn.bind = counting_bind
+            return fn
 
         steps.make_train_step = recording
         return self
@@ -125,12 +137,12 @@ def test_another_run_of_the_same_model_reuses_the_traced_step(scene_dir, monkeyp
     from jaxconcept import load_model
 
     traced = []
-    real = steps._step
-    monkeypatch.setattr(steps, "_step", lambda *a: traced.append(1) or real(*a))
+    real = steps.concept_loss
+    monkeypatch.setattr(steps, "concept_loss", lambda *a, **k: traced.append(1) or real(*a, **k))
     mesh = sharding.make_mesh(jax.devices()[:1])
 
     def lower(bundle, cfg=steps.LossConfig()):
-        st = learner.prepare(_cfg(), [_spec(scene_dir)], bundle)
+        st = prepare(_cfg(), [_spec(scene_dir)], bundle)
         frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
         opt = steps.make_optimizer(5e-4)
         state = steps.init_state({"rows": jax.numpy.asarray(st.concepts.init_rows)}, opt)
@@ -154,7 +166,7 @@ def test_another_run_of_the_same_model_reuses_the_traced_step(scene_dir, monkeyp
 def test_rows_moved_and_only_rows_in_token_stage(em_run, tiny):
     out, _, _ = em_run
     rows = outputs.load_concepts(str(out / "concepts.safetensors"))
-    from jaxconcept import tokens
+    from jaxconcept.model import tokens
 
     table = np.asarray(tokens.embedding_table(tiny.params["text_encoder"]))
     red = tiny.tokenizer.convert_tokens_to_ids("red</w>")
@@ -275,9 +287,9 @@ def test_same_noise_e_steps_draw_one_key_and_move_only_with_the_rows(scene_dir, 
     that do not move (an lr of 1e-12) the masks do not move either; each round without it draws its own key."""
     keys, original = [], estep.estimate_masks
 
-    def recording(maps, *args, **kwargs):
-        keys.append(np.asarray(jax.random.key_data(args[4])))
-        return original(maps, *args, **kwargs)
+    def recording(maps, setup, key, *args, **kwargs):
+        keys.append(np.asarray(jax.random.key_data(key)))
+        return original(maps, setup, key, *args, **kwargs)
 
     monkeypatch.setattr(estep, "estimate_masks", recording)
     cfg = _cfg(**{"masks.same_noise": True, "tokens.lr": 1e-12, "joint.steps": 0})
@@ -377,8 +389,8 @@ def test_assign_masks_from_noisy_maps_crf_helps_and_background_takes_the_rest():
     soft = np.clip(soft / soft.max(axis=(1, 2), keepdims=True) + 0.1 * rng.random(soft.shape), 0, 1)
     soft = np.concatenate([soft, np.zeros((1, 48, 48), np.float32)])  # background concept: no map of its own
     kinds = ["object", "object", "background"]
-    got, raw, info = estep.assign_masks(soft, image, kinds, 0.45, use_crf=True)
-    from jaxconcept import masks
+    got, raw, info = estep.assign_masks(soft, image, kinds, estep.MaskRules(0.45))
+    from jaxconcept.masks import labels as masks
 
     for k, truth in enumerate((a, b)):
         assert masks.iou(got[k], truth) > masks.iou(raw[k], truth)
@@ -392,7 +404,7 @@ def test_assign_masks_never_returns_an_empty_mask():
     image, a, _ = _two_discs()
     soft = np.stack([a.astype(np.float32), np.full((48, 48), 0.2, np.float32)])  # 2nd below the level
     soft[1, 40:, 40:] = 0.3
-    got, _, info = estep.assign_masks(soft, image, ["object", "object"], 0.45, use_crf=True)
+    got, _, info = estep.assign_masks(soft, image, ["object", "object"], estep.MaskRules(0.45))
     assert got[1].any() and info["fallbacks"] == [1]
     assert not (got[0] & got[1]).any()
 
@@ -412,7 +424,9 @@ def test_inversion_prior_preservation_and_text_encoder_tuning(scene_dir, tmp_pat
     assert steps_logged and all("loss_prior" in x for x in steps_logged)
     assert [x["round"] for x in lines if "round" in x] == [0, 1]
     # the tuned text encoder is kept: a prompt without concept tokens is encoded differently from the base
-    from jaxconcept import load_model, runs, tokens
+    from jaxconcept import load_model
+    from jaxconcept.model import tokens
+    from jaxconcept.runio import runs
 
     base, run = load_model("tiny"), runs.load_run(str(out))
     ids = tokens.tokenize(base.tokenizer, ["a red dog"], base.max_length)
@@ -428,20 +442,21 @@ def test_cached_class_prompt_encoding_gives_the_same_loss(scene_dir, tmp_path):
     prior = tmp_path / "class_images"
     prior.mkdir()
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(prior / "c.png")
-    st = learner.prepare(_cfg(**{"prior.folder": str(prior)}), [_spec(scene_dir)])
+    st = prepare(_cfg(**{"prior.folder": str(prior)}), [_spec(scene_dir)])
     assert "prior_context" in st.run_data
     masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
     frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
     loss = lambda data: steps.concept_loss(  # noqa: E731
         {"rows": jax.numpy.asarray(st.concepts.init_rows)}, frozen, data, masks, jax.random.key(3),
-        model=steps.step_model(st.bundle), concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig())
+        statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig()),
+        concept_ids_N=jax.numpy.asarray(st.concepts.ids))
     uncached = {k: v for k, v in st.run_data.items() if k != "prior_context"}
     (a, ma), (b, _) = jax.jit(loss)(st.run_data), jax.jit(loss)(uncached)  # eager, the UNet costs 3x the compile
     assert float(a) == pytest.approx(float(b), rel=1e-6) and float(ma["loss_prior"]) > 0
 
 
 def test_where_the_e_step_crf_runs():
-    where = lambda **kw: setup.crf_where(settings.resolve(_cfg(**{f"masks.{k}": v for k, v in kw.items()})),  # noqa: E731
+    where = lambda **kw: crf_where(settings.resolve(_cfg(**{f"masks.{k}": v for k, v in kw.items()})),  # noqa: E731
                                          (64, 48), (8, 6))
     assert where() == ("host", None)
     assert where(crf_backend="device", crf_size="latent") == ("device", (8, 6))
@@ -449,7 +464,7 @@ def test_where_the_e_step_crf_runs():
 
 
 def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatch):
-    from jaxconcept import crf_exact
+    from jaxconcept.masks import crf_exact
 
     seen = []
     real = crf_exact.inference
@@ -490,15 +505,16 @@ def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatc
 
 
 def test_remat_dots_and_full_give_the_gradients_of_no_remat(scene_dir):
-    st = learner.prepare(_cfg(), [_spec(scene_dir)])
+    st = prepare(_cfg(), [_spec(scene_dir)])
     masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
     trainable = {"rows": jax.numpy.asarray(st.concepts.init_rows), "unet": st.bundle.params["unet"]}
     frozen = {"text_encoder": st.bundle.params["text_encoder"]}
 
     def grads(remat):
         loss = lambda p: steps.concept_loss(  # noqa: E731
-            p, frozen, st.run_data, masks, jax.random.key(1), model=steps.step_model(st.bundle),
-            concept_ids=jax.numpy.asarray(st.concepts.ids), cfg=steps.LossConfig(remat=remat))[0]
+            p, frozen, st.run_data, masks, jax.random.key(1),
+            statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(remat=remat)),
+            concept_ids_N=jax.numpy.asarray(st.concepts.ids))[0]
         return jax.jit(jax.grad(loss))(trainable)
 
     plain = grads("none")

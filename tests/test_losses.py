@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import losses
+from jaxconcept.em import losses
 
 
 def test_masked_diffusion_loss_is_mean_over_all_elements():

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import masks
+from jaxconcept.masks import labels as masks
 
 
 def test_labels_argmax_against_background_level():

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxconcept import metrics
+from jaxconcept.eval import metrics
 from jaxconcept.errors import ModelSourceError
 
 TOL = 1e-4
@@ -161,7 +161,7 @@ def pt_pair(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from jaxconcept.model import word_tokenizer
+    from jaxconcept.model.loading import word_tokenizer
 
     folder = str(tmp_path_factory.mktemp("pt_clip"))
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import ModelSourceError, load_model, model
+from jaxconcept import ModelSourceError, load_model
+from jaxconcept.model import loading as model
 
 
 def test_tiny_is_seeded_and_complete(tiny):

@@ -15,9 +15,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxconcept import adapter, capture, config, diffusion, generate, learner, load_model, model, steps  # noqa: E402
+from jaxconcept import config, generate, load_model
+from jaxconcept.em import steps
+from jaxconcept.em.prepare import prepare
+from jaxconcept.model import adapter, capture, diffusion, loading as model  # noqa: E402
 from jaxconcept.errors import ModelSourceError  # noqa: E402
-from jaxconcept.inputs import ConceptSpec, ImageSpec  # noqa: E402
+from jaxconcept.runio.inputs import ConceptSpec, ImageSpec  # noqa: E402
 from torch_reference import build_folder  # noqa: E402
 
 
@@ -180,7 +183,7 @@ def test_v_prediction_models_train_on_v(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(capture, "unet_with_attention", exact)
     losses = {}
     for trained in ("epsilon", "v_prediction"):
-        setup = learner.prepare(cfg, [spec], _with_prediction(tiny, trained))
+        setup = prepare(cfg, [spec], _with_prediction(tiny, trained))
         b = setup.bundle
         assert b.prediction_type == trained
         run_data = dict(setup.run_data, latents=jnp.full_like(setup.run_data["latents"], x0))
@@ -189,8 +192,8 @@ def test_v_prediction_models_train_on_v(tiny, tmp_path, monkeypatch):
         for kind in ("epsilon", "v_prediction"):
             oracle["kind"] = kind
             _, metrics = steps.concept_loss({"rows": jnp.asarray(setup.concepts.init_rows)}, b.params, run_data, masks,
-                                            jax.random.key(0), model=steps.step_model(b), concept_ids=jnp.asarray(setup.concepts.ids),
-                                            cfg=steps.LossConfig())
+                                            jax.random.key(0), steps.StepStatics(steps.step_model(b), steps.LossConfig()),
+                                            jnp.asarray(setup.concepts.ids))
             losses[trained, kind] = float(metrics["loss_mask"])
     assert losses["v_prediction", "v_prediction"] < 1e-8 and losses["epsilon", "epsilon"] < 1e-8, losses
     assert losses["v_prediction", "epsilon"] > 1e-2 and losses["epsilon", "v_prediction"] > 1e-2, losses

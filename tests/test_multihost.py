@@ -173,7 +173,7 @@ def test_two_processes_evaluate_and_generate_like_one_process(trained):
 
 
 def test_distributed_mode_is_checked():
-    from jaxconcept import distributed
+    from jaxconcept.parallel import distributed
 
     with pytest.raises(ValueError, match="auto, on, off"):
         distributed.initialize("sometimes")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from jaxconcept import outputs, viz
+from jaxconcept.runio import outputs, viz
 
 
 def test_evolution_picture_has_a_key_naming_each_overlay_colour():

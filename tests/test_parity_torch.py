@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxconcept import capture, load_model, tokens  # noqa: E402
+from jaxconcept import load_model
+from jaxconcept.model import capture, tokens  # noqa: E402
 from torch_reference import build_folder, record_cross_attention, rel_err  # noqa: E402
 
 TOL = 1e-4
@@ -67,7 +68,7 @@ def test_vae_encode_decode_match(pair, inputs):
         dist = pt_vae.encode(torch.from_numpy(images)).latent_dist
         ref_mean, ref_std = dist.mean.numpy(), dist.std.numpy()
         ref_dec = pt_vae.decode(dist.mean).sample.numpy()
-    from jaxconcept import diffusion
+    from jaxconcept.model import diffusion
 
     mean, std = diffusion.encode_images(bundle.vae, bundle.params["vae"], jnp.asarray(images.transpose(0, 2, 3, 1)))
     assert rel_err(mean, ref_mean) <= TOL and rel_err(std, ref_std) <= TOL

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxconcept import adapter, capture, presets
+from jaxconcept import presets
+from jaxconcept.model import adapter, capture
 from jaxconcept.bench.speed import SD15_UNET
 from jaxconcept.errors import JaxconceptError
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxconcept import adapter, sampling, tokens
+from jaxconcept.model import adapter, sampling, tokens
 
 
 def _point_mass_eps(alphas_cumprod, x_t, t_B, context):

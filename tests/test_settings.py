@@ -96,7 +96,7 @@ def test_the_command_line_refuses_bad_config_with_exit_2_before_any_work(tmp_pat
 def test_the_names_settings_accepts_are_what_the_steps_build():
     """settings names the optimizers and remat policies without importing the model code; each name it accepts
     builds in steps, and steps builds no other."""
-    from jaxconcept import steps
+    from jaxconcept.em import steps
 
     assert set(settings.REMATS) == {"none", *steps.REMAT_POLICIES}
     for kind in settings.OPTIMIZERS:

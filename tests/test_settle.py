@@ -4,7 +4,7 @@ CRF's hysteresis, on small synthetic scenes."""
 import numpy as np
 import pytest
 
-from jaxconcept import crf, masks, settle
+from jaxconcept.masks import crf, labels as masks, settle
 
 
 def _disc(h, w, cy, cx, r):
@@ -104,7 +104,7 @@ def test_tied_groups_and_their_warning():
 
 
 def test_e_step_splits_tied_concepts_and_metrics_match_them():
-    from jaxconcept import estep
+    from jaxconcept.masks import estep
 
     h = w = 32
     a, b = _disc(h, w, 16, 7, 4), _disc(h, w, 16, 24, 4)
@@ -113,9 +113,9 @@ def test_e_step_splits_tied_concepts_and_metrics_match_them():
     shared = np.where(a | b, 0.9, 0.05).astype(np.float32)
     soft = np.stack([shared * 0.99, shared, np.zeros_like(shared)])  # the second would win both regions
     kinds = ["object", "object", "background"]
-    untied, _, _ = estep.assign_masks(soft, image, kinds, 0.55, True)
+    untied, _, _ = estep.assign_masks(soft, image, kinds, estep.MaskRules(0.55))
     assert not untied[0].any() or masks.iou(untied[1], a | b) > 0.9  # without the tie-break one token takes all
-    got, _, _ = estep.assign_masks(soft, image, kinds, 0.55, True, ties=[(0, 1)])
+    got, _, _ = estep.assign_masks(soft, image, kinds, estep.MaskRules(0.55), ties=[(0, 1)])
     assert masks.iou(got[0], a) > 0.95 and masks.iou(got[1], b) > 0.95 and masks.iou(got[2], ~(a | b)) > 0.95
     truth = np.stack([b, a, ~(a | b)])  # the truth names them the other way round
     entry = estep.round_metrics(1, got, got, got, {}, ["<x>", "<y>", "<bg>"], truth, tied=((0, 1),))

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import ShardingError, capture, sharding, tokens
+from jaxconcept import ShardingError
+from jaxconcept.model import capture, tokens
+from jaxconcept.parallel import sharding
 
 
 def test_four_devices_equal_one(tiny_with_concepts):
@@ -52,7 +54,10 @@ def test_fsdp_spec_splits_large_arrays_along_a_divisible_dimension():
 
 @pytest.fixture(scope="module")
 def joint_setup(tmp_path_factory):
-    from jaxconcept import config, inputs, learner
+    from jaxconcept import config
+    from jaxconcept.em.prepare import prepare
+    from jaxconcept.em.stages import latent_masks
+    from jaxconcept.runio import inputs
     from jaxconcept.toy import scene
 
     folder = tmp_path_factory.mktemp("scene")
@@ -62,13 +67,13 @@ def joint_setup(tmp_path_factory):
         inputs.ConceptSpec("<ring>", None, "object", str(folder / "mask_purple_dotted_ring.png"))))
     cfg = config.get_config()
     cfg.model = "tiny"
-    setup = learner.prepare(cfg, [spec])
-    masks = learner.latent_masks(np.stack(setup.inputs.user_masks), setup.latent_hw, sharding.make_mesh())
+    setup = prepare(cfg, [spec])
+    masks = latent_masks(np.stack(setup.inputs.user_masks), setup.latent_hw, sharding.make_mesh())
     return setup, masks
 
 
 def _joint_steps(setup, masks, mesh, *, fsdp: bool, remat="none", kind="adamw", n=2, opt=None):
-    from jaxconcept import steps
+    from jaxconcept.em import steps
 
     b = setup.bundle
     cfg = steps.LossConfig(batch_size=4, remat=remat)
@@ -116,7 +121,7 @@ def test_fsdp_joint_step_equals_the_single_device_step(joint_setup, one_device_s
         ulps = 4e-7 * max(1.0, float(np.abs(np.asarray(b)).max()))  # float32 rounding of the stored weight
         assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-4 * step + ulps
     np.testing.assert_allclose(four["params"]["rows"], one["params"]["rows"], rtol=1e-5, atol=1e-6)
-    from jaxconcept import steps
+    from jaxconcept.em import steps
 
     adam = jax.eval_shape(lambda p: steps.init_state(p, steps.make_optimizer(1e-3)), four["params"])
     sh = sharding.fsdp_shardings(adam, sharding.make_mesh(fsdp=4), min_size=0)
@@ -131,7 +136,7 @@ def test_factored_optimizer_trains_in_the_joint_step(joint_setup, one_device_sgd
     """Adafactor, the memory option whose state differs in structure from AdamW's (factored second moments, no
     first moment), in the real joint step: the same first loss (it comes before any update), the params
     move, and it stores less than AdamW (whose state is sized without running it)."""
-    from jaxconcept import steps
+    from jaxconcept.em import steps
 
     setup, masks = joint_setup
     _, l_ref = one_device_sgd
@@ -153,7 +158,7 @@ def test_bfloat16_first_moment_takes_adamws_step_in_three_quarters_of_its_memory
     to the moment's rounding (2^-8), shown on the rows and the UNet's outer convolutions, and its state for the
     joint stage's whole tree (rows and UNet; sized without running it) takes 3/4 of AdamW's bytes. The step
     itself is the optimizer-agnostic one adafactor runs above."""
-    from jaxconcept import steps
+    from jaxconcept.em import steps
 
     setup, _ = joint_setup
     unet = setup.bundle.params["unet"]

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxconcept import ConceptTokenError, PromptError, tokens
+from jaxconcept import ConceptTokenError, PromptError
+from jaxconcept.model import tokens
 
 
 def test_added_tokens_are_single_pieces_with_initial_rows(tiny, tiny_with_concepts):

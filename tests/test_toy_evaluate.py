@@ -2,7 +2,7 @@
 
 import json
 
-from jaxconcept import model
+from jaxconcept.model import loading as model
 from jaxconcept.toy import evaluate, sd
 
 

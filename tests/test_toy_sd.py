@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-from jaxconcept import capture, load_model
+from jaxconcept import load_model
+from jaxconcept.model import capture
 from jaxconcept.toy import sd
 
 # diffusers' FlaxStableDiffusionPipeline, with torch made unimportable, samples from the shipped folder; it
@@ -52,7 +53,8 @@ def test_shipped_model_keeps_real_classes_and_two_attention_resolutions():
 
 
 def test_diffusers_flax_pipeline_samples_like_our_sampler():
-    from jaxconcept import images, sampling, tokens
+    from jaxconcept.model import sampling, tokens
+    from jaxconcept.runio import images
     import jax
     import jax.numpy as jnp
 

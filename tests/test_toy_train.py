@@ -31,7 +31,7 @@ def test_each_phase_writes_a_loadable_model_that_ships_the_weight_average(tmp_pa
     (v4's recipe): the encoder moved, so the latent scale is measured again. The first denoiser step, at
     warm-up lr 0, leaves the weights as they were; with decays 0.1 then 2/11 the shipped weights are
     2/11 x initial + 9/11 x trained, leaf by leaf."""
-    from jaxconcept import model
+    from jaxconcept.model import loading as model
 
     start = train.sd.random_toy("tiny")
     start = start.replace(vae=train.adapter.vae_from_config(dict(start.vae.config, scaling_factor=0.7)))
@@ -98,7 +98,7 @@ def test_resumed_phase_equals_uninterrupted(tmp_path):
 
 def test_object_word_targets_follow_caption_order():
     s = scene.make_scene(4, size=32)  # "a yellow dotted cross and a black striped circle and a purple striped square ..."
-    from jaxconcept import model
+    from jaxconcept.model import loading as model
 
     tok = model.word_tokenizer(scene.vocabulary())
     ids = tok(s.caption, padding="max_length", max_length=32).input_ids
@@ -134,7 +134,7 @@ def test_ema_update_averages_with_a_warmed_up_decay():
 def test_warm_start_decoder_only_keeps_encoder_and_latent_scale(tmp_path):
     """v2's recipe: from a saved model, the VAE decoder alone trains; the encoder and the latent scale (which
     the loaded denoiser was trained with) stay exactly as they were."""
-    from jaxconcept import model
+    from jaxconcept.model import loading as model
 
     start = train.sd.random_toy("tiny")
     start = start.replace(vae=train.adapter.vae_from_config(dict(start.vae.config, scaling_factor=0.7)))

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from jaxconcept import model as jc_model
+from jaxconcept.model import loading as jc_model
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> None:

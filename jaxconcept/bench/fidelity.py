@@ -36,12 +36,13 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 
-from .. import config, generate, images, inputs, learner, runs, viz
+from .. import config, generate
+from ..em import learner
+from ..runio import images, inputs, runs, viz
 from ..errors import JaxconceptError
-from ..model import load_model
+from ..model.loading import load_model
 from ..toy import judge, scene
 from ..toy.evaluate import parse_seeds
 
@@ -62,9 +63,6 @@ HARD_TEXTURES = tuple(t for t in scene.TEXTURES if t != scene.DEFAULT_TEXTURE)
 def natural_scene(seed: int, size: int) -> scene.Scene:
     """Held-out scene s of the natural distribution: two objects, anything the toy world draws."""
     return scene.make_scene(SEED_OFFSET + seed, size=size, num_objects=2)
-
-
-bench_scene = natural_scene  # the earlier name
 
 
 def hard_scene(seed: int, size: int) -> scene.Scene:

@@ -21,9 +21,12 @@ import tempfile
 import jax
 import numpy as np
 
-from .. import config, inputs, jobs, settings, sharding, steps
+from .. import config, settings
+from ..em import jobs, steps
+from ..parallel import sharding
+from ..runio import inputs
 from ..errors import JaxconceptError
-from ..model import load_model
+from ..model.loading import load_model
 from ..toy import scene
 from .speed import time_calls
 

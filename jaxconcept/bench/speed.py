@@ -32,7 +32,7 @@ for the attention loss (SDPA everywhere else); the sample runs the cond/uncond h
 
 Also reported: compile time (ours) and first-call time (torch) separately; the E-step's share of the EM
 wall time with an E-step every 50 token steps, E / (50 token + E); FLOPs per step from XLA's cost analysis
-of our compiled programs and, for sd15, from DESIGN §6's cost model (area-scaled off 512 px), the achieved
+of our compiled programs and, for sd15, from docs/method.md §7's cost model (area-scaled off 512 px), the achieved
 TFLOP/s and, on a GPU, the fraction of the measured (bf16 matmul) and quoted bf16 peak. Everything goes to
 DIR/speed.json (default runs/speed).
 
@@ -68,7 +68,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import capture, config, estep, images, inputs, learner, masks as masks_lib, model, sampling, sharding, steps, tokens
+from .. import config
+from ..em import steps
+from ..em.prepare import prepare
+from ..em.stages import latent_masks
+from ..masks import estep, labels as masks_lib
+from ..model import capture, loading as model, sampling, tokens
+from ..parallel import sharding
+from ..runio import images, inputs
 from ..errors import JaxconceptError
 from ..toy import scene
 
@@ -106,7 +113,7 @@ class BenchConfig:
     words: tuple[str, ...] = model.TINY_WORDS
     vocab_size: int = 0  # pad the token table to this many rows (0: the tokenizer's own size)
     attn_factor: int = 4  # attention loss at latent / attn_factor (Break-a-Scene: the 16x16 layers)
-    estep_factors: tuple[int, ...] = (4, 2)  # E-step maps at latent / f for each f (DESIGN §3: 16 and 32)
+    estep_factors: tuple[int, ...] = (4, 2)  # E-step maps at latent / f for each f (docs/method.md §4: 16 and 32)
     estep_timesteps: int = 50  # T of the E-step's attention pass
 
     def build(self, dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
@@ -137,9 +144,9 @@ LABELS = {"token": "token step", "joint": "joint step", "e_attn": "E-step attent
 ESTEP_EVERY = 50
 TOKEN_LR, JOINT_LR, CLIP, WEIGHT_DECAY, ATTN_WEIGHT, GUIDANCE = 5e-4, 2e-6, 1.0, 1e-2, 0.01, 7.5
 BACKGROUND_LEVEL = 0.55
-# DESIGN §6, SD 1.5 at 512 px, batch 1 (TFLOP)
+# docs/method.md §7, SD 1.5 at 512 px, batch 1 (TFLOP)
 SD15_TFLOP = {"unet_forward": 0.80, "unet_fwd_bwd_all": 2.39, "unet_fwd_bwd_text": 1.67, "sample_50": 82.0}
-# bf16 dense peaks (FLOP/s) by device kind: DESIGN §6's measured H100 figure, vendors' figures otherwise
+# bf16 dense peaks (FLOP/s) by device kind: docs/method.md §7's measured H100 figure, vendors' figures otherwise
 QUOTED_BF16_PEAK = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 CONCEPTS = (("<c1>", "dog", "object"), ("<c2>", "cat", "object"), ("<bg>", "background", "background"))
 
@@ -171,7 +178,7 @@ def pad_vocab(bundle: model.ModelBundle, vocab_size: int) -> model.ModelBundle:
     extra = jnp.asarray(np.random.default_rng(1).standard_normal((vocab_size - table.shape[0], table.shape[1]),
                                                                   np.float32), table.dtype)
     text = tokens.with_embedding_table(bundle.params["text_encoder"], jnp.concatenate([table, extra]))
-    from .. import adapter
+    from ..model import adapter
 
     return bundle.replace(text_encoder=adapter.text_encoder_with_vocab(bundle.text_encoder, vocab_size),
                           params={**bundle.params, "text_encoder": text})
@@ -195,14 +202,14 @@ class Workload:
     sample_steps: int
     vocab_size: int
     concept_ids: tuple[int, ...]
-    table: dict  # numpy: ids_PxL, positions_PxC, image_P, weight_P
-    latents_Nx2xCxhxw: np.ndarray
+    table: dict  # numpy: ids_PxT, positions_PxC, image_P, weight_P
+    latents_Ix2xZxhxw: np.ndarray
     masks_Cxhxw: np.ndarray  # float32, latent size
     image_u8: np.ndarray
-    image_ids_L: np.ndarray
+    image_ids_T: np.ndarray
     image_positions_C: np.ndarray
     kinds: tuple[str, ...]
-    sample_ids_2xL: np.ndarray  # uncond, cond
+    sample_ids_2xT: np.ndarray  # uncond, cond
 
     @property
     def attn_grid(self) -> int:
@@ -218,24 +225,24 @@ def prepare_ours(bench: BenchConfig, resolution: int, dtype, batch: int, timeste
     """(learner Setup, Workload): the model with 3 concept tokens, a synthetic image, random masks."""
     res = bench.resolution(resolution)
     spec, masks_CxHxW = write_scene(folder, res, seed)
-    setup = learner.prepare(learner_config(res), [spec], bench.build(dtype, seed))
+    setup = prepare(learner_config(res), [spec], bench.build(dtype, seed))
     if bench.vocab_size:
         setup = dataclasses.replace(setup, bundle=pad_vocab(setup.bundle, bench.vocab_size))
     b = setup.bundle
     t = setup.run_data["table"]
     weight_P = np.exp(np.asarray(t["logw_P"], np.float64))
-    lat_masks = np.asarray(learner.latent_masks(masks_CxHxW, setup.latent_hw, sharding.make_mesh(jax.devices()[:1])))
+    lat_masks = np.asarray(latent_masks(masks_CxHxW, setup.latent_hw, sharding.make_mesh(jax.devices()[:1])))
     names = [c for c, _, _ in CONCEPTS]
     ids = tokens.tokenize(b.tokenizer, ["", "a photo of " + " and ".join(names[:2])], b.max_length)
     work = Workload(
         bench=bench, resolution=res, latent=setup.latent_hw[0], batch=batch, timesteps=timesteps,
         sample_steps=sample_steps, vocab_size=int(tokens.embedding_table(b.params["text_encoder"]).shape[0]),
         concept_ids=tuple(setup.concepts.ids),
-        table={"ids_PxL": np.asarray(t["ids_PxL"]), "positions_PxC": np.asarray(t["positions_PxC"]),
+        table={"ids_PxT": np.asarray(t["ids_PxT"]), "positions_PxC": np.asarray(t["positions_PxC"]),
                "image_P": np.asarray(t["image_P"]), "weight_P": weight_P / weight_P.sum()},
-        latents_Nx2xCxhxw=np.asarray(setup.run_data["latents"], np.float32), masks_Cxhxw=lat_masks,
-        image_u8=setup.images_u8[0], image_ids_L=setup.image_ids_NxL[0],
-        image_positions_C=setup.image_positions_NxC[0], kinds=tuple(setup.inputs.kinds), sample_ids_2xL=ids)
+        latents_Ix2xZxhxw=np.asarray(setup.run_data["latents"], np.float32), masks_Cxhxw=lat_masks,
+        image_u8=setup.images_u8[0], image_ids_T=setup.image_ids_IxT[0],
+        image_positions_C=setup.image_positions_IxC[0], kinds=tuple(setup.inputs.kinds), sample_ids_2xT=ids)
     return setup, work
 
 
@@ -329,7 +336,7 @@ def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed:
     maps_fn = steps.make_concept_maps(b, setup.concepts.ids, selector, work.timesteps, setup.latent_hw, mesh)
     frozen = sharding.put_replicated({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}, mesh)
     args = sharding.put_replicated((jnp.asarray(setup.concepts.init_rows), frozen, setup.run_data["latents"][0, 0],
-                                    jnp.asarray(work.image_ids_L), jnp.asarray(work.image_positions_C),
+                                    jnp.asarray(work.image_ids_T), jnp.asarray(work.image_positions_C),
                                     jax.random.key(seed)), mesh)
     compiled, compile_s, flops = compile_timed(maps_fn.jitted, *args)
     size = work.image_u8.shape[:2]
@@ -354,8 +361,8 @@ def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "ho
     where = ("host", None) if crf == "host" else ("device", tuple(latent_hw))
 
     def call():
-        info.update(estep.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds), BACKGROUND_LEVEL, True, 0.5,
-                                         *where)[2])
+        info.update(estep.assign_masks(soft_CxHxW, work.image_u8, list(work.kinds),
+                                       estep.MaskRules(BACKGROUND_LEVEL, True, 0.5, *where))[2])
 
     out = time_calls(call, iters, 1)
     return dict(out, crf_seconds_inside=info.get("crf_seconds"))
@@ -364,7 +371,7 @@ def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "ho
 def bench_ours_sample(setup, work: Workload, mesh, iters: int, warmup: int, seed: int) -> dict:
     b = setup.bundle
     sampler = sampling.make_batch_sampler(b, "ddim", work.sample_steps, mesh, setup.concepts.ids)
-    ids = jnp.asarray(work.sample_ids_2xL)
+    ids = jnp.asarray(work.sample_ids_2xT)
     noise = jax.random.normal(jax.random.key(seed), (1, b.unet.config.in_channels, work.latent, work.latent), b.dtype)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
     args = (place(b.params), place(jnp.asarray(setup.concepts.init_rows)), noise, ids[1:], ids[:1],
@@ -380,7 +387,7 @@ def sample_flops_xla(bundle, work: Workload, sampler_flops: float | None) -> flo
     if sampler_flops is None:
         return None
     lat = jax.ShapeDtypeStruct((2, bundle.unet.config.in_channels, work.latent, work.latent), bundle.dtype)
-    ctx = jax.ShapeDtypeStruct((2, work.sample_ids_2xL.shape[1], bundle.unet.config.cross_attention_dim),
+    ctx = jax.ShapeDtypeStruct((2, work.sample_ids_2xT.shape[1], bundle.unet.config.cross_attention_dim),
                                bundle.dtype)
     t = jax.ShapeDtypeStruct((2,), jnp.int32)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bundle.params["unet"])
@@ -509,10 +516,10 @@ def torch_draw(rng: np.random.Generator, work: Workload, tm: TorchModels) -> dic
     p = rng.choice(len(t["weight_P"]), size=work.batch, p=t["weight_P"])
     flip = rng.random(work.batch) < 0.5
     image = t["image_P"][p]
-    lat = work.latents_Nx2xCxhxw[image, flip.astype(int)]
+    lat = work.latents_Ix2xZxhxw[image, flip.astype(int)]
     m = np.where(flip[:, None, None, None], work.masks_Cxhxw[None, :, :, ::-1], work.masks_Cxhxw[None])
     dev = tm.device
-    return {"ids": torch.as_tensor(t["ids_PxL"][p], dtype=torch.long, device=dev),
+    return {"ids": torch.as_tensor(t["ids_PxT"][p], dtype=torch.long, device=dev),
             "positions": torch.as_tensor(t["positions_PxC"][p], dtype=torch.long, device=dev),
             "latents": torch.as_tensor(np.ascontiguousarray(lat), device=dev),
             "masks": torch.as_tensor(np.ascontiguousarray(m), dtype=torch.float32, device=dev),
@@ -533,7 +540,7 @@ def torch_attention_maps(store: list, grid: int, positions):
 
 
 def torch_concept_loss(tm: TorchModels, store: list, batch: dict, grid: int):
-    """L_mask + 0.01 L_attn of one batch, as steps.concept_loss computes it (DESIGN §2)."""
+    """L_mask + 0.01 L_attn of one batch, as steps.concept_loss computes it (docs/method.md §2)."""
     import torch
     import torch.nn.functional as F
 
@@ -624,12 +631,12 @@ def torch_concept_maps(tm: TorchModels, work: Workload, store: list, generator):
     import torch.nn.functional as F
 
     n = work.timesteps
-    latents = torch.tensor(work.latents_Nx2xCxhxw[0, 0], device=tm.device)[None].expand(n, -1, -1, -1)
+    latents = torch.tensor(work.latents_Ix2xZxhxw[0, 0], device=tm.device)[None].expand(n, -1, -1, -1)
     t = torch.randint(0, 1000, (n,), device=tm.device, generator=generator)
     noise = torch.randn(latents.shape, device=tm.device, generator=generator)
     a = tm.alphas_cumprod[t][:, None, None, None]
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    ids = torch.as_tensor(work.image_ids_L, dtype=torch.long, device=tm.device)[None]
+    ids = torch.as_tensor(work.image_ids_T, dtype=torch.long, device=tm.device)[None]
     store.clear()
     with torch.no_grad(), _autocast(tm):
         context = tm.text(ids)[0].expand(n, -1, -1)
@@ -675,7 +682,7 @@ def bench_torch_sample(tm: TorchModels, work: Workload, iters: int, warmup: int,
 
     tm.unet.set_attn_processor(AttnProcessor2_0())
     sched = DDIMScheduler(**model.SD_SCHEDULER)
-    ids = torch.as_tensor(work.sample_ids_2xL, dtype=torch.long, device=tm.device)
+    ids = torch.as_tensor(work.sample_ids_2xT, dtype=torch.long, device=tm.device)
     gen = torch.Generator(device=tm.device).manual_seed(seed)
     scale = float(work.bench.vae["scaling_factor"])
 
@@ -731,7 +738,7 @@ def run_torch(work: Workload, groups, dtype: str, iters: int, warmup: int, seed:
 
 
 def model_flops(work: Workload) -> dict:
-    """DESIGN §6's cost model (SD 1.5, 512 px) per step, area-scaled to the resolution; {} for other configs."""
+    """docs/method.md §7's cost model (SD 1.5, 512 px) per step, area-scaled to the resolution; {} for other configs."""
     if work.bench.name != "sd15":
         return {}
     s = (work.resolution / 512) ** 2
@@ -853,8 +860,8 @@ def format_tables(result: dict) -> str:
             line += (f" | {_pair(r, f'ours_fraction_of_{peak_key}', 100, '.1f'):>24}"
                      f" | {_pair(r, f'torch_fraction_of_{peak_key}', 100, '.1f'):>25}")
         lines.append(line)
-    lines.append("FLOPs: XLA's cost analysis of our compiled programs / DESIGN §6's cost model (sd15 only); torch is "
-                 "credited with the same FLOPs.")
+    lines.append("FLOPs: XLA's cost analysis of our compiled programs / docs/method.md §7's cost model (sd15 only); "
+                 "torch is credited with the same FLOPs.")
     if peak_key:
         lines.append(f"bf16 peak: measured {_f(peak.get('measured') and peak['measured'] / 1e12, '.0f')} TFLOP/s "
                      f"(jax bf16 matmul), quoted {_f(peak.get('quoted') and peak['quoted'] / 1e12, '.0f')} TFLOP/s")

@@ -10,7 +10,7 @@
 
 The grids are query-grid heights of the UNet's cross-attention layers (`masks.resolutions`,
 `tokens.attn_resolution`): at every resolution the same layers, those of the second and third UNet levels
-(DESIGN §3 skips the finest level, whose maps are noisy, and the coarsest, 8x8 at 512 px):
+(docs/method.md §4 skips the finest level, whose maps are noisy, and the coarsest, 8x8 at 512 px):
 
     E-step    down_blocks_1 (2 layers) and up_blocks_2 (3) at latent/2;  down_blocks_2 (2) and up_blocks_1 (3) at latent/4
     loss      down_blocks_2 and up_blocks_1 (latent/4: Break-a-Scene's 16x16 at 512 px)

@@ -21,9 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import aggregate, capture, crf, images, masks, sampling, sharding, tokens, viz
+from ..masks import aggregate, crf, labels as masks
+from ..model import capture, sampling, tokens
+from ..parallel import sharding
+from ..runio import images, viz
 from ..errors import JaxconceptError
-from ..model import ModelBundle, load_model, recommended_sampling
+from ..model.loading import ModelBundle, load_model, recommended_sampling
 from ..show_attention import token_attention
 from . import analysis, scene, train
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .. import model
+from ..model import loading as model
 from . import scene
 
 IMAGE_SIZE = 64
@@ -57,7 +57,3 @@ def random_toy(arch: str = "toy", seed: int = 0, dtype=jnp.float32, unet_widths:
     return model.build_random(words(), dict(text), unet, vae, dtype=dtype, seed=seed, source=f"random-{arch}",
                               max_length=MAX_LENGTH)
 
-
-def load_toy(dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
-    """The shipped, pre-trained toy model (`load_model("toy")`)."""
-    return model.load_model("toy", dtype, seed=seed)

@@ -24,7 +24,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from .. import adapter, aggregate, capture, diffusion, model, tokens
+from ..masks import aggregate
+from ..model import adapter, capture, diffusion, loading as model, tokens
 from ..errors import JaxconceptError
 from . import scene as scenes
 from . import sd
@@ -101,20 +102,20 @@ def downsample_mask(mask_HxW: np.ndarray, out_hw) -> np.ndarray:
 DECODER_PARTS = ("post_quant_conv", "decoder")
 
 
-def decoder_loss(vae, decoder_params, frozen_params, means_BxCxhxw, images_BxHxWx3):
+def decoder_loss(vae, decoder_params, frozen_params, means_BxZxhxw, images_BxHxWx3):
     """Reconstruction MSE of the decoder alone, from the frozen encoder's posterior means (computed once, not
     per step): the latent space (and so a denoiser trained on it) stays as it is while reconstructions sharpen."""
-    recon = diffusion.decode_latents(vae, {**frozen_params, **decoder_params}, means_BxCxhxw)
+    recon = diffusion.decode_latents(vae, {**frozen_params, **decoder_params}, means_BxZxhxw)
     rec = jnp.mean((recon - images_BxHxWx3) ** 2)
     return rec, {"recon": rec}
 
 
 def vae_loss(vae, vae_params, images_BxHxWx3, key, kl_weight: float):
-    images_BxCxHxW = jnp.transpose(images_BxHxWx3, (0, 3, 1, 2))
-    dist = vae.apply({"params": vae_params}, images_BxCxHxW, method=vae.encode).latent_dist
+    images_Bx3xHxW = jnp.transpose(images_BxHxWx3, (0, 3, 1, 2))
+    dist = vae.apply({"params": vae_params}, images_Bx3xHxW, method=vae.encode).latent_dist
     z = dist.sample(key)
     recon = vae.apply({"params": vae_params}, z, method=vae.decode).sample
-    rec = jnp.mean((recon - images_BxCxHxW) ** 2)
+    rec = jnp.mean((recon - images_Bx3xHxW) ** 2)
     kl = jnp.mean(dist.kl())
     return rec + kl_weight * kl, {"recon": rec, "kl": kl}
 
@@ -130,7 +131,7 @@ def min_snr_weights(alphas_cumprod_T, timesteps_B, gamma: float):
 
 
 def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: float,
-                 selector: capture.LayerSelector, empty_ids_L, aux_max_timestep: int = 1000,
+                 selector: capture.LayerSelector, empty_ids_T, aux_max_timestep: int = 1000,
                  min_snr_gamma: float = 0.0):
     """eps-MSE (+ aux attention loss on the words naming objects); params = {"text_encoder", "unet"}.
 
@@ -144,7 +145,7 @@ def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: 
     noise = jax.random.normal(k_n, latents.shape, latents.dtype)
     noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod, latents, noise, t)
     dropped = jax.random.uniform(k_d, (b,)) < cfg_dropout
-    ids = jnp.where(dropped[:, None], empty_ids_L[None], ids)
+    ids = jnp.where(dropped[:, None], empty_ids_T[None], ids)
     context = tokens.text_hidden_states(bundle.text_encoder, params["text_encoder"], ids)
     eps, maps = capture.unet_with_attention(bundle.unet, params["unet"], noisy, t, context, selector)
     mse_B = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
@@ -242,8 +243,8 @@ VALIDATION_SEEDS = range(10_100_000, 10_100_020)  # never trained on; the evalua
 
 @functools.partial(jax.jit, static_argnums=0)
 def _reconstruct(vae, vae_params, images_BxHxWx3):
-    mean_BxCxhxw, _ = diffusion.encode_images(vae, vae_params, images_BxHxWx3)
-    return jnp.clip(diffusion.decode_latents(vae, vae_params, mean_BxCxhxw), -1, 1)
+    mean_BxZxhxw, _ = diffusion.encode_images(vae, vae_params, images_BxHxWx3)
+    return jnp.clip(diffusion.decode_latents(vae, vae_params, mean_BxZxhxw), -1, 1)
 
 
 def reconstruct(vae, vae_params, images_BxHxWx3, batch: int = 64) -> np.ndarray:
@@ -318,7 +319,7 @@ def train_denoiser(cfg, workdir: str, bundle, data, latents, metrics_file):
     empty = jnp.asarray(tokens.tokenize(bundle.tokenizer, [""], sd.MAX_LENGTH)[0])
     selector = capture.LayerSelector(resolutions=tuple(d.aux_resolutions))
     dloss = functools.partial(denoise_loss, bundle, cfg_dropout=d.cfg_dropout, aux_weight=d.aux_weight,
-                              selector=selector, empty_ids_L=empty, aux_max_timestep=d.aux_max_timestep,
+                              selector=selector, empty_ids_T=empty, aux_max_timestep=d.aux_max_timestep,
                               min_snr_gamma=d.min_snr_gamma)
     dopt = make_optimizer(d.lr, d.steps, d.warmup)
     dstep = make_step(lambda p, batch, key: dloss(p, batch, key), dopt, dev_data, cfg.batch_size,

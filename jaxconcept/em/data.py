@@ -1,0 +1,124 @@
+"""Training data of one personalisation run, kept on device, and the per-step draw (docs/method.md §2).
+
+Everything a step needs is precomputed once on the host into small arrays:
+- latents per image and per flip (the VAE runs once: a flip is the only augmentation);
+- a *prompt table*: for every image, every ordered subset of its concepts ("union sampling"), the
+  tokenized prompt "a photo of <v2> and <v1>", the prompt position of each concept (-1 where absent), and
+  a draw weight such that images are equally likely, then the number of concepts k is uniform in 1..N,
+  then every ordered subset of size k is equally likely.
+`draw_batch` is pure and runs inside the jitted step, so drawing costs no host round trip and the step
+never retraces (masks are arguments: the E-step replaces them between blocks of steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..model import diffusion, tokens
+from ..errors import JaxconceptError
+
+TEMPLATE = "a photo of {}"
+JOINER = " and "
+# ordered subsets grow as K!; beyond this many concepts per image, subsets are drawn without ordering
+MAX_ORDERED = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTable:
+    """P prompts: ids P x T, positions P x C (-1: concept absent), image P, weight P (sums to 1)."""
+
+    ids_PxT: np.ndarray
+    positions_PxC: np.ndarray
+    image_P: np.ndarray
+    weight_P: np.ndarray
+    texts: tuple[str, ...]
+
+
+def concept_prompt(concept_tokens, template: str = TEMPLATE, joiner: str = JOINER) -> str:
+    return template.format(joiner.join(concept_tokens))
+
+
+def prompt_table(tokenizer, concept_tokens, owner_C, concept_ids, max_length: int,
+                 template: str = TEMPLATE, joiner: str = JOINER) -> PromptTable:
+    """All union-sampling prompts of the run (see the module docstring)."""
+    owner_C = np.asarray(owner_C)
+    n_images = int(owner_C.max()) + 1
+    texts, positions, images, weights = [], [], [], []
+    for i in range(n_images):
+        mine = [c for c in range(len(owner_C)) if owner_C[c] == i]
+        if not mine:
+            raise JaxconceptError(f"image {i} has no concepts: give each image at least one concept.")
+        for k in range(1, len(mine) + 1):
+            subsets = (list(itertools.permutations(mine, k)) if len(mine) <= MAX_ORDERED
+                       else list(itertools.combinations(mine, k)))
+            for subset in subsets:
+                texts.append(concept_prompt([concept_tokens[c] for c in subset], template, joiner))
+                images.append(i)
+                weights.append(1.0 / n_images / len(mine) / len(subsets))
+    ids = tokens.tokenize(tokenizer, texts, max_length)
+    for ids_T in ids:
+        positions.append(tokens.token_positions(ids_T, concept_ids))
+    return PromptTable(ids, np.asarray(positions, np.int32), np.asarray(images, np.int32),
+                       np.asarray(weights, np.float64) / np.sum(weights), tuple(texts))
+
+
+def image_prompts(tokenizer, concept_tokens, owner_C, concept_ids, max_length: int,
+                  template: str = TEMPLATE, joiner: str = JOINER) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the prompt naming all its concepts (for mask estimation): ids I x T, positions I x C."""
+    owner_C = np.asarray(owner_C)
+    texts = [concept_prompt([t for t, o in zip(concept_tokens, owner_C) if o == i], template, joiner)
+             for i in range(int(owner_C.max()) + 1)]
+    ids = tokens.tokenize(tokenizer, texts, max_length)
+    return ids, np.asarray([tokens.token_positions(x, concept_ids) for x in ids], np.int32)
+
+
+def encode_with_flips(vae, vae_params, images_IxHxWx3, latent_scale: float, batch: int = 8):
+    """Scaled posterior-mean latents N x 2 x C x h x w (index 1: the horizontally flipped image)."""
+    encode = jax.jit(lambda p, x: diffusion.encode_images(vae, p, x)[0])
+    both = np.concatenate([images_IxHxWx3, images_IxHxWx3[:, :, ::-1]])
+    out = np.concatenate([np.asarray(encode(vae_params, jnp.asarray(both[i:i + batch])))
+                          for i in range(0, len(both), batch)])
+    n = len(images_IxHxWx3)
+    return np.stack([out[:n], out[n:]], axis=1) * latent_scale
+
+
+def table_arrays(table: PromptTable) -> dict:
+    """The prompt table as device arrays (what `draw_batch` reads)."""
+    return {"ids_PxT": jnp.asarray(table.ids_PxT), "positions_PxC": jnp.asarray(table.positions_PxC),
+            "image_P": jnp.asarray(table.image_P), "logw_P": jnp.asarray(np.log(table.weight_P), jnp.float32)}
+
+
+def draw_batch(key, table: dict, latents_Ix2xZxhxw, masks_Cxhxw, batch_size: int, flip_prob: float = 0.5):
+    """One step's instance batch: prompt ids B x T, concept positions B x C, latents B x Z x h x w, and the
+    concept masks B x C x h x w flipped with their image."""
+    k_p, k_f = jax.random.split(key)
+    p_B = jax.random.categorical(k_p, table["logw_P"], shape=(batch_size,))
+    flip_B = (jax.random.uniform(k_f, (batch_size,)) < flip_prob).astype(jnp.int32)
+    image_B = table["image_P"][p_B]
+    latents = latents_Ix2xZxhxw[image_B, flip_B]
+    masks = jnp.where(flip_B[:, None, None, None] == 1, masks_Cxhxw[None, :, :, ::-1], masks_Cxhxw[None])
+    return {"ids": table["ids_PxT"][p_B], "positions": table["positions_PxC"][p_B], "latents": latents,
+            "masks": masks, "image": image_B, "flip": flip_B}
+
+
+def nearest_resize(masks_xHxW, out_hw: tuple[int, int]):
+    """Nearest-neighbour resize of the last two axes (Break-a-Scene downsamples masks this way)."""
+    h, w = masks_xHxW.shape[-2:]
+    rows = (jnp.arange(out_hw[0]) * h) // out_hw[0]
+    cols = (jnp.arange(out_hw[1]) * w) // out_hw[1]
+    return masks_xHxW[..., rows[:, None], cols[None, :]]
+
+
+def num_prompts(concepts_per_image) -> int:
+    """How many prompts `prompt_table` makes (for messages and tests)."""
+    total = 0
+    for n in concepts_per_image:
+        for k in range(1, n + 1):
+            total += math.perm(n, k) if n <= MAX_ORDERED else math.comb(n, k)
+    return total

@@ -1,0 +1,266 @@
+"""The EM concept learner (docs/method.md §1): one loop around the pure steps, for a single run and J jobs.
+
+    stage 1  tokens from init words (or a short unmasked inversion); masks from cross-attention + CRF
+    stage 2  EM rounds: token optimisation (L_mask + lambda L_attn, one compiled step), each round followed
+             on the host by mask re-estimation (mode "em"); masks kept (modes "attention", "user")
+    stage 3  joint tuning of tokens and UNet (text encoder optional) with the masks fixed
+
+The loop drives a `Stages`, the stage functions (initial state, token and joint steps, the maps of an image,
+mask placement): `stages.single_run_stages` for one run, `jobs.jobs_stages` for J vmapped jobs. Where to
+start is decided once, in order, from the newest checkpoint (`resume_point`); checkpoints after stage 1,
+every round, every `joint.checkpoint_every` joint steps and at the end make a run started again on its
+folder end exactly as an uninterrupted one. Preparing a run: `em/prepare.py`; E-step: `masks/estep.py`;
+checkpoints: `runio/checkpoints.py`; run folder: `runio/runfolder.py`. Usable from a notebook:
+`learn(get_config(), specs, "runs/x")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import settings
+from ..masks import estep, settle
+from ..parallel import distributed, sharding
+from ..runio import checkpoints, outputs, runfolder
+from ..errors import JaxconceptError
+from ..model.loading import ModelBundle
+from .prepare import check_inputs, crf_where, prepare, truth_masks
+from .stages import Job, Stages, single_run_stages, stage_keys
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(JaxconceptError):
+    """Training cannot go on (e.g. the loss became NaN); what was saved is kept."""
+
+
+@dataclasses.dataclass
+class Loop:
+    """The loop's fixed parts and its two counters (steps done, for logging and checkpoint indices)."""
+
+    s: settings.Settings
+    stages: Stages
+    jobs: list
+    mngr: Any
+    metrics: list
+    bar: Any
+    keys: dict
+    on_checkpoint: Callable | None
+    done: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    stage: str  # "init", "token" (round `round` next), "joint", "done"
+    round: int
+    index: int
+    state: Any = None
+    masks: list | None = None
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def resume_point(mngr, s: settings.Settings, stages: Stages, masks_shape) -> Start:
+    """Where to start, decided once from the newest checkpoint: nothing saved -> stage 1; a token-stage
+    checkpoint -> the next EM round; a joint one -> the joint step after it; the final one -> results."""
+    meta = checkpoints.latest_meta(mngr)
+    if meta is None:
+        return Start("init", 0, 0)
+    stage, index = meta["stage"], meta["index"]
+    like = {"token": stages.initial_state, "joint": lambda: stages.joint_state(stages.initial_state()),
+            "done": lambda: {"params": stages.final_like()}}[stage]()
+    _, state, masks = checkpoints.restore(mngr, index, like, masks_shape)
+    return Start(stage, meta.get("round", 0), index, state, list(masks))
+
+
+def run(s: settings.Settings, stages: Stages, jobs: list, folder: str, fingerprint: dict, *,
+        progress: bool = True, on_checkpoint=None, t_start: float | None = None) -> list[dict]:
+    """Every stage into the jobs' folders (checkpoints and run.json in `folder`); one summary per job."""
+    t_start = time.time() if t_start is None else t_start
+    runfolder.write_record(folder, fingerprint, finished=False)
+    mngr = checkpoints.manager(folder)
+    first = jobs[0].setup
+    start = resume_point(mngr, s, stages, (len(jobs), len(first.inputs.owner_C)) + first.images_u8.shape[1:3])
+    if start.stage != "init" and distributed.is_primary():
+        print(f"{folder} is finished (checkpoint {start.index}): writing its results again" if start.stage == "done"
+              else f"resuming {folder} from checkpoint {start.index} ({start.stage}, round {start.round})")
+    for job in jobs:
+        runfolder.start(job.run_dir, s, job.setup)
+        warning = settle.tie_warning(estep.tied_concepts(job.setup), job.setup.concepts.tokens,
+                                     job.setup.concepts.init_words)
+        if warning and distributed.is_primary():
+            log.warning(warning)
+    keys = stage_keys(s.seed)
+    bar = tqdm(total=s.total_steps * stages.jobs, desc="learning" + (f" {stages.jobs} jobs" * (stages.jobs > 1)),
+               dynamic_ncols=True, disable=not (progress and distributed.is_primary()))
+    loop = Loop(s, stages, jobs, mngr, [runfolder.Metrics(j.run_dir, None if start.stage == "init" else start.index)
+                                         for j in jobs], bar, keys, on_checkpoint)
+    loop.done = min(start.index, s.total_steps)
+    bar.update(loop.done * stages.jobs)
+    state, masks, raws = start.state, start.masks, None
+    if start.stage == "init":
+        state, masks, raws = stage_initial(loop)
+    if start.stage in ("init", "token"):
+        state, masks = stage_rounds(loop, state, masks, start.round, raws)
+    if start.stage != "done":
+        state = stage_joint(loop, state, masks, resumed=start.stage == "joint")
+    bar.close()
+    for m in loop.metrics:
+        m.close()
+    final = distributed.to_host(state["params"])  # a collective when split over hosts: every process gathers
+    part = (lambda j: jax.tree.map(lambda x: x[j], final)) if stages.batched else (lambda j: final)
+    out = [runfolder.write_results(job.run_dir, s, job.setup, part(j), masks[j], loop.metrics[j].rounds,
+                                   job.truth, time.time() - t_start) for j, job in enumerate(jobs)]
+    runfolder.write_record(folder, fingerprint, finished=True)
+    return out
+
+
+def stage_initial(loop: Loop):
+    """Stage 1: the initial rows (after the optional inversion) and the first masks; checkpoint."""
+    s, stages = loop.s, loop.stages
+    state = stages.initial_state()
+    if stages.inversion is not None:
+        inv_state, inv_step, to_token_state = stages.inversion()
+        ones = [np.ones((len(j.setup.inputs.owner_C),) + j.setup.images_u8.shape[1:3], bool) for j in loop.jobs]
+        inv_state = run_steps(loop, inv_step, inv_state, stages.place_masks(ones), s.init.steps, "inversion")
+        state = to_token_state(inv_state)
+    if s.mode == "user":  # setup.prepare checked that every concept has its mask
+        masks = [np.stack(j.setup.inputs.user_masks) for j in loop.jobs]
+        raws, infos = masks, [{}] * len(masks)
+    else:
+        masks, raws, infos = e_step(loop, state, 0)
+    record_round(loop, 0, masks, raws, [None] * len(masks), infos, "init")
+    save(loop, loop.done, {"stage": "token", "round": 0}, state, masks)
+    return state, masks, raws
+
+
+def stage_rounds(loop: Loop, state, masks, first_round: int, raws=None):
+    """Stage 2: EM rounds from `first_round`: token steps with the masks fixed, then (mode em) new masks.
+    Masks kept (modes attention, user): the no-CRF figures stay stage 1's (its masks after a resume)."""
+    s = loop.s
+    raws, infos = raws or masks, [{}] * len(masks)
+    for r in range(first_round, s.tokens.rounds):
+        state = run_steps(loop, loop.stages.token_step, state, loop.stages.place_masks(masks),
+                          s.tokens.round_steps(r), "token")
+        prev = masks
+        if s.mode == "em":
+            masks, raws, infos = e_step(loop, state, r + 1, prev)
+        record_round(loop, r + 1, masks, raws, prev, infos, "token")
+        save(loop, loop.done, {"stage": "token", "round": r + 1}, state, masks)
+    if s.mode == "em" and s.tokens.rounds:  # the final masks: a ground-truth-free rule over the rounds (settle)
+        masks = [settled_masks(job, s.tokens.rounds) for job in loop.jobs]
+    return state, masks
+
+
+def settled_masks(job, n_rounds: int) -> np.ndarray:
+    """The masks `settle.final_round` picks among rounds 0..n_rounds, read back from the round PNGs (so a
+    resumed run chooses as an uninterrupted one)."""
+    rounds = runfolder.round_masks(job.run_dir, job.setup, n_rounds)
+    return rounds[settle.final_round(rounds)]
+
+
+def stage_joint(loop: Loop, state, masks, resumed: bool):
+    """Stage 3: tokens and UNet (and text encoder) tuned with the masks fixed; checkpoints every
+    `joint.checkpoint_every` steps and a final one holding the results. Returns the final state."""
+    s, stages = loop.s, loop.stages
+    if s.joint.steps:
+        state = state if resumed else stages.joint_state(state)
+        step, placed = stages.joint_step(state), stages.place_masks(masks)
+        every = s.joint.checkpoint_every or s.joint.steps
+        while loop.done < s.total_steps:
+            n = min(every - (loop.done - s.init.steps - s.tokens.steps) % every, s.total_steps - loop.done)
+            state = run_steps(loop, step, state, placed, n, "joint")
+            if loop.done < s.total_steps:
+                save(loop, loop.done, {"stage": "joint", "round": s.tokens.rounds}, state, masks)
+    final = {"params": state["params"]}
+    save(loop, s.total_steps + 1, {"stage": "done", "round": s.tokens.rounds}, final, masks)
+    return final
+
+
+def run_steps(loop: Loop, step_fn, state, masks_placed, n: int, stage: str):
+    """n steps; every `log_every`-th (counted over all stages) is checked and written to the metrics."""
+    for _ in range(n):
+        state, m = step_fn(state, masks_placed)
+        loop.done += 1
+        loop.bar.update(loop.stages.jobs)
+        if loop.done % loop.s.log_every == 0:
+            per_job = loop.stages.job_metrics(m)  # the host reads the device only here
+            for j, mm in enumerate(per_job):
+                if not all(np.isfinite(v) for v in mm.values()):
+                    last = loop.mngr.latest_step()
+                    raise TrainingError(
+                        f"{f'job {j}: ' if len(per_job) > 1 else ''}the loss became {mm.get('loss')} during "
+                        f"{stage} step {loop.done}. Stopped; the last good checkpoint "
+                        f"({'none' if last is None else f'index {last}'}) is kept. Lower the learning rate "
+                        "and start again on the same --out to resume from it.")
+                loop.metrics[j].write({"stage": stage, "step": loop.done, **mm})
+            loop.bar.set_postfix({k: f"{np.mean([mm[k] for mm in per_job]):.4g}" for k in per_job[0]
+                                  if k.startswith("loss")})
+    return state
+
+
+def e_step(loop: Loop, state, r: int, prevs=None):
+    """Masks of every job from its current rows: ([masks C x H x W], [without CRF], [info]); `prevs`, the
+    last round's masks per job, feed the settling rules (`settle`)."""
+    s, stages = loop.s, loop.stages
+    rows = stages.rows(state)
+    key = jax.random.fold_in(loop.keys["estep"], 0 if s.masks.same_noise else r)
+    got = []
+    for j, job in enumerate(loop.jobs):
+        st = job.setup
+        rules = estep.MaskRules.of(s.masks, crf_where(s, st.images_u8.shape[1:3], st.latent_hw))
+        got.append(estep.estimate_masks(lambda i, k, j=j: stages.maps(j, rows[j], i, k), st, key, rules,
+                                        previous=None if prevs is None else prevs[j]))
+    return [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
+
+
+def record_round(loop: Loop, r: int, masks, raws, prevs, infos, stage: str) -> None:
+    for j, job in enumerate(loop.jobs):
+        entry = estep.round_metrics(r, masks[j], raws[j], prevs[j], infos[j], job.setup.concepts.tokens, job.truth,
+                                    estep.tied_concepts(job.setup))
+        loop.metrics[j].write(dict(entry, index=loop.done, stage=stage))
+        runfolder.save_round_masks(job.run_dir, job.setup, outputs.file_names(job.setup.concepts.tokens), r, masks[j])
+
+
+def save(loop: Loop, index: int, meta: dict, state, masks) -> None:
+    if not np.all(np.isfinite(np.asarray(distributed.to_host(state["params"]["rows"])))):
+        raise TrainingError("the concept embeddings are no longer finite; not saving them. Lower the "
+                            "learning rate; the last good checkpoint is kept.")
+    checkpoints.save(loop.mngr, index, meta, state, np.stack(masks))
+    if loop.on_checkpoint is not None:
+        loop.on_checkpoint(dict(meta, index=index))
+
+
+def start_folder(s: settings.Settings, specs, folder: str) -> dict:
+    """Checks before any model load or write: the folder writable, the inputs present, the folder's
+    fingerprint (if it holds a run) the same. Returns the fingerprint."""
+    outputs.check_writable(folder)
+    fp = runfolder.fingerprint(s, specs)
+    runfolder.check_fingerprint(folder, fp)
+    return fp
+
+
+def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=None,
+          on_checkpoint: Callable[[dict], None] | None = None, ground_truth=None, progress: bool = True) -> dict:
+    """Run every stage into `run_dir` (resuming from its checkpoints) and return the summary.
+
+    ground_truth: optional C x H x W masks, only *measured* against (benchmarks); never used for training.
+    on_checkpoint(meta): called after each checkpoint (notebooks; tests interrupt a run with it).
+    """
+    t_start = time.time()
+    s = settings.resolve(cfg)
+    specs = check_inputs(specs)
+    fp = start_folder(s, specs, run_dir)
+    with runfolder.locked(run_dir):
+        st = prepare(s, specs, bundle)
+        stages, st = single_run_stages(s, st, mesh or sharding.make_mesh(fsdp=s.mesh.fsdp))
+        return run(s, stages, [Job(run_dir, st, truth_masks(st, ground_truth))], run_dir, fp, progress=progress,
+                   on_checkpoint=on_checkpoint, t_start=t_start)[0]

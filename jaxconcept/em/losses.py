@@ -1,0 +1,51 @@
+"""The token-optimisation losses (docs/method.md §2), as pure functions of arrays.
+
+The UNet's output is compared with its training target: the noise for epsilon models, v for v-prediction
+models (`diffusion.training_target`); "noise" below is that target.
+
+L_mask: squared error of the noise prediction inside the union of the prompt's concept masks, averaged
+over *all* elements (Break-a-Scene does not normalise by mask area, so small concepts weigh less).
+L_attn: per concept in the prompt, the mean squared error between its max-normalised cross-attention
+map and its mask at the map's resolution; summed over the concepts, averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def union_mask(masks_BxCxhxw, present_BxC):
+    """B x 1 x h x w: union of the masks of the concepts present in each prompt."""
+    chosen = masks_BxCxhxw * present_BxC[:, :, None, None].astype(masks_BxCxhxw.dtype)
+    return jnp.max(chosen, axis=1, keepdims=True)
+
+
+def dilate(mask_Bx1xhxw, cells: int):
+    """The mask grown by `cells` latent cells (a (2 cells + 1)^2 max filter). Inside an exact object mask the
+    loss never sees the object's outline or holes (a ring's hole is background): a margin of its surroundings
+    teaches the token the shape, not only the colour."""
+    if cells <= 0:
+        return mask_Bx1xhxw
+    size = 2 * cells + 1
+    return jax.lax.reduce_window(mask_Bx1xhxw, -jnp.inf, jax.lax.max, (1, 1, size, size), (1, 1, 1, 1), "SAME")
+
+
+def masked_diffusion_loss(eps_BxZxhxw, noise_BxZxhxw, mask_Bx1xhxw, per_area: bool = False):
+    """mean(((eps - noise) * M)^2) over every element; per_area: over the masked elements only."""
+    diff = (eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) * mask_Bx1xhxw
+    if per_area:
+        area_B = jnp.maximum(jnp.sum(mask_Bx1xhxw, axis=(1, 2, 3)), 1.0) * diff.shape[1]
+        return jnp.mean(jnp.sum(diff ** 2, axis=(1, 2, 3)) / area_B)
+    return jnp.mean(diff ** 2)
+
+
+def attention_loss(maps_BxCxhxw, masks_BxCxhxw, present_BxC):
+    """sum over present concepts of mean((A_i - M_i)^2), averaged over the batch."""
+    per_BxC = jnp.mean((maps_BxCxhxw.astype(jnp.float32) - masks_BxCxhxw) ** 2, axis=(-2, -1))
+    return jnp.sum(per_BxC * present_BxC) / maps_BxCxhxw.shape[0]
+
+
+def diffusion_loss(eps_BxZxhxw, noise_BxZxhxw):
+    """Plain eps-MSE (prior preservation)."""
+    return jnp.mean((eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) ** 2)

@@ -1,0 +1,133 @@
+"""Set-up of a learning run: inputs checked before the model loads, then the model with the concept tokens,
+the cached latents and the prompt table (what `learner.learn` and `jobs.learn_many` start from).
+
+Config values are checked in `settings.py`; this module checks only what needs the files or the model:
+that the images and masks exist (before a possibly long download), the resolution's multiple, the
+CRF size against the image size, and that mode "user" has a mask for every concept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..model import tokens
+from ..runio import images, inputs
+from . import data
+from ..errors import JaxconceptError
+from ..model.loading import ModelBundle, load_model
+from .. import settings
+from ..settings import Settings
+
+PRIOR_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything fixed for the run: model with the concept tokens, inputs, and device-resident data."""
+
+    bundle: ModelBundle
+    concepts: tokens.Concepts
+    inputs: inputs.Inputs
+    images_u8: np.ndarray  # N x H x W x 3
+    run_data: dict  # device arrays read by the step: prompt table, latents (+ prior)
+    image_ids_IxT: np.ndarray
+    image_positions_IxC: np.ndarray
+    latent_hw: tuple[int, int]
+
+
+def check_inputs(specs) -> tuple:
+    """The specs validated, and their image and mask files present (no model needed)."""
+    specs = inputs.validate(specs)
+    for spec in specs:
+        for path in [spec.path] + [c.mask for c in spec.concepts if c.mask]:
+            if not os.path.isfile(path):
+                raise inputs.InputError(f"{'mask' if path != spec.path else 'image'} {path!r} does not exist")
+    return specs
+
+
+def crf_where(s: Settings, image_hw, latent_hw) -> tuple[str, tuple[int, int] | None]:
+    """(backend, size) of the E-step's CRF: `masks.crf_size` resolved against the image and latent grids."""
+    backend, size = s.masks.crf_backend, s.masks.crf_size
+    if size == "image":
+        return backend, None
+    if size == "latent":
+        return backend, tuple(int(v) for v in latent_hw)
+    if size > max(image_hw):
+        raise JaxconceptError(f"masks.crf_size must be 'image', 'latent' or a number of pixels per side up to the "
+                              f"image size {max(image_hw)}, got {size!r}.")
+    scale = size / max(image_hw)
+    return backend, (max(1, round(image_hw[0] * scale)), max(1, round(image_hw[1] * scale)))
+
+
+def image_size(s: Settings, bundle: ModelBundle) -> int:
+    """The side images are resized to (checked against the model's downsampling)."""
+    size = s.resolution or bundle.resolution
+    multiple = bundle.vae_factor * 2 ** (len(bundle.unet.config.block_out_channels) - 1)
+    if size % multiple:
+        raise JaxconceptError(f"resolution {size} must be a multiple of {multiple} for this model (VAE and UNet "
+                              f"downsampling); the model's own is {bundle.resolution}.")
+    return size
+
+
+def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
+    """Load the model and inputs, add the concept tokens, cache latents and the prompt table (`s`: Settings,
+    or a config, checked)."""
+    s = settings.resolve(s)
+    specs = check_inputs(specs)  # before a possibly long model download
+    if s.resolution:  # too-small images refused before a possibly long model download
+        inputs.check_sizes(specs, s.resolution, s.resize)
+    bundle = bundle or load_model(s.model, s.dtype, seed=s.seed)
+    size = image_size(s, bundle)
+    crf_where(s, (size, size), (size // bundle.vae_factor,) * 2)  # a bad CRF size fails before any work
+    loaded = inputs.load(specs, size, s.resize)  # crop | pad
+    if s.mode == "user" and not loaded.has_all_user_masks:
+        missing = [c.token for c, m in zip(loaded.concepts, loaded.user_masks) if m is None]
+        raise JaxconceptError(f"mode 'user' needs a mask file for every concept; none for {', '.join(missing)}. "
+                              "Give them (TOKEN@mask.png), or use mode 'em'.")
+    toks = [c.token for c in loaded.concepts]
+    bundle, concepts = tokens.add_concept_tokens(bundle, toks, [c.init_word for c in loaded.concepts], seed=s.seed,
+                                                 vectors=s.tokens.vectors)
+    owner_C = np.asarray(loaded.owner_C)
+    # a concept's attention is its first vector's: the positions are of the first vectors
+    table = data.prompt_table(bundle.tokenizer, toks, owner_C, concepts.first_ids, bundle.max_length, s.template,
+                              s.joiner)
+    ids_IxT, pos_IxC = data.image_prompts(bundle.tokenizer, toks, owner_C, concepts.first_ids, bundle.max_length,
+                                          s.template, s.joiner)
+    latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_IxHxWx3, bundle.latent_scale)
+    run_data = {"table": data.table_arrays(table), "latents": jnp.asarray(latents)}
+    if s.prior.folder:
+        run_data.update(prior_data(s, bundle))
+    return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
+                 tuple(latents.shape[-2:]))
+
+
+def prior_files(folder: str) -> list[str]:
+    """The class images of prior preservation (refused when there are none)."""
+    files = (sorted(f for f in os.listdir(folder) if f.lower().endswith(PRIOR_EXTENSIONS))
+             if os.path.isdir(folder) else [])
+    if not files:
+        raise JaxconceptError(f"prior-preservation folder {folder!r} has no images ({', '.join(PRIOR_EXTENSIONS)}); "
+                              "fill it or set --config.prior.folder=''.")
+    return [os.path.join(folder, f) for f in files]
+
+
+def prior_data(s: Settings, bundle: ModelBundle) -> dict:
+    """Latents of the class images (prior preservation) and their prompt's ids."""
+    pics = np.stack([images.load_image(path, bundle.resolution) for path in prior_files(s.prior.folder)])
+    lat = data.encode_with_flips(bundle.vae, bundle.params["vae"], pics, bundle.latent_scale)
+    ids = tokens.tokenize(bundle.tokenizer, [s.prior.prompt], bundle.max_length)[0]
+    context = tokens.text_hidden_states(bundle.text_encoder, bundle.params["text_encoder"], jnp.asarray(ids[None]))
+    return {"prior_latents": jnp.asarray(lat.reshape((-1,) + lat.shape[2:])), "prior_ids": jnp.asarray(ids),
+            "prior_context": context[0]}
+
+
+def truth_masks(setup: Setup, ground_truth=None) -> np.ndarray | None:
+    """What the masks are measured against: the given ground truth, else the user's masks when every
+    concept has one, else None."""
+    if ground_truth is not None:
+        return np.asarray(ground_truth, bool)
+    return np.stack(setup.inputs.user_masks) if setup.inputs.has_all_user_masks else None

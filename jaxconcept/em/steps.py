@@ -1,0 +1,302 @@
+"""Jit-compiled steps of the concept learner: the token step (stage 2), the joint step (stage 3) and the
+attention pass of the E-step, each with its shardings spelled out at `jax.jit`.
+
+State is a small pytree {"params": trainables, "opt_state", "step"}; in the token stage the only
+trainable parameters are the concept rows (N x D), spliced into the frozen embedding table inside the
+loss. Frozen weights are arguments (replicated), never closed over, so one compiled program serves
+every step, round and stage restart. The step's randomness is `fold_in(base_key, step)`: a resumed run
+draws exactly what an uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from .. import settings
+from ..masks import aggregate
+from ..model import adapter, capture, diffusion, tokens
+from ..parallel import sharding
+from . import data, losses
+from ..model.loading import ModelBundle
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the concept loss needs besides arrays (hashable: part of the compiled program's identity)."""
+
+    batch_size: int = 1
+    attn_weight: float = 0.01  # lambda
+    attn_resolution: int = 16  # query-grid height of the layers the attention loss reads
+    loss_margin: int = 0  # latent cells the masked diffusion loss reaches beyond the masks (outline, holes)
+    loss_per_area: bool = False  # L_mask averaged over the masked cells, not over all (small objects weigh as much)
+    flip_prob: float = 0.5
+    prior_weight: float = 1.0  # used only when prior latents are given
+    remat: str = "none"  # UNet activations: "none" kept, "full" recomputed in the backward pass, "dots" keep matmuls
+
+
+# what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}  # settings.REMATS names them
+
+
+@functools.lru_cache(maxsize=64)  # one object per setting: the optimizer is a static argument of the steps
+def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2,
+                   kind: str = "adamw") -> optax.GradientTransformation:
+    """AdamW with a constant rate after a global-norm clip (Break-a-Scene's settings).
+
+    Low-memory variants for the joint stage: "adamw_bf16" keeps Adam's first moment in bfloat16 (a quarter
+    less optimiser memory); "adafactor" keeps factored second moments and no first moment (about half of
+    the parameter memory instead of twice)."""
+    if kind == "adamw":
+        inner = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    elif kind == "adamw_bf16":
+        inner = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mu_dtype=jnp.bfloat16)
+    elif kind == "adafactor":
+        inner = optax.adafactor(lr, multiply_by_parameter_scale=False, weight_decay_rate=weight_decay or None)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(settings.OPTIMIZERS)}")
+    return optax.chain(optax.clip_by_global_norm(clip), inner)
+
+
+def init_state(params, opt: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+    """What a step's program reads of a model besides its weights: the modules (Flax modules compare by their
+    config) and the training noise schedule. A static jit argument: every run of one model and config in a
+    process (a notebook's re-run, a benchmark's scenes, a test suite) reuses the program traced and compiled
+    by the first, instead of tracing the UNet again."""
+
+    unet: Any
+    text_encoder: Any
+    num_train_timesteps: int
+    prediction_type: str
+    alphas_cumprod: tuple[float, ...] = dataclasses.field(repr=False)  # exact: float32 values as Python floats
+    alphas_dtype: str = "float32"
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((self.unet, adapter.StaticModule(self.text_encoder),
+                                                self.num_train_timesteps, self.prediction_type, self.alphas_cumprod,
+                                                self.alphas_dtype)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def alphas(self) -> jnp.ndarray:
+        return jnp.asarray(np.asarray(self.alphas_cumprod, self.alphas_dtype))
+
+
+def step_model(bundle: ModelBundle) -> StepModel:
+    alphas = np.asarray(bundle.scheduler_state.common.alphas_cumprod)
+    return StepModel(bundle.unet, bundle.text_encoder, int(bundle.scheduler.config.num_train_timesteps),
+                     bundle.prediction_type, tuple(alphas.tolist()), str(alphas.dtype))
+
+
+class Bound:
+    """A jitted function with its static arguments (the leading ones) bound: calls and `lower` take the
+    array arguments only. Equal static arguments give the same program, traced and compiled once."""
+
+    def __init__(self, jitted, *statics):
+        self.jitted, self.statics = jitted, statics
+
+    def __call__(self, *args):
+        return self.jitted(*self.statics, *args)
+
+    def lower(self, *args):
+        return self.jitted.lower(*self.statics, *args)
+
+    def bind(self, frozen, run_data, key, *rest):
+        """(state, masks) -> (state, metrics): a train step with a stage's fixed arrays bound, as the loop calls it
+        (`jit(state, frozen, run_data, masks, key, *rest)` underneath)."""
+        jitted, statics = self.jitted, self.statics
+
+        def step(state, masks):
+            return jitted(*statics, state, frozen, run_data, masks, key, *rest)
+
+        return step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStatics:
+    """What a train step's program is specialised on (hashable: static, the compiled program's identity)."""
+
+    model: StepModel
+    cfg: LossConfig
+    opt: optax.GradientTransformation | None = None  # None: the loss alone
+    mesh: Mesh | None = None  # the batch's sharding constraint (None inside the jobs' vmap)
+    concept_ids: tuple[int, ...] | None = None  # the rows' vocabulary ids; None: an argument (jobs, traced)
+
+
+def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepStatics, concept_ids_N):
+    """L_mask + lambda * L_attn (+ prior) for one drawn batch; returns (loss, metrics)."""
+    model, cfg, mesh, concept_ids = statics.model, statics.cfg, statics.mesh, concept_ids_N
+    # joint tuning moves the UNet (and optionally the text encoder) from `frozen` into `trainable`
+    text_params = trainable["text_encoder"] if "text_encoder" in trainable else frozen["text_encoder"]
+    unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
+    k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
+    batch = data.draw_batch(k_draw, run_data["table"], run_data["latents"], masks_Cxhxw, cfg.batch_size,
+                            cfg.flip_prob)
+    ids, latents = batch["ids"], batch["latents"]
+    b = cfg.batch_size
+    prior = "prior_latents" in run_data
+    if prior:  # one class image per instance, with the class prompt; no attention loss on it
+        idx = jax.random.randint(k_prior, (b,), 0, run_data["prior_latents"].shape[0])
+        latents = jnp.concatenate([latents, run_data["prior_latents"][idx]])
+        ids = jnp.concatenate([ids, jnp.broadcast_to(run_data["prior_ids"], ids.shape)])
+    if mesh is not None and latents.shape[0] % mesh.size == 0:
+        latents, ids = (jax.lax.with_sharding_constraint(x, sharding.batch_sharded(mesh)) for x in (latents, ids))
+    n = latents.shape[0]
+    t = jax.random.randint(k_t, (n,), 0, model.num_train_timesteps)
+    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    alphas_cumprod = model.alphas()
+    noisy = diffusion.add_noise(alphas_cumprod, latents, noise, t)
+    target = diffusion.training_target(model.prediction_type, alphas_cumprod, latents, noise, t)  # eps or v
+    if prior and "prior_context" in run_data and "text_encoder" not in trainable:
+        # the class prompt's encoding is fixed while the text encoder is: cached once, not re-run each step
+        inst = tokens.text_hidden_states(model.text_encoder, text_params, ids[:b], concept_ids, trainable["rows"])
+        context = jnp.concatenate([inst, jnp.broadcast_to(run_data["prior_context"], inst.shape)])
+    else:
+        context = tokens.text_hidden_states(model.text_encoder, text_params, ids, concept_ids, trainable["rows"])
+    selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
+    unet_fn = functools.partial(capture.unet_with_attention, model.unet, selector=selector)
+    if cfg.remat != "none":  # trade a second UNet forward for the activations' memory (joint stage)
+        unet_fn = jax.checkpoint(unet_fn, policy=REMAT_POLICIES[cfg.remat])
+    eps, maps = unet_fn(unet_params, noisy, t, context)
+
+    present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
+    masks_BxCxhxw = batch["masks"].astype(jnp.float32)
+    union_Bx1xhxw = losses.dilate(losses.union_mask(masks_BxCxhxw, present_BxC), cfg.loss_margin)
+    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, per_area=cfg.loss_per_area)
+    grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
+    attn_BxCxgxg = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latents.shape[2:],
+                                            jnp.maximum(batch["positions"], 0), out_hw=grid, normalize="max")
+    l_attn = losses.attention_loss(attn_BxCxgxg, data.nearest_resize(masks_BxCxhxw, grid), present_BxC)
+    total = l_mask + cfg.attn_weight * l_attn
+    metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
+    if prior:
+        l_prior = losses.diffusion_loss(eps[b:], target[b:])
+        total = total + cfg.prior_weight * l_prior
+        metrics["loss_prior"] = l_prior
+    return total, metrics
+
+
+def train_step(statics: StepStatics, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids_N=None):
+    """One optimisation step of one job: the step's randomness is fold_in(base_key, step). The concept ids are
+    `statics.concept_ids` (a single run), or `concept_ids_N` (traced: each of the vmapped jobs its own)."""
+    ids_N = jnp.asarray(statics.concept_ids if concept_ids_N is None else concept_ids_N, jnp.int32)
+    key = jax.random.fold_in(base_key, state["step"])
+    loss_fn = functools.partial(concept_loss, statics=statics, concept_ids_N=ids_N)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen, run_data, masks_Cxhxw,
+                                                                       key)
+    updates, opt_state = statics.opt.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+
+def make_train_step(bundle: ModelBundle, concept_ids, cfg: LossConfig, opt: optax.GradientTransformation,
+                    mesh: Mesh, *, state_shardings=None, frozen_shardings=None) -> Bound:
+    """jit(state, frozen, run_data, masks, base_key) -> (state, metrics), state donated.
+
+    The drawn batch is split over every device of the mesh when it divides (a batch of 1 runs replicated).
+    State and frozen weights are replicated unless shardings are given: `sharding.fsdp_shardings` of the
+    state splits the joint stage's UNet, gradients and optimiser moments over the mesh's fsdp axis (the
+    frozen weights likewise, when the UNet does not fit one device)."""
+    rep = sharding.replicated(mesh)
+    state_sh = rep if state_shardings is None else state_shardings
+    frozen_sh = rep if frozen_shardings is None else frozen_shardings
+    jitted = jax.jit(train_step, static_argnums=(0,), in_shardings=(state_sh, frozen_sh, rep, rep, rep),
+                     out_shardings=(state_sh, rep), donate_argnums=(1,))
+    return Bound(jitted, StepStatics(step_model(bundle), cfg, opt, mesh, tuple(int(i) for i in concept_ids)))
+
+
+def job_axis_sharding(mesh: Mesh, num_jobs: int):
+    """Jobs spread over the devices when they divide, else every device runs every job."""
+    return sharding.batch_sharded(mesh) if num_jobs % mesh.size == 0 else sharding.replicated(mesh)
+
+
+def _jobs_step(statics: StepStatics, states, frozen, run_data, masks_JxCxhxw, keys, concept_ids_JxN):
+    one = functools.partial(train_step, statics)
+    return jax.vmap(one, in_axes=(0, None, 0, 0, 0, 0))(states, frozen, run_data, masks_JxCxhxw, keys,
+                                                        concept_ids_JxN)
+
+
+def make_jobs_step(bundle: ModelBundle, cfg: LossConfig, opt: optax.GradientTransformation, mesh: Mesh,
+                   num_jobs: int) -> Bound:
+    """J independent personalisation jobs in one program: jit(states, frozen, run_data, masks, keys,
+    concept_ids) -> (states, metrics), every argument but `frozen` with a leading job axis J.
+
+    The jobs share the frozen weights (one UNet for all: the token stage's cost per job falls as J grows,
+    the UNet's weights are read once per step for every job); each job keeps its own concept rows,
+    optimiser state, data, masks, randomness and concept ids (traced, so jobs with different tokens share
+    the program). Per job it computes exactly what `make_train_step` computes. The job axis is split over
+    the mesh when J divides over it: in the joint stage each device then tunes its own jobs' UNets."""
+    rep, job = sharding.replicated(mesh), job_axis_sharding(mesh, num_jobs)
+    jitted = jax.jit(_jobs_step, static_argnums=(0,), in_shardings=(job, rep, job, job, job, job),
+                     out_shardings=(job, job), donate_argnums=(1,))
+    return Bound(jitted, StepStatics(step_model(bundle), cfg, opt))
+
+
+@dataclasses.dataclass(frozen=True)
+class MapsStatics:
+    """What the E-step's attention pass is specialised on (hashable: static, the compiled program's identity)."""
+
+    model: StepModel
+    selector: capture.LayerSelector
+    num_timesteps: int
+    latent_hw: tuple[int, int]
+    mesh: Mesh
+    concept_ids: tuple[int, ...] | None  # None: an argument (jobs, traced)
+
+
+def _concept_maps(statics: MapsStatics, rows, frozen, latents_Zxhxw, ids_T, positions_C, key, concept_ids=None):
+    model, selector, num_timesteps = statics.model, statics.selector, statics.num_timesteps
+    latent_hw, mesh, fixed_ids = statics.latent_hw, statics.mesh, statics.concept_ids
+    concept_ids = jnp.asarray(fixed_ids, jnp.int32) if fixed_ids is not None else concept_ids
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.randint(k_t, (num_timesteps,), 0, model.num_train_timesteps)
+    noise = jax.random.normal(k_n, (num_timesteps,) + latents_Zxhxw.shape, latents_Zxhxw.dtype)
+    noisy = diffusion.add_noise(model.alphas(), jnp.broadcast_to(latents_Zxhxw, noise.shape), noise, t)
+    if num_timesteps % mesh.size == 0:
+        noisy = jax.lax.with_sharding_constraint(noisy, sharding.batch_sharded(mesh))
+    context = tokens.text_hidden_states(model.text_encoder, frozen["text_encoder"], ids_T[None], concept_ids, rows)
+    context = jnp.broadcast_to(context, (num_timesteps,) + context.shape[1:])
+    _, maps = capture.unet_with_attention(model.unet, frozen["unet"], noisy, t, context, selector)
+    agg_ExCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=latent_hw,
+                                           normalize=None)
+    soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_ExCxHxW, axis=0), "minmax")
+    return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)
+
+
+def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
+                      latent_hw: tuple[int, int], mesh: Mesh, frozen_shardings=None):
+    """jit(rows, frozen, latents Z x h x w, ids T, positions C, key) -> soft maps C x h x w (latent size).
+
+    Each concept's cross-attention (conditional branch only) averaged over heads, the selected layers and
+    `num_timesteps` random timesteps, then min-max normalised; concepts absent from the prompt get zeros.
+    The timesteps form one batch, split over the mesh when they divide. With `concept_ids=None` the ids
+    are a last argument instead (one program for many jobs with different tokens)."""
+    rep = sharding.replicated(mesh)
+    frozen_sh = rep if frozen_shardings is None else frozen_shardings
+    fixed = None if concept_ids is None else tuple(int(i) for i in concept_ids)
+    in_sh = (rep, frozen_sh, rep, rep, rep, rep) + ((rep,) if fixed is None else ())
+    jitted = Bound(jax.jit(_concept_maps, static_argnums=(0,), in_shardings=in_sh, out_shardings=rep),
+                   MapsStatics(step_model(bundle), selector, num_timesteps, tuple(latent_hw), mesh, fixed))
+
+    def run(rows, frozen, *args):
+        # arguments placed like the program's own outputs: one compile for every image and round
+        return jitted(sharding.put_replicated(rows, mesh), sharding.put(frozen, frozen_sh),
+                      *sharding.put_replicated(args, mesh))
+
+    run.jitted = jitted
+    return run

@@ -1,0 +1,129 @@
+"""Files a learning run writes (side effects only; the learner decides what and when).
+
+    RUN/config.json                      the resolved config
+    RUN/images/<image>.png               each input as the model saw it (cropped, resized)
+    RUN/masks/round_NN/<image>__<token>.png, RUN/masks/final/...   0/255 at image resolution
+    RUN/overlays/<image>.png             final masks in colour over the image
+    RUN/masks_evolution.png              rows: images; columns: rounds, then a colour key
+    RUN/concepts.safetensors             one embedding row per token, named by the token
+    RUN/unet/                            the tuned UNet (diffusers Flax folder), after joint tuning
+    RUN/metrics.jsonl, RUN/summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from . import images, viz
+from ..errors import JaxconceptError
+
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.uint8)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a token or image name ("<red circle>" -> "red_circle")."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")
+    return name or "concept"
+
+
+def file_names(tokens) -> list[str]:
+    """Unique safe names, one per token."""
+    out, seen = [], {}
+    for t in tokens:
+        base = safe_name(t)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append(base if n == 0 else f"{base}_{n + 1}")
+    return out
+
+
+def check_writable(folder: str) -> None:
+    """Fail early, before any work, if the run folder cannot be written."""
+    if "://" in folder:  # os would quietly make a local folder named "gs:"
+        raise JaxconceptError(f"output folder {folder!r} is a URL; files are written with the local file system: "
+                              "mount the bucket (e.g. gcsfuse) and pass the mounted path to --out.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test_{os.getpid()}")  # several processes may check at once
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise JaxconceptError(f"cannot write to the output folder {folder!r} ({e.strerror}); "
+                              "choose another with --out.") from e
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # never a half-written file
+
+
+def save_masks(folder: str, image_names, token_names, owner_C, masks_CxHxW) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for c, mask in enumerate(np.asarray(masks_CxHxW, bool)):
+        name = f"{image_names[owner_C[c]]}__{token_names[c]}.png"
+        images.save_image(mask.astype(np.uint8) * 255, os.path.join(folder, name))
+
+
+def load_masks(folder: str, image_names, token_names, owner_C) -> np.ndarray:
+    """The C x H x W bool masks `save_masks` wrote."""
+    from PIL import Image
+
+    out = []
+    for c, token in enumerate(token_names):
+        with Image.open(os.path.join(folder, f"{image_names[owner_C[c]]}__{token}.png")) as img:
+            out.append(np.asarray(img.convert("L")) > 127)
+    return np.stack(out)
+
+
+def mask_color(k: int) -> np.ndarray:
+    """The colour of an image's k-th mask in overlays and in their key."""
+    return PALETTE[k % len(PALETTE)]
+
+
+def color_overlay(image_u8_HxWx3, masks_KxHxW, alpha: float = 0.5) -> np.ndarray:
+    """The image with each mask tinted in its own colour."""
+    out = image_u8_HxWx3.astype(np.float32)
+    for k, mask in enumerate(np.asarray(masks_KxHxW, bool)):
+        out[mask] = (1 - alpha) * out[mask] + alpha * mask_color(k)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def evolution_picture(images_u8, owner_C, rounds: list[np.ndarray], tokens, cell: int = 128) -> np.ndarray:
+    """Rows: images; columns: the image, the masks (colour overlay) after every round, then a key naming
+    each colour's concept."""
+    owner_C = np.asarray(owner_C)
+    tiles, labels = [], []
+    for i, image in enumerate(images_u8):
+        mine = np.flatnonzero(owner_C == i)
+        key = viz.key_tile([tokens[c] for c in mine], [mask_color(k) for k in range(len(mine))], cell)
+        tiles.append([image] + [color_overlay(image, r[mine]) for r in rounds] + [key])
+        labels.append([f"image {i}"] + [f"round {k}" for k in range(len(rounds))] + ["colours"])
+    return viz.grid(tiles, labels, cell=cell)
+
+
+def save_concepts(path: str, tokens, rows_NxD, init_words=None, counts=None) -> None:
+    """Embeddings by token (safetensors): a D row per token, or n x D for a token of n vectors (`counts`, as
+    diffusers' multi-vector textual-inversion files); init words in the metadata."""
+    rows_NxD = np.asarray(rows_NxD, np.float32)
+    counts = list(counts) if counts else [1] * len(tokens)
+    ends = np.cumsum(counts)
+    tensors = {t: rows_NxD[e - n] if n == 1 else rows_NxD[e - n:e] for t, n, e in zip(tokens, counts, ends)}
+    meta = {"format": "jaxconcept", "tokens": json.dumps(list(tokens))}
+    if init_words is not None:
+        meta["init_words"] = json.dumps(list(init_words))
+    save_file(tensors, path, metadata=meta)
+
+
+def load_concepts(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise JaxconceptError(f"no learned concepts at {path!r}: is it a finished run folder?")
+    return dict(load_file(path))

@@ -1,0 +1,122 @@
+"""A finished learning run, loaded back for generation and evaluation: the base model with the run's
+concept tokens added, their learned rows, and the tuned UNet and text encoder when the run has them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..model import adapter, tokens
+from . import outputs, runfolder
+from ..errors import JaxconceptError
+from ..model.loading import ModelBundle, load_model
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRun:
+    bundle: ModelBundle  # tokenizer knows the concept tokens; params["unet"] is the tuned UNet if any
+    tokens: tuple[str, ...]
+    concept_ids: jnp.ndarray  # N
+    rows_NxD: jnp.ndarray
+    run_dir: str
+    counts: tuple[int, ...] = ()  # vectors per token (empty: one each)
+
+    def hidden_states(self, ids_BxT):
+        """Text conditioning with the learned rows spliced in."""
+        return tokens.text_hidden_states(self.bundle.text_encoder, self.bundle.params["text_encoder"], ids_BxT,
+                                         self.concept_ids, self.rows_NxD)
+
+
+def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32) -> LoadedRun:
+    """Load `run_dir` (written by `learner.learn`); `bundle` = its base model if already loaded."""
+    if not os.path.isdir(run_dir):
+        raise JaxconceptError(f"run folder {run_dir!r} does not exist: pass the --out folder of a "
+                              "'python -m jaxconcept.train' run.")
+    cfg_path = os.path.join(run_dir, "config.json")
+    concepts_path = os.path.join(run_dir, "concepts.safetensors")
+    for path in (cfg_path, concepts_path):
+        if not os.path.isfile(path):
+            raise JaxconceptError(f"{run_dir!r} is not a finished run folder: {os.path.basename(path)} is missing. "
+                                  "Finish the run (start the same train command again to resume).")
+    cfg = read_config(run_dir)
+    rows = outputs.load_concepts(concepts_path)
+    from safetensors import safe_open
+
+    with safe_open(concepts_path, "np") as f:
+        meta = f.metadata() or {}
+    order = json.loads(meta["tokens"]) if "tokens" in meta else sorted(rows)
+    bundle = bundle or load_model(cfg["model"], dtype, seed=cfg.get("seed", 0))
+    bundle = with_tuned_text_encoder(run_dir, cfg, bundle)
+    missing = [t for t in order if t not in rows]
+    if missing:
+        raise JaxconceptError(f"{concepts_path!r} lists {', '.join(missing)} but holds no embedding for it; the run "
+                              "folder is damaged: start the same train command again to rewrite its results.")
+    rows = {t: np.atleast_2d(rows[t]) for t in order}  # a token of n vectors is stored n x D
+    bundle, concepts = tokens.add_concept_tokens(bundle, order, None, vectors=[len(rows[t]) for t in order])
+    unet_dir = os.path.join(run_dir, "unet")
+    if not os.path.isdir(unet_dir) and cfg.get("joint", {}).get("steps", 0):
+        raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the UNet ({cfg['joint']['steps']} joint "
+                              "steps) but unet/ is missing. Start the same train command again to finish it.")
+    if os.path.isdir(unet_dir):
+        try:
+            _, unet_params = adapter.load_flax_unet(unet_dir, dtype)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise JaxconceptError(f"cannot read the tuned UNet in {unet_dir!r} ({e}); the run folder is damaged: "
+                                  "delete unet/ and start the same train command again to rewrite it.") from e
+        bundle = bundle.replace(params={**bundle.params, "unet": unet_params})
+    rows_NxD = jnp.asarray(np.concatenate([rows[t] for t in order]), dtype)
+    return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir), concepts.counts)
+
+
+def with_tuned_text_encoder(run_dir: str, cfg: dict, bundle: ModelBundle) -> ModelBundle:
+    """The base model with the run's tuned text encoder (joint.text_encoder), when the run has one."""
+    folder = os.path.join(run_dir, "text_encoder")
+    joint = cfg.get("joint", {})
+    if not os.path.isdir(folder):
+        if joint.get("text_encoder") and joint.get("steps", 0):
+            raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the text encoder but text_encoder/ "
+                                  "is missing. Start the same train command again to finish it.")
+        return bundle
+    try:
+        tuned = runfolder.load_text_encoder(folder, bundle.params["text_encoder"])
+    except (OSError, ValueError, KeyError) as e:
+        raise JaxconceptError(f"cannot read the tuned text encoder in {folder!r} ({e}); the run folder is "
+                              "damaged: delete text_encoder/ and start the same train command again.") from e
+    return bundle.replace(params={**bundle.params, "text_encoder": jax.device_put(tuned)})
+
+
+def read_config(run_dir: str) -> dict:
+    """The run's resolved config (config.json), with at least its model."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["model"]
+        return cfg
+    except (OSError, ValueError, KeyError) as e:
+        raise JaxconceptError(f"{run_dir!r}: cannot read its config.json ({e}); is it a run folder?") from e
+
+
+def read_summary(run_dir: str) -> dict:
+    """The summary.json a finished run ends with."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise JaxconceptError(f"{run_dir!r} has no summary.json: it is not a finished run. Start its train "
+                              "command again to finish it.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def listed_concepts(summary: dict) -> list[dict]:
+    """Each concept's {"token", "kind", ...} (runs written before kinds were recorded: all objects)."""
+    return summary.get("concepts") or [{"token": t, "kind": "object"} for t in summary["tokens"]]
+
+
+def object_concepts(listed: list):
+    """The object concepts (what prompts name), or all of them when a run has only backgrounds."""
+    kind = lambda c: c.get("kind", "object") if isinstance(c, dict) else c.kind  # noqa: E731
+    return [c for c in listed if kind(c) == "object"] or list(listed)
