@@ -131,7 +131,16 @@ def test_evaluation_end_to_end_on_the_toy_model(toy_run, tmp_path, clip):
     assert {r["concept"] for r in rows} == {"<red_triangle>", "<purple_dotted_ring>"}
     page = (out / "index.html").read_text()
     srcs = re.findall(r"<img src='([^']+)'", page)
-    assert len(srcs) == 6 + 3 and all((out / s).is_file() for s in srcs)  # samples + 3 references
+    # samples, the words oracle's samples (same prompts in words, base model), 3 references
+    assert len(srcs) == 6 + 6 + 3 and all((out / s).is_file() for s in srcs)
+    assert sum("/words/" in s for s in srcs) == 6 and "the base model given the words" in page
+    # what users see, beside the words oracle: per run and overall, and per prompt and sample
+    for key in evaluate.TOY_FIGURES:
+        assert 0.0 <= result["overall"]["toy_" + key] <= 1.0, key
+    toy = result["runs"][str(toy_run)]["toy"]
+    assert set(toy["tokens"]["found"]) == {"<red_triangle>", "<purple_dotted_ring>"}
+    assert toy["tokens"]["together"] is not None and set(toy["report"]) >= {"found_ratio", "weakest_ratio"}
+    assert len(toy["per_prompt"]) == 3 and all(len(v["tokens"]) == 2 for v in toy["per_prompt"].values())
     assert "a &lt;red_triangle&gt; and a &lt;purple_dotted_ring&gt; on a beige sand background" in page
 
 
