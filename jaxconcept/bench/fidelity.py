@@ -343,7 +343,8 @@ def iou_plot(result: dict) -> np.ndarray:
 
 def samples_plot(result: dict) -> np.ndarray | None:
     """One panel per (set, init): found alone, all together and leakage ± SE for x = the modes, then the words
-    oracle (user's samples, init-free, in every panel of its set). None when nothing was sampled."""
+    oracle. user runs once per scene, with the first init: its point is in every panel of its set. None when
+    nothing was sampled."""
     rows = [r for r in result["table"].values() if r.get("samples")]
     if not rows:
         return None
