@@ -1,5 +1,6 @@
 """Toy world: seeded scenes of coloured, patterned shapes on textured backgrounds, with exact masks and
-captions (`scene`), and a palette-aware image analysis that names the objects in an image (`analysis`).
+captions (`scene`), a palette-aware image analysis that names the objects in an image (`analysis`), and the
+judge of learned concepts' samples beside the words oracle (`judge`: found alone, all together, leakage).
 
 Pure numpy + Pillow, so that a tiny Stable Diffusion can be trained from scratch on it and its samples
 judged without CLIP.
