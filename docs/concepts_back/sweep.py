@@ -1,0 +1,113 @@
+"""Sweep: variants x scenes, train + judge; resumable (results.jsonl).
+python sweep.py OUT VARIANTS(comma) SCENES(set:seed,...) [N]"""
+import json, os, sys, shutil, time, dataclasses
+import numpy as np
+from jaxconcept import config, learner, inputs, runs, generate, images, viz
+from jaxconcept.model import load_model
+from jaxconcept.bench import fidelity as bf
+from jaxconcept.toy import scene as ts, judge
+
+VARIANTS = {
+    "base": {},
+    "joint0": {"joint.steps": 0},
+    "margin1": {"tokens.loss_margin": 1},
+    "margin2": {"tokens.loss_margin": 2},
+    "margin1_joint0": {"tokens.loss_margin": 1, "joint.steps": 0},
+    "attn1": {"tokens.attn_weight": 1.0},
+    "attn01": {"tokens.attn_weight": 0.1},
+    "attnres8": {"tokens.attn_resolution": 8},
+    "lr3e-3": {"tokens.lr": 3e-3},
+    "jlr3e-5": {"joint.lr": 3e-5},
+    "jlr1e-5": {"joint.lr": 1e-5},
+    "jsteps100": {"joint.steps": 100},
+    "noflip": {"flip_prob": 0.0},
+    "tokens0": {"tokens.steps": 0, "joint.steps": 0},
+    "prior": {"prior": True},
+    "area": {"tokens.loss_per_area": True},
+    "vec": {"tokens.vectors": 0},
+    "vec_j0": {"tokens.vectors": 0, "joint.steps": 0},
+    "vec_tokens0": {"tokens.vectors": 0, "tokens.steps": 0, "joint.steps": 0},
+    "vec_jlr1e-5": {"tokens.vectors": 0, "joint.lr": 1e-5},
+    "vec_jlr3e-5": {"tokens.vectors": 0, "joint.lr": 3e-5},
+    "vec_area_j0": {"tokens.vectors": 0, "tokens.loss_per_area": True, "joint.steps": 0},
+    "area_j0": {"tokens.loss_per_area": True, "joint.steps": 0},
+    "lr3e-2_j0": {"tokens.lr": 3e-2, "joint.steps": 0},
+    "attn1_j0": {"tokens.attn_weight": 1.0, "joint.steps": 0},
+    "attn0_j0": {"tokens.attn_weight": 0.0, "joint.steps": 0},
+    "jlr1e-5_prior": {"joint.lr": 1e-5, "prior": True},
+    "lr3e-2": {"tokens.lr": 3e-2},
+    "area_margin1": {"tokens.loss_per_area": True, "tokens.loss_margin": 1},
+}
+
+def scene_of(tag):
+    if tag == "default":
+        return None, os.path.join(os.path.dirname(ts.__file__), "examples", "heldout_scene")
+    which, seed = tag.split(":")
+    folder = f"runs/concepts_back/scenes/{which}_{seed}"
+    s = bf.make_bench_scene(which, int(seed), 64)
+    if not os.path.isdir(folder):
+        ts.write_scene(s, folder)
+    return s, folder
+
+def apply(cfg, over):
+    for k, v in over.items():
+        if k == "prior": continue
+        node = cfg
+        *path, last = k.split(".")
+        for p in path: node = node[p]
+        node[last] = v
+
+def prior_folder(base, spec, folder, n=8):
+    """Class images: base-model samples of the objects' init words together (DreamBooth's prior)."""
+    words = [c.init_word.replace("+", " ") for c in spec.concepts if c.kind == "object"]
+    prompt = " and ".join(("an " if w[0] in "aeiou" else "a ") + w for w in words)
+    out = folder + "_prior"
+    if not os.path.isdir(out):
+        pics = generate.generate(base, [prompt], generate.Settings(num_images=n, steps=25, guidance=5.0, seed=7), progress=False)[0]
+        for i, p in enumerate(pics): images.save_image(p, os.path.join(out, f"class_{i:02d}.png"))
+    return out, prompt
+
+def main():
+    out, variants, scenes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 8
+    os.makedirs(out, exist_ok=True)
+    res_path = os.path.join(out, "results.jsonl")
+    done = set()
+    if os.path.exists(res_path):
+        for line in open(res_path):
+            r = json.loads(line); done.add((r["variant"], r["scene"]))
+    base = load_model("toy")
+    words_cache = {}
+    settings = generate.Settings(num_images=n, steps=25, guidance=5.0, seed=1234)
+    for tag in scenes:
+        s, folder = scene_of(tag)
+        spec = inputs.from_toy_scene_folder(folder)
+        rec = json.load(open(os.path.join(folder, "concepts.json")))
+        toy = [judge.ToyConcept("<" + c["name"] + ">", c["color"], c["shape"], c.get("pattern", "solid"))
+               for c in rec["concepts"] if c.get("kind", "object") == "object"]
+        src_bg = next(c["color"] for c in rec["concepts"] if c.get("kind") == "background")
+        truth = np.stack([np.asarray(__import__("PIL.Image").Image.open(c.mask).convert("L")) > 127 for c in spec.concepts])
+        for v in variants:
+            if (v, tag) in done: continue
+            cfg = config.get_config(); apply(cfg, VARIANTS[v])
+            if VARIANTS[v].get("prior"):
+                cfg.prior.folder, cfg.prior.prompt = prior_folder(base, spec, folder)
+            run_dir = os.path.join(out, f"{v}__{tag.replace(':', '_')}")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            t0 = time.time()
+            summary = learner.learn(cfg, [spec], run_dir, bundle=base, ground_truth=truth, progress=False)
+            t1 = time.time()
+            run = runs.load_run(run_dir, bundle=base)
+            m = judge.measure(run, base, toy, src_bg, settings, words=words_cache)
+            images.save_image(viz.grid([list(p) for p in m["pictures"]["tokens"]], cell=64,
+                                       row_labels=[p["tokens"] for p in m["prompts"]]), os.path.join(run_dir, "judge.png"))
+            objs = [c.token for c in toy]
+            row = {"variant": v, "scene": tag, "iou": float(np.mean([summary["iou_final"][t] for t in objs])),
+                   "tokens": m["tokens"], "words": m["words"], "report": m["report"],
+                   "train_s": t1 - t0, "measure_s": time.time() - t1}
+            with open(res_path, "a") as f: f.write(json.dumps(row) + "\n")
+            print(v, tag, "iou %.2f" % row["iou"], "found", {k: round(x, 2) for k, x in m["tokens"]["found"].items()},
+                  "together %.2f/%.2f" % (m["tokens"]["together"], m["words"]["together"]),
+                  "leak %.2f/%.2f" % (m["tokens"]["leakage"], m["words"]["leakage"]), "t %.0f+%.0f" % (t1 - t0, row["measure_s"]), flush=True)
+
+main()
