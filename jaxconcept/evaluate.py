@@ -523,7 +523,7 @@ def main(argv=None) -> int:
     print(f"sampling: {settings.scheduler}, {settings.steps} steps, guidance {settings.guidance}")
     for k, v in o.items():
         if v is not None and k not in ("images", "prompts"):
-            print(f"  {k:<20} {v:.3f}")
+            print(f"  {k:<24} {v:.3f}")
     for run_dir, r in result["runs"].items():
         if r.get("toy"):
             from .toy import judge
