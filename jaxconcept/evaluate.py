@@ -208,17 +208,18 @@ def aggregate(rows: list[dict], prompts: list[dict]) -> dict:
     }
 
 
-TOY_FIGURES = ("found_alone", "found_alone_words", "together", "together_words", "leakage", "leakage_words")
+# figure name -> where `toy_judgement` keeps it (source, key): tokens, and their words-oracle twin
+_TOY_PICK = {f"{name}{suffix}": (source, key) for name, key in (("found_alone", "found_mean"), ("together", "together"),
+                                                                 ("leakage", "leakage"))
+             for suffix, source in (("", "tokens"), ("_words", "words"))}
+TOY_FIGURES = tuple(_TOY_PICK)
 
 
 def toy_figures(judgements: list) -> dict:
     """Means over runs of what users see (None where no run was judged): found alone (mean over concepts),
     all found together, leakage, each for the tokens and for the words oracle."""
     got = [j for j in judgements if j is not None]
-    pick = {"found_alone": ("tokens", "found_mean"), "found_alone_words": ("words", "found_mean"),
-            "together": ("tokens", "together"), "together_words": ("words", "together"),
-            "leakage": ("tokens", "leakage"), "leakage_words": ("words", "leakage")}
-    return {"toy_" + name: _mean([j[a][b] for j in got]) for name, (a, b) in pick.items()}
+    return {"toy_" + name: _mean([j[a][b] for j in got]) for name, (a, b) in _TOY_PICK.items()}
 
 
 # ------------------------------------------------------------------------------------------ runs and files

@@ -169,12 +169,10 @@ def save_textual_inversion(folder: str, tokens: Sequence[str], rows_NxD, counts:
                           "need one row per vector.")
     os.makedirs(folder, exist_ok=True)
     files = {}
-    ends = np.cumsum(counts)
-    for token, name, n, e in zip(tokens, outputs.file_names(tokens), counts, ends):
-        file = f"{name}.safetensors"
-        _save_safetensors(os.path.join(folder, file), {token: np.ascontiguousarray(rows_NxD[e - n] if n == 1
-                                                                                   else rows_NxD[e - n:e])})
-        files[token] = file
+    tensors = outputs.token_tensors(tokens, rows_NxD, counts)
+    for token, name in zip(tokens, outputs.file_names(tokens)):
+        files[token] = f"{name}.safetensors"
+        _save_safetensors(os.path.join(folder, files[token]), {token: tensors[token]})
     return files
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import adapter
 from ..errors import ConceptTokenError, PromptError
+from ..runio import outputs
 from ..runio.inputs import init_word_parts
 from .loading import ModelBundle
 
@@ -60,8 +61,7 @@ class Concepts:
 
     def rows_by_token(self, rows_NxD) -> dict:
         """token -> its rows (n x D)."""
-        ends = np.cumsum(self.counts)
-        return {t: np.asarray(rows_NxD)[e - n:e] for t, n, e in zip(self.tokens, self.counts, ends)}
+        return {t: np.atleast_2d(x) for t, x in outputs.token_tensors(self.tokens, rows_NxD, self.counts).items()}
 
 
 def embedding_table(text_params) -> jnp.ndarray:

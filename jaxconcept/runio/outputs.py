@@ -110,13 +110,18 @@ def evolution_picture(images_u8, owner_C, rounds: list[np.ndarray], tokens, cell
     return viz.grid(tiles, labels, cell=cell)
 
 
-def save_concepts(path: str, tokens, rows_NxD, init_words=None, counts=None) -> None:
-    """Embeddings by token (safetensors): a D row per token, or n x D for a token of n vectors (`counts`, as
-    diffusers' multi-vector textual-inversion files); init words in the metadata."""
+def token_tensors(tokens, rows_NxD, counts=None) -> dict[str, np.ndarray]:
+    """token -> its embedding: a D row, or n x D for a token of n vectors (`counts`; none: one each), as
+    diffusers' (multi-vector) textual-inversion files hold them."""
     rows_NxD = np.asarray(rows_NxD, np.float32)
     counts = list(counts) if counts else [1] * len(tokens)
-    ends = np.cumsum(counts)
-    tensors = {t: rows_NxD[e - n] if n == 1 else rows_NxD[e - n:e] for t, n, e in zip(tokens, counts, ends)}
+    parts = np.split(rows_NxD, np.cumsum(counts)[:-1])
+    return {t: np.ascontiguousarray(p[0] if n == 1 else p) for t, n, p in zip(tokens, counts, parts)}
+
+
+def save_concepts(path: str, tokens, rows_NxD, init_words=None, counts=None) -> None:
+    """Embeddings by token (safetensors, `token_tensors`); init words in the metadata."""
+    tensors = token_tensors(tokens, rows_NxD, counts)
     meta = {"format": "jaxconcept", "tokens": json.dumps(list(tokens))}
     if init_words is not None:
         meta["init_words"] = json.dumps(list(init_words))
