@@ -83,8 +83,12 @@ def get_config() -> ml_collections.ConfigDict:
     # lr: 3e-5 for the toy model with one vector per init word (docs/concepts_back.md: on validation scenes 1e-4
     # lost a concept in 1 of 5 scenes, 3e-5 in none); it was 1e-4 with one vector per concept. SD presets use
     # Break-a-Scene's 2e-6
+    # lora_rank: 0 tunes the whole UNet; r > 0 tunes low-rank adapters (alpha / r scaled) on the frozen UNet's
+    # lora_targets ("attention": q, k, v, out of every transformer block; "+ff", "+proj" add the feed-forward and
+    # the blocks' in/out projections); a LoRA run writes lora.safetensors (PEFT layout) instead of unet/
     c.joint = ml_collections.ConfigDict(dict(steps=400, lr=3e-5, text_encoder=False, remat="none",
-                                             optimizer="adamw", checkpoint_every=100, clip=1.0, weight_decay=1e-2))
+                                             optimizer="adamw", checkpoint_every=100, clip=1.0, weight_decay=1e-2,
+                                             lora_rank=0, lora_alpha=4.0, lora_targets="attention"))
     # devices: a (data, fsdp) mesh over all of them; fsdp > 1 splits the joint stage's UNet, gradients and
     # optimiser state over groups of fsdp devices (and the frozen UNet too with shard_frozen)
     c.mesh = ml_collections.ConfigDict(dict(fsdp=1, shard_frozen=False, fsdp_min_size=2 ** 14))

@@ -6,6 +6,8 @@
     OUT/README.md                        how to load it all in PyTorch
     OUT/unet/config.json                 the run's tuned UNet (the base UNet if the run tuned none) as a
     OUT/unet/diffusion_pytorch_model.safetensors   diffusers UNet2DConditionModel folder
+    OUT/lora.safetensors                 a LoRA run's adapters (PEFT layout, `pipe.load_lora_weights(OUT)`); its
+                                         unet/ is the base UNet, written only with the pipeline
   with pipeline=True (the default), the rest of a StableDiffusionPipeline folder:
     OUT/vae/config.json + diffusion_pytorch_model.safetensors          the base VAE (AutoencoderKL)
     OUT/text_encoder/config.json + model.safetensors                   the CLIPTextModel (the run's tuned one if
@@ -284,14 +286,21 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
     """Write the export into `folder`; the summary and README name `out_dir`, where it will end up."""
     base = load_model(cfg["model"], "float32", seed=int(cfg.get("seed", 0)))
     run = runs.load_run(run_dir, bundle=base)  # grows a copy of the tokenizer/text encoder; `base` stays as is
-    tuned = os.path.isdir(os.path.join(run_dir, "unet"))
-    if not tuned:
+    adapted = run.adapted
+    state = "lora" if adapted else "tuned" if os.path.isdir(os.path.join(run_dir, "unet")) else "base"
+    if state == "base":
         log.info("%s has no unet/ (no joint tuning): exporting the base model's UNet", run_dir)
 
     files = save_textual_inversion(os.path.join(folder, EMBEDDINGS), run.tokens, run.rows_NxD, run.counts)
     written = [f"{EMBEDDINGS}/{f}" for f in files.values()]
-    unet = save_unet_pytorch(os.path.join(folder, "unet"), run.bundle.unet, run.bundle.params["unet"])
-    written += ["unet/config.json", f"unet/{DIFFUSERS_WEIGHTS}"]
+    unet = {"parameters": None}
+    if adapted:  # the adapters beside the base UNet, as pipe.load_lora_weights reads them
+        outputs.save_lora(os.path.join(folder, outputs.LORA_FILE), adapted.adapters, adapted.spec, adapted.base_unet)
+        written.append(outputs.LORA_FILE)
+    if pipeline or not adapted:  # a LoRA run's UNet is the base one: only a whole pipeline needs it
+        params = adapted.base_unet if adapted else run.bundle.params["unet"]
+        unet = save_unet_pytorch(os.path.join(folder, "unet"), run.bundle.unet, params)
+        written += ["unet/config.json", f"unet/{DIFFUSERS_WEIGHTS}"]
     tuned_text = os.path.isdir(os.path.join(run_dir, "text_encoder"))
     if pipeline or tuned_text:  # a tuned text encoder is part of the run: written in any case
         text_params = runs.with_tuned_text_encoder(run_dir, cfg, base).params["text_encoder"]
@@ -305,7 +314,9 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
     summary = {
         "run": os.path.abspath(run_dir), "out": out_dir, "base_model": cfg["model"],
         "tokens": list(run.tokens), "files": {t: f"{EMBEDDINGS}/{f}" for t, f in files.items()},
-        "unet": "tuned" if tuned else "base", "unet_parameters": unet["parameters"], "pipeline": pipeline,
+        "unet": state, "unet_parameters": unet["parameters"], "pipeline": pipeline,
+        "lora": None if not adapted else {"file": outputs.LORA_FILE, "rank": adapted.spec.rank,
+                                          "alpha": adapted.spec.alpha, "targets": "+".join(adapted.spec.targets)},
         "text_encoder": "tuned" if tuned_text else "base",
     }
     outputs.write_json(os.path.join(folder, "tokens.json"), summary)
@@ -320,16 +331,26 @@ def load_snippet(summary: dict) -> str:
     out = summary["out"]
     if summary["pipeline"]:
         head = f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({out!r})"
-    else:  # only the UNet: the rest comes from the base model (named test models have no PyTorch original)
+    else:  # the rest comes from the base model (named test models have no PyTorch original)
         base = "BASE_MODEL" if summary["base_model"] in NAMED_MODELS else repr(summary["base_model"])
-        head = (f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({base}, unet=diffusers."
-                f"UNet2DConditionModel.from_pretrained(os.path.join({out!r}, 'unet')))")
-    return "\n".join([
-        "import diffusers, json, os",
-        head,
-        f"for token, file in json.load(open(os.path.join({out!r}, 'tokens.json')))['files'].items(): "
-        f"pipe.load_textual_inversion(os.path.join({out!r}, file), token=token)",
-    ])
+        unet = "" if summary.get("lora") else (f", unet=diffusers.UNet2DConditionModel.from_pretrained("
+                                               f"os.path.join({out!r}, 'unet'))")
+        head = f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({base}{unet})"
+    lines = ["import diffusers, json, os", head]
+    if summary.get("lora"):
+        lines.append(f"pipe.load_lora_weights({out!r}, weight_name={summary['lora']['file']!r})")
+    lines.append(f"for token, file in json.load(open(os.path.join({out!r}, 'tokens.json')))['files'].items(): "
+                 f"pipe.load_textual_inversion(os.path.join({out!r}, file), token=token)")
+    return "\n".join(lines)
+
+
+def _unet_line(summary: dict) -> str:
+    if summary.get("lora"):
+        lo = summary["lora"]
+        where = "beside the base UNet in `unet/`" if summary["pipeline"] else "for the base model's UNet"
+        return (f"`{lo['file']}` holds the run's LoRA adapters (rank {lo['rank']}, alpha {lo['alpha']:g}, on "
+                f"{lo['targets']}) {where}, in PEFT's layout: `pipe.load_lora_weights` loads it.")
+    return f"`unet/` holds the {'tuned' if summary['unet'] == 'tuned' else 'base (this run tuned no UNet)'} UNet."
 
 
 def readme(summary: dict) -> str:
@@ -339,14 +360,15 @@ def readme(summary: dict) -> str:
         "for PyTorch diffusers.", "",
         "| token | embedding file |", "|---|---|",
         *[f"| `{t}` | `{f}` |" for t, f in summary["files"].items()], "",
-        f"`unet/` holds the {'tuned' if summary['unet'] == 'tuned' else 'base (this run tuned no UNet)'} UNet.",
+        _unet_line(summary),
     ]
     if summary["pipeline"]:
         lines.append("The folder is a whole `StableDiffusionPipeline` (the text encoder has the base vocabulary: "
                      "load the tokens into it as below).")
     else:
-        lines.append("Only the UNet was exported: the rest comes from the run's base model, which must be a PyTorch "
-                     "diffusers folder or hub id (replace BASE_MODEL where shown).")
+        lines.append(f"Only the {'LoRA adapters were' if summary.get('lora') else 'UNet was'} exported: the rest "
+                     "comes from the run's base model, which must be a PyTorch diffusers folder or hub id (replace "
+                     "BASE_MODEL where shown).")
     lines += ["", "```python", load_snippet(summary), "```",
               "", 'One token: `pipe.load_textual_inversion("OUT/embeddings/<file>.safetensors", token="<v1>")`.',
               ""]
@@ -375,8 +397,9 @@ def main(argv=None) -> int:
     except (JaxconceptError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {len(summary['tokens'])} token(s) {', '.join(summary['tokens'])} and the "
-          f"{summary['unet']} UNet{' (the run has no unet/: no joint tuning)' if summary['unet'] == 'base' else ''} "
+    unet = {"base": "base UNet (the run has no unet/: no joint tuning)", "tuned": "tuned UNet",
+            "lora": "UNet's LoRA adapters"}[summary["unet"]]
+    print(f"exported {len(summary['tokens'])} token(s) {', '.join(summary['tokens'])} and the {unet} "
           f"to {summary['out']}" + (" as a StableDiffusionPipeline folder" if summary["pipeline"] else ""))
     for path in summary["written"]:
         print(f"  {path}")

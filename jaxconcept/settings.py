@@ -94,6 +94,17 @@ class Joint:
     checkpoint_every: int  # joint steps between checkpoints; 0 = only at the end
     clip: float  # global gradient-norm clip of the joint optimiser
     weight_decay: float
+    lora_rank: int  # 0: the whole UNet is tuned; r > 0: low-rank adapters on a frozen UNet (model/lora.py)
+    lora_alpha: float  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_targets: str  # "attention", optionally "+ff" and "+proj"
+
+    @property
+    def lora(self):
+        """The adapters' spec, or None when the whole UNet is tuned."""
+        from .model import lora
+
+        return lora.LoraSpec(self.lora_rank, self.lora_alpha, lora.parse_targets(self.lora_targets)) \
+            if self.lora_rank else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +154,11 @@ class Settings:
         out = json.loads(self.config_json)
         for name in ("log_every", "mesh", "images"):
             out.pop(name, None)
-        out.get("joint", {}).pop("checkpoint_every", None)
+        joint = out.get("joint", {})
+        joint.pop("checkpoint_every", None)
+        if not joint.get("lora_rank"):  # the adapters' settings decide nothing then (runs made before them match)
+            for name in ("lora_rank", "lora_alpha", "lora_targets"):
+                joint.pop(name, None)
         return out
 
 
@@ -210,6 +225,15 @@ def _crf_size(v):
     return "'image', 'latent' or a number of pixels per side (e.g. '96')"
 
 
+def _lora_targets(v):
+    from .model import lora
+
+    try:
+        lora.parse_targets(v)
+    except ValueError:
+        return f"one or more of {', '.join(lora.GROUPS)} joined by '+', e.g. 'attention+ff'"
+
+
 def _images(v):
     if not isinstance(v, (list, tuple)):
         return "a list of {'path': ..., 'concepts': [...]} (or empty: --concepts or the toy scene)"
@@ -264,6 +288,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "joint.checkpoint_every": _integer(0),
     "joint.clip": _number(0.0, above=True),
     "joint.weight_decay": _number(0.0),
+    "joint.lora_rank": _integer(0),
+    "joint.lora_alpha": _number(0.0, above=True),
+    "joint.lora_targets": _lora_targets,
     "mesh.fsdp": _integer(1),
     "mesh.shard_frozen": _boolean,
     "mesh.fsdp_min_size": _integer(0),

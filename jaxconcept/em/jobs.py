@@ -22,6 +22,7 @@ writes the run folders, all processes write the checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -36,7 +37,8 @@ from . import learner, steps
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
 from .prepare import check_inputs, prepare, truth_masks
-from .stages import Job, Stages, latent_masks, loss_config, stage_keys, stage_optimizers
+from .stages import (Job, Stages, joint_loss_config, joint_unet, latent_masks, loss_config, stage_keys,
+                     stage_optimizers)
 
 
 def _internal_specs(specs, j: int):
@@ -115,11 +117,12 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
         return states(rows0, inv_opt), step, to_token
 
     def joint_state(token_state):
-        # every job starts from its own copy of the base UNet, made on the devices that hold the job
-        copies = lambda unet: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_jobs,) + x.shape), unet)  # noqa: E731
+        # every job starts from its own copy of the base UNet (or of the fresh adapters on the shared frozen
+        # UNet), made on the devices that hold the job
+        copies = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_jobs,) + x.shape), tree)  # noqa: E731
         return jax.jit(lambda r, unet: jax.vmap(lambda p: steps.init_state(p, joint_opt))(
-            {"rows": r, "unet": copies(unet)}), out_shardings=job_sh)(token_state["params"]["rows"],
-                                                                        place(b.params["unet"]))
+            {"rows": r, **copies(unet)}), out_shardings=job_sh)(token_state["params"]["rows"],
+                                                                  place(joint_unet(s, b.params["unet"])))
 
     def maps(j, rows, i, key):
         st = setups[j]
@@ -129,7 +132,8 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
     def final_like():
         like = {"rows": _stack(rows0)}
         if s.joint.steps:
-            like["unet"] = jax.tree.map(lambda x: jnp.zeros((num_jobs,) + x.shape, x.dtype), b.params["unet"])
+            like.update(jax.tree.map(lambda x: jnp.zeros((num_jobs,) + x.shape, x.dtype),
+                                     jax.eval_shape(functools.partial(joint_unet, s), b.params["unet"])))
         return like
 
     def job_metrics(m):
@@ -140,8 +144,9 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
         jobs=num_jobs, batched=True, initial_state=lambda: states(rows0, token_opt),
         inversion=inversion if s.init.steps else None,
         token_step=stage_step(loss_cfg, token_opt, frozen, keys["token"]), joint_state=joint_state,
-        joint_step=lambda state: stage_step(dataclasses.replace(loss_cfg, remat=s.joint.remat), joint_opt,
-                                            {"text_encoder": frozen["text_encoder"]}, keys["joint"]),
+        joint_step=lambda state: stage_step(joint_loss_config(s), joint_opt,
+                                            {k: v for k, v in frozen.items() if k == "text_encoder" or s.joint.lora},
+                                            keys["joint"]),
         rows=lambda state: list(distributed.to_host(state["params"]["rows"])),  # job-split: every host gathers
         maps=maps,
         place_masks=lambda masks: sharding.put(jnp.stack([latent_masks(m, setups[0].latent_hw, mesh)

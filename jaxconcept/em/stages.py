@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import settings
-from ..model import capture
+from ..model import capture, lora
 from ..parallel import sharding
 from . import data, steps
 from .prepare import Setup
@@ -43,7 +43,7 @@ class Stages:
     maps: Callable[[int, Any, int, Any], Any]  # (job, rows, image, key) -> soft maps C x h x w (latent grid)
     place_masks: Callable[[list], Any]  # masks -> what the steps read (latent grid, on the devices)
     job_metrics: Callable[[dict], list]  # a step's metrics -> one {name: float} per job
-    final_like: Callable[[], Any]  # the shape of the results {"rows", "unet"?, "text_encoder"?}
+    final_like: Callable[[], Any]  # the shape of the results {"rows", "unet" or "lora"?, "text_encoder"?}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,20 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
                             loss_margin=s.tokens.loss_margin,
                             loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
                             prior_weight=s.prior.weight, **changes)
+
+
+def joint_loss_config(s: settings.Settings) -> steps.LossConfig:
+    spec = s.joint.lora
+    return loss_config(s, remat=s.joint.remat, lora_scale=spec.scale if spec else 0.0)
+
+
+def joint_unet(s: settings.Settings, unet_params) -> dict:
+    """What the joint stage tunes of the UNet: {"unet": its weights}, or {"lora": fresh adapters} on the frozen
+    UNet (the same draw for every run and job of this seed)."""
+    spec = s.joint.lora
+    if spec is None:
+        return {"unet": unet_params}
+    return {"lora": lora.init(jax.random.fold_in(jax.random.key(s.seed), 7), unet_params, spec)}
 
 
 def stage_optimizers(s: settings.Settings) -> dict:
@@ -89,8 +103,9 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
                                       s.masks.num_timesteps, st.latent_hw, mesh, frozen_shardings=frozen_sh)
     keys = stage_keys(s.seed)
     te = s.joint.text_encoder
-    joint_frozen = {} if te else {"text_encoder": frozen["text_encoder"]}
-    trainable = lambda rows: {"rows": rows, "unet": b.params["unet"],  # noqa: E731
+    joint_frozen = {name: frozen[name] for name in ("text_encoder", "unet")
+                    if not (name == "text_encoder" and te) and not (name == "unet" and s.joint.lora is None)}
+    trainable = lambda rows: {"rows": rows, **joint_unet(s, b.params["unet"]),  # noqa: E731
                               **({"text_encoder": b.params["text_encoder"]} if te else {})}
 
     def inversion():
@@ -109,7 +124,7 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
 
     def joint_step(state):
         state_sh = sharding.fsdp_shardings(state, mesh, min_size)
-        fn = make(dataclasses.replace(loss_cfg, remat=s.joint.remat), joint_opt, state_shardings=state_sh,
+        fn = make(joint_loss_config(s), joint_opt, state_shardings=state_sh,
                   fsh=None if frozen_sh is None else {k: frozen_sh[k] for k in joint_frozen})
         return fn.bind(joint_frozen, run_data, keys["joint"])
 

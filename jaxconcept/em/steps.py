@@ -40,6 +40,7 @@ class LossConfig:
     flip_prob: float = 0.5
     prior_weight: float = 1.0  # used only when prior latents are given
     remat: str = "none"  # UNet activations: "none" kept, "full" recomputed in the backward pass, "dots" keep matmuls
+    lora_scale: float = 0.0  # alpha / rank of the UNet's adapters, when the trainables hold them ("lora")
 
 
 # what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
@@ -140,7 +141,7 @@ class StepStatics:
 def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepStatics, concept_ids_N):
     """L_mask + lambda * L_attn (+ prior) for one drawn batch; returns (loss, metrics)."""
     model, cfg, mesh, concept_ids = statics.model, statics.cfg, statics.mesh, concept_ids_N
-    # joint tuning moves the UNet (and optionally the text encoder) from `frozen` into `trainable`
+    # joint tuning moves the UNet (or its LoRA adapters; optionally the text encoder) into `trainable`
     text_params = trainable["text_encoder"] if "text_encoder" in trainable else frozen["text_encoder"]
     unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
     k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
@@ -168,10 +169,14 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     else:
         context = tokens.text_hidden_states(model.text_encoder, text_params, ids, concept_ids, trainable["rows"])
     selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
-    unet_fn = functools.partial(capture.unet_with_attention, model.unet, selector=selector)
+
+    def unet_fn(unet_params, adapters, noisy, t, context):
+        lora = None if adapters is None else (adapters, cfg.lora_scale)
+        return capture.unet_with_attention(model.unet, unet_params, noisy, t, context, selector, lora)
+
     if cfg.remat != "none":  # trade a second UNet forward for the activations' memory (joint stage)
         unet_fn = jax.checkpoint(unet_fn, policy=REMAT_POLICIES[cfg.remat])
-    eps, maps = unet_fn(unet_params, noisy, t, context)
+    eps, maps = unet_fn(unet_params, trainable.get("lora"), noisy, t, context)
 
     present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
     masks_BxCxhxw = batch["masks"].astype(jnp.float32)

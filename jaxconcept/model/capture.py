@@ -14,6 +14,7 @@ port differs. The diffusers internals these rely on are named only in `model/ada
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import adapter
+from . import adapter, lora as lora_lib
 
 COLLECTION = "intermediates"
 SOW_NAME = "cross_attention_probs"
@@ -105,20 +106,28 @@ def _collect(tree, prefix=()) -> dict[str, jnp.ndarray]:
     return out
 
 
+def _adapted(lora):
+    """The LoRA interceptor's context for `lora` = (adapters, scale); none for None. Entered first, so it
+    sees the Dense layers that the other interceptors' code calls."""
+    return contextlib.nullcontext() if lora is None else nn.intercept_methods(lora_lib.interceptor(*lora))
+
+
 def unet_with_attention(unet, unet_params, latents_BxZxhxw, timesteps_B, context_BxTxD,
-                        selector: LayerSelector = ALL_LAYERS):
-    """(eps_BxZxhxw, {layer path: probs_BxAxQxT}) for the cross-attention layers the selector keeps."""
+                        selector: LayerSelector = ALL_LAYERS, lora=None):
+    """(eps_BxZxhxw, {layer path: probs_BxAxQxT}) for the cross-attention layers the selector keeps;
+    `lora` = (adapters, scale) adds low-rank adapters to the frozen UNet (model/lora.py)."""
     latent_hw = tuple(latents_BxZxhxw.shape[2:])
-    with nn.intercept_methods(_pytorch_faithful), nn.intercept_methods(functools.partial(_interceptor, selector, latent_hw)):
+    with _adapted(lora), nn.intercept_methods(_pytorch_faithful), \
+            nn.intercept_methods(functools.partial(_interceptor, selector, latent_hw)):
         out, state = unet.apply(
             {"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD, mutable=[COLLECTION]
         )
     return out.sample, _collect(state.get(COLLECTION, {}))
 
 
-def unet_eps(unet, unet_params, latents_BxZxhxw, timesteps_B, context_BxTxD):
+def unet_eps(unet, unet_params, latents_BxZxhxw, timesteps_B, context_BxTxD, lora=None):
     """The UNet's noise prediction, no capture."""
-    with nn.intercept_methods(_pytorch_faithful):
+    with _adapted(lora), nn.intercept_methods(_pytorch_faithful):
         return unet.apply({"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD).sample
 
 

@@ -7,6 +7,7 @@
     RUN/masks_evolution.png              rows: images; columns: rounds, then a colour key
     RUN/concepts.safetensors             one embedding row per token, named by the token
     RUN/unet/                            the tuned UNet (diffusers Flax folder), after joint tuning
+    RUN/lora.safetensors                 instead of unet/ when the joint stage tuned LoRA adapters (PEFT layout)
     RUN/metrics.jsonl, RUN/summary.json
 """
 
@@ -21,6 +22,9 @@ from safetensors.numpy import load_file, save_file
 
 from . import images, viz
 from ..errors import JaxconceptError
+from ..model import lora
+
+LORA_FILE = "lora.safetensors"
 
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.uint8)
@@ -132,3 +136,25 @@ def load_concepts(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise JaxconceptError(f"no learned concepts at {path!r}: is it a finished run folder?")
     return dict(load_file(path))
+
+
+def save_lora(path: str, adapters, spec, unet_params) -> None:
+    """The joint stage's adapters as a PEFT LoRA file (`pipe.load_lora_weights(folder)` in PyTorch diffusers)."""
+    tensors, meta = lora.to_peft(adapters, spec, unet_params)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_lora(path: str, unet_params):
+    """(adapters, spec) of a LoRA file `save_lora` wrote; a damaged file is a JaxconceptError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "np") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return lora.from_peft(tensors, meta, unet_params)
+    except (OSError, ValueError, KeyError) as e:
+        raise JaxconceptError(f"cannot read the LoRA adapters in {path!r} ({e}); the file is damaged or not for "
+                              "this model: start the same train command again to rewrite it.") from e

@@ -252,8 +252,8 @@ def summary_of(run_dir, settings, setup, masks_final, history, truth, seconds) -
 
 
 def write_results(run_dir, settings, setup, final, masks_final, history, truth, seconds) -> dict:
-    """The run's files (process 0 only) and its summary; `final` = {"rows", "unet", "text_encoder" (if
-    tuned)} on the host. `history`: the round entries of metrics.jsonl."""
+    """The run's files (process 0 only) and its summary; `final` = {"rows", "unet" or "lora", "text_encoder"
+    (if tuned)} on the host. `history`: the round entries of metrics.jsonl."""
     summary = summary_of(run_dir, settings, setup, masks_final, history, truth, seconds)
     if not distributed.is_primary():
         return summary
@@ -271,6 +271,9 @@ def write_results(run_dir, settings, setup, final, masks_final, history, truth, 
                           np.asarray(final["rows"]), setup.concepts.init_words, setup.concepts.counts)
     if "unet" in final:
         adapter.save_flax_unet(os.path.join(run_dir, "unet"), setup.bundle.unet, final["unet"])
+    if "lora" in final:
+        outputs.save_lora(os.path.join(run_dir, outputs.LORA_FILE), final["lora"], settings.joint.lora,
+                          setup.bundle.params["unet"])
     if "text_encoder" in final:
         save_text_encoder(os.path.join(run_dir, "text_encoder"), final["text_encoder"], setup.concepts.ids)
     outputs.write_json(os.path.join(run_dir, "summary.json"), summary)

@@ -1,5 +1,6 @@
 """A finished learning run, loaded back for generation and evaluation: the base model with the run's
-concept tokens added, their learned rows, and the tuned UNet and text encoder when the run has them."""
+concept tokens added, their learned rows, and the tuned UNet (or its LoRA adapters, merged) and text encoder when
+the run has them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import adapter, tokens
+from ..model import adapter, lora, tokens
 from . import outputs, runfolder
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A LoRA run's UNet: the adapters, their spec and the base UNet's params (on the host, for export)."""
+
+    adapters: dict
+    spec: lora.LoraSpec
+    base_unet: dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +35,7 @@ class LoadedRun:
     rows_NxD: jnp.ndarray
     run_dir: str
     counts: tuple[int, ...] = ()  # vectors per token (empty: one each)
+    adapted: Adapted | None = None  # a LoRA run's adapters (bundle.params["unet"] has them merged)
 
     def hidden_states(self, ids_BxT):
         """Text conditioning with the learned rows spliced in."""
@@ -58,19 +69,34 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
                               "folder is damaged: start the same train command again to rewrite its results.")
     rows = {t: np.atleast_2d(rows[t]) for t in order}  # a token of n vectors is stored n x D
     bundle, concepts = tokens.add_concept_tokens(bundle, order, None, vectors=[len(rows[t]) for t in order])
-    unet_dir = os.path.join(run_dir, "unet")
-    if not os.path.isdir(unet_dir) and cfg.get("joint", {}).get("steps", 0):
-        raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the UNet ({cfg['joint']['steps']} joint "
-                              "steps) but unet/ is missing. Start the same train command again to finish it.")
-    if os.path.isdir(unet_dir):
-        try:
-            _, unet_params = adapter.load_flax_unet(unet_dir, dtype)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise JaxconceptError(f"cannot read the tuned UNet in {unet_dir!r} ({e}); the run folder is damaged: "
-                                  "delete unet/ and start the same train command again to rewrite it.") from e
-        bundle = bundle.replace(params={**bundle.params, "unet": unet_params})
+    bundle, adapted = with_tuned_unet(run_dir, cfg, bundle, dtype)
     rows_NxD = jnp.asarray(np.concatenate([rows[t] for t in order]), dtype)
-    return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir), concepts.counts)
+    return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir), concepts.counts,
+                     adapted)
+
+
+def with_tuned_unet(run_dir: str, cfg: dict, bundle: ModelBundle, dtype) -> tuple[ModelBundle, Adapted | None]:
+    """The base model with the run's tuned UNet: its unet/ folder, or its LoRA file merged into the base UNet."""
+    unet_dir, lora_path = os.path.join(run_dir, "unet"), os.path.join(run_dir, outputs.LORA_FILE)
+    joint = cfg.get("joint", {})
+    if os.path.isfile(lora_path):
+        adapters, spec = outputs.load_lora(lora_path, bundle.params["unet"])
+        base = bundle.params["unet"]
+        merged = jax.jit(lora.merge, static_argnums=2)(base, adapters, spec.scale)
+        return bundle.replace(params={**bundle.params, "unet": merged}), Adapted(adapters, spec,
+                                                                                jax.device_get(base))
+    if not os.path.isdir(unet_dir) and joint.get("steps", 0):
+        what = outputs.LORA_FILE if joint.get("lora_rank", 0) else "unet/"
+        raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the UNet ({joint['steps']} joint "
+                              f"steps) but {what} is missing. Start the same train command again to finish it.")
+    if not os.path.isdir(unet_dir):
+        return bundle, None
+    try:
+        _, unet_params = adapter.load_flax_unet(unet_dir, dtype)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise JaxconceptError(f"cannot read the tuned UNet in {unet_dir!r} ({e}); the run folder is damaged: "
+                              "delete unet/ and start the same train command again to rewrite it.") from e
+    return bundle.replace(params={**bundle.params, "unet": unet_params}), None
 
 
 def with_tuned_text_encoder(run_dir: str, cfg: dict, bundle: ModelBundle) -> ModelBundle:
