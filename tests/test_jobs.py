@@ -150,3 +150,22 @@ def test_job_arguments_of_the_command_line(scenes, tmp_path):
                            str(tmp_path / "r"), "--job", f"{a}:<x>", "--concepts", f"{b}:<y>"],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2 and "not both" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_batched_jobs_tune_their_own_lora_adapters_on_the_shared_unet(scenes, tmp_path, tiny):
+    """joint.lora_rank in batched jobs: one frozen UNet for all, each job its own adapters, equal to the adapters
+    of the job run alone."""
+    from jaxconcept.runio import outputs
+
+    cfg = _cfg()
+    cfg.joint.lora_rank, cfg.joint.lr = 2, 1e-4
+    out = tmp_path / "many"
+    jobs.learn_many(cfg, [(_spec(f, s),) for f, s in scenes], str(out), bundle=tiny, progress=False)
+    alone_dir = tmp_path / "alone"
+    learner.learn(cfg, [_spec(scenes[1][0], None)], str(alone_dir), bundle=tiny, progress=False, mesh=_one_device())
+    adapters = [outputs.load_lora(str(d / outputs.LORA_FILE), tiny.params["unet"])[0]
+                for d in (out / "job_00", out / "job_01", alone_dir)]
+    assert not (out / "job_01" / "unet").exists()
+    b_leaves = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)]) for a in adapters]
+    assert np.abs(b_leaves[1] - b_leaves[0]).max() > 1e-6  # each job learned its own
+    np.testing.assert_allclose(b_leaves[1], b_leaves[2], rtol=1e-3, atol=1e-6)

@@ -37,6 +37,13 @@ VARIANTS = {
     "jlr1e-5_prior": {"joint.lr": 1e-5, "prior": True},
     "lr3e-2": {"tokens.lr": 3e-2},
     "area_margin1": {"tokens.loss_per_area": True, "tokens.loss_margin": 1},
+    # issue 29: the joint stage on LoRA adapters (the recipe's other settings: vectors 0, see config.py)
+    "lora4_lr1e-3": {"joint.lora_rank": 4, "joint.lora_alpha": 4.0, "joint.lr": 1e-3},
+    "lora4_lr3e-4": {"joint.lora_rank": 4, "joint.lora_alpha": 4.0, "joint.lr": 3e-4},
+    "lora16_lr1e-3": {"joint.lora_rank": 16, "joint.lora_alpha": 16.0, "joint.lr": 1e-3},
+    # issue 27, leakage: DreamBooth's prior preservation on the recipe (class images: base-model samples of the
+    # objects' words together)
+    "recipe_prior": {"prior": True},
 }
 
 def scene_of(tag):

@@ -4,7 +4,7 @@
                         result fields of the config) and whether the run finished
     .lock               held by the process that runs (pid, host); a stale one (its process is gone) is taken
     config.json, images/, metrics.jsonl, masks/round_NN/, masks/final/, overlays/, masks_evolution.png,
-    concepts.safetensors, unet/ (joint tuning), text_encoder/ (joint.text_encoder), summary.json
+    concepts.safetensors, unet/ (joint tuning) or lora.safetensors (joint.lora_rank), text_encoder/ (joint.text_encoder), summary.json
 
 Starting on a folder whose fingerprint differs is refused before anything is written. On a resume the
 metrics past the checkpoint are dropped, so no entry is written twice. Only process 0 writes these
