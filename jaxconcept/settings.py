@@ -1,8 +1,10 @@
 """The learner's config, checked once at the boundary and frozen.
 
-`resolve(cfg)` takes the ml_collections config (defaults in `config.py`, overrides from the command
-line or a notebook) and returns a `Settings`: frozen dataclasses that the rest of the learner reads.
-Every value check lives here (`RULES`), and all run before any model is loaded: an unknown field (with
+Every config field is declared once here, in the dataclasses below: its default, its check and what it
+means; the ml_collections config (`default_config()`, which `config.get_config()` returns) and the checks
+(`RULES`) are derived from them. `resolve(cfg)` takes that config (with overrides from the command line or
+a notebook) and returns a `Settings`: the frozen dataclasses that the rest of the learner reads. All checks
+run before any model is loaded: an unknown field (with
 the nearest known name), a wrong type, or a value out of range is a `ConfigError` naming the field, the
 value and what is allowed. The command line prints it and exits 2.
 
@@ -29,140 +31,24 @@ RESIZE_MODES = ("crop", "pad")
 DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
 REMATS = ("none", "full", "dots")
+LORA_TARGETS = ("attention", "ff", "proj")  # groups of a transformer block's layers (model/lora.py's GROUPS)
+
+
+def lora_targets(text) -> tuple[str, ...]:
+    """"attention+ff" -> ("attention", "ff"); unknown or no names raise ValueError."""
+    names = tuple(t.strip() for t in str(text).replace(",", "+").split("+") if t.strip())
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"unknown LoRA target {', '.join(unknown) or repr(text)}; use one or more of "
+                         f"{', '.join(LORA_TARGETS)} joined by '+'")
+    return names
 
 
 class ConfigError(JaxconceptError):
     """A config field that is unknown, of the wrong type, or out of range."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Init:
-    method: str
-    inversion_steps: int
-    inversion_lr: float
-
-    @property
-    def steps(self) -> int:
-        """Unmasked inversion steps before the EM rounds (0 unless method is 'inversion')."""
-        return self.inversion_steps if self.method == "inversion" else 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Masks:
-    num_timesteps: int
-    resolutions: tuple[int, ...]
-    background_level: float
-    crf: bool
-    crf_min_iou: float
-    crf_backend: str
-    crf_size: str | int  # "image", "latent" or pixels per side
-    mask_prior: float  # EM settling: maps blended with the last round's masks (settle.damp_maps)
-    crf_hysteresis: bool  # EM settling: a CRF refinement close to the last round's mask stays accepted
-    same_noise: bool  # EM settling: every E-step draws the same timesteps and noise (only the rows differ)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tokens:
-    steps: int
-    estep_every: int
-    lr: float
-    attn_weight: float
-    attn_resolution: int
-    loss_margin: int
-    loss_per_area: bool
-    vectors: int
-    batch_size: int
-    clip: float
-    weight_decay: float
-
-    @property
-    def rounds(self) -> int:
-        return -(-self.steps // self.estep_every)
-
-    def round_steps(self, r: int) -> int:
-        """Token steps of EM round r (0-based): estep_every, the last one what is left."""
-        return min(self.estep_every, self.steps - r * self.estep_every)
-
-
-@dataclasses.dataclass(frozen=True)
-class Joint:
-    steps: int
-    lr: float
-    text_encoder: bool
-    remat: str
-    optimizer: str
-    checkpoint_every: int  # joint steps between checkpoints; 0 = only at the end
-    clip: float  # global gradient-norm clip of the joint optimiser
-    weight_decay: float
-    lora_rank: int  # 0: the whole UNet is tuned; r > 0: low-rank adapters on a frozen UNet (model/lora.py)
-    lora_alpha: float  # the adapters' output is scaled by lora_alpha / lora_rank
-    lora_targets: str  # "attention", optionally "+ff" and "+proj"
-
-    @property
-    def lora(self):
-        """The adapters' spec, or None when the whole UNet is tuned."""
-        from .model import lora
-
-        return lora.LoraSpec(self.lora_rank, self.lora_alpha, lora.parse_targets(self.lora_targets)) \
-            if self.lora_rank else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Devices:
-    """The device mesh's settings (config group `mesh`)."""
-
-    fsdp: int
-    shard_frozen: bool
-    fsdp_min_size: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Prior:
-    folder: str
-    prompt: str
-    weight: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    model: str
-    dtype: str
-    seed: int
-    mode: str
-    images: tuple
-    resolution: int
-    resize: str  # "crop" | "pad"
-    template: str
-    joiner: str
-    flip_prob: float
-    log_every: int
-    init: Init
-    masks: Masks
-    tokens: Tokens
-    joint: Joint
-    mesh: Devices
-    prior: Prior
-    config_json: str  # the config as given (config.json of the run)
-
-    @property
-    def total_steps(self) -> int:
-        return self.init.steps + self.tokens.steps + self.joint.steps
-
-    def result_fields(self) -> dict:
-        """The fields that decide a run's results (a run folder's fingerprint): all but logging, devices and
-        checkpoint spacing."""
-        out = json.loads(self.config_json)
-        for name in ("log_every", "mesh", "images"):
-            out.pop(name, None)
-        joint = out.get("joint", {})
-        joint.pop("checkpoint_every", None)
-        if not joint.get("lora_rank"):  # the adapters' settings decide nothing then (runs made before them match)
-            for name in ("lora_rank", "lora_alpha", "lora_targets"):
-                joint.pop(name, None)
-        return out
-
-
-# ------------------------------------------------------------------------------------------ rules
+# ------------------------------------------------------------------------------------------ value checks
 
 def _integer(lo: int | None = None):
     def check(v):
@@ -226,12 +112,10 @@ def _crf_size(v):
 
 
 def _lora_targets(v):
-    from .model import lora
-
     try:
-        lora.parse_targets(v)
+        lora_targets(v)
     except ValueError:
-        return f"one or more of {', '.join(lora.GROUPS)} joined by '+', e.g. 'attention+ff'"
+        return f"one or more of {', '.join(LORA_TARGETS)} joined by '+', e.g. 'attention+ff'"
 
 
 def _images(v):
@@ -244,60 +128,189 @@ def _model(v):
         return "'toy', 'tiny', a diffusers folder or a hub id"
 
 
+
+# ------------------------------------------------------------------------------------------ the fields
+# Each config field is declared once, below: its default, its check and what it means. `default_config()` (the
+# ml_collections config of `python -m jaxconcept.train`, `config.get_config()`) and `RULES` are derived from
+# these declarations; measurements behind the defaults are in docs/config_notes.md.
+
+
+def field(default, rule: Callable[[Any], str | None], *, factory=None):
+    """A config field: its default (or a factory for a mutable one) and the check of its values."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"rule": rule})
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """Stage 1: tokens from their init words (random without one), or a short unmasked inversion after that."""
+
+    method: str = field("words", _choice(INIT_METHODS))
+    inversion_steps: int = field(100, _integer(0))
+    inversion_lr: float = field(5e-3, _number(0.0, above=True))
+
+    @property
+    def steps(self) -> int:
+        """Unmasked inversion steps before the EM rounds (0 unless method is 'inversion')."""
+        return self.inversion_steps if self.method == "inversion" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Masks:
+    """The E-step: cross-attention over random timesteps, labels against a background level, a DenseCRF, clean-up;
+    EM settling across rounds (masks/settle.py)."""
+
+    num_timesteps: int = field(50, _integer(1))
+    resolutions: tuple[int, ...] = field((16, 8), _resolutions)  # query-grid heights averaged (SD: latent/4, /2)
+    background_level: float = field(0.55, _number(0.0, 1.0))
+    crf: bool = field(True, _boolean)
+    crf_min_iou: float = field(0.5, _number(0.0, 1.0))  # a CRF result further than this from its input is rejected
+    crf_backend: str = field("host", _choice(CRF_BACKENDS))  # "host": pydensecrf; "device": exact CRF in JAX
+    crf_size: str | int = field("image", _crf_size)  # the device CRF's grid: "image", "latent" or pixels per side
+    mask_prior: float = field(0.0, _number(0.0, 1.0))  # maps blended with the last round's masks
+    crf_hysteresis: bool = field(True, _boolean)  # a CRF result close to the last round's mask stays accepted
+    same_noise: bool = field(True, _boolean)  # every E-step draws the same timesteps and noise
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+    """Stage 2: token optimisation with L_mask + attn_weight * L_attn, masks re-estimated every estep_every."""
+
+    steps: int = field(400, _integer(0))
+    estep_every: int = field(50, _integer(1))
+    lr: float = field(1e-2, _number(0.0, above=True))  # the toy model's; SD presets: Break-a-Scene's 5e-4
+    attn_weight: float = field(0.3, _number(0.0))  # the toy model's; SD presets: 0.01
+    attn_resolution: int = field(16, _integer(1))  # query-grid height of the layers the attention loss reads
+    loss_margin: int = field(0, _integer(0))  # latent cells the masked loss reaches past the masks
+    loss_per_area: bool = field(False, _boolean)  # L_mask averaged over the masked cells only
+    vectors: int = field(0, _integer(0))  # per concept; 0 = one per init word ("purple+ring": two)
+    batch_size: int = field(1, _integer(1))
+    clip: float = field(1.0, _number(0.0, above=True))  # global gradient-norm clip
+    weight_decay: float = field(1e-2, _number(0.0))
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.steps // self.estep_every)
+
+    def round_steps(self, r: int) -> int:
+        """Token steps of EM round r (0-based): estep_every, the last one what is left."""
+        return min(self.estep_every, self.steps - r * self.estep_every)
+
+
+@dataclasses.dataclass(frozen=True)
+class Joint:
+    """Stage 3: tokens and UNet (or its LoRA adapters; the text encoder optionally) with the masks fixed."""
+
+    steps: int = field(400, _integer(0))
+    lr: float = field(3e-5, _number(0.0, above=True))  # the toy model's; SD presets: 1e-4 (LoRA)
+    text_encoder: bool = field(False, _boolean)
+    remat: str = field("none", _choice(REMATS))  # "full" recomputes the UNet's activations, "dots" keeps matmuls
+    optimizer: str = field("adamw", _choice(OPTIMIZERS))  # or low-memory "adamw_bf16" / "adafactor"
+    checkpoint_every: int = field(100, _integer(0))  # joint steps between checkpoints; 0 = only at the end
+    clip: float = field(1.0, _number(0.0, above=True))  # global gradient-norm clip of the joint optimiser
+    weight_decay: float = field(1e-2, _number(0.0))
+    lora_rank: int = field(0, _integer(0))  # 0: the whole UNet is tuned; r > 0: LoRA adapters (model/lora.py)
+    lora_alpha: float = field(4.0, _number(0.0, above=True))  # the adapters' output is scaled by alpha / rank
+    lora_targets: str = field("attention", _lora_targets)  # "attention" (q, k, v, out), "+ff", "+proj"
+
+    @property
+    def lora(self):
+        """The adapters' spec, or None when the whole UNet is tuned."""
+        from .model import lora
+
+        return lora.LoraSpec(self.lora_rank, self.lora_alpha, lora_targets(self.lora_targets)) \
+            if self.lora_rank else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    """The device mesh (config group `mesh`): (data, fsdp) over all devices; fsdp > 1 splits the joint stage's
+    UNet, gradients and optimiser state over groups of fsdp devices (the frozen UNet too with shard_frozen)."""
+
+    fsdp: int = field(1, _integer(1))
+    shard_frozen: bool = field(False, _boolean)
+    fsdp_min_size: int = field(2 ** 14, _integer(0))  # arrays smaller than this stay replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior:
+    """Optional prior preservation: a folder of class images and their prompt."""
+
+    folder: str = field("", _text)
+    prompt: str = field("a photo at the beach", _text)
+    weight: float = field(1.0, _number(0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model: str = field("toy", _model)  # "toy", "tiny", a diffusers folder or a hub id
+    dtype: str = field("float32", _choice(DTYPES))
+    seed: int = field(0, _integer())
+    mode: str = field("em", _choice(MODES))  # "em" re-estimates the masks, "attention" keeps stage 1's, "user"
+    # images and their concepts: [{"path", "concepts": [{"token", "init_word", "kind", "mask"}]}]; empty = the
+    # bundled toy scene (or what --concepts names)
+    images: tuple = field(None, _images, factory=list)
+    resolution: int = field(0, _integer(0))  # images are centre-cropped and resized to this; 0 = the model's own
+    resize: str = field("crop", _choice(RESIZE_MODES))  # "pad" keeps the whole image (the padding in no mask)
+    template: str = field("a {}", _template)  # prompts: template.format(joiner.join(tokens))
+    joiner: str = field(" and a ", _text)
+    flip_prob: float = field(0.5, _number(0.0, 1.0))
+    log_every: int = field(10, _integer(1))
+    init: Init = dataclasses.field(default_factory=Init)
+    masks: Masks = dataclasses.field(default_factory=Masks)
+    tokens: Tokens = dataclasses.field(default_factory=Tokens)
+    joint: Joint = dataclasses.field(default_factory=Joint)
+    mesh: Devices = dataclasses.field(default_factory=Devices)
+    prior: Prior = dataclasses.field(default_factory=Prior)
+    config_json: str = ""  # the config as given (config.json of the run); not a config field
+
+    @property
+    def total_steps(self) -> int:
+        return self.init.steps + self.tokens.steps + self.joint.steps
+
+    def result_fields(self) -> dict:
+        """The fields that decide a run's results (a run folder's fingerprint): all but logging, devices and
+        checkpoint spacing."""
+        out = json.loads(self.config_json)
+        for name in ("log_every", "mesh", "images"):
+            out.pop(name, None)
+        joint = out.get("joint", {})
+        joint.pop("checkpoint_every", None)
+        if not joint.get("lora_rank"):  # the adapters' settings decide nothing then (runs made before them match)
+            for name in ("lora_rank", "lora_alpha", "lora_targets"):
+                joint.pop(name, None)
+        return out
+
+
+GROUP_CLASSES = {f.name: f.default_factory for f in dataclasses.fields(Settings) if f.name in
+                 ("init", "masks", "tokens", "joint", "mesh", "prior")}
+
+
+def _declared(cls, prefix: str = "") -> dict:
+    """{field name: dataclasses.Field} of the config fields of `cls` (a group's, or the top level's)."""
+    return {f"{prefix}{f.name}": f for f in dataclasses.fields(cls) if "rule" in f.metadata}
+
+
 RULES: dict[str, Callable[[Any], str | None]] = {
-    "model": _model,
-    "dtype": _choice(DTYPES),
-    "seed": _integer(),
-    "mode": _choice(MODES),
-    "images": _images,
-    "resolution": _integer(0),
-    "resize": _choice(RESIZE_MODES),
-    "template": _template,
-    "joiner": _text,
-    "flip_prob": _number(0.0, 1.0),
-    "log_every": _integer(1),
-    "init.method": _choice(INIT_METHODS),
-    "init.inversion_steps": _integer(0),
-    "init.inversion_lr": _number(0.0, above=True),
-    "masks.num_timesteps": _integer(1),
-    "masks.resolutions": _resolutions,
-    "masks.background_level": _number(0.0, 1.0),
-    "masks.crf": _boolean,
-    "masks.crf_min_iou": _number(0.0, 1.0),
-    "masks.crf_backend": _choice(CRF_BACKENDS),
-    "masks.crf_size": _crf_size,
-    "masks.mask_prior": _number(0.0, 1.0),
-    "masks.crf_hysteresis": _boolean,
-    "masks.same_noise": _boolean,
-    "tokens.steps": _integer(0),
-    "tokens.estep_every": _integer(1),
-    "tokens.lr": _number(0.0, above=True),
-    "tokens.attn_weight": _number(0.0),
-    "tokens.attn_resolution": _integer(1),
-    "tokens.loss_margin": _integer(0),
-    "tokens.loss_per_area": _boolean,
-    "tokens.vectors": _integer(0),
-    "tokens.batch_size": _integer(1),
-    "tokens.clip": _number(0.0, above=True),
-    "tokens.weight_decay": _number(0.0),
-    "joint.steps": _integer(0),
-    "joint.lr": _number(0.0, above=True),
-    "joint.text_encoder": _boolean,
-    "joint.remat": _choice(REMATS),
-    "joint.optimizer": _choice(OPTIMIZERS),
-    "joint.checkpoint_every": _integer(0),
-    "joint.clip": _number(0.0, above=True),
-    "joint.weight_decay": _number(0.0),
-    "joint.lora_rank": _integer(0),
-    "joint.lora_alpha": _number(0.0, above=True),
-    "joint.lora_targets": _lora_targets,
-    "mesh.fsdp": _integer(1),
-    "mesh.shard_frozen": _boolean,
-    "mesh.fsdp_min_size": _integer(0),
-    "prior.folder": _text,
-    "prior.prompt": _text,
-    "prior.weight": _number(0.0),
-}
+    name: f.metadata["rule"] for name, f in
+    [*_declared(Settings).items(), *(x for g, cls in GROUP_CLASSES.items() for x in _declared(cls, g + ".").items())]}
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def default_config():
+    """The learner's default ml_collections config, built from the declarations above."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict({name: _default(f) for name, f in _declared(Settings).items()})
+    for group, cls in GROUP_CLASSES.items():
+        c[group] = ml_collections.ConfigDict({f.name: _default(f) for f in _declared(cls).values()})
+    return c
+
+
 GROUPS = sorted({k.split(".")[0] for k in RULES if "." in k})
 
 
@@ -358,10 +371,8 @@ def resolve(cfg) -> Settings:
     flat["masks.resolutions"] = tuple(flat["masks.resolutions"])
     size = flat["masks.crf_size"]
     flat["masks.crf_size"] = int(size) if isinstance(size, str) and size.strip().isdigit() else size
-    top = {f.name: flat[f.name] for f in dataclasses.fields(Settings)
-           if f.name in flat}
+    top = {name: flat[name] for name in _declared(Settings)}
     top["images"] = tuple(top["images"])
     text = cfg.to_json(indent=2) if hasattr(cfg, "to_json") else json.dumps(cfg, indent=2)
-    return Settings(**top, init=_group(Init, flat, "init"), masks=_group(Masks, flat, "masks"),
-                    tokens=_group(Tokens, flat, "tokens"), joint=_group(Joint, flat, "joint"),
-                    mesh=_group(Devices, flat, "mesh"), prior=_group(Prior, flat, "prior"), config_json=text)
+    groups = {group: _group(cls, flat, group) for group, cls in GROUP_CLASSES.items()}
+    return Settings(**top, **groups, config_json=text)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import adapter
+from .. import settings
 
 # target groups users name in joint.lora_targets ("attention+ff+proj"): the modules of every transformer block
 GROUPS = {
@@ -51,14 +52,8 @@ class LoraSpec:
         return float(self.alpha) / self.rank
 
 
-def parse_targets(text: str) -> tuple[str, ...]:
-    """"attention+ff" -> ("attention", "ff"); unknown names raise ValueError."""
-    names = tuple(t.strip() for t in str(text).replace(",", "+").split("+") if t.strip())
-    unknown = [t for t in names if t not in GROUPS]
-    if unknown or not names:
-        raise ValueError(f"unknown LoRA target {', '.join(unknown) or repr(text)}; use one or more of "
-                         f"{', '.join(GROUPS)} joined by '+'")
-    return names
+parse_targets = settings.lora_targets  # "attention+ff" -> ("attention", "ff")
+assert tuple(GROUPS) == settings.LORA_TARGETS
 
 
 def _is_target(path: tuple[str, ...], targets) -> bool:
