@@ -33,11 +33,19 @@ def test_every_step_timed_by_both_with_consistent_ratios(result):
         assert _positive(row["ours_ms"]) and _positive(row["torch_ms"]), name
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["ours_ms"], rel=1e-9), name
         assert len(row["ours_all_ms"] or [0, 0]) == 2
+        if name not in ("e_crf", "e_step"):  # timed in alternation: paired ratios, round by round
+            ratios = [t / o for o, t in zip(row["ours_all_ms"], row["torch_all_ms"])]
+            assert min(ratios) - 1e-3 <= row["speedup_paired"] <= max(ratios) + 1e-3, name
+            assert row["speedup_p25"] <= row["speedup_paired"] <= row["speedup_p75"], name
+            assert row["ours_p25_ms"] <= row["ours_ms"] <= row["ours_p75_ms"], name
+    lora_row = result["steps"]["joint_lora"]
+    assert lora_row["speedup_vs_torch_full_joint"] == pytest.approx(
+        result["steps"]["joint"]["torch_ms"] / lora_row["ours_ms"], rel=1e-9)
     rows = result["steps"]
     assert rows["e_step"]["ours_ms"] == pytest.approx(rows["e_attn"]["ours_ms"] + rows["e_crf"]["ours_ms"])
     assert rows["e_step"]["torch_ms"] == pytest.approx(rows["e_attn"]["torch_ms"] + rows["e_crf"]["ours_ms"])
     assert rows["e_crf"]["torch_ms"] == rows["e_crf"]["ours_ms"]  # shared host code, counted once
-    for name in ("token", "joint", "e_attn", "sample"):
+    for name in ("token", "joint", "joint_lora", "e_attn", "sample"):
         assert _positive(rows[name]["ours_compile_s"]) and _positive(rows[name]["flops_xla"]), name
     share = result["estep_share"]
     t, e = rows["token"], rows["e_step"]
@@ -53,6 +61,7 @@ def test_torch_reference_token_step_moves_only_the_concept_rows(result):
     assert check["changed_rows"] == sorted(concepts)  # AdamW touched every row; the others were restored
     assert all(math.isfinite(x) and x > 0 for x in check["losses"])
     assert all(math.isfinite(x) and x > 0 for x in check["joint_losses"])
+    assert all(math.isfinite(x) and x > 0 for x in check["joint_lora_losses"])  # peft adapters trained
     # the raw gradient reaches the prompt's rows (words, start/end tokens) and the drawn concepts' rows
     assert any(g > 0 for g in check["concept_grad_norm"])
     assert set(check["grad_rows_nonzero"]) - set(concepts), "no gradient on the prompt's other tokens"

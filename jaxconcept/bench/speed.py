@@ -10,12 +10,18 @@
     OMP_WAIT_POLICY=PASSIVE python -m jaxconcept.bench.speed --config sd15 --resolution 256 --iters 2 \
         --timesteps 2 --sample-steps 2 --steps token,estep,sample
 
-Timed, after compile / warm-up, as the median of --iters calls (`block_until_ready` for ours, a device
-synchronisation and `torch.no_grad` where the reference does no training):
+Timed after compile / warm-up, ours and the reference's calls in alternation (one of each per round, the
+order reversed every other round, --iters rounds), so a change in the machine's load falls on both alike:
+the median of each, its 25-75% range, and the speed-up as the ratio of the medians with the 25-75% range of
+the per-round ratios (`block_until_ready` for ours, a device synchronisation and `torch.no_grad` where the
+reference does no training). Both implementations' models are held at once, one step group at a time:
   token    one token step: concept rows trainable, UNet and text encoder frozen; L_mask + 0.01 L_attn with
            the cross-attention captured at the 16x16-equivalent layers (SD 1.5 at 512 px: down_blocks.2 and
            up_blocks.1), global-norm clip 1.0, AdamW 5e-4 (`steps.make_train_step`).
   joint    one joint step: concept rows and UNet trainable, AdamW 2e-6.
+  joint_lora  one LoRA joint step: concept rows and rank-4 adapters on the attention projections trainable,
+           the UNet frozen, AdamW 1e-4 (the SD presets' joint stage); the reference trains peft adapters on the
+           same layers. Also reported against the reference's full joint step (what Break-a-Scene runs).
   e_attn   the E-step's attention pass (`steps.make_concept_maps`, T timesteps in one batch, maps upsampled
            to image size and brought to the host), per image.
   e_crf    the E-step's host side (`estep.assign_masks`: labels, multi-label DenseCRF, clean-up); one
@@ -50,13 +56,17 @@ compare numbers from the same run only.
 
 from __future__ import annotations
 
+import os
+
+# jax and torch share one accelerator here: jax must not take 75% of its memory up front
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import argparse
 import dataclasses
 import gc
 import importlib
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -73,7 +83,7 @@ from ..em import steps
 from ..em.prepare import prepare
 from ..em.stages import latent_masks
 from ..masks import estep, labels as masks_lib
-from ..model import capture, loading as model, sampling, tokens
+from ..model import capture, loading as model, lora, sampling, tokens
 from ..parallel import sharding
 from ..runio import images, inputs
 from ..errors import JaxconceptError
@@ -137,12 +147,17 @@ CONFIGS: dict[str, BenchConfig] = {
                         estep_factors=(4, 2), estep_timesteps=50),
 }
 
-STEPS = ("token", "joint", "e_attn", "e_crf", "e_step", "sample")
-GROUPS = ("token", "joint", "estep", "sample")  # what --steps selects (estep: e_attn, e_crf, e_step)
-LABELS = {"token": "token step", "joint": "joint step", "e_attn": "E-step attention (T={T})",
-          "e_crf": "E-step CRF ({C}, shared)", "e_step": "E-step total", "sample": "sample ({S} DDIM steps, CFG)"}
+STEPS = ("token", "joint", "joint_lora", "e_attn", "e_crf", "e_step", "sample")
+# what --steps selects (estep: e_attn, e_crf, e_step), in the order they run: the LoRA joint step last, since the
+# reference adds peft adapters to its UNet for it
+GROUPS = ("token", "estep", "sample", "joint", "joint_lora")
+LABELS = {"token": "token step", "joint": "joint step", "joint_lora": "joint step, LoRA r{R}",
+          "e_attn": "E-step attention (T={T})", "e_crf": "E-step CRF ({C}, shared)", "e_step": "E-step total",
+          "sample": "sample ({S} DDIM steps, CFG)"}
 ESTEP_EVERY = 50
 TOKEN_LR, JOINT_LR, CLIP, WEIGHT_DECAY, ATTN_WEIGHT, GUIDANCE = 5e-4, 2e-6, 1.0, 1e-2, 0.01, 7.5
+LORA_RANK, LORA_ALPHA, LORA_LR = 4, 4.0, 1e-4  # the SD presets' LoRA joint stage
+STAGE_LR = {"token": TOKEN_LR, "joint": JOINT_LR, "joint_lora": LORA_LR}
 BACKGROUND_LEVEL = 0.55
 # docs/method.md §7, SD 1.5 at 512 px, batch 1 (TFLOP)
 SD15_TFLOP = {"unet_forward": 0.80, "unet_fwd_bwd_all": 2.39, "unet_fwd_bwd_text": 1.67, "sample_50": 82.0}
@@ -269,6 +284,46 @@ def time_calls(call: Callable[[], Any], iters: int, warmup: int = 1) -> dict:
     return {"ms": median_ms(times), "all_ms": [round(1000 * s, 3) for s in times], "first_call_s": round(first, 3)}
 
 
+def _spread(values: list[float]) -> tuple[float, float]:
+    """(25th, 75th) percentiles."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], iters: int, warmup: int = 1) -> dict:
+    """Wall times of each implementation's `call()`, taken in alternation: after their first calls (compile /
+    warm-up) and `warmup - 1` more, `iters` rounds each time every call once, the order reversed every other
+    round, so that a change in the machine's load falls on all of them alike. Per name: the median, all
+    times, the 25th-75th percentile range and the first call; with two names, the paired ratios (second over
+    first, round by round) as `ratio` median and range."""
+    names = list(calls)
+    first = {}
+    for name in names:
+        t0 = time.perf_counter()
+        calls[name]()
+        first[name] = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        for name in names:
+            calls[name]()
+    times = {name: [] for name in names}
+    for r in range(iters):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name in names:
+        lo, hi = _spread(times[name])
+        out[name] = {"ms": median_ms(times[name]), "all_ms": [round(1000 * x, 3) for x in times[name]],
+                     "p25_ms": round(1000 * lo, 3), "p75_ms": round(1000 * hi, 3),
+                     "first_call_s": round(first[name], 3)}
+    if len(names) == 2:
+        ratios = [b / a for a, b in zip(times[names[0]], times[names[1]])]
+        lo, hi = _spread(ratios)
+        out["ratio"] = {"median": statistics.median(ratios), "p25": lo, "p75": hi}
+    return out
+
+
 def phase(msg: str) -> None:
     print(f"[speed {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -299,16 +354,22 @@ def _block(tree):
     return jax.block_until_ready(tree)
 
 
-def bench_ours_train(setup, work: Workload, mesh, stage: str, iters: int, warmup: int, seed: int) -> dict:
-    """Token or joint step: compile time, XLA FLOPs, times, and the losses seen."""
+def ours_train_call(setup, work: Workload, mesh, stage: str, seed: int) -> tuple[Callable[[], None], dict]:
+    """(call, info) of a token, joint or LoRA joint step (`steps.make_train_step`), compiled: one call runs one
+    step and waits for it; info holds the compile time, XLA's FLOPs and the losses seen."""
     b = setup.bundle
-    loss_cfg = steps.LossConfig(batch_size=work.batch, attn_weight=ATTN_WEIGHT, attn_resolution=work.attn_grid)
-    opt = steps.make_optimizer(TOKEN_LR if stage == "token" else JOINT_LR, CLIP, WEIGHT_DECAY)
+    lora_scale = LORA_ALPHA / LORA_RANK if stage == "joint_lora" else 0.0
+    loss_cfg = steps.LossConfig(batch_size=work.batch, attn_weight=ATTN_WEIGHT, attn_resolution=work.attn_grid,
+                                lora_scale=lora_scale)
+    opt = steps.make_optimizer(STAGE_LR[stage], CLIP, WEIGHT_DECAY)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
     rows = jnp.asarray(setup.concepts.init_rows)
     frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
     if stage == "token":
         trainable = {"rows": rows}
+    elif stage == "joint_lora":  # adapters on the frozen UNet (model/lora.py)
+        spec = lora.LoraSpec(LORA_RANK, LORA_ALPHA)
+        trainable = {"rows": rows, "lora": lora.init(jax.random.key(seed), b.params["unet"], spec)}
     else:  # fresh buffers: the step donates its state
         trainable = jax.tree.map(jnp.copy, {"rows": rows, "unet": b.params["unet"]})
         frozen = {"text_encoder": frozen["text_encoder"]}
@@ -323,14 +384,12 @@ def bench_ours_train(setup, work: Workload, mesh, stage: str, iters: int, warmup
         cell[0], metrics = compiled(cell[0], frozen, run_data, masks_lat, key)
         losses.append(_block(metrics)["loss"])
 
-    out = time_calls(call, iters, warmup)
-    del cell[0]
-    return dict(out, compile_s=round(compile_s, 3), flops_xla=flops, losses=[float(x) for x in losses])
+    return call, {"compile_s": round(compile_s, 3), "flops_xla": flops, "losses": losses}
 
 
-def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed: int,
-                     crf: str = "host") -> tuple[dict, dict, np.ndarray]:
-    """(attention pass, CRF, soft maps at image size): the E-step of one image as `estep.estimate_masks`."""
+def ours_estep_call(setup, work: Workload, mesh, seed: int) -> tuple[Callable[[], None], dict, list]:
+    """(call, info, soft): the E-step's attention pass of one image as `estep.estimate_masks` runs it (maps
+    upsampled to image size, brought to the host); soft[0] holds the last soft maps, for the CRF."""
     b = setup.bundle
     selector = capture.LayerSelector(resolutions=work.estep_grids)
     maps_fn = steps.make_concept_maps(b, setup.concepts.ids, selector, work.timesteps, setup.latent_hw, mesh)
@@ -343,12 +402,10 @@ def bench_ours_estep(setup, work: Workload, mesh, iters: int, warmup: int, seed:
     upsample = jax.jit(lambda m: masks_lib.upsample_maps(m, size))
     soft = [None]
 
-    def attention():
+    def call():
         soft[0] = np.asarray(upsample(compiled(*args)))
 
-    attn = dict(time_calls(attention, iters, warmup), compile_s=round(compile_s, 3), flops_xla=flops)
-    crf_out = bench_crf(soft[0], work, iters, crf, setup.latent_hw)
-    return attn, crf_out, soft[0]
+    return call, {"compile_s": round(compile_s, 3), "flops_xla": flops}, soft
 
 
 CRF_CHOICES = ("host", "device-latent")
@@ -368,7 +425,7 @@ def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "ho
     return dict(out, crf_seconds_inside=info.get("crf_seconds"))
 
 
-def bench_ours_sample(setup, work: Workload, mesh, iters: int, warmup: int, seed: int) -> dict:
+def ours_sample_call(setup, work: Workload, mesh, seed: int) -> tuple[Callable[[], None], dict]:
     b = setup.bundle
     sampler = sampling.make_batch_sampler(b, "ddim", work.sample_steps, mesh, setup.concepts.ids)
     ids = jnp.asarray(work.sample_ids_2xT)
@@ -377,8 +434,8 @@ def bench_ours_sample(setup, work: Workload, mesh, iters: int, warmup: int, seed
     args = (place(b.params), place(jnp.asarray(setup.concepts.init_rows)), noise, ids[1:], ids[:1],
             place(jnp.float32(GUIDANCE)))
     compiled, compile_s, flops = compile_timed(sampler, *args)
-    out = time_calls(lambda: _block(compiled(*args)), iters, warmup)
-    return dict(out, compile_s=round(compile_s, 3), flops_xla=sample_flops_xla(b, work, flops))
+    return (lambda: _block(compiled(*args))), {"compile_s": round(compile_s, 3),
+                                                "flops_xla": sample_flops_xla(b, work, flops)}
 
 
 def sample_flops_xla(bundle, work: Workload, sampler_flops: float | None) -> float | None:
@@ -396,27 +453,6 @@ def sample_flops_xla(bundle, work: Workload, sampler_flops: float | None) -> flo
     if per_eval is None:
         return None
     return sampler_flops + (work.sample_steps - 1) * per_eval
-
-
-def run_ours(setup, work: Workload, groups, iters: int, warmup: int, seed: int, crf: str = "host") -> dict:
-    """Our programs of the chosen step groups, one after the other (each freed before the next)."""
-    mesh = sharding.make_mesh(jax.devices()[:1])  # one device: the reference runs on one too
-    res = {}
-    for stage in ("token", "joint"):
-        if stage in groups:
-            phase(f"ours: {stage} step (compiling; batch {work.batch}, attention loss at grid {work.attn_grid})")
-            res[stage] = bench_ours_train(setup, work, mesh, stage, iters, warmup, seed)
-            phase(f"ours: {stage} step {res[stage]['ms']:.2f} ms (compile {res[stage]['compile_s']:.1f} s)")
-            gc.collect()
-    if "estep" in groups:
-        phase(f"ours: E-step attention pass (compiling; T={work.timesteps}, grids {work.estep_grids}) and CRF")
-        res["e_attn"], res["e_crf"], _ = bench_ours_estep(setup, work, mesh, iters, warmup, seed, crf)
-        phase(f"ours: E-step attention {res['e_attn']['ms']:.2f} ms, CRF {res['e_crf']['ms']:.2f} ms")
-    if "sample" in groups:
-        phase(f"ours: sample (compiling; {work.sample_steps} DDIM steps)")
-        res["sample"] = bench_ours_sample(setup, work, mesh, iters, warmup, seed)
-        phase(f"ours: sample {res['sample']['ms']:.2f} ms (compile {res['sample']['compile_s']:.1f} s)")
-    return res
 
 
 # ------------------------------------------------------------------------------------------ PyTorch reference
@@ -564,7 +600,8 @@ def torch_concept_loss(tm: TorchModels, store: list, batch: dict, grid: int):
 
 def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int):
     """(step(), record): a Break-a-Scene step. The whole token table requires grad and sits in AdamW; the
-    non-concept rows are written back after each step. Joint: the UNet's parameters join the optimizer."""
+    non-concept rows are written back after each step. Joint: the UNet's parameters join the optimizer;
+    joint_lora: peft LoRA adapters (rank LORA_RANK on the attention projections) do instead."""
     import torch
 
     emb = tm.text.get_input_embeddings().weight
@@ -574,8 +611,16 @@ def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int
         tm.unet.requires_grad_(True)
         tm.unet.train()
         params += [p for p in tm.unet.parameters()]
-    opt = torch.optim.AdamW(params, lr=TOKEN_LR if stage == "token" else JOINT_LR, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=WEIGHT_DECAY)
+    elif stage == "joint_lora":  # peft adapters on the frozen UNet, as diffusers' LoRA DreamBooth trains them
+        from peft import LoraConfig
+
+        tm.unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, init_lora_weights="gaussian",
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        tm.unet.train()
+        params += [p for name, p in tm.unet.named_parameters() if "lora" in name]
+        for p in params[1:]:
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=STAGE_LR[stage], betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY)
     keep = torch.ones(emb.shape[0], dtype=torch.bool, device=tm.device)
     keep[list(work.concept_ids)] = False
     original = emb.detach().clone()
@@ -602,8 +647,10 @@ def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int
 
 
 def torch_release_training(tm: TorchModels, work: Workload) -> None:
-    """Frozen again, the token table restored (the next phase starts from the same model)."""
+    """Frozen again, any LoRA adapter removed (the next phase starts from the same model)."""
     tm.text.get_input_embeddings().weight.requires_grad_(False)
+    if getattr(tm.unet, "peft_config", None):
+        tm.unet.delete_adapters(list(tm.unet.peft_config))
     tm.unet.requires_grad_(False)
     tm.unet.eval()
     for p in list(tm.unet.parameters()) + list(tm.text.parameters()):
@@ -611,16 +658,21 @@ def torch_release_training(tm: TorchModels, work: Workload) -> None:
     gc.collect()
 
 
-def bench_torch_train(tm: TorchModels, work: Workload, stage: str, iters: int, warmup: int, seed: int) -> dict:
+def torch_train_call(tm: TorchModels, work: Workload, stage: str, seed: int):
+    """(step, finish): one reference train step per call; finish() releases the training state and returns what
+    the step did (losses, the rows it changed, the rows its gradient reached)."""
     step, record = make_torch_train_step(tm, work, stage, seed)
-    out = time_calls(step, iters, warmup)
-    table_after = tm.text.get_input_embeddings().weight.detach().cpu().numpy()
-    changed = np.flatnonzero(np.any(table_after != record["table_before"], axis=1))
-    out.update(losses=[float(x) for x in record["losses"]], changed_rows=[int(i) for i in changed],
-               grad_rows_nonzero=[int(i) for i in np.flatnonzero(record["grad_rows"] > 0)],
-               concept_grad_norm=[float(record["grad_rows"][i]) for i in work.concept_ids])
-    torch_release_training(tm, work)
-    return out
+
+    def finish() -> dict:
+        table_after = tm.text.get_input_embeddings().weight.detach().cpu().numpy()
+        changed = np.flatnonzero(np.any(table_after != record["table_before"], axis=1))
+        out = {"losses": [float(x) for x in record["losses"]], "changed_rows": [int(i) for i in changed],
+               "grad_rows_nonzero": [int(i) for i in np.flatnonzero(record["grad_rows"] > 0)],
+               "concept_grad_norm": [float(record["grad_rows"][i]) for i in work.concept_ids]}
+        torch_release_training(tm, work)
+        return out
+
+    return step, finish
 
 
 def torch_concept_maps(tm: TorchModels, work: Workload, store: list, generator):
@@ -658,7 +710,7 @@ def torch_concept_maps(tm: TorchModels, work: Workload, store: list, generator):
     return (soft - lo) / (hi - lo + 1e-8)
 
 
-def bench_torch_estep(tm: TorchModels, work: Workload, iters: int, warmup: int, seed: int) -> dict:
+def torch_estep_call(tm: TorchModels, work: Workload, seed: int) -> Callable[[], None]:
     import torch
     import torch.nn.functional as F
 
@@ -671,10 +723,10 @@ def bench_torch_estep(tm: TorchModels, work: Workload, iters: int, warmup: int, 
         soft = torch_concept_maps(tm, work, store, gen)
         np.asarray(F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0].clamp(min=0).cpu())
 
-    return time_calls(call, iters, warmup)
+    return call
 
 
-def bench_torch_sample(tm: TorchModels, work: Workload, iters: int, warmup: int, seed: int) -> dict:
+def torch_sample_call(tm: TorchModels, work: Workload, seed: int) -> Callable[[], None]:
     """Guided DDIM: text encoding of cond + uncond, `sample_steps` UNet calls on a batch of 2, VAE decode."""
     import torch
     from diffusers import DDIMScheduler
@@ -700,38 +752,80 @@ def bench_torch_sample(tm: TorchModels, work: Workload, iters: int, warmup: int,
             image = tm.vae.decode(latents / scale).sample.clamp(-1, 1)
         np.asarray(image.float().cpu())
 
-    return time_calls(call, iters, warmup)
+    return call
 
 
-def run_torch(work: Workload, groups, dtype: str, iters: int, warmup: int, seed: int,
-              threads: int = 0) -> tuple[dict, dict]:
-    """The PyTorch reference of the chosen step groups."""
+def torch_setup(work: Workload, dtype: str, seed: int, threads: int = 0) -> tuple[TorchModels, dict]:
+    """The reference's models and what describes its run (device, threads, autocast)."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     phase("torch: building the reference models")
     tm = torch_build(work, dtype, seed)
-    res = {}
-    for stage in ("token", "joint"):
-        if stage in groups:
-            phase(f"torch: {stage} step")
-            res[stage] = bench_torch_train(tm, work, stage, iters, warmup, seed)
-            phase(f"torch: {stage} step {res[stage]['ms']:.2f} ms")
-    if "estep" in groups:
-        phase(f"torch: E-step attention pass (T={work.timesteps})")
-        res["e_attn"] = bench_torch_estep(tm, work, iters, warmup, seed)
-        phase(f"torch: E-step attention {res['e_attn']['ms']:.2f} ms")
-    if "sample" in groups:
-        phase(f"torch: sample ({work.sample_steps} DDIM steps)")
-        res["sample"] = bench_torch_sample(tm, work, iters, warmup, seed)
-        phase(f"torch: sample {res['sample']['ms']:.2f} ms")
     info = {"device": str(tm.device), "threads": torch.get_num_threads(),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "device_name": torch.cuda.get_device_name(0) if tm.device.type == "cuda" else platform.processor(),
             "autocast": str(tm.autocast_dtype) if tm.autocast_dtype else None}
-    del tm
-    gc.collect()
-    return res, info
+    return tm, info
+
+
+# ------------------------------------------------------------------------------------------ both, interleaved
+
+
+def _timed(ours_call, torch_call, iters: int, warmup: int) -> dict:
+    calls = {"ours": ours_call, **({"torch": torch_call} if torch_call is not None else {})}
+    return time_interleaved(calls, iters, warmup)
+
+
+def _train_group(setup, work, mesh, tm, stage, iters, warmup, seed):
+    o_call, info = ours_train_call(setup, work, mesh, stage, seed)
+    t_call, finish = torch_train_call(tm, work, stage, seed) if tm is not None else (None, None)
+    timed = _timed(o_call, t_call, iters, warmup)
+    info["losses"] = [float(x) for x in info["losses"]]
+    ours = {stage: dict(timed["ours"], **info, pair_ratio=timed.get("ratio"))}
+    return ours, ({stage: dict(timed["torch"], **finish())} if tm is not None else {})
+
+
+def _estep_group(setup, work, mesh, tm, iters, warmup, seed, crf):
+    o_call, info, soft = ours_estep_call(setup, work, mesh, seed)
+    t_call = torch_estep_call(tm, work, seed) if tm is not None else None
+    timed = _timed(o_call, t_call, iters, warmup)
+    ours = {"e_attn": dict(timed["ours"], **info, pair_ratio=timed.get("ratio")),
+            "e_crf": bench_crf(soft[0], work, iters, crf, setup.latent_hw)}
+    return ours, ({"e_attn": timed["torch"]} if tm is not None else {})
+
+
+def _sample_group(setup, work, mesh, tm, iters, warmup, seed):
+    o_call, info = ours_sample_call(setup, work, mesh, seed)
+    t_call = torch_sample_call(tm, work, seed) if tm is not None else None
+    timed = _timed(o_call, t_call, iters, warmup)
+    ours = {"sample": dict(timed["ours"], **info, pair_ratio=timed.get("ratio"))}
+    return ours, ({"sample": timed["torch"]} if tm is not None else {})
+
+
+def run_steps(setup, work: Workload, groups, iters: int, warmup: int, seed: int, crf: str = "host",
+              tm: TorchModels | None = None) -> tuple[dict, dict | None]:
+    """(ours, reference): each step group timed with ours and the reference's calls in alternation
+    (`time_interleaved`), one group after the other, each freed before the next."""
+    mesh = sharding.make_mesh(jax.devices()[:1])  # one device: the reference runs on one too
+    ours, ref = {}, ({} if tm is not None else None)
+    for group in (g for g in GROUPS if g in groups):
+        phase(f"{group}: compiling ours, then timing ours{' and torch in alternation' if tm else ''} "
+              f"({iters} rounds)")
+        if group in ("token", "joint", "joint_lora"):
+            o, r = _train_group(setup, work, mesh, tm, group, iters, warmup, seed)
+        elif group == "estep":
+            o, r = _estep_group(setup, work, mesh, tm, iters, warmup, seed, crf)
+        else:
+            o, r = _sample_group(setup, work, mesh, tm, iters, warmup, seed)
+        ours.update(o)
+        if ref is not None:
+            ref.update(r)
+        for name in o:
+            theirs = f", torch {r[name]['ms']:.2f} ms" if name in r else ""
+            phase(f"{name}: ours {o[name]['ms']:.2f} ms{theirs}")
+        gc.collect()
+    return ours, ref
 
 
 # ------------------------------------------------------------------------------------------ FLOPs and report
@@ -747,6 +841,8 @@ def model_flops(work: Workload) -> dict:
     attn = work.timesteps * unet_fwd
     return {"token": SD15_TFLOP["unet_fwd_bwd_text"] * 1e12 * s * work.batch,
             "joint": SD15_TFLOP["unet_fwd_bwd_all"] * 1e12 * s * work.batch,
+            # the backward pass reaches the activations as the token step's does; the adapters' own are tiny
+            "joint_lora": SD15_TFLOP["unet_fwd_bwd_text"] * 1e12 * s * work.batch,
             "e_attn": attn, "e_step": attn,
             "sample": work.sample_steps * 2 * unet_fwd + decode}
 
@@ -786,11 +882,16 @@ def combine(ours: dict, ref: dict | None, work: Workload, peak: dict) -> dict:
         o = ours[name]
         row = {"ours_ms": o["ms"], "ours_all_ms": o.get("all_ms"), "ours_compile_s": o.get("compile_s"),
                "ours_first_call_s": o.get("first_call_s"), "flops_xla": o.get("flops_xla"),
-               "flops_model": flops_model.get(name)}
+               "flops_model": flops_model.get(name), "ours_p25_ms": o.get("p25_ms"), "ours_p75_ms": o.get("p75_ms")}
         if ref is not None:
             r = ref[name]
             row.update(torch_ms=r["ms"], torch_all_ms=r.get("all_ms"), torch_first_call_s=r.get("first_call_s"),
-                       speedup=r["ms"] / o["ms"])
+                       torch_p25_ms=r.get("p25_ms"), torch_p75_ms=r.get("p75_ms"), speedup=r["ms"] / o["ms"])
+            if o.get("pair_ratio"):  # torch / ours, round by round
+                p = o["pair_ratio"]
+                row.update(speedup_paired=p["median"], speedup_p25=p["p25"], speedup_p75=p["p75"])
+            if name == "joint_lora" and "joint" in ref:  # against Break-a-Scene's full joint step
+                row["speedup_vs_torch_full_joint"] = ref["joint"]["ms"] / o["ms"]
             if name == "e_crf":
                 row["shared"] = True
         for src in ("xla", "model"):
@@ -827,18 +928,24 @@ def format_tables(result: dict) -> str:
     """The printed report: times and speed-ups, the E-step share, FLOPs and throughput."""
     work, rows = result["config"], result["steps"]
     has_torch = result["device"]["torch"] is not None
-    labels = {k: v.format(T=work["estep_timesteps"], S=work["sample_steps"], C=work.get("crf", "host"))
+    labels = {k: v.format(T=work["estep_timesteps"], S=work["sample_steps"], C=work.get("crf", "host"), R=LORA_RANK)
               for k, v in LABELS.items()}
     w = max(len(v) for v in labels.values())
     lines = [f"{'step':<{w}} | {'ours (ms)':>11} | {'torch (ms)':>11} | {'speed-up (torch/ours)':>21} | "
-             f"{'ours compile (s)':>16} | {'torch 1st call (s)':>18}"]
+             f"{'paired, 25-75%':>16} | {'ours compile (s)':>16} | {'torch 1st call (s)':>18}"]
     lines.append("-" * len(lines[0]))
     for k in (n for n in STEPS if n in rows):
         r = rows[k]
         sp = _f(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else "")
+        paired = (f"{r['speedup_p25']:.2f}-{r['speedup_p75']:.2f}x" if r.get("speedup_p25") else "-")
         lines.append(f"{labels[k]:<{w}} | {_f(r['ours_ms']):>11} | {_f(r.get('torch_ms')):>11} | {sp:>21} | "
-                     f"{_f(r.get('ours_compile_s'), '.1f'):>16} | "
+                     f"{paired:>16} | {_f(r.get('ours_compile_s'), '.1f'):>16} | "
                      f"{_f(None if r.get('shared') else r.get('torch_first_call_s'), '.1f'):>18}")
+    if rows.get("joint_lora", {}).get("speedup_vs_torch_full_joint"):
+        lines.append(f"LoRA joint step against the reference's full joint step (Break-a-Scene): "
+                     f"{rows['joint_lora']['speedup_vs_torch_full_joint']:.2f}x")
+    lines.append("ours and torch timed in alternation, round by round; speed-up: ratio of the medians; paired: "
+                 "the 25th-75th percentiles of the per-round ratios")
     share = result["estep_share"]
     if share:
         every = ESTEP_EVERY
@@ -852,7 +959,7 @@ def format_tables(result: dict) -> str:
     if peak_key:
         head += f" | {'ours % ' + peak_key + ' peak':>24} | {'torch % ' + peak_key + ' peak':>25}"
     lines += ["", head, "-" * len(head)]
-    for k in (n for n in ("token", "joint", "e_attn", "sample") if n in rows):
+    for k in (n for n in ("token", "joint", "joint_lora", "e_attn", "sample") if n in rows):
         r = rows[k]
         line = (f"{labels[k]:<{w}} | {_pair(r, '', 1e-9, '.1f'):>21} | {_pair(r, 'ours_tflops'):>21} | "
                 f"{_pair(r, 'torch_tflops'):>22}")
@@ -930,7 +1037,8 @@ def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: 
     check = None
     if ref is not None and "token" in ref:
         check = {k: ref["token"][k] for k in ("losses", "changed_rows", "grad_rows_nonzero", "concept_grad_norm")}
-        check.update(concept_ids=list(work.concept_ids), joint_losses=ref.get("joint", {}).get("losses"))
+        check.update(concept_ids=list(work.concept_ids), joint_losses=ref.get("joint", {}).get("losses"),
+                     joint_lora_losses=ref.get("joint_lora", {}).get("losses"))
     bench = work.bench
     return {
         "device": {"platform": device.platform, "kind": device.device_kind, "jax_devices_used": 1,
@@ -951,7 +1059,7 @@ def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: 
     }
 
 
-def run(config_name: str = "tiny", iters: int = 10, batch: int = 1, dtype: str = "float32", out: str = "runs/speed",
+def run(config_name: str = "tiny", iters: int = 20, batch: int = 1, dtype: str = "float32", out: str = "runs/speed",
         skip_torch: bool = False, resolution: int = 0, timesteps: int = 0, sample_steps: int = 50, warmup: int = 1,
         seed: int = 0, torch_threads: int = 0, groups=GROUPS, crf: str = "host") -> dict:
     """Run the benchmark, print the tables, write OUT/speed.json; returns what it wrote."""
@@ -970,11 +1078,10 @@ def run(config_name: str = "tiny", iters: int = 10, batch: int = 1, dtype: str =
         phase("ours: building the model with random weights, encoding the image (VAE compile)")
         setup, work = prepare_ours(bench, resolution, model.as_dtype(dtype), batch,
                                    timesteps or bench.estep_timesteps, sample_steps, folder, seed)
-    ours = run_ours(setup, work, groups, iters, warmup, seed, crf)
-    del setup  # the reference gets the memory (sd15: the UNet alone is 3.4 GB in fp32)
+    tm, torch_info = torch_setup(work, dtype, seed, torch_threads) if use_torch else (None, None)
+    ours, ref = run_steps(setup, work, groups, iters, warmup, seed, crf, tm)
+    del setup, tm
     gc.collect()
-    jax.clear_caches()
-    ref, torch_info = run_torch(work, groups, dtype, iters, warmup, seed, torch_threads) if use_torch else (None, None)
     notes = run_notes(bench, work, dtype, skip_torch, use_torch, torch_info)
     result = assemble(work, dtype, iters, warmup, groups, ours, ref, torch_info, notes, crf)
     with open(os.path.join(out, "speed.json"), "w") as f:
@@ -998,7 +1105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxconcept.bench.speed", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    p.add_argument("--iters", type=int, default=10, help="timed calls per step (median reported)")
+    p.add_argument("--iters", type=int, default=20,
+                   help="timed rounds per step, ours and torch in alternation (medians and 25-75%% ranges reported)")
     p.add_argument("--batch", type=int, default=1, help="instance batch of the token and joint steps")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="runs/speed")
