@@ -482,10 +482,14 @@ def flax_pipeline_index() -> dict:
     """`model_index.json` for diffusers' FlaxStableDiffusionPipeline.from_pretrained (no safety checker).
 
     The pipeline only samples with DDIM, PNDM, LMS or DPM-Solver, so the index names DDIM; it reads the
-    folder's schedule (betas, prediction type) from scheduler_config.json, which keeps the training class."""
+    folder's schedule (betas, prediction type) from scheduler_config.json, which keeps the training class.
+
+    The absent safety checker and feature extractor are listed as (library, null): diffusers' Flax loader drops
+    a [null, null] entry and then fails ("expected ... but only ... were passed") unless the caller passes
+    safety_checker=None, feature_extractor=None; a known library with a null class loads as None by itself."""
     return {
         "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-        "feature_extractor": [None, None], "safety_checker": [None, None],
+        "feature_extractor": ["transformers", None], "safety_checker": ["stable_diffusion", None],
         "scheduler": ["diffusers", "FlaxDDIMScheduler"], "text_encoder": ["transformers", "FlaxCLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "FlaxUNet2DConditionModel"],
         "vae": ["diffusers", "FlaxAutoencoderKL"],

@@ -19,6 +19,20 @@ from . import adapter, capture, diffusion, tokens
 from .loading import ModelBundle
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def _noise_program(key, p_B, k_B, shape):
+    one = lambda p, k: jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, p), k), shape)  # noqa: E731
+    return jax.vmap(one)(p_B, k_B)
+
+
+def initial_noise_for(seed: int, p_B, k_B, shape_Zxhxw) -> jnp.ndarray:
+    """B x Z x h x w starting noise of images (p_B[i], k_B[i]): entry i depends only on (seed, p, k), so an
+    image gets the same noise whatever batch it is made in. One vectorised program per batch (no Python loop
+    over images): a batch's noise is ready at once, whatever the number of images."""
+    p_B, k_B = jnp.asarray(p_B, jnp.uint32), jnp.asarray(k_B, jnp.uint32)
+    return _noise_program(jax.random.key(seed), p_B, k_B, tuple(int(d) for d in shape_Zxhxw))
+
+
 def guided_sample(eps_fn, scheduler, sched_state, noise_BxZxhxw, cond_BxTxD, uncond_BxTxD,
                   num_steps: int, guidance):
     """Latents after `num_steps` scheduler steps from `noise`; eps = uncond + g (cond - uncond).
