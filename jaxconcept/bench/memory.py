@@ -146,7 +146,9 @@ DEFAULT_PRESETS = ("sd15", "sd21_base", "sd21")
 
 # ------------------------------------------------------------------------------------------ options
 
-# named option sets: config overrides (the joint stage's; "dtype" changes every program)
+# named option sets: config overrides on BASE_OPTIONS (the joint stage's; "dtype" changes every program). Every
+# set names what it measures whatever the preset's defaults (the SD presets tune LoRA rank 4 by default)
+BASE_OPTIONS = {"dtype": "float32", "joint.optimizer": "adamw", "joint.remat": "none", "joint.lora_rank": 0}
 OPTIONS: dict[str, dict] = {
     "fp32": {},  # float32 params, the whole UNet tuned with AdamW (float32 moments), no remat
     "bf16": {"dtype": "bfloat16"},
@@ -163,6 +165,11 @@ OPTIONS: dict[str, dict] = {
 }
 PROGRAMS = ("token", "estep", "joint")
 STEP_OPTIONS = ("fp32", "bf16")  # the token step and the E-step depend on the dtype only
+
+
+def option_overrides(name: str) -> dict:
+    """The config overrides of an option set: BASE_OPTIONS with the set's changes."""
+    return {**BASE_OPTIONS, **OPTIONS[name]}
 
 
 def program_options(program: str, names) -> list[str]:
@@ -265,7 +272,7 @@ class Setup:
 
 
 def make_setup(preset: Preset, option: str, target: Target) -> Setup:
-    s = preset.settings(OPTIONS[option])
+    s = preset.settings(option_overrides(option))
     dtype = model.as_dtype(s.dtype)
     base = preset.base_vocab()
     concept_ids = tuple(range(base, base + NUM_CONCEPTS))
@@ -426,7 +433,8 @@ def compile_entry(st: Setup, program: str, option: str, target: Target, fp: str,
     unread = max(0, trees["input_bytes"] - figures["argument_bytes"]) if target.chips == 1 else None
     return {
         "id": entry_id(p.name, program, option, target.name), "preset": p.name, "program": program,
-        "options": option, "option_settings": OPTIONS[option], "target": target.name, "device_kind": target.kind,
+        "options": option, "option_settings": option_overrides(option), "target": target.name,
+        "device_kind": target.kind,
         "chips": target.chips, "resolution": p.resolution(s), "latent": st.latent_hw[0],
         "batch": s.tokens.batch_size, "fingerprint": fp, **target.versions, **figures, **trees,
         "unread_bytes": unread, "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
@@ -548,7 +556,8 @@ def _option_text(name: str) -> str:
     o = OPTIONS.get(name)
     if o is None:
         return name
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()) or "float32, AdamW, whole UNet, no remat"
+    return (", ".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()) + " (otherwise as `fp32`)" if o
+            else "float32 params, the whole UNet tuned (lora_rank=0), AdamW with float32 moments, no remat")
 
 
 def render_markdown(results: dict, out_json: str) -> str:
