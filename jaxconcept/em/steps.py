@@ -103,18 +103,9 @@ def step_model(bundle: ModelBundle) -> StepModel:
                      bundle.prediction_type, tuple(alphas.tolist()), str(alphas.dtype))
 
 
-class Bound:
-    """A jitted function with its static arguments (the leading ones) bound: calls and `lower` take the
-    array arguments only. Equal static arguments give the same program, traced and compiled once."""
-
-    def __init__(self, jitted, *statics):
-        self.jitted, self.statics = jitted, statics
-
-    def __call__(self, *args):
-        return self.jitted(*self.statics, *args)
-
-    def lower(self, *args):
-        return self.jitted.lower(*self.statics, *args)
+class Bound(sharding.Bound):
+    """`sharding.Bound` (a jitted function with its statics bound) of a train step, whose stage's fixed arrays
+    the loop binds too."""
 
     def bind(self, frozen, run_data, key, *rest):
         """(state, masks) -> (state, metrics): a train step with a stage's fixed arrays bound, as the loop calls it

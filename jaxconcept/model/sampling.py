@@ -8,8 +8,10 @@ learned concept rows spliced in) inside the same compiled program, the batch spl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,16 +74,52 @@ def _images(nets, schedule, params, noise, cond, uncond, guidance):
     return jnp.clip(diffusion.decode_latents(vae, params["vae"], latents / latent_scale), -1, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleStatics:
+    """What a sampling program is specialised on (hashable: a static jit argument)."""
+
+    unet: Any
+    vae: Any
+    latent_scale: float
+    text_encoder: adapter.StaticModule
+    scheduler_config: str  # the model's scheduler config as sorted JSON
+    scheduler: str
+    num_steps: int
+    concept_ids: tuple[int, ...] | None = None  # the rows' vocabulary ids; None: a base model (rows ignored)
+
+    def schedule(self) -> tuple:
+        sched, sched_state = adapter.inference_scheduler(self.scheduler, json.loads(self.scheduler_config))
+        return sched, sched_state, self.num_steps
+
+    def nets(self) -> tuple:
+        return self.unet, self.vae, self.latent_scale
+
+
+def sample_statics(bundle: ModelBundle, scheduler: str, num_steps: int, concept_ids=None) -> SampleStatics:
+    sched_key = json.dumps(bundle.scheduler_config, sort_keys=True, default=str)
+    ids = None if concept_ids is None else tuple(int(i) for i in concept_ids)
+    return SampleStatics(bundle.unet, bundle.vae, bundle.latent_scale, adapter.StaticModule(bundle.text_encoder),
+                         sched_key, scheduler, num_steps, ids)
+
+
+def _sample_contexts(statics: SampleStatics, params, noise, cond, uncond, guidance):
+    return _images(statics.nets(), statics.schedule(), params, noise, cond, uncond, guidance)
+
+
 def make_sampler(bundle: ModelBundle, scheduler: str = "ddim", num_steps: int = 50, guidance: float = 7.5):
     """Jitted (params, noise, cond, uncond) -> images B x H x W x 3 in [-1, 1] (contexts given)."""
-    sched, sched_state = adapter.inference_scheduler(scheduler, bundle.scheduler_config)
+    bound = sharding.Bound(jax.jit(_sample_contexts, static_argnums=0), sample_statics(bundle, scheduler, num_steps))
+    return lambda params, noise, cond, uncond: bound(params, noise, cond, uncond, guidance)
 
-    @jax.jit
-    def sample(params, noise, cond, uncond):
-        return _images((bundle.unet, bundle.vae, bundle.latent_scale), (sched, sched_state, num_steps), params,
-                       noise, cond, uncond, guidance)
 
-    return sample
+def _sample_ids(statics: SampleStatics, params, rows_NxD, noise, cond_ids, uncond_ids, guidance):
+    encode = functools.partial(tokens.text_hidden_states, statics.text_encoder.module, params["text_encoder"])
+    if statics.concept_ids is None:
+        cond, uncond = encode(cond_ids), encode(uncond_ids)
+    else:
+        ids = jnp.asarray(statics.concept_ids, jnp.int32)
+        cond, uncond = encode(cond_ids, ids, rows_NxD), encode(uncond_ids, ids, rows_NxD)
+    return _images(statics.nets(), statics.schedule(), params, noise, cond, uncond, guidance)
 
 
 def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None):
@@ -89,29 +127,9 @@ def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh
 
     Params, the concept rows and guidance are replicated; noise, ids and images are split over the mesh's
     data axis (B must be a multiple of its size). `concept_ids` (static) are the rows' vocabulary ids;
-    None for a base model (rows ignored).
+    None for a base model (rows ignored). generate() called again (a notebook), or on another run of the same
+    model with the same settings (evaluate with several --run), reuses the compiled program.
     """
-    # cached: generate() called again (a notebook) or on another run of the same model with the same settings
-    # (evaluate with several --run) reuses the compiled program
-    sched_key = json.dumps(bundle.scheduler_config, sort_keys=True, default=str)
-    ids = None if concept_ids is None else tuple(int(i) for i in concept_ids)
-    text_encoder = adapter.StaticModule(bundle.text_encoder)
-    return _batch_program((bundle.unet, bundle.vae, bundle.latent_scale), text_encoder, sched_key, scheduler,
-                          num_steps, mesh, ids)
-
-
-@functools.lru_cache(maxsize=16)
-def _batch_program(nets, text_encoder, sched_key, scheduler, num_steps, mesh, concept_ids):
-    sched, sched_state = adapter.inference_scheduler(scheduler, json.loads(sched_key))
-    ids = None if concept_ids is None else jnp.asarray(concept_ids, jnp.int32)
-
-    def sample(params, rows_NxD, noise, cond_ids, uncond_ids, guidance):
-        encode = functools.partial(tokens.text_hidden_states, text_encoder.module, params["text_encoder"])
-        if ids is None:
-            cond, uncond = encode(cond_ids), encode(uncond_ids)
-        else:
-            cond, uncond = encode(cond_ids, ids, rows_NxD), encode(uncond_ids, ids, rows_NxD)
-        return _images(nets, (sched, sched_state, num_steps), params, noise, cond, uncond, guidance)
-
     rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(sample, in_shardings=(rep, rep, bat, bat, bat, rep), out_shardings=bat)
+    jitted = jax.jit(_sample_ids, static_argnums=0, in_shardings=(rep, rep, bat, bat, bat, rep), out_shardings=bat)
+    return sharding.Bound(jitted, sample_statics(bundle, scheduler, num_steps, concept_ids))
