@@ -50,12 +50,15 @@ class ConfigError(JaxconceptError):
 
 # ------------------------------------------------------------------------------------------ value checks
 
-def _integer(lo: int | None = None):
+def _integer(lo: int | None = None, hi: int | None = None):
+    def what():
+        return f"an integer in [{lo}, {hi}]" if hi is not None else "an integer" + ("" if lo is None else f" >= {lo}")
+
     def check(v):
         if isinstance(v, bool) or not isinstance(v, int):
-            return "an integer" + ("" if lo is None else f" >= {lo}")
-        if lo is not None and v < lo:
-            return f"an integer >= {lo}"
+            return what()
+        if lo is not None and v < lo or hi is not None and v > hi:
+            return what()
     return check
 
 
@@ -246,7 +249,7 @@ class Prior:
 class Settings:
     model: str = field("toy", _model)  # "toy", "tiny", a diffusers folder or a hub id
     dtype: str = field("float32", _choice(DTYPES))
-    seed: int = field(0, _integer())
+    seed: int = field(0, _integer(0, 2 ** 63 - 1))  # what JAX's keys (int64) and NumPy's generators (>= 0) take
     mode: str = field("em", _choice(MODES))  # "em" re-estimates the masks, "attention" keeps stage 1's, "user"
     # images and their concepts: [{"path", "concepts": [{"token", "init_word", "kind", "mask"}]}]; empty = the
     # bundled toy scene (or what --concepts names)

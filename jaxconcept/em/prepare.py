@@ -22,7 +22,7 @@ from ..model.loading import ModelBundle, load_model
 from .. import settings
 from ..settings import Settings
 
-PRIOR_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PRIOR_EXTENSIONS, prior_files = inputs.PRIOR_EXTENSIONS, inputs.prior_files  # the class images (runio/inputs.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,18 @@ class Setup:
 
 
 def check_inputs(specs) -> tuple:
-    """The specs validated, and their image and mask files present (no model needed)."""
+    """The specs validated, their image and mask files present, and no more concepts per image than the prompt
+    table can take (no model needed)."""
     specs = inputs.validate(specs)
     for spec in specs:
         for path in [spec.path] + [c.mask for c in spec.concepts if c.mask]:
+            what = "mask" if path != spec.path else "image"
+            if os.path.isdir(path):
+                raise inputs.InputError(f"{what} {path!r} is a folder, not an image file: give the {what} file itself "
+                                        f"(e.g. {os.path.join(path, 'image.png')!r}).")
             if not os.path.isfile(path):
-                raise inputs.InputError(f"{'mask' if path != spec.path else 'image'} {path!r} does not exist")
+                raise inputs.InputError(f"{what} {path!r} does not exist")
+        data.check_concepts_per_image(len(spec.concepts), f"image {spec.path!r}")
     return specs
 
 
@@ -103,16 +109,6 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
         run_data.update(prior_data(s, bundle))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
                  tuple(latents.shape[-2:]))
-
-
-def prior_files(folder: str) -> list[str]:
-    """The class images of prior preservation (refused when there are none)."""
-    files = (sorted(f for f in os.listdir(folder) if f.lower().endswith(PRIOR_EXTENSIONS))
-             if os.path.isdir(folder) else [])
-    if not files:
-        raise JaxconceptError(f"prior-preservation folder {folder!r} has no images ({', '.join(PRIOR_EXTENSIONS)}); "
-                              "fill it or set --config.prior.folder=''.")
-    return [os.path.join(folder, f) for f in files]
 
 
 def prior_data(s: Settings, bundle: ModelBundle) -> dict:
