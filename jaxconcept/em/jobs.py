@@ -99,7 +99,8 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
     keys = stage_keys(s.seed)
     per_job = lambda key: sharding.put(jnp.stack([key] * num_jobs), job_sh)  # noqa: E731  (each as run alone)
     maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
-                                       s.masks.num_timesteps, setups[0].latent_hw, mesh)
+                                       s.masks.num_timesteps, setups[0].latent_hw, mesh,
+                                       chunk=s.masks.timestep_chunk)
     opts = stage_optimizers(s)
     token_opt, joint_opt = opts["token"], opts["joint"]
     rows0 = [jnp.asarray(st.concepts.init_rows) for st in setups]

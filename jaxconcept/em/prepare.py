@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import tokens
+from ..model import adapter, tokens
 from ..runio import images, inputs
 from . import data
 from ..errors import JaxconceptError
@@ -87,6 +87,8 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     if s.resolution:  # too-small images refused before a possibly long model download
         inputs.check_sizes(specs, s.resolution, s.resize)
     bundle = bundle or load_model(s.model, s.dtype, seed=s.seed)
+    if s.memory_efficient_attention:
+        bundle = bundle.replace(unet=adapter.with_memory_efficient_attention(bundle.unet))
     size = image_size(s, bundle)
     crf_where(s, (size, size), (size // bundle.vae_factor,) * 2)  # a bad CRF size fails before any work
     loaded = inputs.load(specs, size, s.resize)  # crop | pad

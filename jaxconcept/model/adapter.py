@@ -220,6 +220,13 @@ def transformer_group_norm_pytorch_eps(module, hidden):
     return norm.apply({"params": module.variables["params"]}, hidden)
 
 
+def with_memory_efficient_attention(unet):
+    """The UNet computing attention in query/key chunks (diffusers' `use_memory_efficient_attention`): the same
+    values, without holding whole attention matrices. Captured cross-attention layers still form their
+    probabilities (Q x T: small); the self-attention layers, whose Q x Q matrices dominate memory, are chunked."""
+    return unet.clone(use_memory_efficient_attention=True)
+
+
 def attention_with_probs(module, hidden_BxQxF, context_BxTxD):
     """diffusers' FlaxAttention forward (non-chunked path) that also returns probs (B x heads x Q x T)."""
     heads, dim_head = module.heads, module.dim_head
