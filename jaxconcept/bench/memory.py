@@ -148,7 +148,8 @@ DEFAULT_PRESETS = ("sd15", "sd21_base", "sd21")
 
 # named option sets: config overrides on BASE_OPTIONS (the joint stage's; "dtype" changes every program). Every
 # set names what it measures whatever the preset's defaults (the SD presets tune LoRA rank 4 by default)
-BASE_OPTIONS = {"dtype": "float32", "joint.optimizer": "adamw", "joint.remat": "none", "joint.lora_rank": 0}
+BASE_OPTIONS = {"dtype": "float32", "joint.optimizer": "adamw", "joint.remat": "none", "joint.lora_rank": 0,
+                "memory_efficient_attention": False, "masks.timestep_chunk": 0}
 OPTIONS: dict[str, dict] = {
     "fp32": {},  # float32 params, the whole UNet tuned with AdamW (float32 moments), no remat
     "bf16": {"dtype": "bfloat16"},
@@ -162,9 +163,17 @@ OPTIONS: dict[str, dict] = {
     "lora16": {"joint.lora_rank": 16},
     "lora4_remat_full": {"joint.lora_rank": 4, "joint.remat": "full"},
     "bf16_lora4": {"dtype": "bfloat16", "joint.lora_rank": 4},
+    # memory-efficient (chunked) self-attention in every program; the E-step's timesteps 10 per UNet call
+    "mea": {"memory_efficient_attention": True},
+    "chunk10": {"masks.timestep_chunk": 10},
+    "mea_chunk10": {"memory_efficient_attention": True, "masks.timestep_chunk": 10},
+    "mea_lora4": {"memory_efficient_attention": True, "joint.lora_rank": 4},
+    "bf16_mea_chunk10": {"dtype": "bfloat16", "memory_efficient_attention": True, "masks.timestep_chunk": 10},
+    "bf16_mea_lora4": {"dtype": "bfloat16", "memory_efficient_attention": True, "joint.lora_rank": 4},
 }
 PROGRAMS = ("token", "estep", "joint")
-STEP_OPTIONS = ("fp32", "bf16")  # the token step and the E-step depend on the dtype only
+# the token step and the E-step depend on the dtype, the attention and (the E-step) the timestep chunk only
+STEP_OPTIONS = ("fp32", "bf16", "mea", "chunk10", "mea_chunk10", "bf16_mea_chunk10")
 
 
 def option_overrides(name: str) -> dict:
@@ -280,6 +289,8 @@ def make_setup(preset: Preset, option: str, target: Target) -> Setup:
                     eos_token_id=SD_VOCAB - 1, pad_token_id=SD_VOCAB - 1)
     text_encoder = adapter.text_encoder_from_config(text_cfg, dtype=dtype)
     unet = adapter.unet_from_config(preset.unet, dtype=dtype)
+    if s.memory_efficient_attention:  # as em/prepare.py does
+        unet = adapter.with_memory_efficient_attention(unet)
     sched_cfg = dict(model.SD_SCHEDULER, prediction_type=preset.prediction_type)
     scheduler, scheduler_state = adapter.ddpm_scheduler(sched_cfg)
     params = {"text_encoder": _cast(adapter.param_shapes(text_encoder), dtype),
@@ -316,14 +327,19 @@ def _frozen(st: Setup) -> tuple[dict, Any]:
 def program_statics(program: str, st: Setup) -> dict:
     """What the program is specialised on besides the shapes (part of the fingerprint), without tracing it."""
     s = st.settings
+    # options added later count only when set, so that the entries made before them keep their fingerprints
+    extra = {"memory_efficient_attention": True} if s.memory_efficient_attention else {}
     if program == "estep":
+        chunk = {"chunk": s.masks.timestep_chunk} if 0 < s.masks.timestep_chunk < s.masks.num_timesteps else {}
         return {"selector": repr(capture.LayerSelector(resolutions=s.masks.resolutions)),
-                "timesteps": s.masks.num_timesteps}
+                "timesteps": s.masks.num_timesteps, **chunk, **extra}
     if program == "token":
-        return {"loss": repr(stages.loss_config(s)), "optimizer": ["adamw", s.tokens.clip, s.tokens.weight_decay]}
+        return {"loss": repr(stages.loss_config(s)), "optimizer": ["adamw", s.tokens.clip, s.tokens.weight_decay],
+                **extra}
     if program == "joint":
         return {"loss": repr(stages.joint_loss_config(s)), "text_encoder": s.joint.text_encoder,
-                "optimizer": [s.joint.optimizer, s.joint.clip, s.joint.weight_decay], "lora": repr(s.joint.lora)}
+                "optimizer": [s.joint.optimizer, s.joint.clip, s.joint.weight_decay], "lora": repr(s.joint.lora),
+                **extra}
     raise JaxconceptError(f"unknown program {program!r}: use one of {', '.join(PROGRAMS)}")
 
 
@@ -337,7 +353,7 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
     if program == "estep":
         selector = capture.LayerSelector(resolutions=s.masks.resolutions)
         maps = steps.make_concept_maps(b, st.concept_ids, selector, s.masks.num_timesteps, st.latent_hw, st.mesh,
-                                       frozen_shardings=frozen_sh)
+                                       frozen_shardings=frozen_sh, chunk=s.masks.timestep_chunk)
         latents = st.run_data["latents"]  # one image's unflipped latents Z x h x w
         lowered = maps.jitted.lower(st.rows, frozen, _sds(latents.shape[2:], latents.dtype), st.ids_T,
                                     st.positions_C, st.key)
