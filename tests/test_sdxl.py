@@ -235,3 +235,50 @@ def test_show_attention_reads_sdxls_layers(tiny_sdxl):
     assert out["words"] == ["a", "red", "dog", "on", "the", "beach"]
     assert out["maps"].shape == (6, 8, 8) and len(out["layers"]) == 11  # the finest captured grid: 8x8
     assert not any(k.startswith(("down_blocks_0", "up_blocks_2")) for k in out["layers"])
+
+
+# ------------------------------------------------------------------------------------------ the learner
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory):
+    """One short EM run on tiny-sdxl (token stage with two E-steps, one joint step)."""
+    from jaxconcept import config
+    from jaxconcept.em import learner
+    from jaxconcept.parallel import sharding
+    from jaxconcept.runio import inputs
+    from jaxconcept.toy import scene
+
+    folder = tmp_path_factory.mktemp("scene")
+    scene.write_scene(scene.make_scene(340, 32, 2), str(folder))  # a red triangle and a purple dotted ring
+    spec = inputs.ImageSpec(str(folder / "image.png"), (
+        inputs.ConceptSpec("<tri>", "red", "object", None), inputs.ConceptSpec("<ring>", None, "object", None),
+        inputs.ConceptSpec("<bg>", "background", "background", None)))
+    cfg = config.get_config()
+    cfg.model = "tiny-sdxl"
+    cfg.tokens.steps, cfg.tokens.estep_every, cfg.joint.steps = 2, 1, 1
+    cfg.tokens.attn_resolution = 8  # tiny-sdxl's finest cross-attention grid (its 16x16 level has none)
+    cfg.masks.num_timesteps, cfg.log_every = 2, 1
+    out = tmp_path_factory.mktemp("sdxl") / "run"
+    summary = learner.learn(cfg, [spec], str(out), mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
+    return out, summary
+
+
+def test_learner_runs_end_to_end_on_tiny_sdxl(sdxl_run, tiny_sdxl):
+    from jaxconcept.runio import outputs
+
+    out, summary = sdxl_run
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    logged = [x for x in lines if "loss" in x]
+    assert {x["stage"] for x in logged} == {"token", "joint"} and all(np.isfinite(x["loss"]) for x in logged)
+    assert all(x["loss_attn"] > 0 for x in logged)  # the attention loss reads SDXL's 8x8 layers
+    assert [x["round"] for x in lines if "round" in x] == [0, 1, 2]
+    rows = outputs.load_concepts(str(out / "concepts.safetensors"))
+    assert sorted(rows) == ["<bg>", "<ring>", "<tri>"] and rows["<tri>"].shape == (96,)
+    table_1 = np.asarray(tokens.embedding_table(tiny_sdxl.params["text_encoder"]))
+    table_2 = np.asarray(tokens.embedding_table(tiny_sdxl.params["text_encoder_2"]))
+    red = tiny_sdxl.tokenizer("red", add_special_tokens=False).input_ids[0]
+    # both halves of the row started at "red" in their own table, and both moved
+    moved_1, moved_2 = (np.abs(rows["<tri>"][:32] - table_1[red]).max(), np.abs(rows["<tri>"][32:] - table_2[red]).max())
+    assert moved_1 > 1e-4 and moved_2 > 1e-4, (moved_1, moved_2)
+    assert (out / "unet" / "config.json").exists() and summary["rounds"] == 2
