@@ -44,8 +44,11 @@ def _pt_pipeline(pt):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     unet, vae, text, text_2, tok, tok_2 = pt
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
-                                     tokenizer_2=tok_2, unet=unet, scheduler=DDIMScheduler(**model.SD_SCHEDULER))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                     tokenizer_2=tok_2, unet=unet, scheduler=DDIMScheduler(**model.SD_SCHEDULER),
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def test_tiny_sdxl_has_sdxls_structure(tiny_sdxl):
@@ -237,6 +240,28 @@ def test_show_attention_reads_sdxls_layers(tiny_sdxl):
     assert not any(k.startswith(("down_blocks_0", "up_blocks_2")) for k in out["layers"])
 
 
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_generate_matches_the_pytorch_sdxl_pipeline(pair):
+    """Guided DDIM with SDXL's micro-conditioning and zero unconditional text (no negative prompt), decoded:
+    our generate against StableDiffusionXLPipeline from the same initial latents."""
+    from jaxconcept import generate
+    from jaxconcept.parallel import sharding
+
+    bundle, pt = pair
+    settings = generate.Settings(num_images=1, steps=3, guidance=5.0, seed=3, scheduler="ddim")
+    ours = generate.generate(bundle, PROMPTS, settings, mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
+    noise = generate.initial_noise(3, len(PROMPTS), 1, (4, 16, 16))[:, 0]
+    pipe = _pt_pipeline(pt)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
+                   latents=torch.from_numpy(np.array(noise)), output_type="np").images
+    diff = np.abs(ours[:, 0].astype(np.float64) / 255 - ref)
+    print(f"SDXL generate vs PyTorch pipeline: max |diff| {diff.max() * 255:.2f} / 255, mean {diff.mean() * 255:.3f}")
+    assert ours.shape == (2, 1, 32, 32, 3) and diff.max() <= 1.5 / 255
+
+
 # ------------------------------------------------------------------------------------------ the learner
 
 
@@ -282,3 +307,16 @@ def test_learner_runs_end_to_end_on_tiny_sdxl(sdxl_run, tiny_sdxl):
     moved_1, moved_2 = (np.abs(rows["<tri>"][:32] - table_1[red]).max(), np.abs(rows["<tri>"][32:] - table_2[red]).max())
     assert moved_1 > 1e-4 and moved_2 > 1e-4, (moved_1, moved_2)
     assert (out / "unet" / "config.json").exists() and summary["rounds"] == 2
+
+
+def test_a_learned_sdxl_run_loads_and_generates_with_its_tokens(sdxl_run):
+    from jaxconcept import generate
+    from jaxconcept.parallel import sharding
+    from jaxconcept.runio import runs
+
+    run = runs.load_run(str(sdxl_run[0]))
+    assert run.bundle.is_sdxl and run.rows_NxD.shape == (3, 96)
+    settings = generate.Settings(num_images=1, steps=2, guidance=5.0, seed=0)
+    pics = generate.generate(run, ["a photo of <tri> and <ring>"], settings,
+                             mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
+    assert pics.shape == (1, 1, 32, 32, 3) and pics.std() > 0

@@ -129,6 +129,13 @@ def encode(text, params: dict, ids_BxT, concept_ids_N=None, rows_NxD=None, time_
     return SDXLCondition(context, pooled, ids)
 
 
+def without_text(cond: SDXLCondition) -> SDXLCondition:
+    """The condition with zero text states and pooled embedding, its time ids kept: SDXL base's unconditional
+    branch when no negative prompt is given (its pipelines' `force_zeros_for_empty_prompt`)."""
+    return cond._replace(context_BxTxD=jnp.zeros_like(cond.context_BxTxD),
+                         text_embeds_BxP=jnp.zeros_like(cond.text_embeds_BxP))
+
+
 def unet_inputs(cond):
     """(context B x T x D, added_cond_kwargs or None): how diffusers' UNet takes a condition."""
     if isinstance(cond, SDXLCondition):

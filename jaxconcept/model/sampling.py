@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ..parallel import sharding
-from . import adapter, capture, diffusion, tokens
+from . import adapter, capture, conditioning, diffusion
 from .loading import ModelBundle
 
 
@@ -27,11 +27,12 @@ def guided_sample(eps_fn, scheduler, sched_state, noise_BxZxhxw, cond_BxTxD, unc
     config, reads it by its `prediction_type` (guidance is linear in either).
 
     The conditional and unconditional halves run as one batch of 2B through the UNet. `guidance` may be
-    a traced scalar (a sweep over guidance reuses one program).
+    a traced scalar (a sweep over guidance reuses one program). The conditions are text states or SDXL's
+    `SDXLCondition`s (pytrees: joined part by part).
     """
     state = scheduler.set_timesteps(sched_state, num_steps, noise_BxZxhxw.shape)
     latents = noise_BxZxhxw * state.init_noise_sigma
-    context_2BxTxD = jnp.concatenate([uncond_BxTxD, cond_BxTxD])
+    context_2BxTxD = conditioning.concatenate([uncond_BxTxD, cond_BxTxD])
     batch = noise_BxZxhxw.shape[0]
     # PNDM's PLMS warm-up evaluates the model once more than num_steps: loop over its own timestep list
     num_evals = state.timesteps.shape[0]
@@ -70,33 +71,40 @@ def make_sampler(bundle: ModelBundle, scheduler: str = "ddim", num_steps: int = 
     return sample
 
 
-def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None):
+def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None,
+                       zero_uncond: bool = False):
     """Jitted (params, rows_NxD, noise_BxZxhxw, cond_ids_BxT, uncond_ids_BxT, guidance) -> images B x H x W x 3.
 
     Params, the concept rows and guidance are replicated; noise, ids and images are split over the mesh's
     data axis (B must be a multiple of its size). `concept_ids` (static) are the rows' vocabulary ids;
-    None for a base model (rows ignored).
+    None for a base model (rows ignored). SDXL: the images' time ids are their size, uncropped (the pipeline's
+    defaults); `zero_uncond` makes the unconditional text states and pooled embedding zeros instead of the
+    encoded negative prompt (SDXL base's `force_zeros_for_empty_prompt`).
     """
     # cached: generate() called again (a notebook) or on another run of the same model with the same settings
     # (evaluate with several --run) reuses the compiled program
     sched_key = json.dumps(bundle.scheduler_config, sort_keys=True, default=str)
     ids = None if concept_ids is None else tuple(int(i) for i in concept_ids)
-    text_encoder = adapter.StaticModule(bundle.text_encoder)
-    return _batch_program((bundle.unet, bundle.vae, bundle.latent_scale), text_encoder, sched_key, scheduler,
-                          num_steps, mesh, ids)
+    text = adapter.StaticModule(conditioning.text_model(bundle))
+    time_ids = conditioning.image_time_ids(bundle)
+    time_ids = None if time_ids is None else tuple(float(v) for v in time_ids)
+    return _batch_program((bundle.unet, bundle.vae, bundle.latent_scale), text, sched_key, scheduler,
+                          num_steps, mesh, ids, (time_ids, bool(zero_uncond)))
 
 
 @functools.lru_cache(maxsize=16)
-def _batch_program(nets, text_encoder, sched_key, scheduler, num_steps, mesh, concept_ids):
+def _batch_program(nets, text, sched_key, scheduler, num_steps, mesh, concept_ids, sdxl_options):
     sched, sched_state = adapter.inference_scheduler(scheduler, json.loads(sched_key))
     ids = None if concept_ids is None else jnp.asarray(concept_ids, jnp.int32)
+    time_ids, zero_uncond = sdxl_options
 
     def sample(params, rows_NxD, noise, cond_ids, uncond_ids, guidance):
-        encode = functools.partial(tokens.text_hidden_states, text_encoder.module, params["text_encoder"])
-        if ids is None:
-            cond, uncond = encode(cond_ids), encode(uncond_ids)
-        else:
-            cond, uncond = encode(cond_ids, ids, rows_NxD), encode(uncond_ids, ids, rows_NxD)
+        rows = None if ids is None else rows_NxD
+        encode = functools.partial(conditioning.encode, text.module, params, concept_ids_N=ids, rows_NxD=rows,
+                                   time_ids_K=time_ids)
+        cond, uncond = encode(cond_ids), encode(uncond_ids)
+        if zero_uncond:
+            uncond = conditioning.without_text(uncond)
         return _images(nets, (sched, sched_state, num_steps), params, noise, cond, uncond, guidance)
 
     rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
