@@ -267,7 +267,8 @@ def test_generate_matches_the_pytorch_sdxl_pipeline(pair):
 
 @pytest.fixture(scope="module")
 def sdxl_run(tmp_path_factory):
-    """One short EM run on tiny-sdxl (token stage with two E-steps, one joint step)."""
+    """One short EM run on tiny-sdxl: the token stage with its E-steps (the joint stage's step differs from the token
+    stage's only by what is trained, and is tested on SD; compiling it here would add a minute)."""
     from jaxconcept import config
     from jaxconcept.em import learner
     from jaxconcept.parallel import sharding
@@ -281,7 +282,7 @@ def sdxl_run(tmp_path_factory):
         inputs.ConceptSpec("<bg>", "background", "background", None)))
     cfg = config.get_config()
     cfg.model = "tiny-sdxl"
-    cfg.tokens.steps, cfg.tokens.estep_every, cfg.joint.steps = 2, 1, 1
+    cfg.tokens.steps, cfg.tokens.estep_every, cfg.joint.steps = 2, 1, 0
     cfg.tokens.attn_resolution = 8  # tiny-sdxl's finest cross-attention grid (its 16x16 level has none)
     cfg.masks.num_timesteps, cfg.log_every = 2, 1
     out = tmp_path_factory.mktemp("sdxl") / "run"
@@ -295,7 +296,7 @@ def test_learner_runs_end_to_end_on_tiny_sdxl(sdxl_run, tiny_sdxl):
     out, summary = sdxl_run
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     logged = [x for x in lines if "loss" in x]
-    assert {x["stage"] for x in logged} == {"token", "joint"} and all(np.isfinite(x["loss"]) for x in logged)
+    assert {x["stage"] for x in logged} == {"token"} and all(np.isfinite(x["loss"]) for x in logged)
     assert all(x["loss_attn"] > 0 for x in logged)  # the attention loss reads SDXL's 8x8 layers
     assert [x["round"] for x in lines if "round" in x] == [0, 1, 2]
     rows = outputs.load_concepts(str(out / "concepts.safetensors"))
@@ -306,7 +307,7 @@ def test_learner_runs_end_to_end_on_tiny_sdxl(sdxl_run, tiny_sdxl):
     # both halves of the row started at "red" in their own table, and both moved
     moved_1, moved_2 = (np.abs(rows["<tri>"][:32] - table_1[red]).max(), np.abs(rows["<tri>"][32:] - table_2[red]).max())
     assert moved_1 > 1e-4 and moved_2 > 1e-4, (moved_1, moved_2)
-    assert (out / "unet" / "config.json").exists() and summary["rounds"] == 2
+    assert summary["rounds"] == 2 and (out / "masks" / "final").is_dir()
 
 
 def test_a_learned_sdxl_run_loads_and_generates_with_its_tokens(sdxl_run):
