@@ -195,8 +195,9 @@ def aggregate(rows: list[dict], prompts: list[dict]) -> dict:
     """Means over image-concept rows and prompts (None where a metric was not measured)."""
     get = lambda key: [r.get(key) for r in rows]  # noqa: E731
     multi = [r for r in rows if r["num_concepts"] > 1]
+    made = [f for p in prompts for f in p.get("files", ())]  # every image made, identical prompts included
     return {
-        "images": len({(r["run"], r["prompt"], r["sample"]) for r in rows}),
+        "images": len(made) if made else len({(r["run"], r["prompt"], r["sample"]) for r in rows}),
         "prompts": len(prompts),
         "clip_i": _mean(get("clip_i")), "clip_t": _mean(get("clip_t")),
         "diversity": _mean([p.get("diversity") for p in prompts]),
@@ -206,6 +207,20 @@ def aggregate(rows: list[dict], prompts: list[dict]) -> dict:
         "toy_found_multi": _mean([float(r["toy_found"]) for r in multi if r.get("toy_found") is not None]),
         "mask_iou": _mean(list({(r["run"], r["concept"]): r.get("mask_iou") for r in rows}.values())),
     }
+
+
+CLIP_METRICS = ("clip_i", "clip_t", "diversity", "presence_clip_multi")
+CLIP_HINT = "pass --clip with a hub id (e.g. --clip openai/clip-vit-base-patch32) or a local transformers CLIP folder"
+
+
+def not_measured(result: dict) -> dict:
+    """Metric -> why it is null, for the metrics a plain run leaves empty (CLIP's, without --clip)."""
+    out = {}
+    if result.get("clip") is None and any(not r.get("toy_analysis") for r in result["runs"].values()):
+        out.update({k: f"needs a CLIP model: {CLIP_HINT}" for k in CLIP_METRICS})
+    if result["overall"].get("mask_iou") is None:
+        out["mask_iou"] = "needs ground-truth masks, which only runs on rendered (toy) scenes have"
+    return out
 
 
 # figure name -> where `toy_judgement` keeps it (source, key): tokens, and their words-oracle twin
@@ -343,11 +358,13 @@ def evaluate(run_dirs, templates, out_dir: str, settings: generate.Settings, cli
         prompt_records += run_prompts
         per_run[run_dir] = {"summary": {**aggregate([r for r in rows if r["run"] == run_dir], run_prompts),
                                         **toy_figures([toy_result])},
-                            "references": refs, "mode": summary.get("mode"), "model": cfg["model"], "toy": toy_result}
+                            "references": refs, "mode": summary.get("mode"), "model": cfg["model"], "toy": toy_result,
+                            "toy_analysis": bool(run_toy)}
     overall = {**aggregate(rows, prompt_records), **toy_figures([r["toy"] for r in per_run.values()])}
     result = {"settings": dataclasses.asdict(settings), "templates": list(templates),
               "clip": getattr(clip, "source", None), "overall": overall, "runs": per_run,
               "prompts": prompt_records, "devices": jax.device_count()}
+    result["not_measured"] = not_measured(result)
     if not distributed.is_primary():
         return result
     outputs.write_json(os.path.join(out_dir, "results.json"), result)
@@ -501,11 +518,13 @@ def main(argv=None) -> int:
                 raise JaxconceptError(f"run folder {run_dir!r} does not exist: pass the --out folder of a "
                                       "'python -m jaxconcept.train' run.")
             run_concepts(run_dir)
+            runs.read_concepts(os.path.join(run_dir, "concepts.safetensors"))  # a damaged file: said at once
         if not templates:
             models = {runs.read_config(r)["model"] for r in args.run}
             templates = list(TOY_TEMPLATES if models == {"toy"} else SD_TEMPLATES)
         check_templates(templates)
         settings = sampling_settings(args)
+        generate.check_settings(settings)
         clip = None
         if args.clip:
             from .eval import metrics
@@ -519,12 +538,21 @@ def main(argv=None) -> int:
     if not distributed.is_primary():
         return 0
     o = result["overall"]
-    print(f"{o['images']} images, {o['prompts']} prompts, {len(args.run)} run(s) in {time.time() - t0:.0f} s on "
+    print(f"{o['images']} image{'s' if o['images'] != 1 else ''}, {o['prompts']} prompt"
+          f"{'s' if o['prompts'] != 1 else ''}, {len(args.run)} run(s) in {time.time() - t0:.0f} s on "
           f"{jax.device_count()} device(s)")
     print(f"sampling: {settings.scheduler}, {settings.steps} steps, guidance {settings.guidance}")
     for k, v in o.items():
         if v is not None and k not in ("images", "prompts"):
             print(f"  {k:<24} {v:.3f}")
+    missing = result["not_measured"]
+    clip_missing = [k for k in CLIP_METRICS if k in missing]
+    if clip_missing:
+        print(f"  not measured: {', '.join(clip_missing)}: they need a CLIP model; {CLIP_HINT}")
+    if "mask_iou" in missing:
+        print(f"  not measured: mask_iou ({missing['mask_iou']})")
+    if not any(v is not None for k, v in o.items() if k not in ("images", "prompts")):
+        print("  no metric was measured: results.json lists them as null")
     for run_dir, r in result["runs"].items():
         if r.get("toy"):
             from .toy import judge

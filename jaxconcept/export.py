@@ -24,7 +24,9 @@ one is run back through the forward rule our loader uses before anything is writ
 
 DIR must be empty or new; --overwrite replaces a non-empty DIR as a whole (the export is written into a
 temporary sibling and renamed into place, so DIR never mixes two exports and an interrupted export leaves it
-as it was).
+as it was). A DIR that is a link is followed: the folder it points to receives the export, the link stays.
+Exit codes: 2 for a mistake in the command or the run folder, 1 when writing fails (a full disk), 130 on Ctrl-C;
+in every case DIR is left as it was.
 """
 
 from __future__ import annotations
@@ -200,6 +202,7 @@ def check_run_folder(run_dir: str) -> dict:
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise ExportError(f"{run_dir!r} is not a finished run folder: {name} is missing. Finish the run "
                               "(start the same train command again to resume) and export again.")
+    runs.read_concepts(os.path.join(run_dir, "concepts.safetensors"))  # a damaged file: said before any loading
     unet_dir = os.path.join(run_dir, "unet")
     if os.path.isdir(unet_dir):
         lacking = [f for f in ("config.json", "diffusion_flax_model.msgpack")
@@ -219,7 +222,8 @@ def check_run_folder(run_dir: str) -> dict:
 
 
 def _check_out_dir(run_dir: str, out_dir: str, overwrite: bool) -> None:
-    """Refuse an --out that is the run folder, holds it, is a file, or (without `overwrite`) is not empty."""
+    """Refuse an --out that is the run folder, holds it, is a file, or (without `overwrite`) is not empty.
+    A link is followed: the export goes into the folder it points to (the link stays a link)."""
     run, out = os.path.realpath(run_dir), os.path.realpath(out_dir)
     if run == out:
         raise ExportError(f"--out {out_dir!r} is the run folder itself: its unet/ would be overwritten. "
@@ -227,40 +231,47 @@ def _check_out_dir(run_dir: str, out_dir: str, overwrite: bool) -> None:
     if os.path.commonpath([run, out]) == out:
         raise ExportError(f"--out {out_dir!r} holds the run folder {run_dir!r}: replacing it would delete the run. "
                           "Choose another folder.")
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out_dir!r} is a file, not a folder. Choose another path.")
-    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if entries and not overwrite:
         shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
         count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
         raise ExportError(f"--out {out_dir!r} is not empty ({count}: {shown}); nothing was written. "
                           "Choose a new folder, or pass --overwrite to replace its whole contents with this export.")
     try:
-        outputs.check_writable(os.path.dirname(os.path.abspath(out_dir)))
+        outputs.check_writable(os.path.dirname(out))
     except JaxconceptError as e:
         raise ExportError(str(e)) from e
 
 
-def _staging_dir(out_dir: str) -> str:
-    """An empty sibling of `out_dir` (same file system, so the final rename is atomic)."""
+def staging_dir(out_dir: str, kind: str = "export") -> str:
+    """An empty sibling `.NAME.<kind>-*` of `out_dir` (same file system, so the final rename is atomic)."""
     parent, name = os.path.split(os.path.abspath(out_dir))
-    staged = tempfile.mkdtemp(prefix=f".{name}.export-", dir=parent)
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{name}.{kind}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes it private; the export gets the usual permissions
+    os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes it private; the output gets the usual permissions
     return staged
 
 
-def _swap_in(staged: str, out_dir: str) -> None:
-    """Put the finished `staged` folder at `out_dir`; what was there is removed only once it has moved aside,
-    so `out_dir` holds either the old contents or the new ones, never a mixture."""
+def swap_in(staged: str, out_dir: str) -> None:
+    """Put the finished `staged` folder at `out_dir` (a real folder, links resolved by the caller); what was
+    there is removed only once it has moved aside, so `out_dir` holds either the old contents or the new ones,
+    never a mixture. Interrupted between the two renames, the old contents are put back."""
     out = os.path.abspath(out_dir)
     old = None
     if os.path.isdir(out):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
         os.rmdir(old)
         os.rename(out, old)
-    os.rename(staged, out)
+    try:
+        os.rename(staged, out)
+    except BaseException:
+        if old is not None and not os.path.lexists(out):
+            os.rename(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -270,13 +281,15 @@ def export_run(run_dir: str, out_dir: str, *, pipeline: bool = True, overwrite: 
 
     `out_dir` must be empty or absent unless `overwrite`, which replaces its whole contents. Everything is
     written into a temporary sibling first and renamed into place at the end: an export that fails or is
-    interrupted leaves `out_dir` as it was."""
+    interrupted leaves `out_dir` as it was. An `out_dir` that is a link is followed: the export replaces the
+    contents of the folder it points to, and the link stays."""
     cfg = check_run_folder(run_dir)
     _check_out_dir(run_dir, out_dir, overwrite)
-    staged = _staging_dir(out_dir)
+    target = os.path.realpath(out_dir)
+    staged = staging_dir(target)
     try:
         summary = _write_export(cfg, run_dir, staged, os.path.abspath(out_dir), pipeline)
-        _swap_in(staged, out_dir)
+        swap_in(staged, target)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return summary
@@ -394,9 +407,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = export_run(args.run, args.out, pipeline=args.pipeline, overwrite=args.overwrite)
-    except (JaxconceptError, OSError) as e:
+    except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's failure (a full disk, an I/O error), not the command's: exit 1
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: cannot write the export{where}: {e.strerror or e}. Nothing was exported: {args.out!r} is as "
+              "it was. Free some space (or choose another --out) and run the same command again.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing was exported, {args.out!r} is as it was.", file=sys.stderr)
+        return 130
     unet = {"base": "base UNet (the run has no unet/: no joint tuning)", "tuned": "tuned UNet",
             "lora": "UNet's LoRA adapters"}[summary["unet"]]
     print(f"exported {len(summary['tokens'])} token(s) {', '.join(summary['tokens'])} and the {unet} "

@@ -50,12 +50,15 @@ class ConfigError(JaxconceptError):
 
 # ------------------------------------------------------------------------------------------ value checks
 
-def _integer(lo: int | None = None):
+def _integer(lo: int | None = None, hi: int | None = None):
+    def what():
+        return f"an integer in [{lo}, {hi}]" if hi is not None else "an integer" + ("" if lo is None else f" >= {lo}")
+
     def check(v):
         if isinstance(v, bool) or not isinstance(v, int):
-            return "an integer" + ("" if lo is None else f" >= {lo}")
-        if lo is not None and v < lo:
-            return f"an integer >= {lo}"
+            return what()
+        if lo is not None and v < lo or hi is not None and v > hi:
+            return what()
     return check
 
 
@@ -171,6 +174,7 @@ class Masks:
     mask_prior: float = field(0.0, _number(0.0, 1.0))  # maps blended with the last round's masks
     crf_hysteresis: bool = field(True, _boolean)  # a CRF result close to the last round's mask stays accepted
     same_noise: bool = field(True, _boolean)  # every E-step draws the same timesteps and noise
+    timestep_chunk: int = field(0, _integer(0))  # timesteps per UNet call of the E-step (0: all at once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +250,10 @@ class Prior:
 class Settings:
     model: str = field("toy", _model)  # "toy", "tiny", a diffusers folder or a hub id
     dtype: str = field("float32", _choice(DTYPES))
-    seed: int = field(0, _integer())
+    # self-attention computed in chunks (diffusers' Flax memory-efficient attention) in every training step: the
+    # attention matrices of the finest levels (4096 x 4096 per head for SD at 512 px) are never held whole
+    memory_efficient_attention: bool = field(False, _boolean)
+    seed: int = field(0, _integer(0, 2 ** 63 - 1))  # what JAX's keys (int64) and NumPy's generators (>= 0) take
     mode: str = field("em", _choice(MODES))  # "em" re-estimates the masks, "attention" keeps stage 1's, "user"
     # images and their concepts: [{"path", "concepts": [{"token", "init_word", "kind", "mask"}]}]; empty = the
     # bundled toy scene (or what --concepts names)
@@ -277,9 +284,14 @@ class Settings:
             out.pop(name, None)
         joint = out.get("joint", {})
         joint.pop("checkpoint_every", None)
-        if not joint.get("lora_rank"):  # the adapters' settings decide nothing then (runs made before them match)
+        # fields added later are left out at their neutral value, so that runs made before them still match
+        if not joint.get("lora_rank"):  # the adapters' settings decide nothing then
             for name in ("lora_rank", "lora_alpha", "lora_targets"):
                 joint.pop(name, None)
+        if not out.get("memory_efficient_attention"):
+            out.pop("memory_efficient_attention", None)
+        if not out.get("masks", {}).get("timestep_chunk"):
+            out.get("masks", {}).pop("timestep_chunk", None)
         return out
 
 

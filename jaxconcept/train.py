@@ -8,7 +8,8 @@
 --config takes a config file or a preset name (sd15, sd21_base, sd21: jaxconcept/presets/).
 
 --concepts (repeatable, one per image): IMAGE:TOKEN[=INIT][/KIND][@MASK],... (see jaxconcept/runio/inputs.py).
-Starting again with the same --out resumes from the last checkpoint.
+Starting again with the same --out resumes from the last checkpoint (Ctrl-C stops at the next step). A
+finished run whose checkpoints/ were deleted is not trained again unless --retrain is given.
 
 Many independent concept sets in one program (`jaxconcept.jobs`), each into OUT/job_NN:
 
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import shlex
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -51,6 +54,8 @@ _CHECK = flags.DEFINE_integer("check_samples", 16, "toy-world runs: after traini
                               "concept alone and all together, judged beside the base model given the words (0: skip)")
 _JOBS = flags.DEFINE_multi_string("job", [], "one concept set of a batch of jobs: its --concepts arguments "
                                   "joined with ';' (repeatable; each job goes to OUT/job_NN)")
+_RETRAIN = flags.DEFINE_boolean("retrain", False, "train again from scratch a finished run (in --out) whose "
+                                "checkpoints/ were deleted; without it such a run is left as it is")
 
 
 def resolve_specs(cfg, concept_args) -> tuple:
@@ -63,13 +68,16 @@ def resolve_specs(cfg, concept_args) -> tuple:
 
 
 def resolve_jobs(job_args) -> list[tuple]:
-    """One tuple of ImageSpecs per --job."""
+    """One tuple of ImageSpecs per --job (checked: a problem is named with its --job)."""
     out = []
     for j, text in enumerate(job_args):
         parts = [p for p in text.split(";") if p.strip()]
         if not parts:
             raise inputs.InputError(f"--job number {j + 1} is empty: give IMAGE:TOKEN,... (images joined with ';').")
-        out.append(tuple(inputs.parse_concepts_arg(p.strip()) for p in parts))
+        try:
+            out.append(inputs.validate([inputs.parse_concepts_arg(p.strip()) for p in parts]))
+        except inputs.InputError as e:
+            raise inputs.InputError(f"--job number {j + 1} ({text!r}): {e}") from None
     return out
 
 
@@ -89,13 +97,13 @@ def summary_text(summary: dict) -> str:
                      + f"; final masks: round {summary.get('final_round')}")
     if summary.get("warning"):
         lines.append(f"  warning: {summary['warning']}")
-    run = summary["run"]
+    run, q = summary["run"], shlex.quote(summary["run"])  # commands to paste: a path with spaces quoted
     lines += [f"results in {run}:",
               "  concepts.safetensors, masks/final/, overlays/, masks_evolution.png, metrics.jsonl",
               "next:",
-              f"  python -m jaxconcept.generate --run {run}        # samples of every concept, then all together",
-              f"  python -m jaxconcept.evaluate --run {run}",
-              f"  python -m jaxconcept.export --run {run} --out {run}_pytorch   # for PyTorch diffusers"]
+              f"  python -m jaxconcept.generate --run {q}        # samples of every concept, then all together",
+              f"  python -m jaxconcept.evaluate --run {q}",
+              f"  python -m jaxconcept.export --run {q} --out {shlex.quote(run + '_pytorch')}   # for PyTorch diffusers"]
     return "\n".join(lines)
 
 
@@ -115,10 +123,11 @@ def main(argv) -> None:
         if _JOBS.value and _CONCEPTS.value:
             raise JaxconceptError("give --concepts (one run) or --job (several concept sets), not both.")
         if _JOBS.value:
-            summaries = jobs.learn_many(cfg, resolve_jobs(_JOBS.value), _OUT.value, progress=distributed.is_primary())
+            summaries = jobs.learn_many(cfg, resolve_jobs(_JOBS.value), _OUT.value, progress=distributed.is_primary(),
+                                        retrain=_RETRAIN.value)
         else:
             summaries = [learner.learn(cfg, resolve_specs(cfg, _CONCEPTS.value), _OUT.value,
-                                       progress=distributed.is_primary())]
+                                       progress=distributed.is_primary(), retrain=_RETRAIN.value)]
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -152,11 +161,24 @@ def check_samples(summaries, num_images: int) -> None:
 
 def parse_flags(argv):
     """absl's flag parsing, with config overrides it cannot take (an unknown field, a value of the wrong
-    type) printed as one line naming the field (exit 2) instead of a traceback."""
+    type) printed as one line naming the field (exit 2) instead of a traceback, and a config file that
+    cannot be run (a syntax error, an error in its get_config) named with the place of the error."""
     try:
         return flags.FLAGS(argv)
+    except SyntaxError as e:
+        where = f"{e.filename}, line {e.lineno}" if e.filename else "the config file"
+        code = f": {e.text.strip()}" if e.text and e.text.strip() else ""
+        print(f"error: the config file has a syntax error ({where}{code}): {e.msg}. Fix it, or give a preset "
+              f"(--config {' / '.join(presets.NAMES)}).", file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         print(f"error: {settings.command_line_error(argv, e)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001  (the config file's own code failed: NameError, ImportError, ...)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(("<", sys.prefix))
+                  and "site-packages" not in f.filename]
+        where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+        print(f"error: the config file could not be run{where}: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
 
 

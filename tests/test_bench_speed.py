@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxconcept.bench import speed
+from jaxconcept.bench import speed, torch_reference, workload
 
 pytest.importorskip("torch")
 
@@ -77,19 +77,19 @@ def test_torch_reference_attention_loss_has_a_gradient_into_the_tokens():
 
     torch.manual_seed(0)
     work = _toy_workload()
-    tm = speed.torch_build(work, "float32", 0)
+    tm = torch_reference.torch_build(work, "float32", 0)
     store: list = []
-    tm.unet.set_attn_processor(speed.CaptureProcessor(store, {work.attn_grid ** 2}))
+    tm.unet.set_attn_processor(torch_reference.CaptureProcessor(store, {work.attn_grid ** 2}))
     emb = tm.text.get_input_embeddings().weight
     emb.requires_grad_(True)
-    batch = speed.torch_draw(np.random.default_rng(0), work, tm)
+    batch = torch_reference.torch_draw(np.random.default_rng(0), work, tm)
     with torch.no_grad():
         tm.unet(torch.zeros_like(batch["latents"]), batch["t"], tm.text(batch["ids"])[0])
     assert len(store) == 3  # tiny UNet at 16x16: down_blocks_0 (1 layer) and up_blocks_2 (2 layers)
     store.clear()
     context = tm.text(batch["ids"])[0]
     tm.unet(batch["latents"], batch["t"], context)
-    maps = speed.torch_attention_maps(store, work.attn_grid, batch["positions"])
+    maps = torch_reference.torch_attention_maps(store, work.attn_grid, batch["positions"])
     assert maps.shape == (1, len(work.concept_ids), work.attn_grid, work.attn_grid)
     present = batch["positions"][0] >= 0
     assert torch.allclose(maps[0][present].amax(dim=(-2, -1)), torch.ones(int(present.sum())), atol=1e-5)
@@ -100,16 +100,16 @@ def test_torch_reference_attention_loss_has_a_gradient_into_the_tokens():
     assert model.TINY_UNET["cross_attention_dim"] == tm.unet.config.cross_attention_dim
 
 
-def _toy_workload() -> speed.Workload:
+def _toy_workload() -> workload.Workload:
     """A Workload without our side: shapes of the tiny model, one image, three concepts."""
-    bench = speed.CONFIGS["tiny"]
+    bench = workload.CONFIGS["tiny"]
     rng = np.random.default_rng(0)
     vocab, ids = 64, (60, 61, 62)
     prompt = np.full((77,), 1, np.int64)
     prompt[:6] = [0, 5, 6, 60, 7, 61]
     masks = np.zeros((3, 16, 16), np.float32)
     masks[0, :8], masks[1, 8:], masks[2] = 1, 1, 0
-    return speed.Workload(
+    return workload.Workload(
         bench=bench, resolution=32, latent=16, batch=1, timesteps=2, sample_steps=2, vocab_size=vocab,
         concept_ids=ids,
         table={"ids_PxT": prompt[None], "positions_PxC": np.array([[3, 5, -1]]), "image_P": np.zeros(1, int),

@@ -258,8 +258,8 @@ def test_overwrite_replaces_and_a_failed_export_leaves_the_folder_as_it_was(tiny
 
     with monkeypatch.context() as m:
         m.setattr(export, "_write_export", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            export.main(argv + ["--overwrite"])
+        assert export.main(argv + ["--overwrite"]) == 130  # Ctrl-C: a clean message, exit 130 (issue 31)
+    assert "interrupted: nothing was exported" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["embeddings", "old.txt"]  # as it was
     assert not os.path.exists((tmp_path / "staged_at").read_text())  # the staging folder is gone
     (tmp_path / "staged_at").unlink()

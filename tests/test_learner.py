@@ -587,3 +587,36 @@ def test_lora_joint_stage_tunes_adapters_only_resumes_loads_and_exports(scene_di
     assert "load_lora_weights" in export.load_snippet(summary)
     back, spec = outputs.load_lora(str(tmp_path / "export" / outputs.LORA_FILE), tiny.params["unet"])
     assert spec == run.adapted.spec
+
+
+def test_memory_options_compute_what_the_plain_steps_compute(scene_dir):
+    """The memory options change how, not what: the E-step's maps from timesteps in chunks (3 then the rest, 8
+    in all) equal the maps of one batch, and memory-efficient attention gives the token step's loss and
+    gradient of plain attention."""
+    from jaxconcept.model import capture
+
+    st = prepare(_cfg(), [_spec(scene_dir)])
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
+    args = (jax.numpy.asarray(st.concepts.init_rows), frozen, st.run_data["latents"][0, 0],
+            jax.numpy.asarray(st.image_ids_IxT[0]), jax.numpy.asarray(st.image_positions_IxC[0]), jax.random.key(3))
+    sel = capture.LayerSelector(resolutions=(16, 8))
+    maps = [steps.make_concept_maps(st.bundle, st.concepts.ids, sel, 8, st.latent_hw, mesh, chunk=c)(*args)
+            for c in (0, 3)]
+    np.testing.assert_allclose(np.asarray(maps[1]), np.asarray(maps[0]), rtol=1e-5, atol=1e-6)
+    assert float(np.asarray(maps[0]).max()) == pytest.approx(1.0)
+
+    efficient = prepare(_cfg(memory_efficient_attention=True), [_spec(scene_dir)])
+    masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
+
+    def loss_and_grad(setup):
+        loss = lambda rows: steps.concept_loss(  # noqa: E731
+            {"rows": rows}, frozen, setup.run_data, masks, jax.random.key(1),
+            statics=steps.StepStatics(steps.step_model(setup.bundle), steps.LossConfig()),
+            concept_ids_N=jax.numpy.asarray(setup.concepts.ids))[0]
+        return jax.jit(jax.value_and_grad(loss))(jax.numpy.asarray(setup.concepts.init_rows))
+
+    (l0, g0), (l1, g1) = loss_and_grad(st), loss_and_grad(efficient)
+    assert efficient.bundle.unet.use_memory_efficient_attention and not st.bundle.unet.use_memory_efficient_attention
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-4, atol=1e-7)

@@ -119,3 +119,19 @@ def test_pytorch_diffusers_loads_the_file_and_agrees(tmp_path):
     rel = float(np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref))
     moved = float(np.linalg.norm(np.asarray(base) - ref) / np.linalg.norm(ref))
     assert rel <= 1e-4 and moved > 1e-2, (rel, moved)
+
+
+def test_a_rank_4_run_on_sd15_writes_under_10_mb():
+    """SD 1.5's UNet (its architecture, no weights): rank-4 adapters on every attention projection are 0.8 M
+    parameters, 3.2 MB in float32, where the whole UNet is 3.4 GB."""
+    import functools
+
+    from jaxconcept.bench.workload import SD15_UNET
+    from jaxconcept.model import adapter
+
+    shapes = adapter.param_shapes(adapter.unet_from_config(SD15_UNET))
+    spec = lora.LoraSpec(4, 4.0)
+    adapters = jax.eval_shape(functools.partial(lora.init, spec=spec), jax.random.key(0), shapes)
+    assert len(lora.target_paths(shapes, spec.targets)) == 16 * 8  # 16 transformer blocks x q, k, v, out x 2
+    size = sum(x.size * 4 for x in jax.tree.leaves(adapters))
+    assert 3e6 < size < 10e6 and size < sum(x.size * 4 for x in jax.tree.leaves(shapes)) / 1000

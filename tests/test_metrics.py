@@ -293,9 +293,12 @@ def test_unknown_source():
 
 
 def test_jit_compiles_once_per_shape(clip, images):
+    import dataclasses
+
     metrics.image_embeddings(clip, images[:2])
-    fn = clip._jitted["images"]
+    fn = metrics._image_embeddings
     before = fn._cache_size()
     metrics.image_embeddings(clip, images[2:])  # same shape: no new compile
+    metrics.image_embeddings(dataclasses.replace(clip), images[:2])  # another bundle of the same model: shared
     assert fn._cache_size() == before
     assert jax.tree.leaves(clip.params)  # params are an argument, not baked in

@@ -17,7 +17,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxconcept import ModelSourceError, load_model  # noqa: E402
 from jaxconcept.model import adapter, capture, conditioning, loading as model, tokens  # noqa: E402
-from torch_reference import build_sdxl_folder, record_cross_attention, rel_err  # noqa: E402
+from jaxconcept.bench.torch_reference import record_cross_attention  # noqa: E402
+from torch_reference import build_sdxl_folder, rel_err  # noqa: E402
 
 TOL = 1e-4
 PROMPTS = ["a photo of a red dog", "a blue car on the beach"]
@@ -164,10 +165,11 @@ def test_unet_eps_with_added_conditioning_and_every_cross_attention_map_match(pa
     pooled = rng.standard_normal((2, 32)).astype(np.float32)
     time_ids = np.stack([conditioning.time_ids((32, 32)), conditioning.time_ids((48, 40), (3, 5), (32, 32))])
     with torch.no_grad():
-        store = record_cross_attention(pt_unet)
+        stores = record_cross_attention(pt_unet)  # the speed benchmark's reference recorder
         added = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}
         ref_eps = pt_unet(torch.from_numpy(latents), torch.from_numpy(t.astype(np.int64)), torch.from_numpy(context),
                           added_cond_kwargs=added).sample.numpy()
+    store = {name: probs[-1].numpy() for name, probs in stores.items() if probs}
     cond = conditioning.SDXLCondition(jnp.asarray(context), jnp.asarray(pooled), jnp.asarray(time_ids))
     fn = jax.jit(lambda p, x, tt, c: capture.unet_with_attention(bundle.unet, p, x, tt, c))
     eps, maps = fn(bundle.params["unet"], latents, t, cond)

@@ -5,7 +5,6 @@ our outputs must match these models' outputs.
 """
 
 import os
-import re
 
 import numpy as np
 import torch
@@ -61,37 +60,6 @@ def build_sdxl_folder(folder: str, seed: int = 0):
         m.save_pretrained(os.path.join(folder, name))
     DDIMScheduler(**jc_model.SD_SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
     return unet, vae, text, text_2, tokenizer, tokenizer_2
-
-
-class RecordingProcessor:
-    """diffusers' plain attention, recording cross-attention probabilities (B x heads x Q x T)."""
-
-    def __init__(self, store: dict, name: str):
-        self.store, self.name = store, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        batch, num_q, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(context))
-        v = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(q, k, None)
-        if encoder_hidden_states is not None:
-            self.store[self.name] = probs.reshape(batch, attn.heads, num_q, -1).detach().numpy()
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
-
-
-def record_cross_attention(unet: UNet2DConditionModel) -> dict:
-    """Install recording processors; returns the dict they fill, keyed by our layer paths."""
-    store: dict = {}
-    procs = {}
-    for name in unet.attn_processors:
-        layer = name[: -len(".processor")]
-        ours = re.sub(r"(\w+)\.(\d+)", r"\1_\2", layer).replace(".", "/")
-        procs[name] = RecordingProcessor(store, ours)
-    unet.set_attn_processor(procs)
-    return store
 
 
 def rel_err(ours, ref) -> float:

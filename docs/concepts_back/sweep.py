@@ -41,6 +41,10 @@ VARIANTS = {
     "lora4_lr1e-3": {"joint.lora_rank": 4, "joint.lora_alpha": 4.0, "joint.lr": 1e-3},
     "lora4_lr3e-4": {"joint.lora_rank": 4, "joint.lora_alpha": 4.0, "joint.lr": 3e-4},
     "lora16_lr1e-3": {"joint.lora_rank": 16, "joint.lora_alpha": 16.0, "joint.lr": 1e-3},
+    # the rows keep the recipe's joint lr 3e-5; a larger alpha / rank speeds the adapters instead (Adam's step
+    # does not depend on the gradient's scale: the adapters' effect on the output grows with alpha / rank)
+    "lora4_a40": {"joint.lora_rank": 4, "joint.lora_alpha": 40.0},
+    "lora4_a16": {"joint.lora_rank": 4, "joint.lora_alpha": 16.0},
     # issue 27, leakage: DreamBooth's prior preservation on the recipe (class images: base-model samples of the
     # objects' words together)
     "recipe_prior": {"prior": True},

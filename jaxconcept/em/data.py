@@ -27,6 +27,20 @@ TEMPLATE = "a photo of {}"
 JOINER = " and "
 # ordered subsets grow as K!; beyond this many concepts per image, subsets are drawn without ordering
 MAX_ORDERED = 5
+# and unordered ones as 2^K: 10 concepts make 1,023 prompts (~2.5 s to tokenize), 14 make 16,383 (~50 s), 20 over
+# a million (minutes, before any output): more concepts per image are refused
+MAX_CONCEPTS_PER_IMAGE = 10
+
+
+def check_concepts_per_image(n: int, image: str = "an image") -> None:
+    """A JaxconceptError when one image (`image`: its description, "image 'a.png'") has more concepts than the
+    prompt table takes (MAX_CONCEPTS_PER_IMAGE)."""
+    if n > MAX_CONCEPTS_PER_IMAGE:
+        raise JaxconceptError(
+            f"{image} has {n} concepts; at most {MAX_CONCEPTS_PER_IMAGE} per image can be learned together "
+            f"(union sampling trains on every subset of an image's concepts: {num_prompts([n]):,} prompts for {n}). "
+            "Learn fewer concepts per image: merge the minor ones into a background concept, or split them over "
+            "several runs.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +68,7 @@ def prompt_table(tokenizer, concept_tokens, owner_C, concept_ids, max_length: in
         mine = [c for c in range(len(owner_C)) if owner_C[c] == i]
         if not mine:
             raise JaxconceptError(f"image {i} has no concepts: give each image at least one concept.")
+        check_concepts_per_image(len(mine), f"image {i}")
         for k in range(1, len(mine) + 1):
             subsets = (list(itertools.permutations(mine, k)) if len(mine) <= MAX_ORDERED
                        else list(itertools.combinations(mine, k)))

@@ -99,7 +99,8 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
     keys = stage_keys(s.seed)
     per_job = lambda key: sharding.put(jnp.stack([key] * num_jobs), job_sh)  # noqa: E731  (each as run alone)
     maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
-                                       s.masks.num_timesteps, setups[0].latent_hw, mesh)
+                                       s.masks.num_timesteps, setups[0].latent_hw, mesh,
+                                       chunk=s.masks.timestep_chunk)
     opts = stage_optimizers(s)
     token_opt, joint_opt = opts["token"], opts["joint"]
     rows0 = [jnp.asarray(st.concepts.init_rows) for st in setups]
@@ -170,19 +171,32 @@ def check_jobs(s: settings.Settings, jobs) -> None:
                               "(python -m jaxconcept.train --concepts ...).")
 
 
+def checked_jobs(jobs) -> list[tuple]:
+    """Each job's specs checked (`check_inputs`), a problem named with its job's number."""
+    out = []
+    for j, specs in enumerate(jobs):
+        try:
+            out.append(check_inputs(tuple(specs)))
+        except JaxconceptError as e:
+            raise type(e)(f"job {j} (job_{j:02d}): {e}") from None
+    return out
+
+
 def learn_many(cfg, jobs, out_dir: str, *, bundle: ModelBundle | None = None, mesh=None, ground_truths=None,
-               progress: bool = True) -> list[dict]:
-    """Learn every job (a sequence of ImageSpecs each) into out_dir/job_NN; returns their summaries."""
+               progress: bool = True, retrain: bool = False) -> list[dict]:
+    """Learn every job (a sequence of ImageSpecs each) into out_dir/job_NN; returns their summaries.
+    retrain: train again from scratch a finished batch whose checkpoints were deleted (refused otherwise)."""
     t_start = time.time()
     s = settings.resolve(cfg)
-    jobs = [check_inputs(tuple(j)) for j in jobs]
+    jobs = checked_jobs(jobs)
     check_jobs(s, jobs)
-    fp = learner.start_folder(s, [spec for j in jobs for spec in j], out_dir)
-    with runfolder.locked(out_dir):
-        base = bundle or load_model(s.model, s.dtype, seed=s.seed)
-        setups, b = prepare_jobs(s, jobs, base)
-        stages, setups = jobs_stages(s, setups, b, mesh or sharding.make_mesh())
-        run_dirs = [os.path.join(out_dir, f"job_{j:02d}") for j in range(len(jobs))]
-        job_list = [Job(d, st, truth_masks(st, None if ground_truths is None else ground_truths[j]))
-                    for j, (d, st) in enumerate(zip(run_dirs, setups))]
-        return learner.run(s, stages, job_list, out_dir, fp, progress=progress, t_start=t_start)
+    with learner.guarded_folder(out_dir):
+        fp = learner.start_folder(s, [spec for j in jobs for spec in j], out_dir, retrain)
+        with runfolder.locked(out_dir):
+            base = bundle or load_model(s.model, s.dtype, seed=s.seed)
+            setups, b = prepare_jobs(s, jobs, base)
+            stages, setups = jobs_stages(s, setups, b, mesh or sharding.make_mesh())
+            run_dirs = [os.path.join(out_dir, f"job_{j:02d}") for j in range(len(jobs))]
+            job_list = [Job(d, st, truth_masks(st, None if ground_truths is None else ground_truths[j]))
+                        for j, (d, st) in enumerate(zip(run_dirs, setups))]
+            return learner.run(s, stages, job_list, out_dir, fp, progress=progress, t_start=t_start)

@@ -16,8 +16,13 @@ checkpoints: `runio/checkpoints.py`; run folder: `runio/runfolder.py`. Usable fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -54,6 +59,7 @@ class Loop:
     keys: dict
     on_checkpoint: Callable | None
     done: int = 0
+    stop: list = dataclasses.field(default_factory=list)  # non-empty: Ctrl-C asked to stop (`stop_on_sigint`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,27 +74,102 @@ class Start:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def resume_point(mngr, s: settings.Settings, stages: Stages, masks_shape) -> Start:
-    """Where to start, decided once from the newest checkpoint: nothing saved -> stage 1; a token-stage
-    checkpoint -> the next EM round; a joint one -> the joint step after it; the final one -> results."""
-    meta = checkpoints.latest_meta(mngr)
+def resume_point(mngr, s: settings.Settings, stages: Stages, masks_shape) -> tuple[Start, list[str]]:
+    """Where to start, decided once from the newest checkpoint that can be read: nothing saved -> stage 1; a
+    token-stage checkpoint -> the next EM round; a joint one -> the joint step after it; the final one ->
+    results. A damaged newest checkpoint is set aside for the one before (`checkpoints.restore_newest`);
+    the notes say so."""
+    def load(meta):
+        like = {"token": stages.initial_state, "joint": lambda: stages.joint_state(stages.initial_state()),
+                "done": lambda: {"params": stages.final_like()}}[meta["stage"]]()
+        return checkpoints.restore(mngr, meta["index"], like, masks_shape)[1:]
+
+    meta, got, notes = checkpoints.restore_newest(mngr, load)
     if meta is None:
-        return Start("init", 0, 0)
-    stage, index = meta["stage"], meta["index"]
-    like = {"token": stages.initial_state, "joint": lambda: stages.joint_state(stages.initial_state()),
-            "done": lambda: {"params": stages.final_like()}}[stage]()
-    _, state, masks = checkpoints.restore(mngr, index, like, masks_shape)
-    return Start(stage, meta.get("round", 0), index, state, list(masks))
+        return Start("init", 0, 0), notes
+    state, masks = got
+    return Start(meta["stage"], meta.get("round", 0), meta["index"], state, list(masks)), notes
+
+
+def recover_round_masks(mngr, s: settings.Settings, jobs: list, start: Start, masks_shape) -> list[str]:
+    """masks/round_NN files of the rounds done that are missing or unreadable (deleted by hand), written again
+    from the token-stage checkpoints, which hold every round's masks; notes saying so. Every round's masks are
+    read again: by the final-round rule and the evolution picture."""
+    if start.stage == "init":
+        return []
+    n_rounds = start.round if start.stage == "token" else s.tokens.rounds
+    notes, by_round = [], None
+    for j, job in enumerate(jobs):
+        missing = runfolder.unreadable_rounds(job.run_dir, job.setup, n_rounds)
+        if not missing:
+            continue
+        by_round = checkpoints.steps_by_round(mngr) if by_round is None else by_round
+        lost = [r for r in missing if r not in by_round]
+        if lost:
+            raise runfolder.RunFolderError(
+                f"the masks of round(s) {', '.join(map(str, lost))} in {os.path.join(job.run_dir, 'masks')!r} are "
+                "missing, and so are the checkpoints that hold them; the final masks are chosen among every round's, "
+                "so this run cannot be finished. Restore them, or give another --out to train again.")
+        for r in missing:
+            runfolder.save_round_masks(job.run_dir, job.setup, outputs.file_names(job.setup.concepts.tokens), r,
+                                       checkpoints.restore_masks(mngr, by_round[r], masks_shape)[j])
+        notes.append(f"{os.path.join(job.run_dir, 'masks')}: round(s) {', '.join(f'{r:02d}' for r in missing)} "
+                     "were missing or unreadable; written again from the checkpoints, which hold them")
+    return notes
+
+
+def _say(notes) -> None:
+    if distributed.is_primary():
+        for note in notes:
+            if note:
+                print(f"note: {note}", flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_sigint(stop: list):
+    """While training: Ctrl-C (SIGINT) appends to `stop`, which the loop reads at every step boundary (and
+    before every E-step) to stop there, cleanly; a second Ctrl-C stops at once. Without this, a
+    KeyboardInterrupt raised inside a callback (XLA's garbage-collection hook) can be swallowed, and the run
+    goes on to the end. Only in the main thread (signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(time.time())
+        if distributed.is_primary():
+            print("\nCtrl-C: stopping at the next step (again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _check_stop(loop: Loop) -> None:
+    if loop.stop:
+        raise KeyboardInterrupt
 
 
 def run(s: settings.Settings, stages: Stages, jobs: list, folder: str, fingerprint: dict, *,
         progress: bool = True, on_checkpoint=None, t_start: float | None = None) -> list[dict]:
     """Every stage into the jobs' folders (checkpoints and run.json in `folder`); one summary per job."""
     t_start = time.time() if t_start is None else t_start
+    stop: list = []
+    with stop_on_sigint(stop):
+        return _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start, stop)
+
+
+def _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start, stop) -> list[dict]:
     runfolder.write_record(folder, fingerprint, finished=False)
     mngr = checkpoints.manager(folder)
     first = jobs[0].setup
-    start = resume_point(mngr, s, stages, (len(jobs), len(first.inputs.owner_C)) + first.images_u8.shape[1:3])
+    masks_shape = (len(jobs), len(first.inputs.owner_C)) + first.images_u8.shape[1:3]
+    start, notes = resume_point(mngr, s, stages, masks_shape)
+    _say(notes)
     if start.stage != "init" and distributed.is_primary():
         print(f"{folder} is finished (checkpoint {start.index}): writing its results again" if start.stage == "done"
               else f"resuming {folder} from checkpoint {start.index} ({start.stage}, round {start.round})")
@@ -98,11 +179,13 @@ def run(s: settings.Settings, stages: Stages, jobs: list, folder: str, fingerpri
                                      job.setup.concepts.init_words)
         if warning and distributed.is_primary():
             log.warning(warning)
+    _say(recover_round_masks(mngr, s, jobs, start, masks_shape))
     keys = stage_keys(s.seed)
     bar = tqdm(total=s.total_steps * stages.jobs, desc="learning" + (f" {stages.jobs} jobs" * (stages.jobs > 1)),
                dynamic_ncols=True, disable=not (progress and distributed.is_primary()))
     loop = Loop(s, stages, jobs, mngr, [runfolder.Metrics(j.run_dir, None if start.stage == "init" else start.index)
-                                         for j in jobs], bar, keys, on_checkpoint)
+                                         for j in jobs], bar, keys, on_checkpoint, stop=stop)
+    _say(m.note for m in loop.metrics)
     loop.done = min(start.index, s.total_steps)
     bar.update(loop.done * stages.jobs)
     state, masks, raws = start.state, start.masks, None
@@ -188,6 +271,7 @@ def stage_joint(loop: Loop, state, masks, resumed: bool):
 def run_steps(loop: Loop, step_fn, state, masks_placed, n: int, stage: str):
     """n steps; every `log_every`-th (counted over all stages) is checked and written to the metrics."""
     for _ in range(n):
+        _check_stop(loop)
         state, m = step_fn(state, masks_placed)
         loop.done += 1
         loop.bar.update(loop.stages.jobs)
@@ -215,6 +299,7 @@ def e_step(loop: Loop, state, r: int, prevs=None):
     key = jax.random.fold_in(loop.keys["estep"], 0 if s.masks.same_noise else r)
     got = []
     for j, job in enumerate(loop.jobs):
+        _check_stop(loop)
         st = job.setup
         rules = estep.MaskRules.of(s.masks, crf_where(s, st.images_u8.shape[1:3], st.latent_hw))
         got.append(estep.estimate_masks(lambda i, k, j=j: stages.maps(j, rows[j], i, k), st, key, rules,
@@ -239,28 +324,85 @@ def save(loop: Loop, index: int, meta: dict, state, masks) -> None:
         loop.on_checkpoint(dict(meta, index=index))
 
 
-def start_folder(s: settings.Settings, specs, folder: str) -> dict:
-    """Checks before any model load or write: the folder writable, the inputs present, the folder's
-    fingerprint (if it holds a run) the same. Returns the fingerprint."""
-    outputs.check_writable(folder)
+def start_folder(s: settings.Settings, specs, folder: str, retrain: bool = False) -> dict:
+    """Checks before any model load or write: the folder a run folder (or new, or empty), the inputs present,
+    the folder's fingerprint (if it holds a run) the same, a finished run not trained again unless `retrain`.
+    Returns the fingerprint; prints what the user should know (masks used only for measuring, a fresh start)."""
     fp = runfolder.fingerprint(s, specs)
-    runfolder.check_fingerprint(folder, fp)
+    note = runfolder.check_fingerprint(folder, fp, retrain)  # before check_writable writes its probe
+    outputs.check_writable(folder)
+    _say([note, masks_note(s, specs)])
     return fp
 
 
+def masks_note(s: settings.Settings, specs) -> str | None:
+    """What masks given with '@' are for outside mode "user": measuring only."""
+    given = [c.token for spec in specs for c in spec.concepts if c.mask]
+    if not given or s.mode == "user":
+        return None
+    return (f"the masks given with '@' ({', '.join(given[:6])}{', ...' if len(given) > 6 else ''}) only measure the "
+            f"learned masks (IoU) in mode {s.mode!r}: the learner finds its own. To train on them, add "
+            "--config.mode=user.")
+
+
+def _missing_dirs(folder: str) -> list[str]:
+    """`folder` and its parents that do not exist yet, deepest first."""
+    out, path = [], os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        out.append(path)
+        path = os.path.dirname(path)
+    return out
+
+
+@contextlib.contextmanager
+def guarded_folder(folder: str):
+    """Around a run: a folder that it made and left empty (an early error, Ctrl-C while loading) is removed;
+    a full disk, wherever it shows (Orbax, a PNG, metrics), is one `checkpoints.DiskFullError` that says
+    what is kept and what to do."""
+    made = _missing_dirs(folder)
+    try:
+        yield
+    except BaseException as e:
+        if distributed.is_primary():
+            for path in made:
+                try:
+                    os.rmdir(path)  # only when empty
+                except OSError:
+                    break
+        if checkpoints.is_disk_full(e):
+            raise checkpoints.DiskFullError(disk_full_message(folder, e)) from None
+        raise
+
+
+def disk_full_message(folder: str, e: BaseException) -> str:
+    detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    try:
+        last = checkpoints.manager(folder).latest_step()
+    except Exception:  # noqa: BLE001  (the folder may be unreadable too)
+        last = None
+    free = checkpoints.free_bytes(folder)
+    return (f"the disk holding {folder!r} is full ({detail}"
+            + ("" if free is None else f"; {free / 2**20:.1f} MiB free") + "). "
+            + ("Nothing was saved yet" if last is None else f"What was saved is kept: the last checkpoint is {last}")
+            + ". Free some space and start the same command again: it resumes from there.")
+
+
 def learn(cfg, specs, run_dir: str, *, bundle: ModelBundle | None = None, mesh=None,
-          on_checkpoint: Callable[[dict], None] | None = None, ground_truth=None, progress: bool = True) -> dict:
+          on_checkpoint: Callable[[dict], None] | None = None, ground_truth=None, progress: bool = True,
+          retrain: bool = False) -> dict:
     """Run every stage into `run_dir` (resuming from its checkpoints) and return the summary.
 
     ground_truth: optional C x H x W masks, only *measured* against (benchmarks); never used for training.
     on_checkpoint(meta): called after each checkpoint (notebooks; tests interrupt a run with it).
+    retrain: train again from scratch a finished run whose checkpoints were deleted (refused otherwise).
     """
     t_start = time.time()
     s = settings.resolve(cfg)
     specs = check_inputs(specs)
-    fp = start_folder(s, specs, run_dir)
-    with runfolder.locked(run_dir):
-        st = prepare(s, specs, bundle)
-        stages, st = single_run_stages(s, st, mesh or sharding.make_mesh(fsdp=s.mesh.fsdp))
-        return run(s, stages, [Job(run_dir, st, truth_masks(st, ground_truth))], run_dir, fp, progress=progress,
-                   on_checkpoint=on_checkpoint, t_start=t_start)[0]
+    with guarded_folder(run_dir):
+        fp = start_folder(s, specs, run_dir, retrain)
+        with runfolder.locked(run_dir):
+            st = prepare(s, specs, bundle)
+            stages, st = single_run_stages(s, st, mesh or sharding.make_mesh(fsdp=s.mesh.fsdp))
+            return run(s, stages, [Job(run_dir, st, truth_masks(st, ground_truth))], run_dir, fp, progress=progress,
+                       on_checkpoint=on_checkpoint, t_start=t_start)[0]

@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import conditioning, tokens
+from ..model import adapter, conditioning, tokens
 from ..runio import images, inputs
 from . import data
 from ..errors import JaxconceptError
@@ -22,7 +22,7 @@ from ..model.loading import ModelBundle, load_model
 from .. import settings
 from ..settings import Settings
 
-PRIOR_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PRIOR_EXTENSIONS, prior_files = inputs.PRIOR_EXTENSIONS, inputs.prior_files  # the class images (runio/inputs.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,18 @@ class Setup:
 
 
 def check_inputs(specs) -> tuple:
-    """The specs validated, and their image and mask files present (no model needed)."""
+    """The specs validated, their image and mask files present, and no more concepts per image than the prompt
+    table can take (no model needed)."""
     specs = inputs.validate(specs)
     for spec in specs:
         for path in [spec.path] + [c.mask for c in spec.concepts if c.mask]:
+            what = "mask" if path != spec.path else "image"
+            if os.path.isdir(path):
+                raise inputs.InputError(f"{what} {path!r} is a folder, not an image file: give the {what} file itself "
+                                        f"(e.g. {os.path.join(path, 'image.png')!r}).")
             if not os.path.isfile(path):
-                raise inputs.InputError(f"{'mask' if path != spec.path else 'image'} {path!r} does not exist")
+                raise inputs.InputError(f"{what} {path!r} does not exist")
+        data.check_concepts_per_image(len(spec.concepts), f"image {spec.path!r}")
     return specs
 
 
@@ -84,6 +90,8 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     if bundle.is_sdxl and s.joint.text_encoder and s.joint.steps:
         raise JaxconceptError("joint.text_encoder=True is not supported on SDXL yet (its two text encoders are "
                               "not saved with a run); tune the tokens and the UNet (or its LoRA adapters).")
+    if s.memory_efficient_attention:
+        bundle = bundle.replace(unet=adapter.with_memory_efficient_attention(bundle.unet))
     size = image_size(s, bundle)
     crf_where(s, (size, size), (size // bundle.vae_factor,) * 2)  # a bad CRF size fails before any work
     loaded = inputs.load(specs, size, s.resize)  # crop | pad
@@ -106,16 +114,6 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
         run_data.update(prior_data(s, bundle))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
                  tuple(latents.shape[-2:]))
-
-
-def prior_files(folder: str) -> list[str]:
-    """The class images of prior preservation (refused when there are none)."""
-    files = (sorted(f for f in os.listdir(folder) if f.lower().endswith(PRIOR_EXTENSIONS))
-             if os.path.isdir(folder) else [])
-    if not files:
-        raise JaxconceptError(f"prior-preservation folder {folder!r} has no images ({', '.join(PRIOR_EXTENSIONS)}); "
-                              "fill it or set --config.prior.folder=''.")
-    return [os.path.join(folder, f) for f in files]
 
 
 def prior_data(s: Settings, bundle: ModelBundle) -> dict:

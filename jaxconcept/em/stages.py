@@ -100,7 +100,8 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
     opts = stage_optimizers(s)
     token_opt, joint_opt = opts["token"], opts["joint"]
     maps_fn = steps.make_concept_maps(b, st.concepts.ids, capture.LayerSelector(resolutions=s.masks.resolutions),
-                                      s.masks.num_timesteps, st.latent_hw, mesh, frozen_shardings=frozen_sh)
+                                      s.masks.num_timesteps, st.latent_hw, mesh, frozen_shardings=frozen_sh,
+                                      chunk=s.masks.timestep_chunk)
     keys = stage_keys(s.seed)
     te = s.joint.text_encoder
     joint_frozen = {name: frozen[name] for name in frozen

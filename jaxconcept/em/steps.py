@@ -111,18 +111,9 @@ def step_model(bundle: ModelBundle) -> StepModel:
                      bundle.prediction_type, tuple(alphas.tolist()), str(alphas.dtype), bundle.vae_factor)
 
 
-class Bound:
-    """A jitted function with its static arguments (the leading ones) bound: calls and `lower` take the
-    array arguments only. Equal static arguments give the same program, traced and compiled once."""
-
-    def __init__(self, jitted, *statics):
-        self.jitted, self.statics = jitted, statics
-
-    def __call__(self, *args):
-        return self.jitted(*self.statics, *args)
-
-    def lower(self, *args):
-        return self.jitted.lower(*self.statics, *args)
+class Bound(sharding.Bound):
+    """`sharding.Bound` (a jitted function with its statics bound) of a train step, whose stage's fixed arrays
+    the loop binds too."""
 
     def bind(self, frozen, run_data, key, *rest):
         """(state, masks) -> (state, metrics): a train step with a stage's fixed arrays bound, as the loop calls it
@@ -273,41 +264,62 @@ class MapsStatics:
     latent_hw: tuple[int, int]
     mesh: Mesh
     concept_ids: tuple[int, ...] | None  # None: an argument (jobs, traced)
+    chunk: int = 0  # timesteps per UNet call (0: all in one batch)
+
+
+def _summed_maps(statics: MapsStatics, frozen, noisy_KxZxhxw, t_K, context_1, positions_C):
+    """Sum over the K timesteps of each concept's aggregated cross-attention map, C x h x w, in one UNet call
+    (`context_1`: the prompt's condition, a batch of one)."""
+    k = noisy_KxZxhxw.shape[0]
+    if k % statics.mesh.size == 0:
+        noisy_KxZxhxw = jax.lax.with_sharding_constraint(noisy_KxZxhxw, sharding.batch_sharded(statics.mesh))
+    context = conditioning.broadcast(context_1, k)
+    _, maps = capture.unet_with_attention(statics.model.unet, frozen["unet"], noisy_KxZxhxw, t_K, context,
+                                          statics.selector)
+    agg_KxCxHxW = aggregate.aggregate_maps(maps, statics.latent_hw, jnp.maximum(positions_C, 0),
+                                           out_hw=statics.latent_hw, normalize=None)
+    return agg_KxCxHxW if statics.chunk == 0 else jnp.sum(agg_KxCxHxW, axis=0)
 
 
 def _concept_maps(statics: MapsStatics, rows, frozen, latents_Zxhxw, ids_T, positions_C, key, concept_ids=None):
-    model, selector, num_timesteps = statics.model, statics.selector, statics.num_timesteps
-    latent_hw, mesh, fixed_ids = statics.latent_hw, statics.mesh, statics.concept_ids
+    model, num_timesteps, fixed_ids = statics.model, statics.num_timesteps, statics.concept_ids
     concept_ids = jnp.asarray(fixed_ids, jnp.int32) if fixed_ids is not None else concept_ids
     k_t, k_n = jax.random.split(key)
     t = jax.random.randint(k_t, (num_timesteps,), 0, model.num_train_timesteps)
     noise = jax.random.normal(k_n, (num_timesteps,) + latents_Zxhxw.shape, latents_Zxhxw.dtype)
     noisy = diffusion.add_noise(model.alphas(), jnp.broadcast_to(latents_Zxhxw, noise.shape), noise, t)
-    if num_timesteps % mesh.size == 0:
-        noisy = jax.lax.with_sharding_constraint(noisy, sharding.batch_sharded(mesh))
-    context = model.condition(frozen, ids_T[None], latent_hw, concept_ids, rows)
-    context = conditioning.broadcast(context, num_timesteps)
-    _, maps = capture.unet_with_attention(model.unet, frozen["unet"], noisy, t, context, selector)
-    agg_ExCxHxW = aggregate.aggregate_maps(maps, latent_hw, jnp.maximum(positions_C, 0), out_hw=latent_hw,
-                                           normalize=None)
-    soft_CxHxW = aggregate.normalize_maps(jnp.mean(agg_ExCxHxW, axis=0), "minmax")
+    context = model.condition(frozen, ids_T[None], statics.latent_hw, concept_ids, rows)
+    summed = functools.partial(_summed_maps, statics, frozen, context_1=context, positions_C=positions_C)
+    if statics.chunk == 0:  # every timestep in one batch
+        mean_CxHxW = jnp.mean(summed(noisy, t), axis=0)
+    else:  # `chunk` timesteps per UNet call, one after the other: the activations of one chunk at a time
+        n, k = divmod(num_timesteps, statics.chunk)[0], statics.chunk
+        total = jnp.sum(jax.lax.map(lambda xs: summed(*xs), (noisy[:n * k].reshape((n, k) + noisy.shape[1:]),
+                                                             t[:n * k].reshape(n, k))), axis=0)
+        if n * k < num_timesteps:
+            total = total + summed(noisy[n * k:], t[n * k:])
+        mean_CxHxW = total / num_timesteps
+    soft_CxHxW = aggregate.normalize_maps(mean_CxHxW, "minmax")
     return jnp.where((positions_C >= 0)[:, None, None], soft_CxHxW, 0.0)
 
 
 def make_concept_maps(bundle: ModelBundle, concept_ids, selector: capture.LayerSelector, num_timesteps: int,
-                      latent_hw: tuple[int, int], mesh: Mesh, frozen_shardings=None):
+                      latent_hw: tuple[int, int], mesh: Mesh, frozen_shardings=None, chunk: int = 0):
     """jit(rows, frozen, latents Z x h x w, ids T, positions C, key) -> soft maps C x h x w (latent size).
 
     Each concept's cross-attention (conditional branch only) averaged over heads, the selected layers and
     `num_timesteps` random timesteps, then min-max normalised; concepts absent from the prompt get zeros.
-    The timesteps form one batch, split over the mesh when they divide. With `concept_ids=None` the ids
-    are a last argument instead (one program for many jobs with different tokens)."""
+    The timesteps form one batch, split over the mesh when they divide; with `chunk` > 0, batches of `chunk`
+    timesteps one after the other (SD at 512 px: 50 timesteps at once hold 50 self-attention matrices of
+    4096 x 4096 per head at the finest level, tens of GB). With `concept_ids=None` the ids are a last argument
+    instead (one program for many jobs with different tokens)."""
     rep = sharding.replicated(mesh)
     frozen_sh = rep if frozen_shardings is None else frozen_shardings
     fixed = None if concept_ids is None else tuple(int(i) for i in concept_ids)
     in_sh = (rep, frozen_sh, rep, rep, rep, rep) + ((rep,) if fixed is None else ())
     jitted = Bound(jax.jit(_concept_maps, static_argnums=(0,), in_shardings=in_sh, out_shardings=rep),
-                   MapsStatics(step_model(bundle), selector, num_timesteps, tuple(latent_hw), mesh, fixed))
+                   MapsStatics(step_model(bundle), selector, num_timesteps, tuple(latent_hw), mesh, fixed,
+                               chunk if 0 < chunk < num_timesteps else 0))
 
     def run(rows, frozen, *args):
         # arguments placed like the program's own outputs: one compile for every image and round

@@ -29,10 +29,11 @@ compiled once per input shape (the closures live in the bundle, the params are a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -52,12 +53,26 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _UNIT_EPS = 1e-10
 
 
+@dataclasses.dataclass(frozen=True)
+class ClipView:
+    """What a CLIP program is specialised on (hashable: a static jit argument): the module and preprocessing."""
+
+    module: adapter.StaticModule
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def pixels(self, images_BxHxWx3_u8):
+        return preprocess(images_BxHxWx3_u8, self.size, self.mean, self.std)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClipBundle:
     """A CLIP model (module static, params a pytree) and its preprocessing settings.
 
-    eq=False: hashed and compared by identity (params are unhashable pytrees), so a bundle can key caches;
-    its jitted closures are cached inside it and never shared with a `dataclasses.replace`d copy.
+    eq=False: hashed and compared by identity (params are unhashable pytrees). Its programs are jitted with
+    the hashable `view()` as a static argument, as every compiled function of the package is: bundles of one
+    model and preprocessing share them.
     """
 
     module: Any  # flax.linen.Module: transformers' FlaxCLIPModule
@@ -69,13 +84,10 @@ class ClipBundle:
     max_length: int  # tokens per text, start and end tokens included
     dtype: Any = jnp.float32
     source: str = ""
-    _jitted: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
-    def jitted(self, name: str, build: Callable[[], Callable]) -> Callable:
-        """The bundle's jitted function `name`, built on first use."""
-        if name not in self._jitted:
-            self._jitted[name] = build()
-        return self._jitted[name]
+    def view(self) -> "ClipView":
+        return ClipView(adapter.StaticModule(self.module), self.image_size, tuple(self.image_mean),
+                        tuple(self.image_std))
 
     @property
     def logit_scale(self) -> float:
@@ -278,21 +290,24 @@ def embed_tokens(module, params, ids_BxT: jnp.ndarray, mask_BxT: jnp.ndarray) ->
     return unit(adapter.clip_text_features(module, params, ids_BxT, mask_BxT))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _pixel_embeddings(view: ClipView, params, pixels_BxSxSx3):
+    return embed_pixels(view.module.module, params, pixels_BxSxSx3)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _image_embeddings(view: ClipView, params, images_BxHxWx3_u8):
+    return embed_pixels(view.module.module, params, view.pixels(images_BxHxWx3_u8))
+
+
 def pixel_embeddings(clip: ClipBundle, pixels_BxSxSx3) -> jnp.ndarray:
-    """`embed_pixels`, jitted per bundle: for inputs already preprocessed elsewhere."""
-    module = clip.module  # closures hold the module, never the bundle (no bundle -> cache -> bundle cycle)
-    fn = clip.jitted("pixels", lambda: jax.jit(lambda p, x: embed_pixels(module, p, x)))
-    return fn(clip.params, jnp.asarray(pixels_BxSxSx3, jnp.float32))
+    """`embed_pixels`, jitted: for inputs already preprocessed elsewhere."""
+    return _pixel_embeddings(clip.view(), clip.params, jnp.asarray(pixels_BxSxSx3, jnp.float32))
 
 
 def image_embeddings(clip: ClipBundle, images_BxHxWx3_u8) -> jnp.ndarray:
     """Unit CLIP image embeddings B x P of uint8 RGB images of any size (see `preprocess`)."""
-    module, size, mean, std = clip.module, clip.image_size, clip.image_mean, clip.image_std
-
-    def build():
-        return jax.jit(lambda p, x: embed_pixels(module, p, preprocess(x, size, mean, std)))
-
-    return clip.jitted("images", build)(clip.params, _check_images(images_BxHxWx3_u8))
+    return _image_embeddings(clip.view(), clip.params, _check_images(images_BxHxWx3_u8))
 
 
 def tokenize(clip: ClipBundle, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -307,9 +322,12 @@ def tokenize(clip: ClipBundle, texts: Sequence[str]) -> tuple[np.ndarray, np.nda
 def text_embeddings(clip: ClipBundle, texts: Sequence[str]) -> jnp.ndarray:
     """Unit CLIP text embeddings B x P (padded to max_length, so one compile per batch size)."""
     ids_BxT, mask_BxT = tokenize(clip, texts)
-    module = clip.module
-    fn = clip.jitted("texts", lambda: jax.jit(lambda p, i, m: embed_tokens(module, p, i, m)))
-    return fn(clip.params, ids_BxT, mask_BxT)
+    return _text_embeddings(clip.view(), clip.params, ids_BxT, mask_BxT)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_embeddings(view: ClipView, params, ids_BxT, mask_BxT):
+    return embed_tokens(view.module.module, params, ids_BxT, mask_BxT)
 
 
 # ------------------------------------------------------------------------------------------ similarities
@@ -346,12 +364,12 @@ def perceptual_features_from_pixels(module, params, pixels_BxSxSx3: jnp.ndarray)
 
 def perceptual_features(clip: ClipBundle, images_BxHxWx3_u8) -> tuple[jnp.ndarray, ...]:
     """LPIPS-style features of uint8 images: one B x patches x C array per vision-tower layer."""
-    module, size, mean, std = clip.module, clip.image_size, clip.image_mean, clip.image_std
+    return _perceptual_features(clip.view(), clip.params, _check_images(images_BxHxWx3_u8))
 
-    def build():
-        return jax.jit(lambda p, x: perceptual_features_from_pixels(module, p, preprocess(x, size, mean, std)))
 
-    return clip.jitted("perceptual", build)(clip.params, _check_images(images_BxHxWx3_u8))
+@functools.partial(jax.jit, static_argnums=0)
+def _perceptual_features(view: ClipView, params, images_BxHxWx3_u8):
+    return perceptual_features_from_pixels(view.module.module, params, view.pixels(images_BxHxWx3_u8))
 
 
 def perceptual_distance(feats_a: Sequence[jnp.ndarray], feats_b: Sequence[jnp.ndarray]) -> jnp.ndarray:
@@ -384,15 +402,13 @@ def diversity(clip: ClipBundle, images_KxHxWx3_u8) -> jnp.ndarray:
         raise ValueError(
             f"diversity needs at least 2 images of one prompt (it averages over pairs); got {images.shape[0]}"
         )
-    module, size, mean, std = clip.module, clip.image_size, clip.image_mean, clip.image_std
+    return _diversity(clip.view(), clip.params, images)
 
-    def build():
-        def fn(p, x):
-            return pairwise_mean_distance(perceptual_features_from_pixels(module, p, preprocess(x, size, mean, std)))
 
-        return jax.jit(fn)
-
-    return clip.jitted("diversity", build)(clip.params, images)
+@functools.partial(jax.jit, static_argnums=0)
+def _diversity(view: ClipView, params, images_KxHxWx3_u8):
+    return pairwise_mean_distance(perceptual_features_from_pixels(view.module.module, params,
+                                                                  view.pixels(images_KxHxWx3_u8)))
 
 
 # ------------------------------------------------------------------------------------------ concept presence

@@ -224,6 +224,13 @@ def transformer_group_norm_pytorch_eps(module, hidden):
     return norm.apply({"params": module.variables["params"]}, hidden)
 
 
+def with_memory_efficient_attention(unet):
+    """The UNet computing attention in query/key chunks (diffusers' `use_memory_efficient_attention`): the same
+    values, without holding whole attention matrices. Captured cross-attention layers still form their
+    probabilities (Q x T: small); the self-attention layers, whose Q x Q matrices dominate memory, are chunked."""
+    return unet.clone(use_memory_efficient_attention=True)
+
+
 def attention_with_probs(module, hidden_BxQxF, context_BxTxD):
     """diffusers' FlaxAttention forward (non-chunked path) that also returns probs (B x heads x Q x T)."""
     heads, dim_head = module.heads, module.dim_head
@@ -519,10 +526,14 @@ def flax_pipeline_index(sdxl: bool = False) -> dict:
     .from_pretrained (no safety checker).
 
     The pipeline only samples with DDIM, PNDM, LMS or DPM-Solver, so the index names DDIM; it reads the
-    folder's schedule (betas, prediction type) from scheduler_config.json, which keeps the training class."""
+    folder's schedule (betas, prediction type) from scheduler_config.json, which keeps the training class.
+
+    The absent safety checker and feature extractor are listed as (library, null): diffusers' Flax loader drops
+    a [null, null] entry and then fails ("expected ... but only ... were passed") unless the caller passes
+    safety_checker=None, feature_extractor=None; a known library with a null class loads as None by itself."""
     index = {
         "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-        "feature_extractor": [None, None], "safety_checker": [None, None],
+        "feature_extractor": ["transformers", None], "safety_checker": ["stable_diffusion", None],
         "scheduler": ["diffusers", "FlaxDDIMScheduler"], "text_encoder": ["transformers", "FlaxCLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "FlaxUNet2DConditionModel"],
         "vae": ["diffusers", "FlaxAutoencoderKL"],

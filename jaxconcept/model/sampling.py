@@ -8,8 +8,10 @@ learned concept rows spliced in) inside the same compiled program, the batch spl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,20 @@ import jax.numpy as jnp
 from ..parallel import sharding
 from . import adapter, capture, conditioning, diffusion
 from .loading import ModelBundle
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _noise_program(key, p_B, k_B, shape):
+    one = lambda p, k: jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, p), k), shape)  # noqa: E731
+    return jax.vmap(one)(p_B, k_B)
+
+
+def initial_noise_for(seed: int, p_B, k_B, shape_Zxhxw) -> jnp.ndarray:
+    """B x Z x h x w starting noise of images (p_B[i], k_B[i]): entry i depends only on (seed, p, k), so an
+    image gets the same noise whatever batch it is made in. One vectorised program per batch (no Python loop
+    over images): a batch's noise is ready at once, whatever the number of images."""
+    p_B, k_B = jnp.asarray(p_B, jnp.uint32), jnp.asarray(k_B, jnp.uint32)
+    return _noise_program(jax.random.key(seed), p_B, k_B, tuple(int(d) for d in shape_Zxhxw))
 
 
 def guided_sample(eps_fn, scheduler, sched_state, noise_BxZxhxw, cond_BxTxD, uncond_BxTxD,
@@ -59,16 +75,58 @@ def _images(nets, schedule, params, noise, cond, uncond, guidance):
     return jnp.clip(diffusion.decode_latents(vae, params["vae"], latents / latent_scale), -1, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleStatics:
+    """What a sampling program is specialised on (hashable: a static jit argument)."""
+
+    unet: Any
+    vae: Any
+    latent_scale: float
+    text_encoder: adapter.StaticModule  # of `conditioning.text_model`: the text encoder, or SDXL's two
+    scheduler_config: str  # the model's scheduler config as sorted JSON
+    scheduler: str
+    num_steps: int
+    concept_ids: tuple[int, ...] | None = None  # the rows' vocabulary ids; None: a base model (rows ignored)
+    time_ids: tuple[float, ...] | None = None  # SDXL: the images' micro-conditioning; None: SD 1/2
+    zero_uncond: bool = False  # SDXL: zero unconditional text and pooled embedding (no negative prompt)
+
+    def schedule(self) -> tuple:
+        sched, sched_state = adapter.inference_scheduler(self.scheduler, json.loads(self.scheduler_config))
+        return sched, sched_state, self.num_steps
+
+    def nets(self) -> tuple:
+        return self.unet, self.vae, self.latent_scale
+
+
+def sample_statics(bundle: ModelBundle, scheduler: str, num_steps: int, concept_ids=None,
+                   zero_uncond: bool = False) -> SampleStatics:
+    sched_key = json.dumps(bundle.scheduler_config, sort_keys=True, default=str)
+    ids = None if concept_ids is None else tuple(int(i) for i in concept_ids)
+    time_ids = conditioning.image_time_ids(bundle)
+    time_ids = None if time_ids is None else tuple(float(v) for v in time_ids)
+    return SampleStatics(bundle.unet, bundle.vae, bundle.latent_scale,
+                         adapter.StaticModule(conditioning.text_model(bundle)), sched_key, scheduler, num_steps, ids,
+                         time_ids, bool(zero_uncond))
+
+
+def _sample_contexts(statics: SampleStatics, params, noise, cond, uncond, guidance):
+    return _images(statics.nets(), statics.schedule(), params, noise, cond, uncond, guidance)
+
+
 def make_sampler(bundle: ModelBundle, scheduler: str = "ddim", num_steps: int = 50, guidance: float = 7.5):
     """Jitted (params, noise, cond, uncond) -> images B x H x W x 3 in [-1, 1] (contexts given)."""
-    sched, sched_state = adapter.inference_scheduler(scheduler, bundle.scheduler_config)
+    bound = sharding.Bound(jax.jit(_sample_contexts, static_argnums=0), sample_statics(bundle, scheduler, num_steps))
+    return lambda params, noise, cond, uncond: bound(params, noise, cond, uncond, guidance)
 
-    @jax.jit
-    def sample(params, noise, cond, uncond):
-        return _images((bundle.unet, bundle.vae, bundle.latent_scale), (sched, sched_state, num_steps), params,
-                       noise, cond, uncond, guidance)
 
-    return sample
+def _sample_ids(statics: SampleStatics, params, rows_NxD, noise, cond_ids, uncond_ids, guidance):
+    ids = None if statics.concept_ids is None else jnp.asarray(statics.concept_ids, jnp.int32)
+    encode = functools.partial(conditioning.encode, statics.text_encoder.module, params, concept_ids_N=ids,
+                               rows_NxD=None if ids is None else rows_NxD, time_ids_K=statics.time_ids)
+    cond, uncond = encode(cond_ids), encode(uncond_ids)
+    if statics.zero_uncond:
+        uncond = conditioning.without_text(uncond)
+    return _images(statics.nets(), statics.schedule(), params, noise, cond, uncond, guidance)
 
 
 def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None,
@@ -79,33 +137,10 @@ def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh
     data axis (B must be a multiple of its size). `concept_ids` (static) are the rows' vocabulary ids;
     None for a base model (rows ignored). SDXL: the images' time ids are their size, uncropped (the pipeline's
     defaults); `zero_uncond` makes the unconditional text states and pooled embedding zeros instead of the
-    encoded negative prompt (SDXL base's `force_zeros_for_empty_prompt`).
+    encoded negative prompt (SDXL base's `force_zeros_for_empty_prompt`). generate() called again (a notebook),
+    or on another run of the same model with the same settings (evaluate with several --run), reuses the
+    compiled program.
     """
-    # cached: generate() called again (a notebook) or on another run of the same model with the same settings
-    # (evaluate with several --run) reuses the compiled program
-    sched_key = json.dumps(bundle.scheduler_config, sort_keys=True, default=str)
-    ids = None if concept_ids is None else tuple(int(i) for i in concept_ids)
-    text = adapter.StaticModule(conditioning.text_model(bundle))
-    time_ids = conditioning.image_time_ids(bundle)
-    time_ids = None if time_ids is None else tuple(float(v) for v in time_ids)
-    return _batch_program((bundle.unet, bundle.vae, bundle.latent_scale), text, sched_key, scheduler,
-                          num_steps, mesh, ids, (time_ids, bool(zero_uncond)))
-
-
-@functools.lru_cache(maxsize=16)
-def _batch_program(nets, text, sched_key, scheduler, num_steps, mesh, concept_ids, sdxl_options):
-    sched, sched_state = adapter.inference_scheduler(scheduler, json.loads(sched_key))
-    ids = None if concept_ids is None else jnp.asarray(concept_ids, jnp.int32)
-    time_ids, zero_uncond = sdxl_options
-
-    def sample(params, rows_NxD, noise, cond_ids, uncond_ids, guidance):
-        rows = None if ids is None else rows_NxD
-        encode = functools.partial(conditioning.encode, text.module, params, concept_ids_N=ids, rows_NxD=rows,
-                                   time_ids_K=time_ids)
-        cond, uncond = encode(cond_ids), encode(uncond_ids)
-        if zero_uncond:
-            uncond = conditioning.without_text(uncond)
-        return _images(nets, (sched, sched_state, num_steps), params, noise, cond, uncond, guidance)
-
     rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(sample, in_shardings=(rep, rep, bat, bat, bat, rep), out_shardings=bat)
+    jitted = jax.jit(_sample_ids, static_argnums=0, in_shardings=(rep, rep, bat, bat, bat, rep), out_shardings=bat)
+    return sharding.Bound(jitted, sample_statics(bundle, scheduler, num_steps, concept_ids, zero_uncond))

@@ -8,7 +8,6 @@ by XLA where a layer needs it (the joint stage's UNet, its gradients and AdamW m
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import numpy as np
@@ -99,12 +98,25 @@ def fsdp_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size, min_size)), tree)
 
 
-@functools.lru_cache(maxsize=32)
-def _jitted_capture(unet, mesh: Mesh, selector: capture.LayerSelector):
-    # modules, meshes and selectors are hashable: equal arguments reuse one compiled program
-    fn = functools.partial(capture.unet_with_attention, unet, selector=selector)
-    rep, bat = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(fn, in_shardings=(rep, bat, bat, bat), out_shardings=(bat, bat))
+class Bound:
+    """A jitted function with its static arguments (the leading ones) bound: calls and `lower` take the
+    array arguments only. The package's one way of reusing compiled programs: a module-level function whose
+    first argument is a hashable statics object, jitted where it is used with its shardings spelled out; equal
+    statics and shardings give the same program, traced and compiled once (jax's own cache)."""
+
+    def __init__(self, jitted, *statics):
+        self.jitted, self.statics = jitted, statics
+
+    def __call__(self, *args):
+        return self.jitted(*self.statics, *args)
+
+    def lower(self, *args):
+        return self.jitted.lower(*self.statics, *args)
+
+
+def _capture(statics, unet_params, latents, timesteps, context):
+    unet, selector = statics
+    return capture.unet_with_attention(unet, unet_params, latents, timesteps, context, selector)
 
 
 def jit_attention_capture(bundle_unet, mesh: Mesh, selector: capture.LayerSelector = capture.ALL_LAYERS):
@@ -112,8 +124,9 @@ def jit_attention_capture(bundle_unet, mesh: Mesh, selector: capture.LayerSelect
 
     Params are replicated; every batch-led input and output is split over the mesh's data axis.
     """
-    jitted = _jitted_capture(bundle_unet, mesh, selector)
     rep, bat = replicated(mesh), batch_sharded(mesh)
+    jitted = Bound(jax.jit(_capture, static_argnums=0, in_shardings=(rep, bat, bat, bat), out_shardings=(bat, bat)),
+                   (bundle_unet, selector))
 
     def run(unet_params, latents, timesteps, context):
         check_batch(latents.shape[0], mesh)

@@ -41,6 +41,8 @@ class ImageError(JaxconceptError):
 
 def open_oriented(path: str, what: str = "image") -> Image.Image:
     """The file's image, loaded, with its EXIF orientation applied; ImageError if missing or unreadable."""
+    if os.path.isdir(path):
+        raise ImageError(f"{what} {path!r} is a folder, not an image file: give the file itself")
     if not os.path.isfile(path):
         raise ImageError(f"{what} {path!r} does not exist")
     try:

@@ -70,6 +70,13 @@ class InputError(JaxconceptError):
     """Images, concepts or masks given by the user that cannot be used."""
 
 
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a token or image name ("<red circle>" -> "red_circle"): what a token's files are
+    named by (masks/*/IMAGE__NAME.png, the export's embeddings/NAME.safetensors, evaluate's references)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")
+    return name or "concept"
+
+
 @dataclasses.dataclass(frozen=True)
 class ConceptSpec:
     """One concept to learn: its new token, optional init word, kind, and optional user mask file."""
@@ -281,7 +288,34 @@ def validate(specs: Sequence[ImageSpec]) -> tuple[ImageSpec, ...]:
                 where = f"twice for image {other!r}" if other == spec.path else f"for both {other!r} and {spec.path!r}"
                 raise InputError(f"concept token {c.token!r} is given {where}: each concept needs its own token")
             owner_of[c.token] = spec.path
+    _check_file_names(owner_of)
     return specs
+
+
+def _check_file_names(tokens) -> None:
+    """Two tokens whose files would share a name (`safe_name`, case ignored as on macOS and Windows) are
+    refused: a run's masks, the final-round rule, the export and evaluate's references go by that name."""
+    by_name: dict[str, list[str]] = {}
+    for token in tokens:
+        by_name.setdefault(safe_name(token).lower(), []).append(token)
+    clashes = [ts for ts in by_name.values() if len(ts) > 1]
+    if clashes:
+        ts = clashes[0]
+        raise InputError(
+            f"concept tokens {' and '.join(map(repr, ts))} would share the file name {safe_name(ts[0])!r} (in "
+            f"masks/round_NN/IMAGE__{safe_name(ts[0])}.png, the export and evaluate): a token's file name keeps "
+            "its letters, digits, '.', '_' and '-', with every other run of characters turned into '_', and case is "
+            "ignored. Rename one of them so that their names differ in letters or digits, e.g. "
+            f"{ts[0]!r} and {_renamed(ts[1], by_name)!r}.")
+
+
+def _renamed(token: str, by_name: dict) -> str:
+    """A suggestion: `token` with a digit added before its closing '>' (or at its end) that no other token uses."""
+    head, tail = (token[:-1], ">") if token.endswith(">") else (token, "")
+    k = 2
+    while safe_name(f"{head}{k}{tail}").lower() in by_name:
+        k += 1
+    return f"{head}{k}{tail}"
 
 
 def _validate_concept(c: ConceptSpec, path: str) -> None:
@@ -297,6 +331,23 @@ def _validate_concept(c: ConceptSpec, path: str) -> None:
     for name, value in (("init word", c.init_word), ("mask", c.mask)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise InputError(f"image {path!r}: {name} {value!r} of {c.token!r} must be a non-empty string or None")
+
+
+# ------------------------------------------------------------------------------------------ prior images
+
+PRIOR_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def prior_files(folder: str) -> list[str]:
+    """The class images of prior preservation (`prior.folder`), sorted (refused when there are none)."""
+    files = (sorted(f for f in os.listdir(folder) if f.lower().endswith(PRIOR_EXTENSIONS))
+             if os.path.isdir(folder) else [])
+    if not files:
+        what = "does not exist" if not os.path.exists(folder) else (
+            "is a file, not a folder" if not os.path.isdir(folder) else f"has no images ({', '.join(PRIOR_EXTENSIONS)})")
+        raise InputError(f"prior-preservation folder {folder!r} {what}; fill it with class images or set "
+                         "--config.prior.folder=''.")
+    return [os.path.join(folder, f) for f in files]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -551,6 +602,6 @@ def from_toy_scene_folder(folder: str, suffix: str = "", init: str = "color+shap
 
 __all__ = [
     "CONCEPT_KEYS", "ConceptSpec", "EXAMPLE", "FORM", "IMAGE_KEYS", "ImageSpec", "InputError", "Inputs", "KINDS",
-    "check_sizes", "format_concepts_arg", "from_toy_scene_folder", "init_word_parts", "load", "parse_concepts_arg",
-    "specs_from_config", "validate",
+    "PRIOR_EXTENSIONS", "check_sizes", "format_concepts_arg", "from_toy_scene_folder", "init_word_parts", "load",
+    "parse_concepts_arg", "prior_files", "safe_name", "specs_from_config", "validate",
 ]

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save as safetensors_bytes
 
 from . import images, viz
+from .inputs import safe_name  # noqa: F401  (file names of tokens: outputs.safe_name)
 from ..errors import JaxconceptError
 from ..model import lora
 
@@ -30,14 +30,9 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]], np.uint8)
 
 
-def safe_name(text: str) -> str:
-    """A file-name-safe form of a token or image name ("<red circle>" -> "red_circle")."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")
-    return name or "concept"
-
-
 def file_names(tokens) -> list[str]:
-    """Unique safe names, one per token."""
+    """One file name per token: its `safe_name` (training refuses tokens whose names collide, see
+    `inputs.validate`); a repeated one, which only older runs can hold, gets a suffix."""
     out, seen = [], {}
     for t in tokens:
         base = safe_name(t)
@@ -123,13 +118,34 @@ def token_tensors(tokens, rows_NxD, counts=None) -> dict[str, np.ndarray]:
     return {t: np.ascontiguousarray(p[0] if n == 1 else p) for t, n, p in zip(tokens, counts, parts)}
 
 
+def save_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file that is the same bytes for the same contents, with the permissions of every other file
+    (0666 less the umask), written whole or not at all (a temporary file, then a rename). safetensors' own
+    writer orders the metadata at random (a Rust HashMap) and creates the file 0600: here its header is written
+    again with sorted metadata (the tensors' entries keep their order and offsets)."""
+    blob = safetensors_bytes(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.write(memoryview(blob)[8 + n:])
+    os.replace(tmp, path)
+
+
 def save_concepts(path: str, tokens, rows_NxD, init_words=None, counts=None) -> None:
     """Embeddings by token (safetensors, `token_tensors`); init words in the metadata."""
     tensors = token_tensors(tokens, rows_NxD, counts)
     meta = {"format": "jaxconcept", "tokens": json.dumps(list(tokens))}
     if init_words is not None:
         meta["init_words"] = json.dumps(list(init_words))
-    save_file(tensors, path, metadata=meta)
+    save_safetensors(path, tensors, meta)
 
 
 def load_concepts(path: str) -> dict[str, np.ndarray]:
@@ -141,9 +157,7 @@ def load_concepts(path: str) -> dict[str, np.ndarray]:
 def save_lora(path: str, adapters, spec, unet_params) -> None:
     """The joint stage's adapters as a PEFT LoRA file (`pipe.load_lora_weights(folder)` in PyTorch diffusers)."""
     tensors, meta = lora.to_peft(adapters, spec, unet_params)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors(path, tensors, meta)
 
 
 def load_lora(path: str, unet_params):

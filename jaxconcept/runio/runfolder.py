@@ -27,7 +27,7 @@ import numpy as np
 from ..masks import estep, labels as masks, settle
 from ..model import adapter, tokens
 from ..parallel import distributed
-from . import images, outputs
+from . import images, inputs, outputs
 from ..errors import JaxconceptError
 
 
@@ -43,11 +43,16 @@ def _file_hash(path: str) -> str:
 
 
 def fingerprint(settings, specs) -> dict:
-    """{"images", "concepts", "config"}: what a run's results depend on (specs already checked)."""
+    """{"images", "concepts", "config"[, "prior"]}: what a run's results depend on (specs already checked);
+    "prior": the prior-preservation images' names and contents, when `prior.folder` is set (runs without
+    one have no such key, as before it was recorded)."""
     imgs = [_file_hash(s.path) for s in specs]
     concepts = [[[c.token, c.init_word, c.kind, None if not c.mask else _file_hash(c.mask)] for c in s.concepts]
                 for s in specs]
-    return {"images": imgs, "concepts": concepts, "config": settings.result_fields()}
+    fp = {"images": imgs, "concepts": concepts, "config": settings.result_fields()}
+    if settings.prior.folder:
+        fp["prior"] = [[os.path.basename(p), _file_hash(p)] for p in inputs.prior_files(settings.prior.folder)]
+    return fp
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -56,6 +61,8 @@ def _differences(old: dict, new: dict) -> list[str]:
         out.append("image contents")
     if old.get("concepts") != new["concepts"]:
         out.append("concepts or their masks")
+    if old.get("prior") != new.get("prior"):
+        out.append("the prior-preservation images (prior.folder's files or their contents)")
     flat_old, flat_new = _flat(old.get("config", {})), _flat(new["config"])
     fields = sorted(k for k in set(flat_old) | set(flat_new) if flat_old.get(k) != flat_new.get(k))
     if fields:
@@ -71,28 +78,85 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def read_record(folder: str) -> dict | None:
+    """The folder's run.json, None when it has none; a damaged one is a RunFolderError naming it."""
     path = os.path.join(folder, "run.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), dict):
+            raise ValueError("no fingerprint in it")
+        return record
+    except (OSError, ValueError) as e:
+        raise RunFolderError(
+            f"{path!r} is damaged ({type(e).__name__}: {e}). It records what the run in {folder!r} was made from "
+            "(images, concepts, config), so whether this command may resume it cannot be checked. Restore the file "
+            "(from a backup), or give another --out to start fresh; nothing was written.") from e
 
 
-def check_fingerprint(folder: str, fp: dict) -> None:
-    """Refuse a folder that holds a run of other inputs or settings (nothing is written)."""
+def _what_is_there(folder: str, entries: list[str]) -> str:
+    """The folder's entries for a message, and what they look like."""
+    shown = ", ".join(e + ("/" if os.path.isdir(os.path.join(folder, e)) else "") for e in sorted(entries)[:6])
+    if len(entries) > 6:
+        shown += f" and {len(entries) - 6} more"
+    looks = ""
+    if "model_index.json" in entries:
+        looks = ": a diffusers pipeline folder (an export of a run, or a model)"
+    elif os.path.isfile(os.path.join(folder, "config.json")) and any(
+            e.startswith(("diffusion_", "flax_model", "pytorch_model", "model.safetensors")) for e in entries):
+        looks = ": a model folder"
+    elif any(e.startswith("job_") for e in entries):
+        looks = ": the job folders of a batch of jobs, without its run.json"
+    return shown + looks
+
+
+def _has_checkpoints(folder: str) -> bool:
+    ckpt = os.path.join(folder, "checkpoints")
+    return os.path.isdir(ckpt) and any(not e.startswith(".") for e in os.listdir(ckpt))
+
+
+def check_fingerprint(folder: str, fp: dict, retrain: bool = False) -> str | None:
+    """Refuse, before anything is written: a folder that is not a run folder and not empty, one with a
+    damaged run.json, one that holds a run of other inputs or settings, and a finished run whose checkpoints
+    are gone (it would be trained again from scratch, over its results) unless `retrain`. Returns a note for
+    the user when the run will start from the beginning over an earlier run's files (None otherwise)."""
+    if not os.path.isdir(folder):
+        return None
     old = read_record(folder)
     if old is None:
-        ckpt = os.path.join(folder, "checkpoints")
-        if os.path.isdir(ckpt) and os.listdir(ckpt):
+        if _has_checkpoints(folder):
             raise RunFolderError(f"{folder!r} holds checkpoints but no run.json: it was written by an older version "
                                  "of jaxconcept and cannot be resumed. Give another --out, or delete the folder.")
-        return
+        found = [e for e in os.listdir(folder) if not e.startswith(".")]  # .lock, .DS_Store: not a run's files
+        if found:
+            raise RunFolderError(
+                f"{folder!r} is not a run folder (it has no run.json) and is not empty: it holds "
+                f"{_what_is_there(folder, found)}. Training would write its files among these; nothing was "
+                "written. Give --out a new or empty folder (or one of an earlier train run, to resume it).")
+        return None
     diff = _differences(old.get("fingerprint", {}), fp)
     if diff:
         raise RunFolderError(
             f"{folder!r} holds another run (it differs in {'; '.join(diff)}); nothing was written. To start "
             f"fresh, give another --out or delete {folder}; to resume that run, start it with its own inputs and "
             f"config (see {os.path.join(folder, 'config.json')}).")
+    if _has_checkpoints(folder):
+        return None
+    results = old.get("finished") or os.path.isfile(os.path.join(folder, "summary.json"))
+    if results and not retrain:
+        raise RunFolderError(
+            f"{folder!r} holds a finished run whose checkpoints/ are gone: its results (concepts.safetensors, "
+            "masks/final/, summary.json) are there and usable as they are (generate, evaluate and export read "
+            "them), but the run cannot be resumed, and starting it again would train it from scratch, every stage, "
+            "and overwrite them. Nothing was written. To train it again, add --retrain (Python: retrain=True); "
+            "or give another --out.")
+    if results:
+        return (f"{folder!r}: its checkpoints/ are gone; training it again from scratch (--retrain): its results "
+                "will be overwritten at the end.")
+    if os.path.isfile(os.path.join(folder, "metrics.jsonl")):
+        return f"{folder!r} has no checkpoint (none made yet, or checkpoints/ deleted): starting from the beginning."
+    return None
 
 
 def write_record(folder: str, fp: dict, finished: bool) -> None:
@@ -176,14 +240,30 @@ def _position(entry: dict) -> int:
 
 
 class Metrics:
-    """metrics.jsonl, kept to the entries up to a checkpoint when a run resumes (process 0 writes)."""
+    """metrics.jsonl, kept to the entries up to a checkpoint when a run resumes (process 0 writes). A line
+    that cannot be read (what a crash or a full disk leaves at the end) is dropped; `note` says so."""
 
     def __init__(self, run_dir: str, through: int | None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        kept = []
+        self.note = None
+        kept, bad = [], []
         if through is not None and os.path.isfile(self.path):
-            with open(self.path) as f:
-                kept = [e for e in map(json.loads, filter(str.strip, f)) if _position(e) <= through]
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                lines = [line for line in f if line.strip()]
+            for n, line in enumerate(lines, 1):
+                try:
+                    entry = json.loads(line)
+                    if isinstance(entry, dict) and _position(entry) <= through:
+                        kept.append(entry)
+                    elif not isinstance(entry, dict):
+                        raise ValueError("not an entry")
+                except (ValueError, KeyError, TypeError):
+                    bad.append(n)
+            if bad:
+                where = (f"its last line ({bad[0]}), cut off" if bad == [len(lines)]
+                         else f"{len(bad)} damaged line(s) ({', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+                self.note = (f"{self.path}: dropped {where} (what an interrupted write leaves); the entries up to "
+                             f"the checkpoint are kept.")
         self.rounds = [e for e in kept if "round" in e]
         self.file = None
         if distributed.is_primary():
@@ -211,6 +291,19 @@ def round_masks(run_dir, setup, n_rounds: int) -> list[np.ndarray]:
     token_names = outputs.file_names(setup.concepts.tokens)
     return [outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
             for r in range(n_rounds + 1)]
+
+
+def unreadable_rounds(run_dir, setup, n_rounds: int) -> list[int]:
+    """The rounds among 0..n_rounds whose masks/round_NN files are missing or cannot be read."""
+    names, owner_C = setup.inputs.names, np.asarray(setup.inputs.owner_C)
+    token_names = outputs.file_names(setup.concepts.tokens)
+    out = []
+    for r in range(n_rounds + 1):
+        try:
+            outputs.load_masks(os.path.join(run_dir, "masks", f"round_{r:02d}"), names, token_names, owner_C)
+        except (OSError, ValueError, SyntaxError):
+            out.append(r)
+    return out
 
 
 def save_round_masks(run_dir, setup, token_names, r: int, masks_CxHxW) -> None:

@@ -56,12 +56,7 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
             raise JaxconceptError(f"{run_dir!r} is not a finished run folder: {os.path.basename(path)} is missing. "
                                   "Finish the run (start the same train command again to resume).")
     cfg = read_config(run_dir)
-    rows = outputs.load_concepts(concepts_path)
-    from safetensors import safe_open
-
-    with safe_open(concepts_path, "np") as f:
-        meta = f.metadata() or {}
-    order = json.loads(meta["tokens"]) if "tokens" in meta else sorted(rows)
+    rows, order = read_concepts(concepts_path)  # before the model loads: a damaged file is said at once
     bundle = bundle or load_model(cfg["model"], dtype, seed=cfg.get("seed", 0))
     bundle = with_tuned_text_encoder(run_dir, cfg, bundle)
     missing = [t for t in order if t not in rows]
@@ -74,6 +69,32 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
     rows_NxD = jnp.asarray(np.concatenate([rows[t] for t in order]), dtype)
     return LoadedRun(bundle, tuple(order), concepts.ids_array, rows_NxD, os.path.abspath(run_dir), concepts.counts,
                      adapted)
+
+
+def read_concepts(path: str) -> tuple[dict, list]:
+    """(token -> rows, tokens in the run's order) of a run's concepts.safetensors. A missing or damaged file
+    (cut off by a crash or a full disk, changed by hand) is a JaxconceptError that names it and says what to do."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise JaxconceptError(f"{os.path.dirname(path)!r} is not a finished run folder: {os.path.basename(path)} is "
+                              "missing. Finish the run (start the same train command again to resume).")
+    try:
+        with safe_open(path, "np") as f:
+            meta = f.metadata() or {}
+            rows = {k: f.get_tensor(k) for k in f.keys()}
+        order = json.loads(meta["tokens"]) if "tokens" in meta else sorted(rows)
+        if not (isinstance(order, list) and all(isinstance(t, str) for t in order)):
+            raise ValueError(f"its 'tokens' metadata is {meta['tokens'][:80]!r}, not a list of tokens")
+        if not rows:
+            raise ValueError("it holds no embedding")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise JaxconceptError(
+            f"cannot read the learned concepts {path!r} ({e}): the file is damaged (cut off by a crash or a full "
+            "disk, or changed). Start the run's train command again with the same --out: a finished run writes its "
+            "results again from its last checkpoint, without training again. Or copy the run folder again from "
+            "where it was made.") from None
+    return rows, order
 
 
 def with_tuned_unet(run_dir: str, cfg: dict, bundle: ModelBundle, dtype) -> tuple[ModelBundle, Adapted | None]:
