@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .masks import aggregate
-from .model import capture, diffusion, tokens
+from .model import capture, conditioning, diffusion, tokens
 from .parallel import sharding
 from .runio import images, viz
 from .errors import JaxconceptError
@@ -60,10 +60,13 @@ def token_attention(
     latents = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod,
                                   jnp.broadcast_to(latents0, noise.shape), noise, timesteps)
     ids = tokens.tokenize(bundle.tokenizer, [prompt], bundle.max_length)
-    context = tokens.text_hidden_states(bundle.text_encoder, bundle.params["text_encoder"], jnp.asarray(ids))
-    context = jnp.broadcast_to(context, (batch,) + context.shape[1:])
+    image_hw = tuple(d * bundle.vae_factor for d in latent_hw)
+    text, time_ids = conditioning.text_model(bundle), conditioning.image_time_ids(bundle, image_hw)
+    # one compiled program: run op by op, SDXL's two encoders take seconds longer
+    cond = jax.jit(lambda p, i: conditioning.encode(text, p, i, time_ids_K=time_ids))(
+        conditioning.text_params(bundle.params), jnp.asarray(ids))
     run = sharding.jit_attention_capture(bundle.unet, mesh, selector)
-    _, maps = run(bundle.params["unet"], latents, timesteps.astype(jnp.int32), context)
+    _, maps = run(bundle.params["unet"], latents, timesteps.astype(jnp.int32), conditioning.broadcast(cond, batch))
     positions, words = prompt_words(bundle, ids[0])
     if not maps:
         raise JaxconceptError("the layer selection captured no cross-attention layer; widen --resolutions")

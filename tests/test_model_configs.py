@@ -100,8 +100,10 @@ def test_a_pytorch_unet_with_16_groups_is_refused_by_name(pt_folder, tmp_path, c
     ("unet", {"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
      "down_block_types holds 'SimpleCrossAttnDownBlock2D', but only 'CrossAttnDownBlock2D', 'DownBlock2D' can be used: "
      "the Flax UNet builds any other as a DownBlock2D"),
-    ("unet", {"addition_embed_type": "text_time"}, "addition_embed_type holds 'text_time', but only None can be used: "
-                                                   "SDXL's added"),
+    ("unet", {"addition_embed_type": "text_time"}, "an SDXL UNet (addition_embed_type='text_time') needs both text "
+                                                   "encoders, but the folder lacks text_encoder_2/, tokenizer_2/"),
+    ("unet", {"addition_embed_type": "text"}, "addition_embed_type holds 'text', but only None, 'text_time' can be "
+                                              "used: the Flax UNet has no other added conditioning than SDXL's"),
     ("vae", {"use_quant_conv": False}, "use_quant_conv=False (PyTorch's default is True): the Flax VAE always has"),
     ("vae", {"shift_factor": 0.1159}, "shift_factor=0.1159 (PyTorch's default is None): latent shifting"),
     ("vae", {"mid_block_add_attention": False}, "mid_block_add_attention=False"),
@@ -174,8 +176,8 @@ def test_v_prediction_models_train_on_v(tiny, tmp_path, monkeypatch):
     real = capture.unet_with_attention
     oracle = {}
 
-    def exact(unet, params, noisy, t, context, selector):
-        _, maps = real(unet, params, noisy, t, context, selector)
+    def exact(unet, params, noisy, t, context, selector, lora=None):
+        _, maps = real(unet, params, noisy, t, context, selector, lora)
         a = oracle["ac"][t][:, None, None, None]
         eps = (noisy - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
         return (eps if oracle["kind"] == "epsilon" else jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0), maps

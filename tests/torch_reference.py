@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from jaxconcept.model import loading as jc_model
 
@@ -40,6 +40,26 @@ def build_folder(folder: str, seed: int = 0):
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     DDIMScheduler(**jc_model.SD_SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
     return unet, vae, text
+
+
+def build_sdxl_folder(folder: str, seed: int = 0):
+    """Write the tiny SDXL's components (PyTorch weights) into `folder`; returns the PyTorch modules and the
+    tokenizers as (unet, vae, text, text_2, tokenizer, tokenizer_2)."""
+    torch.manual_seed(seed)
+    tokenizer = jc_model.word_tokenizer()
+    tokenizer_2 = jc_model.word_tokenizer(pad_token="!")
+    unet = UNet2DConditionModel(**jc_model.TINY_SDXL_UNET).eval()
+    vae = AutoencoderKL(**jc_model.TINY_SDXL_VAE).eval()
+    text = CLIPTextModel(CLIPTextConfig(**jc_model.text_config_for(tokenizer, jc_model.TINY_TEXT, 77))).eval()
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        **jc_model.text_config_for(tokenizer_2, jc_model.TINY_SDXL_TEXT_2, 77))).eval()
+    for i, m in enumerate((unet, vae, text, text_2)):
+        _perturb(m, seed + i)
+    for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text), ("text_encoder_2", text_2),
+                    ("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+        m.save_pretrained(os.path.join(folder, name))
+    DDIMScheduler(**jc_model.SD_SCHEDULER).save_pretrained(os.path.join(folder, "scheduler"))
+    return unet, vae, text, text_2, tokenizer, tokenizer_2
 
 
 def rel_err(ours, ref) -> float:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import settings
-from ..model import capture, tokens
+from ..model import capture, conditioning, tokens
 from ..parallel import distributed, sharding
 from ..runio import outputs, runfolder
 from . import learner, steps
@@ -92,7 +92,7 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
     num_jobs = len(setups)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
     job_sh = steps.job_axis_sharding(mesh, num_jobs)
-    frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
+    frozen = place({**conditioning.text_params(b.params), "unet": b.params["unet"]})
     setups = [dataclasses.replace(st, run_data=place(st.run_data)) for st in setups]
     run_data, ids_JxN = stacked_inputs(setups, mesh)
     loss_cfg = loss_config(s)

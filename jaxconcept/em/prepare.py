@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import adapter, tokens
+from ..model import adapter, conditioning, tokens
 from ..runio import images, inputs
 from . import data
 from ..errors import JaxconceptError
@@ -87,6 +87,9 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     if s.resolution:  # too-small images refused before a possibly long model download
         inputs.check_sizes(specs, s.resolution, s.resize)
     bundle = bundle or load_model(s.model, s.dtype, seed=s.seed)
+    if bundle.is_sdxl and s.joint.text_encoder and s.joint.steps:
+        raise JaxconceptError("joint.text_encoder=True is not supported on SDXL yet (its two text encoders are "
+                              "not saved with a run); tune the tokens and the UNet (or its LoRA adapters).")
     if s.memory_efficient_attention:
         bundle = bundle.replace(unet=adapter.with_memory_efficient_attention(bundle.unet))
     size = image_size(s, bundle)
@@ -118,9 +121,11 @@ def prior_data(s: Settings, bundle: ModelBundle) -> dict:
     pics = np.stack([images.load_image(path, bundle.resolution) for path in prior_files(s.prior.folder)])
     lat = data.encode_with_flips(bundle.vae, bundle.params["vae"], pics, bundle.latent_scale)
     ids = tokens.tokenize(bundle.tokenizer, [s.prior.prompt], bundle.max_length)[0]
-    context = tokens.text_hidden_states(bundle.text_encoder, bundle.params["text_encoder"], jnp.asarray(ids[None]))
+    time_ids = conditioning.image_time_ids(bundle, pics.shape[1:3])
+    context = conditioning.encode(conditioning.text_model(bundle), bundle.params, jnp.asarray(ids[None]),
+                                  time_ids_K=time_ids)
     return {"prior_latents": jnp.asarray(lat.reshape((-1,) + lat.shape[2:])), "prior_ids": jnp.asarray(ids),
-            "prior_context": context[0]}
+            "prior_context": conditioning.batch_of(context, 0)}
 
 
 def truth_masks(setup: Setup, ground_truth=None) -> np.ndarray | None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import settings
-from ..model import capture, lora
+from ..model import capture, conditioning, lora
 from ..parallel import sharding
 from . import data, steps
 from .prepare import Setup
@@ -86,7 +86,7 @@ def stage_optimizers(s: settings.Settings) -> dict:
 def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Setup]:
     """The stage functions of one run: the frozen weights replicated (or FSDP-split with mesh.shard_frozen)."""
     b, place, min_size = st.bundle, (lambda tree: sharding.put_replicated(tree, mesh)), s.mesh.fsdp_min_size
-    frozen = {"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}
+    frozen = {**conditioning.text_params(b.params), "unet": b.params["unet"]}
     frozen_sh = sharding.fsdp_shardings(frozen, mesh, min_size) if s.mesh.shard_frozen else None
     frozen = place(frozen) if frozen_sh is None else sharding.put(frozen, frozen_sh)
     run_data = place(st.run_data)
@@ -104,7 +104,7 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
                                       chunk=s.masks.timestep_chunk)
     keys = stage_keys(s.seed)
     te = s.joint.text_encoder
-    joint_frozen = {name: frozen[name] for name in ("text_encoder", "unet")
+    joint_frozen = {name: frozen[name] for name in frozen
                     if not (name == "text_encoder" and te) and not (name == "unet" and s.joint.lora is None)}
     trainable = lambda rows: {"rows": rows, **joint_unet(s, b.params["unet"]),  # noqa: E731
                               **({"text_encoder": b.params["text_encoder"]} if te else {})}

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from .. import settings
 from ..masks import aggregate
-from ..model import adapter, capture, diffusion, tokens
+from ..model import adapter, capture, conditioning, diffusion
 from ..parallel import sharding
 from . import data, losses
 from ..model.loading import ModelBundle
@@ -78,11 +78,12 @@ class StepModel:
     by the first, instead of tracing the UNet again."""
 
     unet: Any
-    text_encoder: Any
+    text_encoder: Any  # what `conditioning.encode` takes: the text encoder (SD 1/2) or both (SDXL's SDXLText)
     num_train_timesteps: int
     prediction_type: str
     alphas_cumprod: tuple[float, ...] = dataclasses.field(repr=False)  # exact: float32 values as Python floats
     alphas_dtype: str = "float32"
+    vae_factor: int = 8  # image pixels per latent pixel: SDXL's time ids are the image's size
     _hash: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self):
@@ -96,11 +97,18 @@ class StepModel:
     def alphas(self) -> jnp.ndarray:
         return jnp.asarray(np.asarray(self.alphas_cumprod, self.alphas_dtype))
 
+    def condition(self, text_params: dict, ids_BxT, latent_hw, concept_ids_N=None, rows_NxD=None):
+        """The UNet's condition for prompts on training images of `latent_hw` (SDXL: uncropped, their own size
+        as original and target size, as diffusers' SDXL trainers condition square resized images)."""
+        sdxl = isinstance(self.text_encoder, conditioning.SDXLText)
+        time_ids = conditioning.time_ids(tuple(d * self.vae_factor for d in latent_hw)) if sdxl else None
+        return conditioning.encode(self.text_encoder, text_params, ids_BxT, concept_ids_N, rows_NxD, time_ids)
+
 
 def step_model(bundle: ModelBundle) -> StepModel:
     alphas = np.asarray(bundle.scheduler_state.common.alphas_cumprod)
-    return StepModel(bundle.unet, bundle.text_encoder, int(bundle.scheduler.config.num_train_timesteps),
-                     bundle.prediction_type, tuple(alphas.tolist()), str(alphas.dtype))
+    return StepModel(bundle.unet, conditioning.text_model(bundle), int(bundle.scheduler.config.num_train_timesteps),
+                     bundle.prediction_type, tuple(alphas.tolist()), str(alphas.dtype), bundle.vae_factor)
 
 
 class Bound(sharding.Bound):
@@ -133,7 +141,8 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     """L_mask + lambda * L_attn (+ prior) for one drawn batch; returns (loss, metrics)."""
     model, cfg, mesh, concept_ids = statics.model, statics.cfg, statics.mesh, concept_ids_N
     # joint tuning moves the UNet (or its LoRA adapters; optionally the text encoder) into `trainable`
-    text_params = trainable["text_encoder"] if "text_encoder" in trainable else frozen["text_encoder"]
+    text_params = {k: trainable.get(k, v) for k, v in conditioning.text_params(frozen).items()}
+    text_params.update(conditioning.text_params(trainable))
     unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
     k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
     batch = data.draw_batch(k_draw, run_data["table"], run_data["latents"], masks_Cxhxw, cfg.batch_size,
@@ -153,12 +162,14 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     alphas_cumprod = model.alphas()
     noisy = diffusion.add_noise(alphas_cumprod, latents, noise, t)
     target = diffusion.training_target(model.prediction_type, alphas_cumprod, latents, noise, t)  # eps or v
+    latent_hw = latents.shape[2:]
     if prior and "prior_context" in run_data and "text_encoder" not in trainable:
         # the class prompt's encoding is fixed while the text encoder is: cached once, not re-run each step
-        inst = tokens.text_hidden_states(model.text_encoder, text_params, ids[:b], concept_ids, trainable["rows"])
-        context = jnp.concatenate([inst, jnp.broadcast_to(run_data["prior_context"], inst.shape)])
+        inst = model.condition(text_params, ids[:b], latent_hw, concept_ids, trainable["rows"])
+        prior_1 = conditioning.batch_of(run_data["prior_context"], None)  # one prompt, batch axis added
+        context = conditioning.concatenate([inst, conditioning.broadcast(prior_1, b)])
     else:
-        context = tokens.text_hidden_states(model.text_encoder, text_params, ids, concept_ids, trainable["rows"])
+        context = model.condition(text_params, ids, latent_hw, concept_ids, trainable["rows"])
     selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
 
     def unet_fn(unet_params, adapters, noisy, t, context):
@@ -256,12 +267,13 @@ class MapsStatics:
     chunk: int = 0  # timesteps per UNet call (0: all in one batch)
 
 
-def _summed_maps(statics: MapsStatics, frozen, noisy_KxZxhxw, t_K, context_1xTxD, positions_C):
-    """Sum over the K timesteps of each concept's aggregated cross-attention map, C x h x w, in one UNet call."""
+def _summed_maps(statics: MapsStatics, frozen, noisy_KxZxhxw, t_K, context_1, positions_C):
+    """Sum over the K timesteps of each concept's aggregated cross-attention map, C x h x w, in one UNet call
+    (`context_1`: the prompt's condition, a batch of one)."""
     k = noisy_KxZxhxw.shape[0]
     if k % statics.mesh.size == 0:
         noisy_KxZxhxw = jax.lax.with_sharding_constraint(noisy_KxZxhxw, sharding.batch_sharded(statics.mesh))
-    context = jnp.broadcast_to(context_1xTxD, (k,) + context_1xTxD.shape[1:])
+    context = conditioning.broadcast(context_1, k)
     _, maps = capture.unet_with_attention(statics.model.unet, frozen["unet"], noisy_KxZxhxw, t_K, context,
                                           statics.selector)
     agg_KxCxHxW = aggregate.aggregate_maps(maps, statics.latent_hw, jnp.maximum(positions_C, 0),
@@ -276,8 +288,8 @@ def _concept_maps(statics: MapsStatics, rows, frozen, latents_Zxhxw, ids_T, posi
     t = jax.random.randint(k_t, (num_timesteps,), 0, model.num_train_timesteps)
     noise = jax.random.normal(k_n, (num_timesteps,) + latents_Zxhxw.shape, latents_Zxhxw.dtype)
     noisy = diffusion.add_noise(model.alphas(), jnp.broadcast_to(latents_Zxhxw, noise.shape), noise, t)
-    context = tokens.text_hidden_states(model.text_encoder, frozen["text_encoder"], ids_T[None], concept_ids, rows)
-    summed = functools.partial(_summed_maps, statics, frozen, context_1xTxD=context, positions_C=positions_C)
+    context = model.condition(frozen, ids_T[None], statics.latent_hw, concept_ids, rows)
+    summed = functools.partial(_summed_maps, statics, frozen, context_1=context, positions_C=positions_C)
     if statics.chunk == 0:  # every timestep in one batch
         mean_CxHxW = jnp.mean(summed(noisy, t), axis=0)
     else:  # `chunk` timesteps per UNet call, one after the other: the activations of one chunk at a time

@@ -66,8 +66,12 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU, FlaxTransformer2DModel  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
-from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection,
+)
+from transformers.models.clip.modeling_flax_clip import (  # noqa: E402
+    FlaxCLIPTextModelWithProjectionModule, FlaxCLIPTextModule,
+)
 from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor as _hf_rename  # noqa: E402
 
 _silence_deprecations()  # again: the imports above created the libraries' handlers
@@ -149,7 +153,7 @@ _UNET_VALUES = {  # Flax fields whose other values the Flax UNet reads wrongly o
     "down_block_types": (("CrossAttnDownBlock2D", "DownBlock2D"), "the Flax UNet builds any other as a DownBlock2D"),
     "up_block_types": (("CrossAttnUpBlock2D", "UpBlock2D"), "the Flax UNet builds any other as an UpBlock2D"),
     "mid_block_type": (("UNetMidBlock2DCrossAttn", None), "the Flax UNet has no other middle block"),
-    "addition_embed_type": ((None,), "SDXL's added text/time conditioning is never passed by this project"),
+    "addition_embed_type": ((None, "text_time"), "the Flax UNet has no other added conditioning than SDXL's"),
 }
 _VAE_FIXED = {
     "latents_mean": (None, "per-channel latent normalisation is not applied by this project"),
@@ -315,9 +319,33 @@ def text_config_problems(config: dict) -> list[str]:
     return out
 
 
-def text_encoder_from_config(config: dict, dtype=jnp.float32, what: str = "text encoder config"):
+def text_encoder_from_config(config: dict, dtype=jnp.float32, what: str = "text encoder config",
+                             projection: bool = False):
+    """The Flax CLIP text module of a config; `projection`: with the projection of its pooled state (SDXL's
+    second encoder, PyTorch's CLIPTextModelWithProjection)."""
     check_text_config(config, what)
-    return FlaxCLIPTextModule(CLIPTextConfig(**config), dtype=dtype)
+    cls = FlaxCLIPTextModelWithProjectionModule if projection else FlaxCLIPTextModule
+    return cls(CLIPTextConfig(**config), dtype=dtype)
+
+
+def has_projection(text_encoder) -> bool:
+    """Whether a text module projects its pooled state (returns `text_embeds`)."""
+    return isinstance(text_encoder, FlaxCLIPTextModelWithProjectionModule)
+
+
+def text_encoder_outputs(text_encoder, text_params, input_ids_BxT, penultimate: bool = False):
+    """(states B x T x D, pooled B x P) of a CLIP text module, all positions attended (as SD's pipelines run it).
+
+    states: the last hidden states after the final LayerNorm (SD 1/2), or with `penultimate` the input of the
+    last layer, without that LayerNorm (what SDXL's pipeline feeds its UNet: `hidden_states[-2]`). pooled: the
+    end token's final state, projected for a module with a projection (its `text_embeds`)."""
+    batch, length = input_ids_BxT.shape
+    position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    out = text_encoder.apply({"params": text_params}, input_ids_BxT, jnp.ones_like(input_ids_BxT), position_ids,
+                             deterministic=True, output_hidden_states=penultimate)
+    states = out.hidden_states[-2] if penultimate else out.last_hidden_state
+    pooled = out.text_embeds if has_projection(text_encoder) else out.pooler_output
+    return states, pooled
 
 
 def check_text_config(config: dict, what: str) -> None:
@@ -333,7 +361,7 @@ def text_encoder_with_vocab(module, vocab_size: int):
     """Same text encoder, embedding table of `vocab_size` rows (linen checks param shapes)."""
     cfg = copy.deepcopy(module.config)
     cfg.vocab_size = int(vocab_size)
-    return FlaxCLIPTextModule(cfg, dtype=module.dtype)
+    return type(module)(cfg, dtype=module.dtype)
 
 
 class StaticModule:
@@ -376,9 +404,11 @@ def _param_shapes(static: StaticModule) -> dict:
     return jax.eval_shape(init, jax.random.key(0))
 
 
-def load_flax_clip_text(folder: str, dtype=jnp.float32):
-    """(module, params) from a transformers folder with `flax_model.msgpack`."""
-    model, params = FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)
+def load_flax_clip_text(folder: str, dtype=jnp.float32, projection: bool = False):
+    """(module, params) from a transformers folder with `flax_model.msgpack` (`projection`: SDXL's second
+    encoder, FlaxCLIPTextModelWithProjection)."""
+    cls = FlaxCLIPTextModelWithProjection if projection else FlaxCLIPTextModel
+    model, params = cls.from_pretrained(folder, dtype=dtype, _do_init=False)
     return model.module, params
 
 
@@ -467,9 +497,11 @@ def save_flax_unet(folder: str, unet, params) -> None:
     FlaxUNet2DConditionModel.from_config(unet_config_dict(unet)).save_pretrained(folder, params=params)
 
 
-def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, scheduler, params) -> None:
+def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, scheduler, params,
+                         text_encoder_2=None, tokenizer_2=None) -> None:
     """Write a diffusers-layout folder with Flax weights (msgpack), loadable by `load_model(folder)` and by
-    diffusers' `FlaxStableDiffusionPipeline.from_pretrained(folder)`."""
+    diffusers' `FlaxStableDiffusionPipeline.from_pretrained(folder)` (SDXL, with `text_encoder_2`:
+    `FlaxStableDiffusionXLPipeline`)."""
     import json
     import os
 
@@ -480,13 +512,18 @@ def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, sch
     te = FlaxCLIPTextModel(text_encoder.config, _do_init=False)
     te.save_pretrained(os.path.join(folder, "text_encoder"), params=params["text_encoder"])
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    if text_encoder_2 is not None:
+        te2 = FlaxCLIPTextModelWithProjection(text_encoder_2.config, _do_init=False)
+        te2.save_pretrained(os.path.join(folder, "text_encoder_2"), params=params["text_encoder_2"])
+        tokenizer_2.save_pretrained(os.path.join(folder, "tokenizer_2"))
     scheduler.save_config(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(flax_pipeline_index(), f, indent=2)
+        json.dump(flax_pipeline_index(sdxl=text_encoder_2 is not None), f, indent=2)
 
 
-def flax_pipeline_index() -> dict:
-    """`model_index.json` for diffusers' FlaxStableDiffusionPipeline.from_pretrained (no safety checker).
+def flax_pipeline_index(sdxl: bool = False) -> dict:
+    """`model_index.json` for diffusers' FlaxStableDiffusionPipeline (or FlaxStableDiffusionXLPipeline)
+    .from_pretrained (no safety checker).
 
     The pipeline only samples with DDIM, PNDM, LMS or DPM-Solver, so the index names DDIM; it reads the
     folder's schedule (betas, prediction type) from scheduler_config.json, which keeps the training class.
@@ -494,13 +531,19 @@ def flax_pipeline_index() -> dict:
     The absent safety checker and feature extractor are listed as (library, null): diffusers' Flax loader drops
     a [null, null] entry and then fails ("expected ... but only ... were passed") unless the caller passes
     safety_checker=None, feature_extractor=None; a known library with a null class loads as None by itself."""
-    return {
+    index = {
         "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": ["transformers", None], "safety_checker": ["stable_diffusion", None],
         "scheduler": ["diffusers", "FlaxDDIMScheduler"], "text_encoder": ["transformers", "FlaxCLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "FlaxUNet2DConditionModel"],
         "vae": ["diffusers", "FlaxAutoencoderKL"],
     }
+    if not sdxl:
+        return index
+    del index["feature_extractor"], index["safety_checker"]  # the SDXL pipeline takes neither
+    return dict(index, _class_name="FlaxStableDiffusionXLPipeline",
+                text_encoder_2=["transformers", "FlaxCLIPTextModelWithProjection"],
+                tokenizer_2=["transformers", "CLIPTokenizer"])
 
 
 # ---------------------------------------------------------------- CLIP (evaluation metrics)

@@ -10,6 +10,10 @@ function, so this works under `jax.jit` (around a compiled function it would do 
 Every UNet application of the package is here (`unet_with_attention`, `unet_eps`); each runs
 `_pytorch_faithful`, which restores the PyTorch model's exact GELU and GroupNorm eps where diffusers' Flax
 port differs. The diffusers internals these rely on are named only in `model/adapter.py`.
+
+The condition (`cond`) is SD 1/2's text states (B x T x D) or SDXL's `conditioning.SDXLCondition`, whose
+pooled text embedding and time ids go to the UNet's added conditioning; cross-attention reads the text states
+in both, so capture is the same.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import adapter, lora as lora_lib
+from . import adapter, conditioning, lora as lora_lib
 
 COLLECTION = "intermediates"
 SOW_NAME = "cross_attention_probs"
@@ -112,30 +116,33 @@ def _adapted(lora):
     return contextlib.nullcontext() if lora is None else nn.intercept_methods(lora_lib.interceptor(*lora))
 
 
-def unet_with_attention(unet, unet_params, latents_BxZxhxw, timesteps_B, context_BxTxD,
+def unet_with_attention(unet, unet_params, latents_BxZxhxw, timesteps_B, cond,
                         selector: LayerSelector = ALL_LAYERS, lora=None):
     """(eps_BxZxhxw, {layer path: probs_BxAxQxT}) for the cross-attention layers the selector keeps;
-    `lora` = (adapters, scale) adds low-rank adapters to the frozen UNet (model/lora.py)."""
+    `cond`: text states B x T x D or an SDXLCondition; `lora` = (adapters, scale) adds low-rank adapters to the
+    frozen UNet (model/lora.py)."""
     latent_hw = tuple(latents_BxZxhxw.shape[2:])
+    context_BxTxD, added = conditioning.unet_inputs(cond)
     with _adapted(lora), nn.intercept_methods(_pytorch_faithful), \
             nn.intercept_methods(functools.partial(_interceptor, selector, latent_hw)):
         out, state = unet.apply(
-            {"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD, mutable=[COLLECTION]
+            {"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD, added, mutable=[COLLECTION]
         )
     return out.sample, _collect(state.get(COLLECTION, {}))
 
 
-def unet_eps(unet, unet_params, latents_BxZxhxw, timesteps_B, context_BxTxD, lora=None):
-    """The UNet's noise prediction, no capture."""
+def unet_eps(unet, unet_params, latents_BxZxhxw, timesteps_B, cond, lora=None):
+    """The UNet's noise prediction, no capture (`cond` as for `unet_with_attention`)."""
+    context_BxTxD, added = conditioning.unet_inputs(cond)
     with _adapted(lora), nn.intercept_methods(_pytorch_faithful):
-        return unet.apply({"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD).sample
+        return unet.apply({"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD, added).sample
 
 
-def layer_names(unet, unet_params, latents_BxZxhxw, context_BxTxD, selector: LayerSelector = ALL_LAYERS):
+def layer_names(unet, unet_params, latents_BxZxhxw, cond, selector: LayerSelector = ALL_LAYERS):
     """{layer path: (grid_hw, heads)} of captured layers, from shapes only (no compute)."""
     t = jnp.zeros((latents_BxZxhxw.shape[0],), jnp.int32)
     _, maps = jax.eval_shape(
-        functools.partial(unet_with_attention, unet, selector=selector), unet_params, latents_BxZxhxw, t, context_BxTxD
+        functools.partial(unet_with_attention, unet, selector=selector), unet_params, latents_BxZxhxw, t, cond
     )
     hw = tuple(latents_BxZxhxw.shape[2:])
     return {k: (grid_of(v.shape[2], hw), v.shape[1]) for k, v in maps.items()}

@@ -1,9 +1,10 @@
 """Loading a Stable Diffusion model into a small immutable bundle of Flax modules and params.
 
 `load_model(source)` takes
-  * a named configuration: "tiny" (seeded random weights, for tests and quick runs);
-  * a local diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) with Flax weights
-    (`*.msgpack`) or PyTorch weights (`*.safetensors`, converted without torch);
+  * a named configuration: "tiny" and "tiny-sdxl" (seeded random weights, for tests and quick runs);
+  * a local diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/, and text_encoder_2/
+    tokenizer_2/ for SDXL) with Flax weights (`*.msgpack`) or PyTorch weights (`*.safetensors`, converted
+    without torch);
   * a Hugging Face hub id, downloaded (only the files needed) or taken from the local cache.
 """
 
@@ -28,6 +29,7 @@ from ..errors import ModelSourceError
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # an SDXL folder's second text encoder
 
 # Stable Diffusion's training noise schedule, used when a folder has no scheduler config.
 SD_SCHEDULER = dict(
@@ -38,7 +40,11 @@ SD_SCHEDULER = dict(
 
 @dataclasses.dataclass(frozen=True)
 class ModelBundle:
-    """Modules (static, hashable) and params (a pytree) of one Stable Diffusion model."""
+    """Modules (static, hashable) and params (a pytree) of one Stable Diffusion model.
+
+    SDXL adds a second text encoder (with the projection of its pooled state) and its tokenizer, with params
+    under "text_encoder_2"; for SD 1/2 they are None and absent. `model/conditioning.py` encodes prompts for
+    either."""
 
     tokenizer: Any
     text_encoder: Any  # flax.linen.Module: input_ids -> hidden states
@@ -50,9 +56,16 @@ class ModelBundle:
     dtype: Any = jnp.float32
     source: str = ""
     scheduler_config: dict = dataclasses.field(default_factory=dict)  # as shipped: inference schedulers read it
+    text_encoder_2: Any = None  # SDXL: flax.linen.Module: input_ids -> hidden states, projected pooled state
+    tokenizer_2: Any = None  # SDXL: the second encoder's tokenizer (the first's vocabulary, its own padding)
 
     def replace(self, **changes) -> "ModelBundle":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and SDXL's added (pooled text, time ids) conditioning."""
+        return self.text_encoder_2 is not None
 
     @property
     def latent_scale(self) -> float:
@@ -142,13 +155,16 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 def _hub_patterns(files: list[str] | None, variant: str | None) -> list[str]:
+    # an SDXL repo also has text_encoder_2/ and tokenizer_2/; an unknown listing (offline) asks for both
+    sdxl = files is None or any(f.startswith("text_encoder_2/") for f in files)
+    encoders = ["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]
     configs = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    configs += ["tokenizer_2/*"] if sdxl else []
     suffix = f".{variant}" if variant else ""
-    flax = ["unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack", "text_encoder/flax_model.msgpack"]
-    torch = [
-        f"unet/diffusion_pytorch_model{suffix}.safetensors*", f"vae/diffusion_pytorch_model{suffix}.safetensors*",
-        f"text_encoder/model{suffix}.safetensors*",
-    ]
+    flax = ["unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack"]
+    flax += [f"{e}/flax_model.msgpack" for e in encoders]
+    torch = [f"unet/diffusion_pytorch_model{suffix}.safetensors*", f"vae/diffusion_pytorch_model{suffix}.safetensors*"]
+    torch += [f"{e}/model{suffix}.safetensors*" for e in encoders]
     if files is not None and all(f in files for f in flax):
         return configs + flax  # a repo with Flax weights: take only those
     if files is not None:
@@ -198,13 +214,18 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
             f"model folder {folder!r} lacks {', '.join(m + '/' for m in missing)}: expected a diffusers-layout "
             "Stable Diffusion folder (as written by save_pretrained) with unet/, vae/, text_encoder/, tokenizer/."
         )
+    sdxl = _check_sdxl_layout(folder)
     unet, unet_params = _load_diffusers_component(folder, "unet", adapter.unet_from_config, dtype, variant)
     vae, vae_params = _load_diffusers_component(folder, "vae", adapter.vae_from_config, dtype, variant)
     text_encoder, text_params = _load_text_encoder(os.path.join(folder, "text_encoder"), dtype, variant)
-    try:
-        tokenizer = adapter.load_tokenizer(os.path.join(folder, "tokenizer"))
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelSourceError(f"cannot load tokenizer/ of {folder!r}: {e}") from e
+    tokenizer = _load_tokenizer(folder, "tokenizer")
+    params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
+    second = {}
+    if sdxl:
+        text_encoder_2, params["text_encoder_2"] = _load_text_encoder(
+            os.path.join(folder, "text_encoder_2"), dtype, variant, projection=True)
+        second = dict(text_encoder_2=text_encoder_2, tokenizer_2=_load_tokenizer(folder, "tokenizer_2"))
+        check_sdxl_parts(folder, unet, text_encoder, text_encoder_2, tokenizer, second["tokenizer_2"])
     sched_cfg = os.path.join(folder, "scheduler", "scheduler_config.json")
     sched_config = read_json(sched_cfg) if os.path.isfile(sched_cfg) else SD_SCHEDULER
     prediction = sched_config.get("prediction_type", "epsilon")
@@ -212,12 +233,59 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
         raise ModelSourceError(f"{sched_cfg}: prediction_type={prediction!r} is not supported; this project trains "
                                f"and samples {' and '.join(diffusion.PREDICTION_TYPES)} models.")
     scheduler, scheduler_state = adapter.ddpm_scheduler(sched_config)
-    params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
         scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source or folder,
-        scheduler_config=dict(sched_config),
+        scheduler_config=dict(sched_config), **second,
     )
+
+
+def _load_tokenizer(folder: str, name: str):
+    try:
+        return adapter.load_tokenizer(os.path.join(folder, name))
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelSourceError(f"cannot load {name}/ of {folder!r}: {e}") from e
+
+
+def _check_sdxl_layout(folder: str) -> bool:
+    """Whether the folder is SDXL's (text_encoder_2/, tokenizer_2/, a UNet with SDXL's added conditioning),
+    refusing the mixtures this project cannot run, before any weight is read."""
+    unet_config = os.path.join(folder, "unet", "config.json")
+    text_time = os.path.isfile(unet_config) and read_json(unet_config).get("addition_embed_type") == "text_time"
+    present = [c for c in SDXL_COMPONENTS if os.path.isdir(os.path.join(folder, c))]
+    if text_time and len(present) < len(SDXL_COMPONENTS):
+        raise ModelSourceError(
+            f"{unet_config}: an SDXL UNet (addition_embed_type='text_time') needs both text encoders, but the folder "
+            f"lacks {', '.join(c + '/' for c in SDXL_COMPONENTS if c not in present)}. SDXL base folders have "
+            "text_encoder/, text_encoder_2/, tokenizer/ and tokenizer_2/; the SDXL refiner (second encoder only, "
+            "aesthetic-score conditioning) is not supported.")
+    if present and not text_time:
+        raise ModelSourceError(
+            f"{unet_config}: the folder has {', '.join(c + '/' for c in present)} (SDXL's second text encoder) but its "
+            "UNet has no SDXL added conditioning (addition_embed_type='text_time'); such a mixture is not a model "
+            "this project can run.")
+    return text_time
+
+
+def check_sdxl_parts(folder: str, unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2) -> None:
+    """The widths SDXL's conditioning needs, and tokenizers that differ in their padding only: the second
+    encoder's ids are then derived from the first's inside compiled programs (`conditioning.second_ids`)."""
+    cfg, widths = unet.config, (text_encoder.config.hidden_size, text_encoder_2.config.hidden_size)
+    pooled, micro = text_encoder_2.config.projection_dim, int(cfg.addition_time_embed_dim or 0)
+    problems = []
+    if cfg.cross_attention_dim != sum(widths):
+        problems.append(f"the UNet's cross_attention_dim is {cfg.cross_attention_dim}, but the two text encoders' "
+                        f"states are {widths[0]} + {widths[1]} wide")
+    if cfg.projection_class_embeddings_input_dim != pooled + 6 * micro:
+        problems.append(f"the UNet's projection_class_embeddings_input_dim is "
+                        f"{cfg.projection_class_embeddings_input_dim}, not the pooled embedding ({pooled}) + 6 time ids "
+                        f"x {micro} (SDXL base's micro-conditioning: original size, crop, target size)")
+    if tokenizer.get_vocab() != tokenizer_2.get_vocab() or tokenizer.bpe_ranks != tokenizer_2.bpe_ranks:
+        problems.append("tokenizer/ and tokenizer_2/ have different vocabularies or merges (SDXL's share one)")
+    elif (tokenizer.bos_token_id, tokenizer.eos_token_id) != (tokenizer_2.bos_token_id, tokenizer_2.eos_token_id):
+        problems.append("tokenizer/ and tokenizer_2/ have different start or end tokens")
+    if problems:
+        raise ModelSourceError(f"{folder}: not an SDXL model this project can run:\n  " + "\n  ".join(problems))
 
 
 def read_json(path: str) -> dict:
@@ -252,7 +320,8 @@ def _load_diffusers_component(folder, name, from_config, dtype, variant):
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype)
 
 
-def _load_text_encoder(sub: str, dtype, variant):
+def _load_text_encoder(sub: str, dtype, variant, projection: bool = False):
+    """(module, params) of a CLIP text encoder folder; `projection`: SDXL's second encoder."""
     config_path = os.path.join(sub, "config.json")
     if not os.path.isfile(config_path):
         raise ModelSourceError(f"{sub} has no config.json")
@@ -260,10 +329,10 @@ def _load_text_encoder(sub: str, dtype, variant):
     adapter.check_text_config(config, config_path)
     if os.path.isfile(os.path.join(sub, "flax_model.msgpack")):
         try:
-            return adapter.load_flax_clip_text(sub, dtype=dtype)
+            return adapter.load_flax_clip_text(sub, dtype=dtype, projection=projection)
         except (OSError, ValueError) as e:
             raise ModelSourceError(f"cannot load Flax weights of {sub}: {e}") from e
-    module = adapter.text_encoder_from_config(config, dtype=dtype, what=config_path)
+    module = adapter.text_encoder_from_config(config, dtype=dtype, what=config_path, projection=projection)
     shapes = adapter.param_shapes(module)
     state = convert.read_safetensors(sub, "model", variant)
     return module, convert.pt_state_to_flax(state, shapes, what=sub, dtype=dtype, rename=adapter.pt_to_flax_text_key)
@@ -275,6 +344,7 @@ def save_flax(bundle: ModelBundle, folder: str) -> None:
     adapter.save_flax_components(
         folder, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
         scheduler=bundle.scheduler, params=cast_floating(bundle.params, jnp.float32),
+        text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
     )
 
 
@@ -328,20 +398,28 @@ def random_params(shapes, seed: int) -> dict:
     return jax.device_put(unflatten_dict(out))  # one transfer for the tree, not one per leaf
 
 
-def word_tokenizer(words=TINY_WORDS, max_length: int = 77):
+def word_tokenizer(words=TINY_WORDS, max_length: int = 77, **kwargs):
+    """A CLIP tokenizer with every word of `words` one token (kwargs: e.g. `pad_token`)."""
     with tempfile.TemporaryDirectory() as d:
         vocab, merges = bpe.write_vocab(d, words)
-        return adapter.tokenizer_from_files(vocab, merges, model_max_length=max_length)
+        return adapter.tokenizer_from_files(vocab, merges, model_max_length=max_length, **kwargs)
+
+
+def text_config_for(tokenizer, text_config: dict, max_length: int) -> dict:
+    """A text encoder config whose vocabulary and special tokens are the tokenizer's."""
+    return dict(text_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                max_position_embeddings=max_length)
 
 
 def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, *, dtype=jnp.float32,
-                 seed: int = 0, source: str = "random", max_length: int = 77) -> ModelBundle:
-    """A model from configs with seeded random weights and a vocabulary of `words` (each one token)."""
+                 seed: int = 0, source: str = "random", max_length: int = 77,
+                 text_config_2: dict | None = None) -> ModelBundle:
+    """A model from configs with seeded random weights and a vocabulary of `words` (each one token); with
+    `text_config_2` an SDXL-shaped one (second encoder with projection, its tokenizer padding with "!" as
+    SDXL's does)."""
     tokenizer = word_tokenizer(words, max_length)
-    text_cfg = dict(text_config, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    max_position_embeddings=max_length)
-    text_encoder = adapter.text_encoder_from_config(text_cfg, dtype=dtype)
+    text_encoder = adapter.text_encoder_from_config(text_config_for(tokenizer, text_config, max_length), dtype=dtype)
     unet = adapter.unet_from_config(unet_config, dtype=dtype)
     vae = adapter.vae_from_config(vae_config, dtype=dtype)
     params = {
@@ -349,17 +427,53 @@ def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, 
         "unet": random_params(adapter.param_shapes(unet), seed + 1),
         "vae": random_params(adapter.param_shapes(vae), seed + 2),
     }
+    second = {}
+    if text_config_2 is not None:
+        tokenizer_2 = word_tokenizer(words, max_length, pad_token="!")
+        text_encoder_2 = adapter.text_encoder_from_config(text_config_for(tokenizer_2, text_config_2, max_length),
+                                                          dtype=dtype, projection=True)
+        params["text_encoder_2"] = random_params(adapter.param_shapes(text_encoder_2), seed + 3)
+        second = dict(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        check_sdxl_parts(source, unet, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
     scheduler, scheduler_state = adapter.ddpm_scheduler(SD_SCHEDULER)
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
         scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source,
-        scheduler_config=dict(SD_SCHEDULER),
+        scheduler_config=dict(SD_SCHEDULER), **second,
     )
 
 
 def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     """A tiny SD (latent 16x16, image 32x32) with seeded random weights: every real code path, no download."""
     return build_random(TINY_WORDS, TINY_TEXT, TINY_UNET, TINY_VAE, dtype=dtype, seed=seed, source="tiny")
+
+
+# SDXL's structure in miniature: no cross-attention at the finest level, more transformer blocks at the coarser
+# ones (SDXL: 1 unused, 2, 10), linear projections, two text encoders whose states are concatenated (SDXL:
+# 768 + 1280 = 2048; here 32 + 64 = 96), the pooled embedding of the second (SDXL: 1280; here 32) and 6 time ids
+# (SDXL: 256 wide each; here 8) as added conditioning.
+TINY_SDXL_TEXT_2 = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=32,
+)
+
+TINY_SDXL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+    cross_attention_dim=TINY_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TINY_SDXL_TEXT_2["projection_dim"] + 6 * 8,
+)
+
+TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025)  # SDXL's VAE scale
+
+
+def tiny_sdxl_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
+    """A tiny SDXL-shaped model (latent 16x16, image 32x32) with seeded random weights."""
+    return build_random(TINY_WORDS, TINY_TEXT, TINY_SDXL_UNET, TINY_SDXL_VAE, dtype=dtype, seed=seed,
+                        source="tiny-sdxl", text_config_2=TINY_SDXL_TEXT_2)
 
 
 # the shipped, pre-trained toy model (`jaxconcept.toy.sd` describes it; the toy package builds on this module)
@@ -375,6 +489,6 @@ def _toy_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     return load_folder(TOY_WEIGHTS, dtype, source="toy")
 
 
-NAMED_MODELS = {"tiny": tiny_model, "toy": _toy_model}
+NAMED_MODELS = {"tiny": tiny_model, "tiny-sdxl": tiny_sdxl_model, "toy": _toy_model}
 # named models that live in a folder of the package (their recommended sampling settings are read there)
 _NAMED_FOLDERS = {"toy": os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "weights")}

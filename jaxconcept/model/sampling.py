@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ..parallel import sharding
-from . import adapter, capture, diffusion, tokens
+from . import adapter, capture, conditioning, diffusion
 from .loading import ModelBundle
 
 
@@ -43,11 +43,12 @@ def guided_sample(eps_fn, scheduler, sched_state, noise_BxZxhxw, cond_BxTxD, unc
     config, reads it by its `prediction_type` (guidance is linear in either).
 
     The conditional and unconditional halves run as one batch of 2B through the UNet. `guidance` may be
-    a traced scalar (a sweep over guidance reuses one program).
+    a traced scalar (a sweep over guidance reuses one program). The conditions are text states or SDXL's
+    `SDXLCondition`s (pytrees: joined part by part).
     """
     state = scheduler.set_timesteps(sched_state, num_steps, noise_BxZxhxw.shape)
     latents = noise_BxZxhxw * state.init_noise_sigma
-    context_2BxTxD = jnp.concatenate([uncond_BxTxD, cond_BxTxD])
+    context_2BxTxD = conditioning.concatenate([uncond_BxTxD, cond_BxTxD])
     batch = noise_BxZxhxw.shape[0]
     # PNDM's PLMS warm-up evaluates the model once more than num_steps: loop over its own timestep list
     num_evals = state.timesteps.shape[0]
@@ -81,11 +82,13 @@ class SampleStatics:
     unet: Any
     vae: Any
     latent_scale: float
-    text_encoder: adapter.StaticModule
+    text_encoder: adapter.StaticModule  # of `conditioning.text_model`: the text encoder, or SDXL's two
     scheduler_config: str  # the model's scheduler config as sorted JSON
     scheduler: str
     num_steps: int
     concept_ids: tuple[int, ...] | None = None  # the rows' vocabulary ids; None: a base model (rows ignored)
+    time_ids: tuple[float, ...] | None = None  # SDXL: the images' micro-conditioning; None: SD 1/2
+    zero_uncond: bool = False  # SDXL: zero unconditional text and pooled embedding (no negative prompt)
 
     def schedule(self) -> tuple:
         sched, sched_state = adapter.inference_scheduler(self.scheduler, json.loads(self.scheduler_config))
@@ -95,11 +98,15 @@ class SampleStatics:
         return self.unet, self.vae, self.latent_scale
 
 
-def sample_statics(bundle: ModelBundle, scheduler: str, num_steps: int, concept_ids=None) -> SampleStatics:
+def sample_statics(bundle: ModelBundle, scheduler: str, num_steps: int, concept_ids=None,
+                   zero_uncond: bool = False) -> SampleStatics:
     sched_key = json.dumps(bundle.scheduler_config, sort_keys=True, default=str)
     ids = None if concept_ids is None else tuple(int(i) for i in concept_ids)
-    return SampleStatics(bundle.unet, bundle.vae, bundle.latent_scale, adapter.StaticModule(bundle.text_encoder),
-                         sched_key, scheduler, num_steps, ids)
+    time_ids = conditioning.image_time_ids(bundle)
+    time_ids = None if time_ids is None else tuple(float(v) for v in time_ids)
+    return SampleStatics(bundle.unet, bundle.vae, bundle.latent_scale,
+                         adapter.StaticModule(conditioning.text_model(bundle)), sched_key, scheduler, num_steps, ids,
+                         time_ids, bool(zero_uncond))
 
 
 def _sample_contexts(statics: SampleStatics, params, noise, cond, uncond, guidance):
@@ -113,23 +120,27 @@ def make_sampler(bundle: ModelBundle, scheduler: str = "ddim", num_steps: int = 
 
 
 def _sample_ids(statics: SampleStatics, params, rows_NxD, noise, cond_ids, uncond_ids, guidance):
-    encode = functools.partial(tokens.text_hidden_states, statics.text_encoder.module, params["text_encoder"])
-    if statics.concept_ids is None:
-        cond, uncond = encode(cond_ids), encode(uncond_ids)
-    else:
-        ids = jnp.asarray(statics.concept_ids, jnp.int32)
-        cond, uncond = encode(cond_ids, ids, rows_NxD), encode(uncond_ids, ids, rows_NxD)
+    ids = None if statics.concept_ids is None else jnp.asarray(statics.concept_ids, jnp.int32)
+    encode = functools.partial(conditioning.encode, statics.text_encoder.module, params, concept_ids_N=ids,
+                               rows_NxD=None if ids is None else rows_NxD, time_ids_K=statics.time_ids)
+    cond, uncond = encode(cond_ids), encode(uncond_ids)
+    if statics.zero_uncond:
+        uncond = conditioning.without_text(uncond)
     return _images(statics.nets(), statics.schedule(), params, noise, cond, uncond, guidance)
 
 
-def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None):
+def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None,
+                       zero_uncond: bool = False):
     """Jitted (params, rows_NxD, noise_BxZxhxw, cond_ids_BxT, uncond_ids_BxT, guidance) -> images B x H x W x 3.
 
     Params, the concept rows and guidance are replicated; noise, ids and images are split over the mesh's
     data axis (B must be a multiple of its size). `concept_ids` (static) are the rows' vocabulary ids;
-    None for a base model (rows ignored). generate() called again (a notebook), or on another run of the same
-    model with the same settings (evaluate with several --run), reuses the compiled program.
+    None for a base model (rows ignored). SDXL: the images' time ids are their size, uncropped (the pipeline's
+    defaults); `zero_uncond` makes the unconditional text states and pooled embedding zeros instead of the
+    encoded negative prompt (SDXL base's `force_zeros_for_empty_prompt`). generate() called again (a notebook),
+    or on another run of the same model with the same settings (evaluate with several --run), reuses the
+    compiled program.
     """
     rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     jitted = jax.jit(_sample_ids, static_argnums=0, in_shardings=(rep, rep, bat, bat, bat, rep), out_shardings=bat)
-    return sharding.Bound(jitted, sample_statics(bundle, scheduler, num_steps, concept_ids))
+    return sharding.Bound(jitted, sample_statics(bundle, scheduler, num_steps, concept_ids, zero_uncond))

@@ -42,8 +42,9 @@ class Concepts:
     tokens: tuple[str, ...]  # C
     ids: tuple[int, ...]  # N: every vector's vocabulary id, concept by concept
     init_words: tuple[str | None, ...]  # C
-    init_rows: np.ndarray  # N x D, float32
+    init_rows: np.ndarray  # N x D, float32 (SDXL: N x (D1 + D2), each vector's rows in both tables, side by side)
     vectors: tuple[int, ...] = ()  # C: vectors per concept (empty: one each)
+    widths: tuple[int, ...] = ()  # SDXL: (D1, D2), the two tables' widths; empty: one table
 
     @property
     def ids_array(self) -> jnp.ndarray:
@@ -87,17 +88,18 @@ def splice_rows(table_VxD, ids_N, rows_NxD):
     return table_VxD.at[ids_N].set(rows_NxD.astype(table_VxD.dtype))
 
 
+def with_rows(text_params, concept_ids_N, rows_NxD):
+    """The text encoder's params with the concept rows spliced into its table (unchanged for rows None)."""
+    if rows_NxD is None:
+        return text_params
+    return with_embedding_table(text_params, splice_rows(embedding_table(text_params), concept_ids_N, rows_NxD))
+
+
 def text_hidden_states(text_encoder, text_params, input_ids_BxT, concept_ids_N=None, rows_NxD=None):
-    """Last hidden states of the CLIP text encoder (what SD's UNet attends to), with optional spliced rows."""
-    if rows_NxD is not None:
-        table = splice_rows(embedding_table(text_params), concept_ids_N, rows_NxD)
-        text_params = with_embedding_table(text_params, table)
-    batch, length = input_ids_BxT.shape
-    position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    out = text_encoder.apply(
-        {"params": text_params}, input_ids_BxT, jnp.ones_like(input_ids_BxT), position_ids, deterministic=True
-    )
-    return out[0]
+    """Last hidden states of the CLIP text encoder (what SD's UNet attends to), with optional spliced rows.
+    (SDXL's conditioning: `conditioning.encode`.)"""
+    text_params = with_rows(text_params, concept_ids_N, rows_NxD)
+    return adapter.text_encoder_outputs(text_encoder, text_params, input_ids_BxT)[0]
 
 
 # ------------------------------------------------------------------------------------------ tokenizing
@@ -170,6 +172,10 @@ def add_concept_tokens(
     starts between them. With as many vectors as words (`vectors=0`, see `vector_counts`), each vector starts at
     its word: the token starts as the words themselves. Random rows have a random direction and the table's
     mean row norm, so they start on the scale of real words.
+
+    SDXL: the tokens join both tokenizers (with the same ids, their vocabularies being one) and get a row in
+    both encoders' tables, each started as above in its own table; a vector's two rows are kept side by side
+    (N x (D1 + D2)) and trained together.
     """
     tokens = list(tokens)
     init_words = list(init_words) if init_words is not None else [None] * len(tokens)
@@ -179,17 +185,36 @@ def add_concept_tokens(
         raise ConceptTokenError(f"{len(tokens)} tokens but {len(init_words)} init words: give one per token (or None).")
     counts = vector_counts(init_words, vectors)
     names = [name for t, n in zip(tokens, counts) for name in vector_names(t, n)]
-    tokenizer = bundle.tokenizer
-    _check_new_tokens(tokenizer, names)
-    table = np.asarray(embedding_table(bundle.params["text_encoder"]), np.float32)
-    init_ids = [[_init_word_id(tokenizer, part, tokens) for part in init_word_parts(w)] if w else None
+    _check_new_tokens(bundle.tokenizer, names)
+    init_ids = [[_init_word_id(bundle.tokenizer, part, tokens) for part in init_word_parts(w)] if w else None
                 for w in init_words]
+    expansions = {t: " ".join(vector_names(t, n)) for t, n in zip(tokens, counts) if n > 1}
+    tokenizer, ids = _tokenizer_with(bundle.tokenizer, names, expansions)
+    encoders = [("text_encoder", bundle.text_encoder)]
+    changes = {"tokenizer": tokenizer}
+    if bundle.is_sdxl:
+        changes["tokenizer_2"], ids_2 = _tokenizer_with(bundle.tokenizer_2, names, expansions)
+        if ids_2 != ids:  # the loader checked that the vocabularies are one; a mismatch here is a bug
+            raise ConceptTokenError(f"the concept tokens got ids {ids} in tokenizer/ but {ids_2} in tokenizer_2/")
+        encoders.append(("text_encoder_2", bundle.text_encoder_2))
+    params, parts = dict(bundle.params), []
+    for key, module in encoders:
+        table = np.asarray(embedding_table(bundle.params[key]), np.float32)
+        parts.append(initial_rows(table, init_ids, counts, seed))
+        params[key] = _grown(bundle.params[key], ids, parts[-1], len(tokenizer))
+        changes[key] = adapter.text_encoder_with_vocab(module, len(tokenizer))
+    rows_NxD = np.concatenate(parts, axis=1)
+    widths = tuple(p.shape[1] for p in parts) if bundle.is_sdxl else ()
+    return bundle.replace(params=params, **changes), Concepts(
+        tuple(tokens), tuple(ids), tuple(init_words), rows_NxD, tuple(counts) if any(n > 1 for n in counts) else (),
+        widths)
 
+
+def _tokenizer_with(tokenizer, names: list[str], expansions: dict[str, str]):
+    """(a copy of the tokenizer with the new tokens, their ids); each must stay one piece."""
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_tokens(names)
-    expansions = dict(getattr(tokenizer, EXPANSIONS, None) or {})
-    expansions.update({t: " ".join(vector_names(t, n)) for t, n in zip(tokens, counts) if n > 1})
-    setattr(tokenizer, EXPANSIONS, expansions)
+    setattr(tokenizer, EXPANSIONS, {**(getattr(tokenizer, EXPANSIONS, None) or {}), **expansions})
     ids = [tokenizer.convert_tokens_to_ids(t) for t in names]
     for token, tid in zip(names, ids):
         for text in (token, f"a photo of {token} and a dog"):
@@ -198,22 +223,16 @@ def add_concept_tokens(
                     f"token {token!r} would not stay one piece (it encodes as {tokenizer.tokenize(token)}); "
                     "choose a name without spaces or characters the tokenizer normalises, e.g. '<v1>'."
                 )
+    return tokenizer, ids
 
-    rows_NxD = initial_rows(table, init_ids, counts, seed)
 
-    vocab = len(tokenizer)
-    grown = np.zeros((vocab, table.shape[1]), np.float32)
-    grown[: table.shape[0]] = table
+def _grown(text_params, ids: list[int], rows_NxD: np.ndarray, vocab: int):
+    """The text encoder's params with its table grown to `vocab` rows, the new ids' rows set."""
+    old_table = embedding_table(text_params)
+    grown = np.zeros((vocab, old_table.shape[1]), np.float32)
+    grown[: old_table.shape[0]] = np.asarray(old_table, np.float32)
     grown[ids] = rows_NxD
-    old_table = embedding_table(bundle.params["text_encoder"])
-    text_params = with_embedding_table(bundle.params["text_encoder"], jnp.asarray(grown, old_table.dtype))
-    new_bundle = bundle.replace(
-        tokenizer=tokenizer,
-        text_encoder=adapter.text_encoder_with_vocab(bundle.text_encoder, vocab),
-        params={**bundle.params, "text_encoder": text_params},
-    )
-    return new_bundle, Concepts(tuple(tokens), tuple(ids), tuple(init_words), rows_NxD,
-                                tuple(counts) if any(n > 1 for n in counts) else ())
+    return with_embedding_table(text_params, jnp.asarray(grown, old_table.dtype))
 
 
 def initial_rows(table_VxD: np.ndarray, init_ids, counts, seed: int) -> np.ndarray:
@@ -272,5 +291,5 @@ def _init_word_id(tokenizer, word: str, tokens: list[str]) -> int:
 
 __all__ = [
     "Concepts", "add_concept_tokens", "embedding_table", "splice_rows", "text_hidden_states", "token_positions",
-    "tokenize", "with_embedding_table",
+    "tokenize", "with_embedding_table", "with_rows",
 ]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model import adapter, lora, tokens
+from ..model import adapter, conditioning, lora, tokens
 from . import outputs, runfolder
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
@@ -38,9 +38,10 @@ class LoadedRun:
     adapted: Adapted | None = None  # a LoRA run's adapters (bundle.params["unet"] has them merged)
 
     def hidden_states(self, ids_BxT):
-        """Text conditioning with the learned rows spliced in."""
-        return tokens.text_hidden_states(self.bundle.text_encoder, self.bundle.params["text_encoder"], ids_BxT,
-                                         self.concept_ids, self.rows_NxD)
+        """Text conditioning with the learned rows spliced in (SDXL: a `conditioning.SDXLCondition` for images
+        of the model's resolution)."""
+        return conditioning.encode(conditioning.text_model(self.bundle), self.bundle.params, ids_BxT,
+                                   self.concept_ids, self.rows_NxD, conditioning.image_time_ids(self.bundle))
 
 
 def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32) -> LoadedRun:
