@@ -36,6 +36,7 @@ import jax
 from . import presets, settings
 from .parallel import distributed
 from .runio import inputs
+from . import errors
 from .errors import JaxconceptError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -120,6 +121,7 @@ def main(argv) -> None:
         from .em import jobs, learner  # the model code (diffusers: seconds) once the command line is good
 
         multi = distributed.initialize(_DISTRIBUTED.value)  # before anything touches a device
+        errors.raise_if_interrupted()  # a Ctrl-C during the imports that a gc callback dropped
         if _JOBS.value and _CONCEPTS.value:
             raise JaxconceptError("give --concepts (one run) or --job (several concept sets), not both.")
         if _JOBS.value:
@@ -183,6 +185,7 @@ def parse_flags(argv):
 
 
 def run() -> None:
+    errors.catch_ctrl_c()  # a Ctrl-C is never lost (errors.py); while training it stops at the next step
     if _DEFINE_ERROR is not None:
         print(f"error: {settings.command_line_error(sys.argv, _DEFINE_ERROR)}", file=sys.stderr)
         sys.exit(2)

@@ -106,22 +106,26 @@ def test_damaged_newest_checkpoint_deleted_round_masks_and_cut_metrics_recover(r
         if f.is_file():
             f.write_bytes(f.read_bytes()[:10])
     shutil.rmtree(out / "masks" / "round_01")
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"stage": "token", "step": 6, "lo')  # what a crash leaves
+    text = (out / "metrics.jsonl").read_text()
+    assert '"round": 2' in text.splitlines()[-1]
+    (out / "metrics.jsonl").write_text(text[:-40])  # round 2's entry cut off: what a crash (or power loss) leaves
     capsys.readouterr()
     summary = _learn(_cfg(), [_spec(scene_dir)], str(out))
     printed = capsys.readouterr().out
     assert "checkpoint 5 cannot be read" in printed and "checkpoints_damaged" in printed
     assert "resuming" in printed and "from checkpoint 4" in printed
     assert "round(s) 01 were missing or unreadable; written again from the checkpoints" in printed
-    assert "dropped its last line" in printed
+    assert "dropped its last line" in printed and "round(s) 2 were missing; rebuilt from the round masks" in printed
     assert (out / "masks" / "round_01" / "image__tri.png").exists()
     assert (out / "checkpoints_damaged" / "5").is_dir() and (out / "checkpoints" / "5").is_dir()
     after = _results(out)
     assert after[0] == before[0] and after[1] == before[1]
-    assert summary["final_round"] == json.loads(before[2])["final_round"]
+    old = json.loads(before[2])
+    assert summary["final_round"] == old["final_round"] and summary["rounds"] == 2
+    assert summary["mask_change_by_round"] == old["mask_change_by_round"]
+    assert summary["iou_by_round"] == old["iou_by_round"]
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert [x["round"] for x in lines if "round" in x] == [0, 1, 2]
+    assert [x["round"] for x in lines if "round" in x] == [0, 1, 2] and lines[-1].get("rebuilt")
 
 
 def test_disk_full_is_one_message_and_the_run_resumes(run, scene_dir, tmp_path, monkeypatch):

@@ -20,9 +20,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -34,7 +31,7 @@ from .. import settings
 from ..masks import estep, settle
 from ..parallel import distributed, sharding
 from ..runio import checkpoints, outputs, runfolder
-from ..errors import JaxconceptError
+from ..errors import JaxconceptError, ctrl_c_at_step_boundaries, raise_if_interrupted
 from ..model.loading import ModelBundle
 from .prepare import check_inputs, crf_where, prepare, truth_masks
 from .stages import Job, Stages, single_run_stages, stage_keys
@@ -59,7 +56,6 @@ class Loop:
     keys: dict
     on_checkpoint: Callable | None
     done: int = 0
-    stop: list = dataclasses.field(default_factory=list)  # non-empty: Ctrl-C asked to stop (`stop_on_sigint`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +114,36 @@ def recover_round_masks(mngr, s: settings.Settings, jobs: list, start: Start, ma
     return notes
 
 
+def recover_round_entries(loop: Loop, start: Start) -> list[str]:
+    """Round entries of metrics.jsonl missing for rounds the checkpoint has done (a line cut off by a crash or a
+    full disk), rebuilt from the round masks: the summary counts and reports the rounds from them. What the masks
+    cannot give again (timings, the no-CRF IoU) is left out; "rebuilt": true marks them. Notes saying so."""
+    if start.stage == "init":
+        return []
+    n_rounds = start.round if start.stage == "token" else loop.s.tokens.rounds
+    notes, by_round = [], None
+    for j, job in enumerate(loop.jobs):
+        m = loop.metrics[j]
+        have = {e.get("round") for e in m.rounds}
+        missing = [r for r in range(n_rounds + 1) if r not in have]
+        if not missing:
+            continue
+        by_round = checkpoints.steps_by_round(loop.mngr) if by_round is None else by_round
+        rounds = runfolder.round_masks(job.run_dir, job.setup, n_rounds)
+        tied = estep.tied_concepts(job.setup)
+        entries = []
+        for r in missing:
+            e = estep.round_metrics(r, rounds[r], rounds[r], rounds[r - 1] if r else None, {},
+                                    job.setup.concepts.tokens, job.truth, tied)
+            for key in ("iou_no_crf", "mean_iou_no_crf", "crf_seconds", "attention_seconds"):
+                e.pop(key, None)
+            entries.append(dict(e, index=by_round.get(r, 0), stage="init" if r == 0 else "token", rebuilt=True))
+        m.add_rounds(entries)
+        notes.append(f"{m.path}: the entries of round(s) {', '.join(map(str, missing))} were missing; rebuilt from "
+                     "the round masks (without timings or the no-CRF IoU)")
+    return notes
+
+
 def _say(notes) -> None:
     if distributed.is_primary():
         for note in notes:
@@ -125,45 +151,20 @@ def _say(notes) -> None:
                 print(f"note: {note}", flush=True)
 
 
-@contextlib.contextmanager
-def stop_on_sigint(stop: list):
-    """While training: Ctrl-C (SIGINT) appends to `stop`, which the loop reads at every step boundary (and
-    before every E-step) to stop there, cleanly; a second Ctrl-C stops at once. Without this, a
-    KeyboardInterrupt raised inside a callback (XLA's garbage-collection hook) can be swallowed, and the run
-    goes on to the end. Only in the main thread (signals are delivered there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(time.time())
-        if distributed.is_primary():
-            print("\nCtrl-C: stopping at the next step (again to stop at once)", file=sys.stderr, flush=True)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _check_stop(loop: Loop) -> None:
-    if loop.stop:
-        raise KeyboardInterrupt
+    """Stop here when Ctrl-C asked to (`errors.ctrl_c_at_step_boundaries`): a KeyboardInterrupt, cleanly."""
+    raise_if_interrupted()
 
 
 def run(s: settings.Settings, stages: Stages, jobs: list, folder: str, fingerprint: dict, *,
         progress: bool = True, on_checkpoint=None, t_start: float | None = None) -> list[dict]:
     """Every stage into the jobs' folders (checkpoints and run.json in `folder`); one summary per job."""
     t_start = time.time() if t_start is None else t_start
-    stop: list = []
-    with stop_on_sigint(stop):
-        return _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start, stop)
+    with ctrl_c_at_step_boundaries():  # Ctrl-C stops at the next step, never swallowed (errors.py)
+        return _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start)
 
 
-def _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start, stop) -> list[dict]:
+def _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start) -> list[dict]:
     runfolder.write_record(folder, fingerprint, finished=False)
     mngr = checkpoints.manager(folder)
     first = jobs[0].setup
@@ -181,23 +182,28 @@ def _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start,
             log.warning(warning)
     _say(recover_round_masks(mngr, s, jobs, start, masks_shape))
     keys = stage_keys(s.seed)
-    bar = tqdm(total=s.total_steps * stages.jobs, desc="learning" + (f" {stages.jobs} jobs" * (stages.jobs > 1)),
-               dynamic_ncols=True, disable=not (progress and distributed.is_primary()))
     loop = Loop(s, stages, jobs, mngr, [runfolder.Metrics(j.run_dir, None if start.stage == "init" else start.index)
-                                         for j in jobs], bar, keys, on_checkpoint, stop=stop)
+                                         for j in jobs], None, keys, on_checkpoint)
     _say(m.note for m in loop.metrics)
+    _say(recover_round_entries(loop, start))
+    bar = loop.bar = tqdm(total=s.total_steps * stages.jobs, dynamic_ncols=True,
+                          desc="learning" + (f" {stages.jobs} jobs" * (stages.jobs > 1)),
+                          disable=not (progress and distributed.is_primary()))
     loop.done = min(start.index, s.total_steps)
     bar.update(loop.done * stages.jobs)
     state, masks, raws = start.state, start.masks, None
-    if start.stage == "init":
-        state, masks, raws = stage_initial(loop)
-    if start.stage in ("init", "token"):
-        state, masks = stage_rounds(loop, state, masks, start.round, raws)
-    if start.stage != "done":
-        state = stage_joint(loop, state, masks, resumed=start.stage == "joint")
-    bar.close()
-    for m in loop.metrics:
-        m.close()
+    try:
+        if start.stage == "init":
+            state, masks, raws = stage_initial(loop)
+        if start.stage in ("init", "token"):
+            state, masks = stage_rounds(loop, state, masks, start.round, raws)
+        if start.stage != "done":
+            state = stage_joint(loop, state, masks, resumed=start.stage == "joint")
+    finally:  # the bar as it stands when the run stops (not redrawn "100%" under the message at exit)
+        bar.close()
+        for m in loop.metrics:
+            m.close()
+    _check_stop(loop)  # a Ctrl-C after the final checkpoint: the results are written when started again
     final = distributed.to_host(state["params"])  # a collective when split over hosts: every process gathers
     part = (lambda j: jax.tree.map(lambda x: x[j], final)) if stages.batched else (lambda j: final)
     out = [runfolder.write_results(job.run_dir, s, job.setup, part(j), masks[j], loop.metrics[j].rounds,
@@ -377,10 +383,10 @@ def guarded_folder(folder: str):
 def disk_full_message(folder: str, e: BaseException) -> str:
     detail = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
     try:
-        last = checkpoints.manager(folder).latest_step()
-    except Exception:  # noqa: BLE001  (the folder may be unreadable too)
+        last = max(checkpoints.saved_steps(folder), default=None)
+    except OSError:
         last = None
-    free = checkpoints.free_bytes(folder)
+    free = None if isinstance(e, checkpoints.DiskFullError) else checkpoints.free_bytes(folder)
     return (f"the disk holding {folder!r} is full ({detail}"
             + ("" if free is None else f"; {free / 2**20:.1f} MiB free") + "). "
             + ("Nothing was saved yet" if last is None else f"What was saved is kept: the last checkpoint is {last}")

@@ -25,7 +25,7 @@ from ..errors import JaxconceptError
 from ..parallel import distributed
 
 DAMAGED = "checkpoints_damaged"
-SPACE_MARGIN = 1 << 20  # bytes beyond the arrays' own (Orbax's metadata and manifests)
+SPACE_MARGIN = 256 << 10  # bytes beyond the arrays' own (Orbax's metadata and manifests: tens of KiB)
 
 
 class CheckpointError(JaxconceptError):
@@ -58,16 +58,32 @@ def free_bytes(path: str) -> int | None:
 
 def check_space(path: str, need: int, what: str) -> None:
     """A DiskFullError (before anything is written) when the disk holding `path` has less than `need` bytes free."""
-    free = free_bytes(path)
-    if free is not None and free < need + SPACE_MARGIN:
+    free, need = free_bytes(path), need * 1.02 + SPACE_MARGIN
+    if free is not None and free < need:
         raise DiskFullError(f"not enough disk space for {what} in {path!r}: {need / 2**20:.1f} MiB needed, "
                             f"{free / 2**20:.1f} MiB free")
 
 
 def manager(run_dir: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(run_dir), "checkpoints"),
-                                 options=ocp.CheckpointManagerOptions(
-                                     max_to_keep=None, cleanup_tmp_directories=True))  # a save cut short: gone
+    root = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    remove_partial(root)
+    return ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=None))
+
+
+def remove_partial(root: str) -> None:
+    """Remove what a save cut short left (Orbax's `*.orbax-checkpoint-tmp*` folders: never a checkpoint), so that
+    a run started again after a full disk gets that space back. Here, and not by Orbax's own
+    `cleanup_tmp_directories`, which does it in a thread that a run ending at once leaves failing (a traceback)."""
+    if distributed.is_primary() and os.path.isdir(root):
+        for name in os.listdir(root):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def saved_steps(run_dir: str) -> list[int]:
+    """The indices of the checkpoints in RUN/checkpoints, read from the folder names (no manager needed)."""
+    root = os.path.join(run_dir, "checkpoints")
+    return sorted(int(e) for e in (os.listdir(root) if os.path.isdir(root) else []) if e.isdigit())
 
 
 def _nbytes(tree) -> int:

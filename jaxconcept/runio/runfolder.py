@@ -266,12 +266,28 @@ class Metrics:
                              f"the checkpoint are kept.")
         self.rounds = [e for e in kept if "round" in e]
         self.file = None
+        self._rewrite(run_dir, kept)
+
+    def _rewrite(self, run_dir: str, entries: list) -> None:
         if distributed.is_primary():
+            if self.file is not None:
+                self.file.close()
             os.makedirs(run_dir, exist_ok=True)
             with open(self.path + ".tmp", "w") as f:
-                f.writelines(json.dumps(e) + "\n" for e in kept)
+                f.writelines(json.dumps(e) + "\n" for e in entries)
             os.replace(self.path + ".tmp", self.path)
             self.file = open(self.path, "a")
+
+    def add_rounds(self, entries: list) -> None:
+        """Round entries rebuilt after the fact (`learner.recover_round_entries`), put in their place."""
+        if not entries:
+            return
+        self.rounds = sorted(self.rounds + list(entries), key=lambda e: e["round"])
+        kept = []
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [json.loads(line) for line in f if line.strip()]
+        self._rewrite(os.path.dirname(self.path), sorted(kept + list(entries), key=_position))
 
     def write(self, entry: dict) -> None:
         if "round" in entry:
