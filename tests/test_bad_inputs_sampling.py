@@ -281,3 +281,12 @@ def test_diffusers_flax_pipeline_loads_a_written_model_folder_without_extra_argu
     shipped = json.loads(open(os.path.join(loading._NAMED_FOLDERS["toy"], "model_index.json")).read())
     assert {k: shipped[k] for k in ("safety_checker", "feature_extractor")} == \
         {k: index[k] for k in ("safety_checker", "feature_extractor")}
+
+
+def test_damaged_summary_is_named_with_what_to_do(tmp_path):
+    from jaxconcept.errors import JaxconceptError
+    from jaxconcept.runio import runs
+
+    (tmp_path / "summary.json").write_text('{"tokens": ["<a>"')  # cut off
+    with pytest.raises(JaxconceptError, match=r"summary\.json.*damaged.*train command again"):
+        runs.read_summary(str(tmp_path))

@@ -155,8 +155,16 @@ def read_summary(run_dir: str) -> dict:
     if not os.path.isfile(path):
         raise JaxconceptError(f"{run_dir!r} has no summary.json: it is not a finished run. Start its train "
                               "command again to finish it.")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+        return summary
+    except (OSError, ValueError) as e:
+        raise JaxconceptError(f"cannot read {path!r} ({e}): the file is damaged. Start the run's train command "
+                              "again with the same --out: a finished run writes its results again from its last "
+                              "checkpoint, without training again.") from e
 
 
 def listed_concepts(summary: dict) -> list[dict]:
