@@ -295,7 +295,8 @@ def make_setup(preset: Preset, option: str, target: Target) -> Setup:
     scheduler, scheduler_state = adapter.ddpm_scheduler(sched_cfg)
     params = {"text_encoder": _cast(adapter.param_shapes(text_encoder), dtype),
               "unet": _cast(adapter.param_shapes(unet), dtype)}
-    bundle = model.ModelBundle(tokenizer=None, text_encoder=text_encoder, unet=unet, vae=None, scheduler=scheduler,
+    vae = adapter.vae_from_config(preset.vae, dtype=dtype)  # its module only (the steps read its downsampling)
+    bundle = model.ModelBundle(tokenizer=None, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
                                scheduler_state=scheduler_state, params=params, dtype=dtype, source=preset.name,
                                scheduler_config=sched_cfg)
     latent = preset.resolution(s) // preset.vae_factor
