@@ -41,6 +41,7 @@ def test_preset_states_its_model_resolution_and_grids(name, tmp_path, monkeypatc
     assert f"{px} px" in module.__doc__ and f"{estep[0]}x{estep[0]}" in module.__doc__
     assert ("v-prediction" in module.__doc__) == (name == "sd21")
     assert c.joint.lora_rank == 4 and c.joint.lr == 1e-4  # SD presets tune LoRA adapters in the joint stage
+    assert c.memory_efficient_attention and c.masks.timestep_chunk == 10  # and hold no attention matrix whole
 
 
 @pytest.mark.parametrize("name", ["sd15", "sd21"])

@@ -17,7 +17,9 @@ The grids are query-grid heights of the UNet's cross-attention layers (`masks.re
 
 Every preset tunes LoRA adapters in the joint stage (`joint.lora_rank=4` on the attention projections, lr 1e-4),
 writing `lora.safetensors` (PyTorch diffusers' `load_lora_weights` reads it) instead of a 3.4 GB UNet;
-`--config.joint.lora_rank=0 --config.joint.lr=2e-6` is Break-a-Scene's full UNet tuning.
+`--config.joint.lora_rank=0 --config.joint.lr=2e-6` is Break-a-Scene's full UNet tuning. They also compute
+self-attention in chunks (`memory_efficient_attention`) and the E-step 10 timesteps per UNet call
+(`masks.timestep_chunk`): the same values, in a fraction of the memory (`docs/memory.md`).
 
 What the UNet predicts is read from the model's own scheduler config (`prediction_type`), not set here: SD 2.1
 at 768 px is trained on the v target and sampled as a v model. `--config NAME` takes these names (or
@@ -56,6 +58,9 @@ def stable_diffusion(model: str, resolution: int):
     # LoRA DreamBooth rate, not measured on these models here (no SD weights can be fetched in our CI). For
     # Break-a-Scene's full tuning: --config.joint.lora_rank=0 --config.joint.lr=2e-6
     c.joint.lora_rank, c.joint.lora_alpha, c.joint.lr = 4, 4.0, 1e-4
+    # the same values in a fraction of the memory (docs/memory.md, SD 1.5: token step 15.2 -> 8.2 GiB, E-step
+    # 34.6 -> 4.7 GiB, LoRA joint step 16.9 -> 8.4 GiB): self-attention in chunks, the E-step 10 timesteps a call
+    c.memory_efficient_attention, c.masks.timestep_chunk = True, 10
     c.log_every = 25
     return c
 
