@@ -390,3 +390,41 @@ def test_sdxl_load_lines_name_the_xl_pipeline_both_encoders_and_the_lora_file():
     assert "e['clip_g']" in lines[5] and "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in lines[5]
     text = export.readme(summary)
     assert "`clip_l`" in text and "`clip_g`" in text and "pipe.load_lora_weights" in text
+
+
+def test_an_sdxl_lora_run_exports_a_file_the_xl_pipeline_loads(sdxl_run, tmp_path):
+    """A LoRA run (adapters as after training, written into a copy of the run) exports lora.safetensors beside the
+    base UNet; the printed lines load it into StableDiffusionXLPipeline, whose UNet then computes our merged one's."""
+    pytest.importorskip("peft")
+    from jaxconcept import export
+    from jaxconcept.model import lora
+    from jaxconcept.runio import outputs, runs
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(sdxl_run[0], run_dir)
+    base = load_model("tiny-sdxl")
+    spec = lora.LoraSpec(4, 8.0)
+    adapters = lora.init(jax.random.key(1), base.params["unet"], spec)
+    keys = iter(jax.random.split(jax.random.key(101), 10_000))
+    adapters = jax.tree.map(lambda x: x if x.shape[0] != spec.rank else 0.2 * jax.random.normal(next(keys), x.shape),
+                            adapters)
+    outputs.save_lora(str(run_dir / outputs.LORA_FILE), adapters, spec, base.params["unet"])
+    summary = export.export_run(str(run_dir), str(tmp_path / "export"))
+    assert summary["unet"] == "lora" and summary["sdxl"]
+    scope = {}
+    exec(export.load_snippet(summary), scope)  # pipeline, LoRA file, both tables' rows
+    run = runs.load_run(str(run_dir))
+    rng = np.random.default_rng(2)
+    latents, t = rng.standard_normal((1, 4, 16, 16)).astype(np.float32), np.array([400])
+    cond = run.hidden_states(jnp.asarray(tokens.tokenize(run.bundle.tokenizer, ["<tri> on the beach"], 77)))
+    unet_eps = jax.jit(lambda p, x, tt, c: capture.unet_eps(run.bundle.unet, p, x, tt, c))
+    eps = unet_eps(run.bundle.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
+    without = unet_eps(base.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
+    with torch.no_grad():
+        added = {"text_embeds": torch.from_numpy(np.array(cond.text_embeds_BxP)),
+                 "time_ids": torch.from_numpy(np.array(cond.time_ids_BxK))}
+        ref = scope["pipe"].unet(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(
+            np.array(cond.context_BxTxD)), added_cond_kwargs=added).sample.numpy()
+    err, moved = rel_err(eps, ref), rel_err(without, ref)
+    print(f"exported SDXL LoRA in PyTorch: UNet eps relative error {err:.2e} (without the adapters {moved:.2e})")
+    assert err <= TOL and moved > 1e-2, (err, moved)
