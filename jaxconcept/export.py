@@ -16,6 +16,10 @@
     OUT/tokenizer/                       the base tokenizer
     OUT/scheduler/scheduler_config.json  the base model's noise schedule
     OUT/model_index.json                 StableDiffusionPipeline, no safety checker
+  SDXL runs: a StableDiffusionXLPipeline folder, with OUT/text_encoder_2/ (CLIPTextModelWithProjection, base) and
+  OUT/tokenizer_2/ besides; each embeddings/<token>.safetensors holds {"clip_l": n x D1, "clip_g": n x D2}, the
+  token's rows in the two tables (the run's N x (D1 + D2) rows split at `Concepts.widths`), loaded by two
+  `load_textual_inversion` calls, the second with `text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2`.
 
 Names are made by inverting diffusers' / transformers' PyTorch -> Flax rules (`adapter.flax_to_pt_key`) and every
 one is run back through the forward rule our loader uses before anything is written.
@@ -49,6 +53,7 @@ from .model import adapter, convert
 from .runio import outputs, runs
 from .errors import JaxconceptError
 from .model.loading import NAMED_MODELS, load_model
+from .model.tokens import embedding_table
 
 log = logging.getLogger(__name__)
 
@@ -162,32 +167,62 @@ def save_text_encoder_pytorch(folder: str, text_module, params) -> dict:
     return _save_pt_component(folder, adapter.pt_text_config(text_module), TEXT_WEIGHTS, state)
 
 
-def save_textual_inversion(folder: str, tokens: Sequence[str], rows_NxD, counts: Sequence[int] = ()) -> dict[str, str]:
-    """One `{token: row_D}` float32 safetensors file per token (diffusers' textual-inversion format: a
-    single-key dict, the key names the token); a token of n vectors (`counts`) is `{token: n x D}`, which
-    diffusers loads as `token token_1 ...` and writes out in prompts itself. Returns token -> file name."""
+def save_textual_inversion(folder: str, tokens: Sequence[str], rows_NxD, counts: Sequence[int] = (),
+                           widths: Sequence[int] = ()) -> dict[str, str]:
+    """One safetensors file per token; returns token -> file name.
+
+    SD 1/2 (no `widths`): `{token: row_D}` float32 (diffusers' textual-inversion format: a single-key dict, the key
+    names the token); a token of n vectors (`counts`) is `{token: n x D}`, which diffusers loads as
+    `token token_1 ...` and writes out in prompts itself.
+    SDXL (`widths` = (D1, D2), the two tables' widths, `Concepts.widths`): `{"clip_l": n x D1, "clip_g": n x D2}`,
+    the rows split at D1, the layout of SDXL's textual-inversion files; each half is loaded by its own
+    `load_textual_inversion` call (see `load_snippet`)."""
     rows_NxD = np.asarray(rows_NxD, np.float32)
     counts = list(counts) or [1] * len(tokens)
     if rows_NxD.ndim != 2 or len(counts) != len(tokens) or len(rows_NxD) != sum(counts):
         raise ExportError(f"{len(tokens)} tokens of {counts} vectors but embedding rows of shape {rows_NxD.shape}: "
                           "need one row per vector.")
+    if widths and (len(widths) != 2 or sum(widths) != rows_NxD.shape[1]):
+        raise ExportError(f"SDXL rows of width {rows_NxD.shape[1]} cannot be split into the two text encoders' "
+                          f"tables of widths {tuple(widths)}: the run's rows do not belong to this base model.")
     os.makedirs(folder, exist_ok=True)
     files = {}
     tensors = outputs.token_tensors(tokens, rows_NxD, counts)
     for token, name in zip(tokens, outputs.file_names(tokens)):
         files[token] = f"{name}.safetensors"
-        _save_safetensors(os.path.join(folder, files[token]), {token: tensors[token]})
+        _save_safetensors(os.path.join(folder, files[token]), _token_file(token, tensors[token], widths))
     return files
 
 
+def _token_file(token: str, rows, widths: Sequence[int]) -> dict[str, np.ndarray]:
+    if not widths:
+        return {token: rows}
+    rows_nxE = np.atleast_2d(rows)  # SDXL files hold n x D even for one vector
+    return {"clip_l": np.ascontiguousarray(rows_nxE[:, :widths[0]]),
+            "clip_g": np.ascontiguousarray(rows_nxE[:, widths[0]:])}
+
+
+def sdxl_widths(bundle) -> tuple[int, ...]:
+    """(D1, D2), the widths of an SDXL model's two token tables; () for SD 1/2."""
+    if not bundle.is_sdxl:
+        return ()
+    return tuple(int(embedding_table(bundle.params[k]).shape[1]) for k in ("text_encoder", "text_encoder_2"))
+
+
 def save_pipeline_extras(out_dir: str, bundle) -> list[str]:
-    """tokenizer/, scheduler/ and model_index.json of a StableDiffusionPipeline folder; the files written."""
+    """tokenizer/ (and SDXL's tokenizer_2/), scheduler/ and model_index.json of a StableDiffusionPipeline or
+    StableDiffusionXLPipeline folder; the files written."""
     bundle.tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    written = ["tokenizer/"]
+    if bundle.is_sdxl:
+        bundle.tokenizer_2.save_pretrained(os.path.join(out_dir, "tokenizer_2"))
+        written.append("tokenizer_2/")
     sched = adapter.pt_scheduler_config(bundle.scheduler_config)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     outputs.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), sched)
-    outputs.write_json(os.path.join(out_dir, "model_index.json"), adapter.pt_pipeline_index(sched["_class_name"]))
-    return ["tokenizer/", "scheduler/scheduler_config.json", "model_index.json"]
+    index = adapter.pt_pipeline_index(sched["_class_name"], sdxl=bundle.is_sdxl)
+    outputs.write_json(os.path.join(out_dir, "model_index.json"), index)
+    return written + ["scheduler/scheduler_config.json", "model_index.json"]
 
 
 # ------------------------------------------------------------------------------------------ run -> folder
@@ -304,7 +339,8 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
     if state == "base":
         log.info("%s has no unet/ (no joint tuning): exporting the base model's UNet", run_dir)
 
-    files = save_textual_inversion(os.path.join(folder, EMBEDDINGS), run.tokens, run.rows_NxD, run.counts)
+    files = save_textual_inversion(os.path.join(folder, EMBEDDINGS), run.tokens, run.rows_NxD, run.counts,
+                                   sdxl_widths(base))
     written = [f"{EMBEDDINGS}/{f}" for f in files.values()]
     unet = {"parameters": None}
     if adapted:  # the adapters beside the base UNet, as pipe.load_lora_weights reads them
@@ -319,13 +355,17 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
         text_params = runs.with_tuned_text_encoder(run_dir, cfg, base).params["text_encoder"]
         save_text_encoder_pytorch(os.path.join(folder, "text_encoder"), base.text_encoder, text_params)
         written += ["text_encoder/config.json", f"text_encoder/{TEXT_WEIGHTS}"]
+    if pipeline and base.is_sdxl:  # SDXL's second encoder is never tuned (prepare refuses joint.text_encoder)
+        save_text_encoder_pytorch(os.path.join(folder, "text_encoder_2"), base.text_encoder_2,
+                                  base.params["text_encoder_2"])
+        written += ["text_encoder_2/config.json", f"text_encoder_2/{TEXT_WEIGHTS}"]
     if pipeline:
         save_vae_pytorch(os.path.join(folder, "vae"), base.vae, base.params["vae"])
         written += ["vae/config.json", f"vae/{DIFFUSERS_WEIGHTS}"]
         written += save_pipeline_extras(folder, base)
 
     summary = {
-        "run": os.path.abspath(run_dir), "out": out_dir, "base_model": cfg["model"],
+        "run": os.path.abspath(run_dir), "out": out_dir, "base_model": cfg["model"], "sdxl": base.is_sdxl,
         "tokens": list(run.tokens), "files": {t: f"{EMBEDDINGS}/{f}" for t, f in files.items()},
         "unet": state, "unet_parameters": unet["parameters"], "pipeline": pipeline,
         "lora": None if not adapted else {"file": outputs.LORA_FILE, "rank": adapted.spec.rank,
@@ -339,21 +379,35 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
     return summary
 
 
+def pipeline_class(summary: dict) -> str:
+    return "StableDiffusionXLPipeline" if summary.get("sdxl") else "StableDiffusionPipeline"
+
+
 def load_snippet(summary: dict) -> str:
-    """Three Python lines that load the export in PyTorch diffusers."""
-    out = summary["out"]
+    """The Python lines that load the export in PyTorch diffusers."""
+    out, cls = summary["out"], pipeline_class(summary)
     if summary["pipeline"]:
-        head = f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({out!r})"
+        head = f"pipe = diffusers.{cls}.from_pretrained({out!r})"
     else:  # the rest comes from the base model (named test models have no PyTorch original)
         base = "BASE_MODEL" if summary["base_model"] in NAMED_MODELS else repr(summary["base_model"])
         unet = "" if summary.get("lora") else (f", unet=diffusers.UNet2DConditionModel.from_pretrained("
                                                f"os.path.join({out!r}, 'unet'))")
-        head = f"pipe = diffusers.StableDiffusionPipeline.from_pretrained({base}{unet})"
-    lines = ["import diffusers, json, os", head]
+        head = f"pipe = diffusers.{cls}.from_pretrained({base}{unet})"
+    lines = ["import diffusers, json, os" + (", safetensors.torch" if summary.get("sdxl") else ""), head]
     if summary.get("lora"):
         lines.append(f"pipe.load_lora_weights({out!r}, weight_name={summary['lora']['file']!r})")
-    lines.append(f"for token, file in json.load(open(os.path.join({out!r}, 'tokens.json')))['files'].items(): "
-                 f"pipe.load_textual_inversion(os.path.join({out!r}, file), token=token)")
+    files = f"json.load(open(os.path.join({out!r}, 'tokens.json')))['files']"
+    if not summary.get("sdxl"):
+        lines.append(f"for token, file in {files}.items(): "
+                     f"pipe.load_textual_inversion(os.path.join({out!r}, file), token=token)")
+        return "\n".join(lines)
+    # SDXL: each file holds the token's rows in both tables, loaded into each encoder by its own call
+    lines += [f"emb = {{token: safetensors.torch.load_file(os.path.join({out!r}, file)) for token, file in "
+              f"{files}.items()}}",
+              "pipe.load_textual_inversion([e['clip_l'] for e in emb.values()], token=list(emb), "
+              "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+              "pipe.load_textual_inversion([e['clip_g'] for e in emb.values()], token=list(emb), "
+              "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"]
     return "\n".join(lines)
 
 
@@ -366,6 +420,16 @@ def _unet_line(summary: dict) -> str:
     return f"`unet/` holds the {'tuned' if summary['unet'] == 'tuned' else 'base (this run tuned no UNet)'} UNet."
 
 
+def _one_token_line(summary: dict) -> str:
+    if not summary.get("sdxl"):
+        return 'One token: `pipe.load_textual_inversion("OUT/embeddings/<file>.safetensors", token="<v1>")`.'
+    return ("Each SDXL file holds a token's rows in both tables: `clip_l` (n x width of `text_encoder`) and `clip_g` "
+            "(n x width of `text_encoder_2`). One token: `e = safetensors.torch.load_file(\"OUT/embeddings/<file>"
+            ".safetensors\")`, then `pipe.load_textual_inversion(e[\"clip_l\"], token=\"<v1>\", "
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and `pipe.load_textual_inversion("
+            "e[\"clip_g\"], token=\"<v1>\", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)`.")
+
+
 def readme(summary: dict) -> str:
     lines = [
         "# jaxconcept export", "",
@@ -376,15 +440,14 @@ def readme(summary: dict) -> str:
         _unet_line(summary),
     ]
     if summary["pipeline"]:
-        lines.append("The folder is a whole `StableDiffusionPipeline` (the text encoder has the base vocabulary: "
+        encoders = "the text encoders have" if summary.get("sdxl") else "the text encoder has"
+        lines.append(f"The folder is a whole `{pipeline_class(summary)}` ({encoders} the base vocabulary: "
                      "load the tokens into it as below).")
     else:
         lines.append(f"Only the {'LoRA adapters were' if summary.get('lora') else 'UNet was'} exported: the rest "
                      "comes from the run's base model, which must be a PyTorch diffusers folder or hub id (replace "
                      "BASE_MODEL where shown).")
-    lines += ["", "```python", load_snippet(summary), "```",
-              "", 'One token: `pipe.load_textual_inversion("OUT/embeddings/<file>.safetensors", token="<v1>")`.',
-              ""]
+    lines += ["", "```python", load_snippet(summary), "```", "", _one_token_line(summary), ""]
     return "\n".join(lines)
 
 
@@ -421,7 +484,7 @@ def main(argv=None) -> int:
     unet = {"base": "base UNet (the run has no unet/: no joint tuning)", "tuned": "tuned UNet",
             "lora": "UNet's LoRA adapters"}[summary["unet"]]
     print(f"exported {len(summary['tokens'])} token(s) {', '.join(summary['tokens'])} and the {unet} "
-          f"to {summary['out']}" + (" as a StableDiffusionPipeline folder" if summary["pipeline"] else ""))
+          f"to {summary['out']}" + (f" as a {pipeline_class(summary)} folder" if summary["pipeline"] else ""))
     for path in summary["written"]:
         print(f"  {path}")
     print("load it in PyTorch:\n" + load_snippet(summary))

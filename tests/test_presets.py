@@ -11,16 +11,25 @@ import jax.numpy as jnp
 import pytest
 
 from jaxconcept import presets
-from jaxconcept.model import adapter, capture
+from jaxconcept.model import adapter, capture, conditioning
 from jaxconcept.bench.speed import SD15_UNET
 from jaxconcept.errors import JaxconceptError
 
 # SD 2.x's UNet differs from 1.5's in heads, linear projections and the text width, not in its levels
 SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, cross_attention_dim=1024)
+# SDXL base 1.0's unet/config.json (the keys that shape it; the rest are diffusers' defaults)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
 STATED = {  # name: (hub id, image px, E-step grids, loss grid, architecture)
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, (16, 32), 16, SD15_UNET),
     "sd21_base": ("stabilityai/stable-diffusion-2-1-base", 512, (16, 32), 16, SD21_UNET),
     "sd21": ("stabilityai/stable-diffusion-2-1", 768, (24, 48), 24, dict(SD21_UNET, sample_size=96)),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 1024, (32, 64), 32, SDXL_UNET),
 }
 
 
@@ -44,23 +53,51 @@ def test_preset_states_its_model_resolution_and_grids(name, tmp_path, monkeypatc
     assert c.memory_efficient_attention and c.masks.timestep_chunk == 10  # and hold no attention matrix whole
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21"])
-def test_preset_grids_are_the_stated_layers_of_sds_unet(name):
-    """Which layers the grids select, on SD's own UNet architecture (shapes only: nothing is computed)."""
-    _, px, estep, loss, arch = STATED[name]
+def _maps_at(name: str, selector):
+    """The cross-attention maps (shapes) a selector captures on the preset's own UNet architecture."""
+    _, px, _, _, arch = STATED[name]
     unet = adapter.unet_from_config(arch)
-    shapes = adapter.param_shapes(unet)
     latent = px // 8
     x = jax.ShapeDtypeStruct((1, 4, latent, latent), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     ctx = jax.ShapeDtypeStruct((1, 77, arch["cross_attention_dim"]), jnp.float32)
-    _, maps = jax.eval_shape(lambda p, a, b, c: capture.unet_with_attention(
-        unet, p, a, b, c, capture.LayerSelector(resolutions=estep)), shapes, x, t, ctx)
-    blocks = {grid: sorted({path.split("/")[0] for path in maps if maps[path].shape[2] == grid * grid})
-              for grid in estep}
+    if arch.get("addition_embed_type") == "text_time":  # SDXL: pooled text (1280) and six time ids
+        pooled = (arch["projection_class_embeddings_input_dim"] - 6 * arch["addition_time_embed_dim"])
+        ctx = conditioning.SDXLCondition(ctx, jax.ShapeDtypeStruct((1, pooled), jnp.float32),
+                                         jax.ShapeDtypeStruct((1, 6), jnp.float32))
+    _, maps = jax.eval_shape(lambda p, a, b, c: capture.unet_with_attention(unet, p, a, b, c, selector),
+                             adapter.param_shapes(unet), x, t, ctx)
+    return maps
+
+
+def _blocks_by_grid(maps, grids) -> dict:
+    return {grid: sorted({path.split("/")[0] for path in maps if maps[path].shape[2] == grid * grid})
+            for grid in grids}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_preset_grids_are_the_stated_layers_of_sds_unet(name):
+    """Which layers the grids select, on SD's own UNet architecture (shapes only: nothing is computed)."""
+    _, px, estep, loss, _ = STATED[name]
+    maps = _maps_at(name, capture.LayerSelector(resolutions=estep))
+    latent = px // 8
     stated = {latent // f: sorted(b) for f, b in presets.SD_LAYERS_AT.items()}
-    assert blocks == stated and len(maps) == 10  # 2 + 3 layers at each of the two grids
+    assert _blocks_by_grid(maps, estep) == stated and len(maps) == 10  # 2 + 3 layers at each of the two grids
     assert loss == latent // 4 and set(stated[loss]) == {"down_blocks_2", "up_blocks_1"}
+
+
+def test_sdxl_preset_grids_are_the_stated_layers_of_sdxls_unet():
+    """SDXL's UNet: no cross-attention at the finest level (128x128); the E-step's grids take all 70 layers (2 x 2
+    + 3 x 2 at 64x64; 2 x 10 + 10 in the middle block + 3 x 10 at 32x32), the loss's the 60 of the 10-block level."""
+    _, px, estep, loss, _ = STATED["sdxl"]
+    latent = px // 8
+    every = _maps_at("sdxl", capture.ALL_LAYERS)
+    assert {m.shape[2] for m in every.values()} == {32 * 32, 64 * 64} and len(every) == 70
+    maps = _maps_at("sdxl", capture.LayerSelector(resolutions=estep))
+    stated = {latent // f: sorted(b) for f, b in presets.SDXL_LAYERS_AT.items()}
+    assert _blocks_by_grid(maps, estep) == stated and len(maps) == 70
+    assert loss == latent // 4 and sum(m.shape[2] == loss * loss for m in maps.values()) == 60
+    assert sum(p.startswith("down_blocks_2/attentions_0/") for p in maps) == 10  # 10 transformer blocks
 
 
 def test_config_argument_forms(tmp_path):

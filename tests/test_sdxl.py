@@ -323,3 +323,108 @@ def test_a_learned_sdxl_run_loads_and_generates_with_its_tokens(sdxl_run):
     pics = generate.generate(run, ["a photo of <tri> and <ring>"], settings,
                              mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
     assert pics.shape == (1, 1, 32, 32, 3) and pics.std() > 0
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def test_an_sdxl_run_exports_to_a_pytorch_sdxl_pipeline_with_both_tables(sdxl_run, tmp_path, capsys):
+    """The export is a StableDiffusionXLPipeline folder; each token's file holds its clip_l and clip_g rows, which
+    the two load_textual_inversion calls the export prints put into both encoders; PyTorch's encoders (the tokens
+    in prompts) and UNet then compute what ours do."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+    from jaxconcept import export
+    from jaxconcept.runio import runs
+
+    out = tmp_path / "export"
+    assert export.main(["--run", str(sdxl_run[0]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "as a StableDiffusionXLPipeline folder" in printed and "text_encoder=pipe.text_encoder_2" in printed
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"]
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    summary = json.loads((out / "tokens.json").read_text())
+    run = runs.load_run(str(sdxl_run[0]))
+    tri = load_file(str(out / summary["files"]["<tri>"]))
+    assert sorted(tri) == ["clip_g", "clip_l"] and tri["clip_l"].shape == (1, 32) and tri["clip_g"].shape == (1, 64)
+    np.testing.assert_array_equal(np.concatenate([tri["clip_l"], tri["clip_g"]], 1)[0], np.asarray(run.rows_NxD[0]))
+    assert "load_textual_inversion" in (out / "README.md").read_text()
+
+    scope = {}
+    exec(export.load_snippet(summary), scope)  # the lines the export prints: the pipeline and both tables' rows
+    pipe = scope["pipe"]
+    assert isinstance(pipe, StableDiffusionXLPipeline) and type(pipe.text_encoder_2).__name__ == \
+        "CLIPTextModelWithProjection"
+    prompts = ["a photo of <tri> and <ring>", "<bg> on the beach"]
+    ids = jnp.asarray(tokens.tokenize(run.bundle.tokenizer, prompts, run.bundle.max_length))
+    cond = run.hidden_states(ids)
+    with torch.no_grad():
+        ref_ctx, _, ref_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    rng = np.random.default_rng(1)
+    latents, t = rng.standard_normal((2, 4, 16, 16)).astype(np.float32), np.array([5, 700])
+    eps = jax.jit(lambda p, x, tt, c: capture.unet_eps(run.bundle.unet, p, x, tt, c))(
+        run.bundle.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
+    with torch.no_grad():
+        added = {"text_embeds": torch.from_numpy(np.asarray(cond.text_embeds_BxP)),
+                 "time_ids": torch.from_numpy(np.asarray(cond.time_ids_BxK))}
+        ref_eps = pipe.unet(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(
+            np.asarray(cond.context_BxTxD)), added_cond_kwargs=added).sample.numpy()
+    errs = (rel_err(cond.context_BxTxD, ref_ctx.numpy()), rel_err(cond.text_embeds_BxP, ref_pooled.numpy()),
+            rel_err(eps, ref_eps))
+    print("exported SDXL in PyTorch: relative errors context %.2e, pooled %.2e, UNet eps %.2e" % errs)
+    assert max(errs) <= TOL, errs
+
+
+def test_sdxl_load_lines_name_the_xl_pipeline_both_encoders_and_the_lora_file():
+    from jaxconcept import export
+
+    summary = {"out": "/x/out", "pipeline": False, "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+               "sdxl": True, "lora": {"file": "lora.safetensors", "rank": 4, "alpha": 4.0, "targets": "attn"},
+               "files": {"<a>": "embeddings/a.safetensors"}, "run": "/x/run", "unet": "lora"}
+    lines = export.load_snippet(summary).splitlines()
+    assert lines[1] == ("pipe = diffusers.StableDiffusionXLPipeline.from_pretrained("
+                        "'stabilityai/stable-diffusion-xl-base-1.0')")
+    assert lines[2] == "pipe.load_lora_weights('/x/out', weight_name='lora.safetensors')"
+    assert "e['clip_l']" in lines[4] and "tokenizer=pipe.tokenizer)" in lines[4]
+    assert "e['clip_g']" in lines[5] and "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in lines[5]
+    text = export.readme(summary)
+    assert "`clip_l`" in text and "`clip_g`" in text and "pipe.load_lora_weights" in text
+
+
+def test_an_sdxl_lora_run_exports_a_file_the_xl_pipeline_loads(sdxl_run, tmp_path):
+    """A LoRA run (adapters as after training, written into a copy of the run) exports lora.safetensors beside the
+    base UNet; the printed lines load it into StableDiffusionXLPipeline, whose UNet then computes our merged one's."""
+    pytest.importorskip("peft")
+    from jaxconcept import export
+    from jaxconcept.model import lora
+    from jaxconcept.runio import outputs, runs
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(sdxl_run[0], run_dir)
+    base = load_model("tiny-sdxl")
+    spec = lora.LoraSpec(4, 8.0)
+    adapters = lora.init(jax.random.key(1), base.params["unet"], spec)
+    keys = iter(jax.random.split(jax.random.key(101), 10_000))
+    adapters = jax.tree.map(lambda x: x if x.shape[0] != spec.rank else 0.2 * jax.random.normal(next(keys), x.shape),
+                            adapters)
+    outputs.save_lora(str(run_dir / outputs.LORA_FILE), adapters, spec, base.params["unet"])
+    summary = export.export_run(str(run_dir), str(tmp_path / "export"))
+    assert summary["unet"] == "lora" and summary["sdxl"]
+    scope = {}
+    exec(export.load_snippet(summary), scope)  # pipeline, LoRA file, both tables' rows
+    run = runs.load_run(str(run_dir))
+    rng = np.random.default_rng(2)
+    latents, t = rng.standard_normal((1, 4, 16, 16)).astype(np.float32), np.array([400])
+    cond = run.hidden_states(jnp.asarray(tokens.tokenize(run.bundle.tokenizer, ["<tri> on the beach"], 77)))
+    unet_eps = jax.jit(lambda p, x, tt, c: capture.unet_eps(run.bundle.unet, p, x, tt, c))
+    eps = unet_eps(run.bundle.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
+    without = unet_eps(base.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
+    with torch.no_grad():
+        added = {"text_embeds": torch.from_numpy(np.array(cond.text_embeds_BxP)),
+                 "time_ids": torch.from_numpy(np.array(cond.time_ids_BxK))}
+        ref = scope["pipe"].unet(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(
+            np.array(cond.context_BxTxD)), added_cond_kwargs=added).sample.numpy()
+    err, moved = rel_err(eps, ref), rel_err(without, ref)
+    print(f"exported SDXL LoRA in PyTorch: UNet eps relative error {err:.2e} (without the adapters {moved:.2e})")
+    assert err <= TOL and moved > 1e-2, (err, moved)

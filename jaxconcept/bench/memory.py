@@ -59,6 +59,7 @@ import os
 import shlex
 import sys
 import time
+import types
 from typing import Any, Callable
 
 import jax
@@ -69,10 +70,11 @@ from .. import config as config_lib
 from .. import settings as settings_lib
 from ..em import data, stages, steps
 from ..errors import JaxconceptError
-from ..model import adapter, capture
+from ..model import adapter, capture, conditioning
 from ..model import loading as model
 from ..parallel import sharding
 from .speed import SD15_TEXT, SD15_UNET, SD15_VAE
+from .workload import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
 
 SCHEMA = 1  # bump when what an entry measures changes: every entry is recomputed
 GIB = 2 ** 30
@@ -89,7 +91,7 @@ SD21_TEXT = dict(
 SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                  use_linear_projection=True)
 
-SD_VOCAB = 49408  # CLIP's BPE vocabulary (SD 1.x and 2.x)
+SD_VOCAB = 49408  # CLIP's BPE vocabulary (SD 1.x and 2.x, both of SDXL's tokenizers)
 NUM_CONCEPTS = 3  # 2 objects and the background, one image, one vector each
 
 
@@ -97,9 +99,11 @@ def _preset_config(name: str):
     return importlib.import_module(f"jaxconcept.presets.{name}").get_config()
 
 
-def _tiny_config():
+def _tiny_config(model_name: str = "tiny"):
     c = config_lib.get_config()
-    c.model = "tiny"
+    c.model = model_name
+    if model_name == "tiny-sdxl":
+        c.masks.resolutions, c.tokens.attn_resolution = (8, 4), 8  # its 16x16 level has no cross-attention
     return c
 
 
@@ -114,6 +118,7 @@ class Preset:
     prediction_type: str  # what the UNet predicts (SD 2.1 at 768 px: v)
     vocab_size: int  # token table rows before the concept rows (0: the tiny model's word tokenizer's)
     make_config: Callable[[], Any]
+    text_2: dict | None = None  # SDXL: the second text encoder (with projection)
 
     def settings(self, overrides: dict) -> settings_lib.Settings:
         c = self.make_config()
@@ -141,6 +146,10 @@ PRESETS: dict[str, Preset] = {
                         functools.partial(_preset_config, "sd21_base")),
     "sd21": Preset("sd21", SD21_TEXT, dict(SD21_UNET, sample_size=96), SD15_VAE, "v_prediction", SD_VOCAB,
                    functools.partial(_preset_config, "sd21")),
+    "tiny-sdxl": Preset("tiny-sdxl", model.TINY_TEXT, model.TINY_SDXL_UNET, model.TINY_SDXL_VAE, "epsilon", 0,
+                        functools.partial(_tiny_config, "tiny-sdxl"), model.TINY_SDXL_TEXT_2),
+    "sdxl": Preset("sdxl", SDXL_TEXT, SDXL_UNET, SDXL_VAE, "epsilon", SD_VOCAB,
+                   functools.partial(_preset_config, "sdxl"), SDXL_TEXT_2),
 }
 DEFAULT_PRESETS = ("sd15", "sd21_base", "sd21")
 
@@ -280,25 +289,38 @@ class Setup:
     shard_frozen: bool
 
 
+def _text_encoders(preset: Preset, dtype, vocab: int) -> dict:
+    """The bundle's text entries: the encoder(s) as modules, stand-ins for the tokenizers (the ids SDXL's
+    conditioning reads: the end token, the second tokenizer's padding "!", id 0 in CLIP's vocabulary) and their
+    abstract params."""
+    ids = dict(bos_token_id=SD_VOCAB - 2, eos_token_id=SD_VOCAB - 1, pad_token_id=SD_VOCAB - 1)
+    text_encoder = adapter.text_encoder_from_config(dict(preset.text, vocab_size=vocab, **ids), dtype=dtype)
+    out = {"text_encoder": text_encoder, "tokenizer": types.SimpleNamespace(**ids),
+           "params": {"text_encoder": _cast(adapter.param_shapes(text_encoder), dtype)}}
+    if preset.text_2 is None:
+        return out
+    text_encoder_2 = adapter.text_encoder_from_config(dict(preset.text_2, vocab_size=vocab, **ids), dtype=dtype,
+                                                      projection=True)
+    out["params"]["text_encoder_2"] = _cast(adapter.param_shapes(text_encoder_2), dtype)
+    return dict(out, text_encoder_2=text_encoder_2, tokenizer_2=types.SimpleNamespace(**dict(ids, pad_token_id=0)))
+
+
 def make_setup(preset: Preset, option: str, target: Target) -> Setup:
     s = preset.settings(option_overrides(option))
     dtype = model.as_dtype(s.dtype)
     base = preset.base_vocab()
     concept_ids = tuple(range(base, base + NUM_CONCEPTS))
-    text_cfg = dict(preset.text, vocab_size=base + NUM_CONCEPTS, bos_token_id=SD_VOCAB - 2,
-                    eos_token_id=SD_VOCAB - 1, pad_token_id=SD_VOCAB - 1)
-    text_encoder = adapter.text_encoder_from_config(text_cfg, dtype=dtype)
+    text = _text_encoders(preset, dtype, base + NUM_CONCEPTS)
     unet = adapter.unet_from_config(preset.unet, dtype=dtype)
     if s.memory_efficient_attention:  # as em/prepare.py does
         unet = adapter.with_memory_efficient_attention(unet)
     sched_cfg = dict(model.SD_SCHEDULER, prediction_type=preset.prediction_type)
     scheduler, scheduler_state = adapter.ddpm_scheduler(sched_cfg)
-    params = {"text_encoder": _cast(adapter.param_shapes(text_encoder), dtype),
-              "unet": _cast(adapter.param_shapes(unet), dtype)}
-    vae = adapter.vae_from_config(preset.vae, dtype=dtype)  # its module only (the steps read its downsampling)
-    bundle = model.ModelBundle(tokenizer=None, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
+    params = {**text.pop("params"), "unet": _cast(adapter.param_shapes(unet), dtype)}
+    # the VAE module (no params: no program runs it) tells the steps the image size per latent pixel
+    bundle = model.ModelBundle(unet=unet, vae=adapter.vae_from_config(preset.vae, dtype=dtype), scheduler=scheduler,
                                scheduler_state=scheduler_state, params=params, dtype=dtype, source=preset.name,
-                               scheduler_config=sched_cfg)
+                               scheduler_config=sched_cfg, **text)
     latent = preset.resolution(s) // preset.vae_factor
     latents_dtype = dtype  # the VAE's latents come in the model's dtype
     z = preset.unet["in_channels"]
@@ -307,7 +329,7 @@ def make_setup(preset: Preset, option: str, target: Target) -> Setup:
     table = {"ids_PxT": _sds((prompts, length), jnp.int32), "positions_PxC": _sds((prompts, NUM_CONCEPTS), jnp.int32),
              "image_P": _sds((prompts,), jnp.int32), "logw_P": _sds((prompts,), jnp.float32)}
     run_data = {"table": table, "latents": _sds((1, 2, z, latent, latent), latents_dtype)}
-    width = int(preset.text["hidden_size"])
+    width = int(preset.text["hidden_size"]) + int((preset.text_2 or {}).get("hidden_size", 0))  # SDXL: D1 + D2
     fsdp = target.chips
     mesh = sharding.make_mesh(target.devices, fsdp=fsdp)
     return Setup(preset, s, bundle, concept_ids, _sds((NUM_CONCEPTS, width), jnp.float32), run_data,
@@ -319,7 +341,7 @@ def make_setup(preset: Preset, option: str, target: Target) -> Setup:
 def _frozen(st: Setup) -> tuple[dict, Any]:
     """The frozen weights and their shardings (None: replicated; FSDP-split over several chips)."""
     b = st.bundle
-    frozen = {"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}
+    frozen = {**conditioning.text_params(b.params), "unet": b.params["unet"]}  # as stages.single_run_stages
     sh = sharding.fsdp_shardings(frozen, st.mesh, st.settings.mesh.fsdp_min_size) if st.shard_frozen else None
     return frozen, sh
 
@@ -350,7 +372,7 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
     s, b = st.settings, st.bundle
     frozen, frozen_sh = _frozen(st)
     trees = {"unet_param_bytes": tree_bytes(b.params["unet"]),
-             "text_param_bytes": tree_bytes(b.params["text_encoder"])}
+             "text_param_bytes": tree_bytes(conditioning.text_params(b.params))}
     if program == "estep":
         selector = capture.LayerSelector(resolutions=s.masks.resolutions)
         maps = steps.make_concept_maps(b, st.concept_ids, selector, s.masks.num_timesteps, st.latent_hw, st.mesh,
@@ -376,7 +398,7 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
         params = jax.eval_shape(trainable, st.rows, b.params["unet"], b.params["text_encoder"])
         state = jax.eval_shape(lambda p: steps.init_state(p, opt), params)
         state_sh = sharding.fsdp_shardings(state, st.mesh, s.mesh.fsdp_min_size)
-        names = [n for n in ("text_encoder", "unet")  # single_run_stages' joint_frozen
+        names = [n for n in frozen  # single_run_stages' joint_frozen
                  if not (n == "text_encoder" and te) and not (n == "unet" and s.joint.lora is None)]
         step_frozen = {n: frozen[n] for n in names}
         fsh = None if frozen_sh is None else {n: frozen_sh[n] for n in names}
@@ -426,6 +448,8 @@ def fingerprint(st: Setup, program: str, target: Target) -> str:
         "target": target.name, "chips": target.chips, "kind": target.kind, "versions": target.versions,
         "mesh": dict(st.mesh.shape), "shard_frozen": st.shard_frozen, "fsdp_min_size": s.mesh.fsdp_min_size,
     }
+    if p.text_2 is not None:  # SDXL's second encoder (absent otherwise: earlier entries keep their fingerprints)
+        what["text_2"] = p.text_2
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -499,13 +523,15 @@ def torch_reference(preset: Preset) -> dict | None:
     try:
         import torch
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     except Exception:  # noqa: BLE001 - absent or broken: the reference is left out
         return None
     vocab = preset.base_vocab() + NUM_CONCEPTS
     with torch.device("meta"):
         unet = UNet2DConditionModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.unet.items()})
         text = CLIPTextModel(CLIPTextConfig(**dict(preset.text, vocab_size=vocab)))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(preset.text_2, vocab_size=vocab))) \
+            if preset.text_2 else None
         vae = AutoencoderKL(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.vae.items()})
 
     def count(m):
@@ -513,6 +539,9 @@ def torch_reference(preset: Preset) -> dict | None:
 
     n_unet, n_text, n_vae = count(unet), count(text), count(vae)
     n_table = int(text.get_input_embeddings().weight.numel())
+    if text_2 is not None:  # SDXL: both encoders, both token tables
+        n_text += count(text_2)
+        n_table += int(text_2.get_input_embeddings().weight.numel())
     trained = n_unet + n_table
     frozen = n_text - n_table + n_vae
     return {"unet_params": n_unet, "text_params": n_text, "table_params": n_table, "vae_params": n_vae,
@@ -559,7 +588,7 @@ def format_table(entries: list[dict]) -> str:
 
 
 CAPACITIES = ((12, "12 GB"), (16, "16 GB (v5e)"), (24, "24 GB"), (32, "32 GB (v4, v6e)"), (40, "40 GB"))
-PRESET_ORDER = ("tiny", "sd15", "sd21_base", "sd21")
+PRESET_ORDER = ("tiny", "tiny-sdxl", "sd15", "sd21_base", "sd21", "sdxl")
 
 
 def _order(e: dict):

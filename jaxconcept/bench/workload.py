@@ -40,6 +40,24 @@ SD15_VAE = dict(
 )
 
 
+# SDXL base 1.0: CLIP ViT-L's text tower (all 12 layers run; SDXL reads the penultimate states) and OpenCLIP
+# ViT-bigG's with its projection (32 layers, 1280 wide), a three-level UNet (no cross-attention at the finest, 2 and
+# 10 transformer blocks at the others) with 2048-wide cross-attention and the text_time added conditioning
+SDXL_TEXT = dict(SD15_TEXT)  # CLIP ViT-L/14's text tower, as SD 1.5's
+SDXL_TEXT_2 = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025)
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """A model architecture to benchmark, with the layer choices of the steps as *latent downsampling

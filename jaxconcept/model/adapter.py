@@ -686,12 +686,19 @@ def pt_vae_config(vae) -> dict:
     return _pt_diffusers_config(vae, "AutoencoderKL")
 
 
+def pt_text_class(text_encoder) -> str:
+    """transformers' PyTorch class of a Flax CLIP text module: CLIPTextModelWithProjection for one that projects
+    its pooled state (SDXL's second encoder), else CLIPTextModel."""
+    return "CLIPTextModelWithProjection" if has_projection(text_encoder) else "CLIPTextModel"
+
+
 def pt_text_config(text_encoder) -> dict:
-    """`config.json` of the PyTorch CLIPTextModel (transformers configs are framework-neutral)."""
+    """`config.json` of the PyTorch CLIPTextModel / CLIPTextModelWithProjection (transformers configs are
+    framework-neutral)."""
     import json
 
     cfg = copy.deepcopy(text_encoder.config)
-    cfg.architectures = ["CLIPTextModel"]
+    cfg.architectures = [pt_text_class(text_encoder)]
     return json.loads(cfg.to_json_string(use_diff=True))
 
 
@@ -703,12 +710,21 @@ def pt_scheduler_config(config: dict) -> dict:
     return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **body}
 
 
-def pt_pipeline_index(scheduler_class: str) -> dict:
-    """`model_index.json` of a StableDiffusionPipeline folder without safety checker."""
-    return {
+def pt_pipeline_index(scheduler_class: str, sdxl: bool = False) -> dict:
+    """`model_index.json` of a StableDiffusionPipeline folder without safety checker, or with `sdxl` of a
+    StableDiffusionXLPipeline folder (its second encoder and tokenizer; zero unconditional text without a negative
+    prompt, as SDXL base ships and as `generate` samples)."""
+    index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
         "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
+    if not sdxl:
+        return index
+    for key in ("safety_checker", "requires_safety_checker"):  # the SDXL pipeline takes neither
+        del index[key]
+    return dict(index, _class_name="StableDiffusionXLPipeline", force_zeros_for_empty_prompt=True,
+                text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                tokenizer_2=["transformers", "CLIPTokenizer"])

@@ -7,6 +7,7 @@
 | `sd15`      | stable-diffusion-v1-5/stable-diffusion-v1-5   | 512      | 64     | 16x16, 32x32 | 16x16         | epsilon  |
 | `sd21_base` | stabilityai/stable-diffusion-2-1-base         | 512      | 64     | 16x16, 32x32 | 16x16         | epsilon  |
 | `sd21`      | stabilityai/stable-diffusion-2-1              | 768      | 96     | 24x24, 48x48 | 24x24         | v        |
+| `sdxl`      | stabilityai/stable-diffusion-xl-base-1.0      | 1024     | 128    | 32x32, 64x64 | 32x32         | epsilon  |
 
 The grids are query-grid heights of the UNet's cross-attention layers (`masks.resolutions`,
 `tokens.attn_resolution`): at every resolution the same layers, those of the second and third UNet levels
@@ -14,6 +15,10 @@ The grids are query-grid heights of the UNet's cross-attention layers (`masks.re
 
     E-step    down_blocks_1 (2 layers) and up_blocks_2 (3) at latent/2;  down_blocks_2 (2) and up_blocks_1 (3) at latent/4
     loss      down_blocks_2 and up_blocks_1 (latent/4: Break-a-Scene's 16x16 at 512 px)
+
+SDXL (no cross-attention at its finest level, three levels) by the same rule: latent/4 is its 10-block level
+(down_blocks_2, mid_block, up_blocks_0: 60 layers), latent/2 its 2-block level (down_blocks_1, up_blocks_1: 10);
+see presets/sdxl.py for why, and for what could not be checked (no real SDXL weights here).
 
 Every preset tunes LoRA adapters in the joint stage (`joint.lora_rank=4` on the attention projections, lr 1e-4),
 writing `lora.safetensors` (PyTorch diffusers' `load_lora_weights` reads it) instead of a 3.4 GB UNet;
@@ -34,14 +39,16 @@ import os
 from ..errors import JaxconceptError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = ("sd15", "sd21_base", "sd21")
+NAMES = ("sd15", "sd21_base", "sd21", "sdxl")
 # query-grid height -> UNet blocks holding the cross-attention layers at that grid, for SD 1.x / 2.x
 SD_LAYERS_AT = {2: ("down_blocks_1", "up_blocks_2"), 4: ("down_blocks_2", "up_blocks_1")}  # latent / factor
+# the same for SDXL: its middle block runs at latent/4 too, and its finest level has no cross-attention
+SDXL_LAYERS_AT = {2: ("down_blocks_1", "up_blocks_1"), 4: ("down_blocks_2", "mid_block", "up_blocks_0")}
 
 
 def stable_diffusion(model: str, resolution: int):
-    """The learner's config for an SD 1.x/2.x model at `resolution` px: Break-a-Scene's prompts, E-step maps at
-    latent/4 and latent/2, attention loss at latent/4 (see the module docstring)."""
+    """The learner's config for an SD 1.x/2.x or SDXL model at `resolution` px: Break-a-Scene's prompts, E-step maps
+    at latent/4 and latent/2, attention loss at latent/4 (see the module docstring)."""
     from ..config import get_config
 
     latent = resolution // 8
