@@ -44,3 +44,14 @@ def tiny_with_concepts(tiny):
 
     return tokens.add_concept_tokens(tiny, ["<v1>", "<v2>"], ["dog", None], seed=0)
 
+
+
+def set_fields(cfg, changes: dict):
+    """cfg with dotted config fields set ("tokens.steps": 4), as --config.FIELD=VALUE would; returns cfg."""
+    for k, v in changes.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import set_fields
 from jaxconcept import config, settings
 from jaxconcept.em import data, jobs, learner
 from jaxconcept.em.prepare import check_inputs
@@ -29,13 +30,7 @@ def _cfg(**changes):
     c.model = "tiny"
     c.tokens.steps, c.tokens.estep_every, c.joint.steps = 4, 2, 0
     c.masks.num_timesteps, c.log_every = 2, 2
-    for k, v in changes.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return set_fields(c, changes)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import set_fields
 from jaxconcept import config, settings
 from jaxconcept.em import learner, steps
 from jaxconcept.em.prepare import crf_where, prepare
@@ -44,13 +45,7 @@ def _cfg(**changes):
     c.model = "tiny"
     c.tokens.steps, c.tokens.estep_every, c.joint.steps = 4, 2, 2
     c.masks.num_timesteps, c.log_every = 4, 2
-    for k, v in changes.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return set_fields(c, changes)
 
 
 def _learn(*args, **kwargs):

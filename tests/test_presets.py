@@ -12,19 +12,11 @@ import pytest
 
 from jaxconcept import presets
 from jaxconcept.model import adapter, capture, conditioning
-from jaxconcept.bench.speed import SD15_UNET
+from jaxconcept.bench.workload import SD15_UNET, SDXL_UNET  # SDXL base 1.0's unet/config.json, shaping keys
 from jaxconcept.errors import JaxconceptError
 
 # SD 2.x's UNet differs from 1.5's in heads, linear projections and the text width, not in its levels
 SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, cross_attention_dim=1024)
-# SDXL base 1.0's unet/config.json (the keys that shape it; the rest are diffusers' defaults)
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
 STATED = {  # name: (hub id, image px, E-step grids, loss grid, architecture)
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, (16, 32), 16, SD15_UNET),
     "sd21_base": ("stabilityai/stable-diffusion-2-1-base", 512, (16, 32), 16, SD21_UNET),
