@@ -7,7 +7,8 @@ as a run on one device does, and process 1's job is gathered to process 0 to be 
 set alone (`train --concepts`; its drawn batch split over the hosts, data-parallel). The two must
 agree: a job of a batch learns what a run of its own learns (tests/test_jobs.py, one process), so the
 batch's job_01 is the one-device reference of the split run, and the comparison also checks the gathering.
-Evaluation runs on the batch's runs with one process and with two."""
+Evaluation and generation run with two processes on the batch's runs; their one-process reference is this test
+process (its images, metrics and files), so each multi-process command is started once."""
 
 import json
 import os
@@ -145,13 +146,19 @@ def test_two_processes_train_batched_jobs_each_written_once(trained):
 
 
 def test_two_processes_evaluate_and_generate_like_one_process(trained):
+    from jaxconcept import evaluate
+
     root, _ = trained
     multi = root / "multi"
-    evaluate = lambda out: ["jaxconcept.evaluate", "--run", str(multi / "runs" / "job_00"), "--run",  # noqa: E731
-                            str(multi / "runs" / "job_01"), "--clip", "tiny-clip", "--template", "a photo of {}",
-                            "--out", str(out), *SAMPLE]
-    one, two = root / "eval_one", multi / "eval"
-    _run((evaluate(one), 1), (evaluate(two), 2))
+    run_dirs = [str(multi / "runs" / job) for job in ("job_00", "job_01")]
+    two = multi / "eval"
+    _run((["jaxconcept.evaluate", *(a for r in run_dirs for a in ("--run", r)), "--clip", "tiny-clip", "--template",
+           "a photo of {}", "--out", str(two), *SAMPLE], 2),
+         (["jaxconcept.generate", "--run", run_dirs[1], "--prompt", "a photo of <tri>", "--prompt", "a photo of <ring>",
+           "--out", str(multi / "gen"), *SAMPLE], 2))
+    one = root / "eval_one"  # the reference: one process (this one), its own devices
+    assert evaluate.main([*(a for r in run_dirs for a in ("--run", r)), "--clip", "tiny-clip", "--template",
+                          "a photo of {}", "--out", str(one), *SAMPLE]) == 0
     r1 = json.loads((one / "results.json").read_text())
     r2 = json.loads((two / "results.json").read_text())
     assert r2["devices"] == 2 and r2["overall"]["images"] == r1["overall"]["images"] == 2 * 2 * 2
@@ -161,8 +168,6 @@ def test_two_processes_evaluate_and_generate_like_one_process(trained):
     for f in (f for p in r1["prompts"] for f in p["files"]):  # gathered from both hosts, written by process 0
         assert np.abs(_pixels(two / f) - _pixels(one / f)).max() <= 1, f
 
-    _run((["jaxconcept.generate", "--run", str(multi / "runs" / "job_01"), "--prompt", "a photo of <tri>",
-           "--prompt", "a photo of <ring>", "--out", str(multi / "gen"), *SAMPLE], 2))
     gen = json.loads((multi / "gen" / "generation.json").read_text())
     assert gen["devices"] == 2
     evaluated = [p for p in r2["prompts"] if p["run"].endswith("job_01")]
