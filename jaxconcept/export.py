@@ -11,15 +11,19 @@
   with pipeline=True (the default), the rest of a StableDiffusionPipeline folder:
     OUT/vae/config.json + diffusion_pytorch_model.safetensors          the base VAE (AutoencoderKL)
     OUT/text_encoder/config.json + model.safetensors                   the CLIPTextModel (the run's tuned one if
-                                                                       joint.text_encoder), base vocabulary:
+                                                                       joint.text_encoder, then written with
+                                                                       --no-pipeline too), base vocabulary:
                                                                        the tokens come from embeddings/
     OUT/tokenizer/                       the base tokenizer
     OUT/scheduler/scheduler_config.json  the base model's noise schedule
     OUT/model_index.json                 StableDiffusionPipeline, no safety checker
-  SDXL runs: a StableDiffusionXLPipeline folder, with OUT/text_encoder_2/ (CLIPTextModelWithProjection, base) and
-  OUT/tokenizer_2/ besides; each embeddings/<token>.safetensors holds {"clip_l": n x D1, "clip_g": n x D2}, the
-  token's rows in the two tables (the run's N x (D1 + D2) rows split at `Concepts.widths`), loaded by two
-  `load_textual_inversion` calls, the second with `text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2`.
+  SDXL runs: a StableDiffusionXLPipeline folder, with OUT/text_encoder_2/ (CLIPTextModelWithProjection; the run's
+  tuned one if joint.text_encoder, as text_encoder/) and OUT/tokenizer_2/ besides, model_index.json's
+  `force_zeros_for_empty_prompt` the base model's (zero unconditional text without a negative prompt, SDXL base's
+  choice, or the empty prompt's encoding); each embeddings/<token>.safetensors holds {"clip_l": n x D1,
+  "clip_g": n x D2}, the token's rows in the two tables (the run's N x (D1 + D2) rows split at `Concepts.widths`),
+  loaded by two `load_textual_inversion` calls, the second with `text_encoder=pipe.text_encoder_2,
+  tokenizer=pipe.tokenizer_2`.
 
 Names are made by inverting diffusers' / transformers' PyTorch -> Flax rules (`adapter.flax_to_pt_key`) and every
 one is run back through the forward rule our loader uses before anything is written.
@@ -49,7 +53,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from .model import adapter, convert
+from .model import adapter, conditioning
 from .runio import outputs, runs
 from .errors import JaxconceptError
 from .model.loading import NAMED_MODELS, load_model
@@ -167,6 +171,15 @@ def save_text_encoder_pytorch(folder: str, text_module, params) -> dict:
     return _save_pt_component(folder, adapter.pt_text_config(text_module), TEXT_WEIGHTS, state)
 
 
+def save_text_encoders(folder: str, bundle) -> list[str]:
+    """text_encoder/ (and SDXL's text_encoder_2/) of `bundle`, base vocabulary; the files written."""
+    written = []
+    for name, params in conditioning.text_params(bundle.params).items():
+        save_text_encoder_pytorch(os.path.join(folder, name), getattr(bundle, name), params)
+        written += [f"{name}/config.json", f"{name}/{TEXT_WEIGHTS}"]
+    return written
+
+
 def save_textual_inversion(folder: str, tokens: Sequence[str], rows_NxD, counts: Sequence[int] = (),
                            widths: Sequence[int] = ()) -> dict[str, str]:
     """One safetensors file per token; returns token -> file name.
@@ -221,6 +234,8 @@ def save_pipeline_extras(out_dir: str, bundle) -> list[str]:
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     outputs.write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), sched)
     index = adapter.pt_pipeline_index(sched["_class_name"], sdxl=bundle.is_sdxl)
+    if bundle.is_sdxl:  # the base model's own choice (SDXL base: zeros)
+        index["force_zeros_for_empty_prompt"] = bool(bundle.force_zeros_for_empty_prompt)
     outputs.write_json(os.path.join(out_dir, "model_index.json"), index)
     return written + ["scheduler/scheduler_config.json", "model_index.json"]
 
@@ -351,14 +366,8 @@ def _write_export(cfg: dict, run_dir: str, folder: str, out_dir: str, pipeline: 
         unet = save_unet_pytorch(os.path.join(folder, "unet"), run.bundle.unet, params)
         written += ["unet/config.json", f"unet/{DIFFUSERS_WEIGHTS}"]
     tuned_text = os.path.isdir(os.path.join(run_dir, "text_encoder"))
-    if pipeline or tuned_text:  # a tuned text encoder is part of the run: written in any case
-        text_params = runs.with_tuned_text_encoder(run_dir, cfg, base).params["text_encoder"]
-        save_text_encoder_pytorch(os.path.join(folder, "text_encoder"), base.text_encoder, text_params)
-        written += ["text_encoder/config.json", f"text_encoder/{TEXT_WEIGHTS}"]
-    if pipeline and base.is_sdxl:  # SDXL's second encoder is never tuned (prepare refuses joint.text_encoder)
-        save_text_encoder_pytorch(os.path.join(folder, "text_encoder_2"), base.text_encoder_2,
-                                  base.params["text_encoder_2"])
-        written += ["text_encoder_2/config.json", f"text_encoder_2/{TEXT_WEIGHTS}"]
+    if pipeline or tuned_text:  # tuned text encoders are part of the run: written in any case
+        written += save_text_encoders(folder, runs.with_tuned_text_encoders(run_dir, cfg, base))
     if pipeline:
         save_vae_pytorch(os.path.join(folder, "vae"), base.vae, base.params["vae"])
         written += ["vae/config.json", f"vae/{DIFFUSERS_WEIGHTS}"]
@@ -386,14 +395,18 @@ def pipeline_class(summary: dict) -> str:
 def load_snippet(summary: dict) -> str:
     """The Python lines that load the export in PyTorch diffusers."""
     out, cls = summary["out"], pipeline_class(summary)
+    text = ""  # the tuned text encoders, when the rest comes from the base model
     if summary["pipeline"]:
         head = f"pipe = diffusers.{cls}.from_pretrained({out!r})"
     else:  # the rest comes from the base model (named test models have no PyTorch original)
         base = "BASE_MODEL" if summary["base_model"] in NAMED_MODELS else repr(summary["base_model"])
         unet = "" if summary.get("lora") else (f", unet=diffusers.UNet2DConditionModel.from_pretrained("
                                                f"os.path.join({out!r}, 'unet'))")
-        head = f"pipe = diffusers.{cls}.from_pretrained({base}{unet})"
-    lines = ["import diffusers, json, os" + (", safetensors.torch" if summary.get("sdxl") else ""), head]
+        text = "".join(f", {name}=transformers.{text_cls}.from_pretrained(os.path.join({out!r}, {name!r}))"
+                       for name, text_cls in _tuned_encoders(summary))
+        head = f"pipe = diffusers.{cls}.from_pretrained({base}{unet}{text})"
+    modules = "diffusers, json, os" + (", safetensors.torch" if summary.get("sdxl") else "")
+    lines = ["import " + modules + (", transformers" if text else ""), head]
     if summary.get("lora"):
         lines.append(f"pipe.load_lora_weights({out!r}, weight_name={summary['lora']['file']!r})")
     files = f"json.load(open(os.path.join({out!r}, 'tokens.json')))['files']"
@@ -409,6 +422,14 @@ def load_snippet(summary: dict) -> str:
               "pipe.load_textual_inversion([e['clip_g'] for e in emb.values()], token=list(emb), "
               "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)"]
     return "\n".join(lines)
+
+
+def _tuned_encoders(summary: dict) -> list[tuple[str, str]]:
+    """(folder, transformers class) of the tuned text encoders an export holds (joint.text_encoder)."""
+    if summary.get("text_encoder") != "tuned":
+        return []
+    return [("text_encoder", "CLIPTextModel")] + [("text_encoder_2", "CLIPTextModelWithProjection")] * bool(
+        summary.get("sdxl"))
 
 
 def _unet_line(summary: dict) -> str:

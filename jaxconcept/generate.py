@@ -173,9 +173,9 @@ def generate(source, prompts, settings: Settings = Settings(), *, mesh=None, pro
     # flatten prompts x images; pad the last call with copies of the final item (their images are dropped)
     total = len(prompts) * settings.num_images
     per_call = batch_plan(total, settings.batch_size, n_dev)
-    # SDXL without a negative prompt: zero unconditional text, as its pipelines do (force_zeros_for_empty_prompt)
-    zero_uncond = bundle.is_sdxl and not settings.negative_prompt
-    program = sampling.make_batch_sampler(bundle, scheduler, settings.steps, mesh, concept_ids, zero_uncond)
+    # SDXL without a negative prompt: zero unconditional text where its pipeline says so (force_zeros_for_empty_prompt)
+    program = sampling.make_batch_sampler(bundle, scheduler, settings.steps, mesh, concept_ids,
+                                          sampling.zeros_for_uncond(bundle, settings.negative_prompt))
     rows = jnp.zeros((0, 1), bundle.dtype) if rows is None else rows
     params, rows, guidance = sharding.put_replicated(
         (bundle.params, rows, np.asarray(settings.guidance, np.float32)), mesh)

@@ -57,12 +57,53 @@ def set_fields(cfg, changes: dict):
     return cfg
 
 
+def same_results(out_a, out_b):
+    """Two run folders (pathlib) hold the same results: rows, final masks, and the tuned UNet, LoRA adapters and
+    text encoders where the runs have them."""
+    import numpy as np
+    from PIL import Image
+
+    from jaxconcept.runio import outputs
+
+    a = outputs.load_concepts(str(out_a / "concepts.safetensors"))
+    b = outputs.load_concepts(str(out_b / "concepts.safetensors"))
+    for token in a:
+        np.testing.assert_array_equal(a[token], b[token])
+    for name in os.listdir(out_a / "masks" / "final"):
+        np.testing.assert_array_equal(np.asarray(Image.open(out_a / "masks" / "final" / name)),
+                                      np.asarray(Image.open(out_b / "masks" / "final" / name)))
+    for name in ("unet/diffusion_flax_model.msgpack", "text_encoder/flax_params.msgpack",
+                 "text_encoder_2/flax_params.msgpack"):
+        assert (out_a / name).exists() == (out_b / name).exists(), name
+        if (out_a / name).exists():
+            assert (out_a / name).read_bytes() == (out_b / name).read_bytes(), name
+    if (out_a / outputs.LORA_FILE).exists():  # safetensors orders the metadata at random: compare the contents
+        from safetensors import safe_open
+
+        files = [safe_open(str(o / outputs.LORA_FILE), "np") for o in (out_a, out_b)]
+        assert files[0].metadata() == files[1].metadata() and set(files[0].keys()) == set(files[1].keys())
+        for key in files[0].keys():
+            np.testing.assert_array_equal(files[0].get_tensor(key), files[1].get_tensor(key))
+
+
+def interrupt_at(learn, cfg, specs, out, when):
+    """`learn(cfg, specs, out, ...)` stopped by a Ctrl-C at the first checkpoint whose meta satisfies `when`; nothing
+    of the results written, the folder's lock released."""
+    def stop(meta):
+        if when(meta):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        learn(cfg, specs, str(out), on_checkpoint=stop, progress=False)
+    assert not (out / "concepts.safetensors").exists() and not (out / ".lock").exists()
+
+
 # The modules that take longest start first: pytest-xdist (--dist loadscope) hands modules to its workers in
 # collection order, so a long module collected last would run alone at the end while the other worker idles.
 # Worker seconds of the CI-equivalent run (2 cores), longest first; the rest keep their order after these.
 LONGEST_FIRST = ("test_multihost.py", "test_jobs.py", "test_learner.py", "test_sharding.py", "test_concepts_back.py",
                  "test_toy_train.py", "test_bench_speed.py", "test_bench_fidelity.py", "test_launch.py",
-                 "test_em_toy.py", "test_sdxl.py", "test_toy_evaluate.py", "test_evaluate.py", "test_bench_memory.py",
+                 "test_em_toy.py", "test_sdxl_joint.py", "test_sdxl.py", "test_toy_evaluate.py", "test_evaluate.py", "test_bench_memory.py",
                  "test_capture.py", "test_lora.py")
 
 

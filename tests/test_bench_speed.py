@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxconcept.bench import speed, torch_reference, workload
+from jaxconcept.model import loading as model
 
 pytest.importorskip("torch")
 
@@ -136,3 +137,22 @@ def test_without_torch_only_ours_is_timed(tmp_path, monkeypatch, result):
 def test_bad_step_group_is_a_clear_error(capsys):
     assert speed.main(["--steps", "token,warp"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_tiny_sdxl_is_timed_by_both_with_sdxls_conditioning(tmp_path):
+    """`--config tiny-sdxl`: SDXL's structure in miniature (`--config sdxl` is SDXL base at 1024 px, for an
+    accelerator): both text encoders, the pooled embedding and the time ids on both sides, zero unconditional text
+    in the sample; the reference's token step moves only the concept rows, in both of its tables. The joint steps
+    are left out here (their compiles cost a minute; they share the token step's code on both sides)."""
+    assert speed.main(["--config", "tiny-sdxl", "--iters", "1", "--timesteps", "2", "--sample-steps", "2",
+                       "--torch-threads", "1", "--steps", "token,estep,sample", "--out", str(tmp_path)]) == 0
+    got = json.loads((tmp_path / "speed.json").read_text())
+    assert set(got["steps"]) == {"token", "e_attn", "e_crf", "e_step", "sample"}
+    for name, row in got["steps"].items():
+        assert _positive(row["ours_ms"]) and _positive(row["torch_ms"]), name
+    cfg = got["config"]
+    assert cfg["name"] == "tiny-sdxl" and cfg["text_2"] == model.TINY_SDXL_TEXT_2
+    assert cfg["attn_grid"] == 8 and cfg["estep_grids"] == [8, 4]  # tiny-sdxl's cross-attention grids
+    check = got["torch_reference_check"]
+    assert check["changed_rows"] == sorted(check["concept_ids"])  # both tables: the other rows restored
+    assert all(math.isfinite(x) and x > 0 for x in check["losses"] + got["ours_token_losses"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import set_fields
+from conftest import interrupt_at, same_results, set_fields
 from jaxconcept import config, settings
 from jaxconcept.em import learner, steps
 from jaxconcept.em.prepare import crf_where, prepare
@@ -170,34 +170,11 @@ def test_rows_moved_and_only_rows_in_token_stage(em_run, tiny):
 
 
 def _same_results(out_a, out_b):
-    a = outputs.load_concepts(str(out_a / "concepts.safetensors"))
-    b = outputs.load_concepts(str(out_b / "concepts.safetensors"))
-    for token in a:
-        np.testing.assert_array_equal(a[token], b[token])
-    for name in os.listdir(out_a / "masks" / "final"):
-        np.testing.assert_array_equal(np.asarray(Image.open(out_a / "masks" / "final" / name)),
-                                      np.asarray(Image.open(out_b / "masks" / "final" / name)))
-    name = "unet/diffusion_flax_model.msgpack"
-    assert (out_a / name).exists() == (out_b / name).exists()
-    if (out_a / name).exists():
-        assert (out_a / name).read_bytes() == (out_b / name).read_bytes()
-    if (out_a / outputs.LORA_FILE).exists():  # safetensors orders the metadata at random: compare the contents
-        from safetensors import safe_open
-
-        files = [safe_open(str(o / outputs.LORA_FILE), "np") for o in (out_a, out_b)]
-        assert files[0].metadata() == files[1].metadata() and set(files[0].keys()) == set(files[1].keys())
-        for key in files[0].keys():
-            np.testing.assert_array_equal(files[0].get_tensor(key), files[1].get_tensor(key))
+    same_results(out_a, out_b)
 
 
 def _interrupt_at(cfg, spec, out, when):
-    def stop(meta):
-        if when(meta):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _learn(cfg, [spec], str(out), on_checkpoint=stop, progress=False)
-    assert not (out / "concepts.safetensors").exists() and not (out / ".lock").exists()
+    interrupt_at(_learn, cfg, [spec], out, when)
 
 
 def test_resume_after_interruption_skips_finished_rounds(em_run, scene_dir, tmp_path, capsys):

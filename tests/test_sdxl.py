@@ -41,13 +41,13 @@ def _pt_ids(tokenizer, prompts) -> torch.Tensor:
     return torch.tensor(enc.input_ids)
 
 
-def _pt_pipeline(pt):
+def _pt_pipeline(pt, force_zeros: bool = True):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     unet, vae, text, text_2, tok, tok_2 = pt
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
                                      tokenizer_2=tok_2, unet=unet, scheduler=DDIMScheduler(**model.SD_SCHEDULER),
-                                     add_watermarker=False)
+                                     add_watermarker=False, force_zeros_for_empty_prompt=force_zeros)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -245,135 +245,63 @@ def test_show_attention_reads_sdxls_layers(tiny_sdxl):
 # ------------------------------------------------------------------------------------------ generation
 
 
-def test_generate_matches_the_pytorch_sdxl_pipeline(pair):
-    """Guided DDIM with SDXL's micro-conditioning and zero unconditional text (no negative prompt), decoded:
-    our generate against StableDiffusionXLPipeline from the same initial latents."""
+def _with_index(pair, tmp_path, index: dict) -> str:
+    """A copy of the SDXL folder with this model_index.json."""
+    folder = _copy(pair, tmp_path)
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(dict({"_class_name": "StableDiffusionXLPipeline"}, **index), f)
+    return folder
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_generate_matches_the_pytorch_sdxl_pipeline(pair, tmp_path, force_zeros):
+    """Guided DDIM with SDXL's micro-conditioning, decoded: our generate against StableDiffusionXLPipeline from the
+    same initial latents. Without a negative prompt the unconditional text is zeros where the folder's
+    model_index.json says `force_zeros_for_empty_prompt` (or says nothing: the pipeline's default, SDXL base's
+    choice), else the empty prompt's encoding."""
     from jaxconcept import generate
     from jaxconcept.parallel import sharding
 
-    bundle, pt = pair
+    bundle, pt = pair  # a folder without model_index.json
+    if not force_zeros:
+        bundle = load_model(_with_index(pair, tmp_path, {"force_zeros_for_empty_prompt": False}))
+    assert bundle.force_zeros_for_empty_prompt is force_zeros
     settings = generate.Settings(num_images=1, steps=3, guidance=5.0, seed=3, scheduler="ddim")
     ours = generate.generate(bundle, PROMPTS, settings, mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
     noise = generate.initial_noise(3, len(PROMPTS), 1, (4, 16, 16))[:, 0]
-    pipe = _pt_pipeline(pt)
+    pipe = _pt_pipeline(pt, force_zeros)
     with torch.no_grad():
         ref = pipe(PROMPTS, height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
                    latents=torch.from_numpy(np.array(noise)), output_type="np").images
     diff = np.abs(ours[:, 0].astype(np.float64) / 255 - ref)
-    print(f"SDXL generate vs PyTorch pipeline: max |diff| {diff.max() * 255:.2f} / 255, mean {diff.mean() * 255:.3f}")
+    print(f"SDXL generate vs PyTorch pipeline (force_zeros_for_empty_prompt={force_zeros}): max |diff| "
+          f"{diff.max() * 255:.2f} / 255, mean {diff.mean() * 255:.3f}")
     assert ours.shape == (2, 1, 32, 32, 3) and diff.max() <= 1.5 / 255
 
 
-# ------------------------------------------------------------------------------------------ the learner
+def test_force_zeros_for_empty_prompt_is_read_kept_and_exported(pair, tmp_path):
+    """Read from model_index.json (true where it does not say), kept through our Flax folders, written in the
+    export's model_index.json; a negative prompt is always encoded; SD 1/2 never zeros."""
+    from jaxconcept import export
+    from jaxconcept.model import sampling
 
-
-@pytest.fixture(scope="module")
-def sdxl_run(tmp_path_factory):
-    """One short EM run on tiny-sdxl: the token stage with its E-steps (the joint stage's step differs from the token
-    stage's only by what is trained, and is tested on SD; compiling it here would add a minute)."""
-    from jaxconcept import config
-    from jaxconcept.em import learner
-    from jaxconcept.parallel import sharding
-    from jaxconcept.runio import inputs
-    from jaxconcept.toy import scene
-
-    folder = tmp_path_factory.mktemp("scene")
-    scene.write_scene(scene.make_scene(340, 32, 2), str(folder))  # a red triangle and a purple dotted ring
-    spec = inputs.ImageSpec(str(folder / "image.png"), (
-        inputs.ConceptSpec("<tri>", "red", "object", None), inputs.ConceptSpec("<ring>", None, "object", None),
-        inputs.ConceptSpec("<bg>", "background", "background", None)))
-    cfg = config.get_config()
-    cfg.model = "tiny-sdxl"
-    cfg.tokens.steps, cfg.tokens.estep_every, cfg.joint.steps = 2, 1, 0
-    cfg.tokens.attn_resolution = 8  # tiny-sdxl's finest cross-attention grid (its 16x16 level has none)
-    cfg.masks.num_timesteps, cfg.log_every = 2, 1
-    out = tmp_path_factory.mktemp("sdxl") / "run"
-    summary = learner.learn(cfg, [spec], str(out), mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
-    return out, summary
-
-
-def test_learner_runs_end_to_end_on_tiny_sdxl(sdxl_run, tiny_sdxl):
-    from jaxconcept.runio import outputs
-
-    out, summary = sdxl_run
-    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    logged = [x for x in lines if "loss" in x]
-    assert {x["stage"] for x in logged} == {"token"} and all(np.isfinite(x["loss"]) for x in logged)
-    assert all(x["loss_attn"] > 0 for x in logged)  # the attention loss reads SDXL's 8x8 layers
-    assert [x["round"] for x in lines if "round" in x] == [0, 1, 2]
-    rows = outputs.load_concepts(str(out / "concepts.safetensors"))
-    assert sorted(rows) == ["<bg>", "<ring>", "<tri>"] and rows["<tri>"].shape == (96,)
-    table_1 = np.asarray(tokens.embedding_table(tiny_sdxl.params["text_encoder"]))
-    table_2 = np.asarray(tokens.embedding_table(tiny_sdxl.params["text_encoder_2"]))
-    red = tiny_sdxl.tokenizer("red", add_special_tokens=False).input_ids[0]
-    # both halves of the row started at "red" in their own table, and both moved
-    moved_1, moved_2 = (np.abs(rows["<tri>"][:32] - table_1[red]).max(), np.abs(rows["<tri>"][32:] - table_2[red]).max())
-    assert moved_1 > 1e-4 and moved_2 > 1e-4, (moved_1, moved_2)
-    assert summary["rounds"] == 2 and (out / "masks" / "final").is_dir()
-
-
-def test_a_learned_sdxl_run_loads_and_generates_with_its_tokens(sdxl_run):
-    from jaxconcept import generate
-    from jaxconcept.parallel import sharding
-    from jaxconcept.runio import runs
-
-    run = runs.load_run(str(sdxl_run[0]))
-    assert run.bundle.is_sdxl and run.rows_NxD.shape == (3, 96)
-    settings = generate.Settings(num_images=1, steps=2, guidance=5.0, seed=0)
-    pics = generate.generate(run, ["a photo of <tri> and <ring>"], settings,
-                             mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
-    assert pics.shape == (1, 1, 32, 32, 3) and pics.std() > 0
+    for value in (False, True):
+        b = load_model(_with_index(pair, tmp_path / str(value), {"force_zeros_for_empty_prompt": value}))
+        assert b.force_zeros_for_empty_prompt is value
+        assert sampling.zeros_for_uncond(b) is value and not sampling.zeros_for_uncond(b, "blurry")
+        model.save_flax(b, str(tmp_path / f"flax_{value}"))
+        assert load_model(str(tmp_path / f"flax_{value}")).force_zeros_for_empty_prompt is value
+        export.save_pipeline_extras(str(tmp_path / f"pt_{value}"), b)
+        assert json.loads((tmp_path / f"pt_{value}" / "model_index.json").read_text())[
+            "force_zeros_for_empty_prompt"] is value
+    tiny = load_model("tiny")
+    assert not tiny.force_zeros_for_empty_prompt and not sampling.zeros_for_uncond(tiny)
+    with pytest.raises(ModelSourceError, match="force_zeros_for_empty_prompt is 'yes', not true or false"):
+        load_model(_with_index(pair, tmp_path / "bad", {"force_zeros_for_empty_prompt": "yes"}))
 
 
 # ------------------------------------------------------------------------------------------ export
-
-
-def test_an_sdxl_run_exports_to_a_pytorch_sdxl_pipeline_with_both_tables(sdxl_run, tmp_path, capsys):
-    """The export is a StableDiffusionXLPipeline folder; each token's file holds its clip_l and clip_g rows, which
-    the two load_textual_inversion calls the export prints put into both encoders; PyTorch's encoders (the tokens
-    in prompts) and UNet then compute what ours do."""
-    from diffusers import StableDiffusionXLPipeline
-    from safetensors.torch import load_file
-    from jaxconcept import export
-    from jaxconcept.runio import runs
-
-    out = tmp_path / "export"
-    assert export.main(["--run", str(sdxl_run[0]), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "as a StableDiffusionXLPipeline folder" in printed and "text_encoder=pipe.text_encoder_2" in printed
-    index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"]
-    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
-    summary = json.loads((out / "tokens.json").read_text())
-    run = runs.load_run(str(sdxl_run[0]))
-    tri = load_file(str(out / summary["files"]["<tri>"]))
-    assert sorted(tri) == ["clip_g", "clip_l"] and tri["clip_l"].shape == (1, 32) and tri["clip_g"].shape == (1, 64)
-    np.testing.assert_array_equal(np.concatenate([tri["clip_l"], tri["clip_g"]], 1)[0], np.asarray(run.rows_NxD[0]))
-    assert "load_textual_inversion" in (out / "README.md").read_text()
-
-    scope = {}
-    exec(export.load_snippet(summary), scope)  # the lines the export prints: the pipeline and both tables' rows
-    pipe = scope["pipe"]
-    assert isinstance(pipe, StableDiffusionXLPipeline) and type(pipe.text_encoder_2).__name__ == \
-        "CLIPTextModelWithProjection"
-    prompts = ["a photo of <tri> and <ring>", "<bg> on the beach"]
-    ids = jnp.asarray(tokens.tokenize(run.bundle.tokenizer, prompts, run.bundle.max_length))
-    cond = run.hidden_states(ids)
-    with torch.no_grad():
-        ref_ctx, _, ref_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
-    rng = np.random.default_rng(1)
-    latents, t = rng.standard_normal((2, 4, 16, 16)).astype(np.float32), np.array([5, 700])
-    eps = jax.jit(lambda p, x, tt, c: capture.unet_eps(run.bundle.unet, p, x, tt, c))(
-        run.bundle.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
-    with torch.no_grad():
-        added = {"text_embeds": torch.from_numpy(np.asarray(cond.text_embeds_BxP)),
-                 "time_ids": torch.from_numpy(np.asarray(cond.time_ids_BxK))}
-        ref_eps = pipe.unet(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(
-            np.asarray(cond.context_BxTxD)), added_cond_kwargs=added).sample.numpy()
-    errs = (rel_err(cond.context_BxTxD, ref_ctx.numpy()), rel_err(cond.text_embeds_BxP, ref_pooled.numpy()),
-            rel_err(eps, ref_eps))
-    print("exported SDXL in PyTorch: relative errors context %.2e, pooled %.2e, UNet eps %.2e" % errs)
-    assert max(errs) <= TOL, errs
+# (learner runs on tiny-sdxl, generate and evaluate on them, and their exports loaded in PyTorch: test_sdxl_joint.py)
 
 
 def test_sdxl_load_lines_name_the_xl_pipeline_both_encoders_and_the_lora_file():
@@ -390,41 +318,11 @@ def test_sdxl_load_lines_name_the_xl_pipeline_both_encoders_and_the_lora_file():
     assert "e['clip_g']" in lines[5] and "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in lines[5]
     text = export.readme(summary)
     assert "`clip_l`" in text and "`clip_g`" in text and "pipe.load_lora_weights" in text
-
-
-def test_an_sdxl_lora_run_exports_a_file_the_xl_pipeline_loads(sdxl_run, tmp_path):
-    """A LoRA run (adapters as after training, written into a copy of the run) exports lora.safetensors beside the
-    base UNet; the printed lines load it into StableDiffusionXLPipeline, whose UNet then computes our merged one's."""
-    pytest.importorskip("peft")
-    from jaxconcept import export
-    from jaxconcept.model import lora
-    from jaxconcept.runio import outputs, runs
-
-    run_dir = tmp_path / "run"
-    shutil.copytree(sdxl_run[0], run_dir)
-    base = load_model("tiny-sdxl")
-    spec = lora.LoraSpec(4, 8.0)
-    adapters = lora.init(jax.random.key(1), base.params["unet"], spec)
-    keys = iter(jax.random.split(jax.random.key(101), 10_000))
-    adapters = jax.tree.map(lambda x: x if x.shape[0] != spec.rank else 0.2 * jax.random.normal(next(keys), x.shape),
-                            adapters)
-    outputs.save_lora(str(run_dir / outputs.LORA_FILE), adapters, spec, base.params["unet"])
-    summary = export.export_run(str(run_dir), str(tmp_path / "export"))
-    assert summary["unet"] == "lora" and summary["sdxl"]
-    scope = {}
-    exec(export.load_snippet(summary), scope)  # pipeline, LoRA file, both tables' rows
-    run = runs.load_run(str(run_dir))
-    rng = np.random.default_rng(2)
-    latents, t = rng.standard_normal((1, 4, 16, 16)).astype(np.float32), np.array([400])
-    cond = run.hidden_states(jnp.asarray(tokens.tokenize(run.bundle.tokenizer, ["<tri> on the beach"], 77)))
-    unet_eps = jax.jit(lambda p, x, tt, c: capture.unet_eps(run.bundle.unet, p, x, tt, c))
-    eps = unet_eps(run.bundle.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
-    without = unet_eps(base.params["unet"], latents, jnp.asarray(t, jnp.int32), cond)
-    with torch.no_grad():
-        added = {"text_embeds": torch.from_numpy(np.array(cond.text_embeds_BxP)),
-                 "time_ids": torch.from_numpy(np.array(cond.time_ids_BxK))}
-        ref = scope["pipe"].unet(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(
-            np.array(cond.context_BxTxD)), added_cond_kwargs=added).sample.numpy()
-    err, moved = rel_err(eps, ref), rel_err(without, ref)
-    print(f"exported SDXL LoRA in PyTorch: UNet eps relative error {err:.2e} (without the adapters {moved:.2e})")
-    assert err <= TOL and moved > 1e-2, (err, moved)
+    tuned = dict(summary, text_encoder="tuned")  # joint.text_encoder: both tuned encoders come from the export
+    lines = export.load_snippet(tuned).splitlines()
+    assert lines[0] == "import diffusers, json, os, safetensors.torch, transformers"
+    assert lines[1] == ("pipe = diffusers.StableDiffusionXLPipeline.from_pretrained("
+                        "'stabilityai/stable-diffusion-xl-base-1.0', text_encoder=transformers.CLIPTextModel."
+                        "from_pretrained(os.path.join('/x/out', 'text_encoder')), text_encoder_2=transformers."
+                        "CLIPTextModelWithProjection.from_pretrained(os.path.join('/x/out', 'text_encoder_2')))")
+    assert "transformers" not in export.load_snippet(dict(tuned, pipeline=True))  # in the pipeline folder already

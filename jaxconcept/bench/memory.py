@@ -390,18 +390,14 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
         state_sh, fsh, step_frozen = None, frozen_sh, frozen  # the token state replicated, as in a run
     elif program == "joint":
         opt, cfg = opts["joint"], stages.joint_loss_config(s)
-        te = s.joint.text_encoder
+        def trainable(rows, params):  # single_run_stages' trainables: the text encoders with joint.text_encoder
+            return {"rows": rows, **stages.joint_unet(s, params["unet"]), **stages.tuned_text_encoders(s, params)}
 
-        def trainable(rows, unet, text):
-            return {"rows": rows, **stages.joint_unet(s, unet), **({"text_encoder": text} if te else {})}
-
-        params = jax.eval_shape(trainable, st.rows, b.params["unet"], b.params["text_encoder"])
+        params = jax.eval_shape(trainable, st.rows, b.params)
         state = jax.eval_shape(lambda p: steps.init_state(p, opt), params)
         state_sh = sharding.fsdp_shardings(state, st.mesh, s.mesh.fsdp_min_size)
-        names = [n for n in frozen  # single_run_stages' joint_frozen
-                 if not (n == "text_encoder" and te) and not (n == "unet" and s.joint.lora is None)]
-        step_frozen = {n: frozen[n] for n in names}
-        fsh = None if frozen_sh is None else {n: frozen_sh[n] for n in names}
+        step_frozen = stages.joint_frozen(s, frozen)
+        fsh = None if frozen_sh is None else {n: frozen_sh[n] for n in step_frozen}
     else:
         raise JaxconceptError(f"unknown program {program!r}: use one of {', '.join(PROGRAMS)}")
     step = steps.make_train_step(b, st.concept_ids, cfg, opt, st.mesh, state_shardings=state_sh,

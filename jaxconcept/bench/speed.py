@@ -5,6 +5,9 @@
     python -m jaxconcept.bench.speed --config sd15 --iters 20 --timesteps 16            # fp32 (TF32 for torch)
     python -m jaxconcept.bench.speed --config tiny --skip-torch --out runs/speed_tiny
     python -m jaxconcept.bench.speed --config sd15 --dtype bfloat16 --crf device-latent   # E-step CRF on the device
+    python -m jaxconcept.bench.speed --config tiny-sdxl                                  # SDXL's structure, 32 px
+    python -m jaxconcept.bench.speed --config sdxl --dtype bfloat16 --iters 10 --timesteps 8 \
+        --steps token,estep,sample,joint_lora                                            # SDXL base, 80 GB GPU
     # SD 1.5 on a CPU: smaller images, fewer timesteps and sampling steps, no joint step (its AdamW state
     # over the UNet needs ~14 GB per implementation)
     OMP_WAIT_POLICY=PASSIVE python -m jaxconcept.bench.speed --config sd15 --resolution 256 --iters 2 \
@@ -44,6 +47,18 @@ Configurations (`CONFIGS`, importable): "tiny" = `model.tiny_model()` (32 px) an
 architecture (UNet, CLIP ViT-L/14 text encoder, VAE) with seeded random weights and the real vocabulary
 size (49408 rows, the words beyond `model.TINY_WORDS` unused): no downloads. torch is optional; without it
 (or with --skip-torch) only ours is timed and the ratios are left out.
+SDXL: "tiny-sdxl" = `model.tiny_sdxl_model()` (32 px; the loss at its 8x8 layers, the E-step at 8 and 4) and "sdxl" =
+SDXL base 1.0's architecture (the 2.6 B-parameter UNet, CLIP ViT-L/14's and OpenCLIP ViT-bigG's text towers, the
+VAE; 49408-row tables) at 1024 px, random weights, the `sdxl` preset's layers (the loss at 32x32, the E-step at 32
+and 64). Both sides condition as StableDiffusionXLPipeline does: both encoders' penultimate states, the second's
+pooled projection and the time ids of the 1024 px image; both token tables trained (the reference restores the
+non-concept rows of each); the sample's unconditional text is zeros (SDXL base's force_zeros_for_empty_prompt).
+"sdxl" is for an accelerator and was not run here (no device was lent; tests time "tiny-sdxl" on the CPU). What
+it holds, from the architecture: fp32 UNet weights 10.3 GB, the text encoders 3.3 GB, per implementation (both are
+held at once); the full joint step adds the UNet's gradients and AdamW moments (41 GB per implementation before
+activations), so on one 80 GB GPU leave `joint` out (`--steps token,estep,sample,joint_lora`) or time it alone; the
+E-step's T timesteps form one batch whose 64x64 self-attention probabilities take 0.67 GB per timestep and layer in
+fp32 (4096^2 x 10 heads), so keep --timesteps small (8) there.
 
 Threads: XLA's CPU client runs its own pool (all cores); torch is set to `torch.set_num_threads(os.cpu_count())`
 (--torch-threads to change). On a shared machine both compete with whatever else runs, and torch's OpenMP
@@ -75,7 +90,7 @@ import numpy as np
 
 from ..em import steps
 from ..masks import estep, labels as masks_lib
-from ..model import capture, loading as model, lora, sampling
+from ..model import capture, conditioning, loading as model, lora, sampling
 from ..parallel import sharding
 from ..errors import JaxconceptError
 
@@ -180,6 +195,11 @@ def _block(tree):
     return jax.block_until_ready(tree)
 
 
+def frozen_weights(bundle) -> dict:
+    """The text encoder(s) (SDXL: both) and the UNet: what the token step and the E-step read frozen."""
+    return {**conditioning.text_params(bundle.params), "unet": bundle.params["unet"]}
+
+
 def ours_train_call(setup, work: Workload, mesh, stage: str, seed: int) -> tuple[Callable[[], None], dict]:
     """(call, info) of a token, joint or LoRA joint step (`steps.make_train_step`), compiled: one call runs one
     step and waits for it; info holds the compile time, XLA's FLOPs and the losses seen."""
@@ -190,7 +210,7 @@ def ours_train_call(setup, work: Workload, mesh, stage: str, seed: int) -> tuple
     opt = steps.make_optimizer(STAGE_LR[stage], CLIP, WEIGHT_DECAY)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
     rows = jnp.asarray(setup.concepts.init_rows)
-    frozen = place({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]})
+    frozen = place(frozen_weights(b))
     if stage == "token":
         trainable = {"rows": rows}
     elif stage == "joint_lora":  # adapters on the frozen UNet (model/lora.py)
@@ -198,7 +218,7 @@ def ours_train_call(setup, work: Workload, mesh, stage: str, seed: int) -> tuple
         trainable = {"rows": rows, "lora": lora.init(jax.random.key(seed), b.params["unet"], spec)}
     else:  # fresh buffers: the step donates its state
         trainable = jax.tree.map(jnp.copy, {"rows": rows, "unet": b.params["unet"]})
-        frozen = {"text_encoder": frozen["text_encoder"]}
+        frozen = conditioning.text_params(frozen)
     state = place(steps.init_state(trainable, opt))
     run_data, masks_lat = place(setup.run_data), place(jnp.asarray(work.masks_Cxhxw))
     key = place(jax.random.key(seed))
@@ -219,7 +239,7 @@ def ours_estep_call(setup, work: Workload, mesh, seed: int) -> tuple[Callable[[]
     b = setup.bundle
     selector = capture.LayerSelector(resolutions=work.estep_grids)
     maps_fn = steps.make_concept_maps(b, setup.concepts.ids, selector, work.timesteps, setup.latent_hw, mesh)
-    frozen = sharding.put_replicated({"text_encoder": b.params["text_encoder"], "unet": b.params["unet"]}, mesh)
+    frozen = sharding.put_replicated(frozen_weights(b), mesh)
     args = sharding.put_replicated((jnp.asarray(setup.concepts.init_rows), frozen, setup.run_data["latents"][0, 0],
                                     jnp.asarray(work.image_ids_T), jnp.asarray(work.image_positions_C),
                                     jax.random.key(seed)), mesh)
@@ -253,7 +273,8 @@ def bench_crf(soft_CxHxW: np.ndarray, work: Workload, iters: int, crf: str = "ho
 
 def ours_sample_call(setup, work: Workload, mesh, seed: int) -> tuple[Callable[[], None], dict]:
     b = setup.bundle
-    sampler = sampling.make_batch_sampler(b, "ddim", work.sample_steps, mesh, setup.concepts.ids)
+    sampler = sampling.make_batch_sampler(b, "ddim", work.sample_steps, mesh, setup.concepts.ids,
+                                          sampling.zeros_for_uncond(b))
     ids = jnp.asarray(work.sample_ids_2xT)
     noise = jax.random.normal(jax.random.key(seed), (1, b.unet.config.in_channels, work.latent, work.latent), b.dtype)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
@@ -270,8 +291,9 @@ def sample_flops_xla(bundle, work: Workload, sampler_flops: float | None) -> flo
     if sampler_flops is None:
         return None
     lat = jax.ShapeDtypeStruct((2, bundle.unet.config.in_channels, work.latent, work.latent), bundle.dtype)
-    ctx = jax.ShapeDtypeStruct((2, work.sample_ids_2xT.shape[1], bundle.unet.config.cross_attention_dim),
-                               bundle.dtype)
+    ctx = jax.eval_shape(lambda p, ids: conditioning.encode(conditioning.text_model(bundle), p, ids,
+                                                            time_ids_K=work.time_ids_K),
+                         conditioning.text_params(bundle.params), jnp.asarray(work.sample_ids_2xT))
     t = jax.ShapeDtypeStruct((2,), jnp.int32)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bundle.params["unet"])
     unet = jax.jit(lambda p, x, tt, c: capture.unet_eps(bundle.unet, p, x, tt, c))
@@ -575,7 +597,7 @@ def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: 
                    "estep_timesteps": work.timesteps, "sample_steps": work.sample_steps, "guidance": GUIDANCE,
                    "attn_grid": work.attn_grid, "estep_grids": list(work.estep_grids), "vocab_size": work.vocab_size,
                    "concepts": [c for c, _, _ in CONCEPTS], "estep_every": ESTEP_EVERY,
-                   "text": bench.text, "unet": bench.unet, "vae": bench.vae, "crf": crf},
+                   "text": bench.text, "text_2": bench.text_2, "unet": bench.unet, "vae": bench.vae, "crf": crf},
         "steps": rows,
         "estep_share": share,
         "peak": peak,

@@ -1,5 +1,6 @@
 """The PyTorch reference of the speed benchmark, written on diffusers' PyTorch UNet2DConditionModel /
-AutoencoderKL / DDIMScheduler and transformers' CLIPTextModel, built from the same configs with random weights.
+AutoencoderKL / DDIMScheduler and transformers' CLIPTextModel (SDXL: and CLIPTextModelWithProjection, conditioned as
+StableDiffusionXLPipeline conditions), built from the same configs with random weights.
 It does what Break-a-Scene's trainer does: the whole embedding table requires grad and is in AdamW, the
 non-concept rows are restored after each step; an attention processor keeps the chosen cross-attention
 probabilities for the attention loss (SDPA everywhere else); the sample runs the cond/uncond halves as one batch
@@ -79,13 +80,19 @@ class TorchModels:
     alphas_cumprod: Any
     device: Any
     autocast_dtype: Any  # None: full precision
+    text_2: Any = None  # SDXL: the second text encoder, CLIPTextModelWithProjection
+    time_ids: Any = None  # SDXL: the workload image's micro-conditioning, 1 x 6
+
+    @property
+    def encoders(self) -> list:
+        return [m for m in (self.text, self.text_2) if m is not None]
 
 
 def torch_build(work: Workload, dtype: str, seed: int) -> TorchModels:
     """diffusers / transformers PyTorch models from the same configs, default random init."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,14 +101,42 @@ def torch_build(work: Workload, dtype: str, seed: int) -> TorchModels:
         torch.backends.cudnn.allow_tf32 = True
     bench = work.bench
     text = CLIPTextModel(CLIPTextConfig(**bench.text, vocab_size=work.vocab_size)).to(device).eval()
+    text_2 = time_ids = None
+    if bench.text_2 is not None:  # SDXL
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**bench.text_2, vocab_size=work.vocab_size))
+        text_2 = text_2.to(device).eval()
+        time_ids = torch.as_tensor(work.time_ids_K, device=device)[None]
     unet = UNet2DConditionModel(**bench.unet).to(device).eval()
     vae = AutoencoderKL(**bench.vae).to(device).eval()
-    for m in (text, unet, vae):
-        m.requires_grad_(False)
+    for m in (text, text_2, unet, vae):
+        if m is not None:
+            m.requires_grad_(False)
     sched = DDPMScheduler(**{k: v for k, v in model.SD_SCHEDULER.items()
                              if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
-    return TorchModels(text, unet, vae, sched.alphas_cumprod.to(device), device, autocast)
+    return TorchModels(text, unet, vae, sched.alphas_cumprod.to(device), device, autocast, text_2, time_ids)
+
+
+def torch_condition(tm: TorchModels, ids) -> tuple:
+    """(context, added_cond_kwargs or None) of prompt ids B x T. SD: the text encoder's last states. SDXL, as
+    StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate states concatenated, the second's projected
+    pooled state and the time ids. The second encoder reads the first tokenizer's ids: SDXL's second tokenizer pads
+    with another token, which only the states after the end token read (same cost)."""
+    import torch
+
+    if tm.text_2 is None:
+        return tm.text(ids)[0], None
+    states_1 = tm.text(ids, output_hidden_states=True).hidden_states[-2]
+    out_2 = tm.text_2(ids, output_hidden_states=True)
+    context = torch.cat([states_1, out_2.hidden_states[-2]], dim=-1)
+    return context, {"text_embeds": out_2.text_embeds, "time_ids": tm.time_ids.expand(ids.shape[0], -1)}
+
+
+def _expand(cond: tuple, batch: int) -> tuple:
+    """A one-prompt condition repeated for a batch."""
+    context, added = cond
+    grow = lambda x: x.expand(batch, *x.shape[1:])  # noqa: E731
+    return grow(context), None if added is None else {k: grow(v) for k, v in added.items()}
 
 
 def _autocast(tm: TorchModels):
@@ -163,8 +198,8 @@ def torch_concept_loss(tm: TorchModels, store: list, batch: dict, grid: int):
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     store.clear()
     with _autocast(tm):
-        context = tm.text(batch["ids"])[0]
-        eps = tm.unet(noisy, batch["t"], context).sample
+        context, added = torch_condition(tm, batch["ids"])
+        eps = tm.unet(noisy, batch["t"], context, added_cond_kwargs=added).sample
     present = (batch["positions"] >= 0).float()
     union = (batch["masks"] * present[:, :, None, None]).amax(dim=1, keepdim=True)
     l_mask = (((eps.float() - noise) * union) ** 2).mean()
@@ -176,14 +211,16 @@ def torch_concept_loss(tm: TorchModels, store: list, batch: dict, grid: int):
 
 
 def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int):
-    """(step(), record): a Break-a-Scene step. The whole token table requires grad and sits in AdamW; the
-    non-concept rows are written back after each step. Joint: the UNet's parameters join the optimizer;
+    """(step(), record): a Break-a-Scene step. The whole token table (SDXL: both tables) requires grad and sits in
+    AdamW; the non-concept rows are written back after each step. Joint: the UNet's parameters join the optimizer;
     joint_lora: peft LoRA adapters (rank LORA_RANK on the attention projections) do instead."""
     import torch
 
-    emb = tm.text.get_input_embeddings().weight
-    emb.requires_grad_(True)
-    params = [emb]
+    tables = [m.get_input_embeddings().weight for m in tm.encoders]
+    emb = tables[0]
+    for table in tables:
+        table.requires_grad_(True)
+    params = list(tables)
     if stage == "joint":
         tm.unet.requires_grad_(True)
         tm.unet.train()
@@ -195,16 +232,16 @@ def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int
                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
         tm.unet.train()
         params += [p for name, p in tm.unet.named_parameters() if "lora" in name]
-        for p in params[1:]:
+        for p in params[len(tables):]:
             p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=STAGE_LR[stage], betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY)
     keep = torch.ones(emb.shape[0], dtype=torch.bool, device=tm.device)
     keep[list(work.concept_ids)] = False
-    original = emb.detach().clone()
+    originals = [table.detach().clone() for table in tables]
     store: list = []
     tm.unet.set_attn_processor(CaptureProcessor(store, {work.attn_grid ** 2}))
     rng = np.random.default_rng(seed)
-    record = {"losses": [], "grad_rows": None, "table_before": original.cpu().numpy()}
+    record = {"losses": [], "grad_rows": None, "tables_before": [t.cpu().numpy() for t in originals]}
 
     def step():
         batch = torch_draw(rng, work, tm)
@@ -216,7 +253,8 @@ def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         with torch.no_grad():
-            emb[keep] = original[keep]
+            for table, before in zip(tables, originals):
+                table[keep] = before[keep]
         record["losses"].append(loss.detach())
         _sync(tm)
 
@@ -225,24 +263,31 @@ def make_torch_train_step(tm: TorchModels, work: Workload, stage: str, seed: int
 
 def torch_release_training(tm: TorchModels, work: Workload) -> None:
     """Frozen again, any LoRA adapter removed (the next phase starts from the same model)."""
-    tm.text.get_input_embeddings().weight.requires_grad_(False)
+    for m in tm.encoders:
+        m.get_input_embeddings().weight.requires_grad_(False)
     if getattr(tm.unet, "peft_config", None):
         tm.unet.delete_adapters(list(tm.unet.peft_config))
     tm.unet.requires_grad_(False)
     tm.unet.eval()
-    for p in list(tm.unet.parameters()) + list(tm.text.parameters()):
+    for p in list(tm.unet.parameters()) + [p for m in tm.encoders for p in m.parameters()]:
         p.grad = None
     gc.collect()
 
 
+def _changed_rows(tm: TorchModels, tables_before) -> np.ndarray:
+    """The rows that differ from `tables_before` in any of the encoders' token tables (SDXL: both)."""
+    changed = [np.any(m.get_input_embeddings().weight.detach().cpu().numpy() != before, axis=1)
+               for m, before in zip(tm.encoders, tables_before)]
+    return np.flatnonzero(np.any(changed, axis=0))
+
+
 def torch_train_call(tm: TorchModels, work: Workload, stage: str, seed: int):
     """(step, finish): one reference train step per call; finish() releases the training state and returns what
-    the step did (losses, the rows it changed, the rows its gradient reached)."""
+    the step did (losses, the rows it changed in any table, the rows its gradient reached in the first)."""
     step, record = make_torch_train_step(tm, work, stage, seed)
 
     def finish() -> dict:
-        table_after = tm.text.get_input_embeddings().weight.detach().cpu().numpy()
-        changed = np.flatnonzero(np.any(table_after != record["table_before"], axis=1))
+        changed = _changed_rows(tm, record["tables_before"])
         out = {"losses": [float(x) for x in record["losses"]], "changed_rows": [int(i) for i in changed],
                "grad_rows_nonzero": [int(i) for i in np.flatnonzero(record["grad_rows"] > 0)],
                "concept_grad_norm": [float(record["grad_rows"][i]) for i in work.concept_ids]}
@@ -268,8 +313,8 @@ def torch_concept_maps(tm: TorchModels, work: Workload, store: list, generator):
     ids = torch.as_tensor(work.image_ids_T, dtype=torch.long, device=tm.device)[None]
     store.clear()
     with torch.no_grad(), _autocast(tm):
-        context = tm.text(ids)[0].expand(n, -1, -1)
-        tm.unet(noisy, t, context)
+        context, added = _expand(torch_condition(tm, ids), n)
+        tm.unet(noisy, t, context, added_cond_kwargs=added)
     by_q: dict[int, list] = {}
     for p in store:
         by_q.setdefault(p.shape[2], []).append(p.float().mean(dim=1))
@@ -303,8 +348,21 @@ def torch_estep_call(tm: TorchModels, work: Workload, seed: int) -> Callable[[],
     return call
 
 
+def _sample_condition(tm: TorchModels, ids_2xT) -> tuple:
+    """The guided sample's condition, uncond then cond: SD encodes both prompts; SDXL zeros the unconditional
+    text states and pooled embedding (its pipelines' force_zeros_for_empty_prompt), keeping its time ids."""
+    import torch
+
+    if tm.text_2 is None:
+        return torch_condition(tm, ids_2xT)
+    context, added = torch_condition(tm, ids_2xT[1:])
+    zero = lambda x: torch.cat([torch.zeros_like(x), x])  # noqa: E731
+    return zero(context), {"text_embeds": zero(added["text_embeds"]), "time_ids": tm.time_ids.expand(2, -1)}
+
+
 def torch_sample_call(tm: TorchModels, work: Workload, seed: int) -> Callable[[], None]:
-    """Guided DDIM: text encoding of cond + uncond, `sample_steps` UNet calls on a batch of 2, VAE decode."""
+    """Guided DDIM: text encoding of cond + uncond (SDXL: zero unconditional text, as StableDiffusionXLPipeline
+    samples SDXL base without a negative prompt), `sample_steps` UNet calls on a batch of 2, VAE decode."""
     import torch
     from diffusers import DDIMScheduler
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -318,13 +376,13 @@ def torch_sample_call(tm: TorchModels, work: Workload, seed: int) -> Callable[[]
     @torch.no_grad()
     def call():
         with _autocast(tm):
-            context = tm.text(ids)[0]
+            context, added = _sample_condition(tm, ids)
             latents = torch.randn((1, 4, work.latent, work.latent), device=tm.device, generator=gen)
             sched.set_timesteps(work.sample_steps, device=tm.device)
             latents = latents * sched.init_noise_sigma
             for t in sched.timesteps:
                 x = sched.scale_model_input(torch.cat([latents, latents]), t)
-                eps_u, eps_c = tm.unet(x, t, context).sample.chunk(2)
+                eps_u, eps_c = tm.unet(x, t, context, added_cond_kwargs=added).sample.chunk(2)
                 latents = sched.step(eps_u + GUIDANCE * (eps_c - eps_u), t, latents).prev_sample
             image = tm.vae.decode(latents / scale).sample.clamp(-1, 1)
         np.asarray(image.float().cpu())

@@ -1,6 +1,7 @@
 """What the speed and memory benchmarks run on: model architectures without weights (`CONFIGS`: the tiny
-model, SD 1.5), the steps' settings, and a prepared workload (a synthetic image with three concepts, the
-learner's own data) that ours and the PyTorch reference (`torch_reference.py`) share."""
+model, SD 1.5, the tiny SDXL-shaped model, SDXL base), the steps' settings, and a prepared workload (a synthetic
+image with three concepts, the learner's own data) that ours and the PyTorch reference (`torch_reference.py`)
+share."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from .. import config
 from ..em.prepare import prepare
 from ..em.stages import latent_masks
-from ..model import loading as model, tokens
+from ..model import conditioning, loading as model, tokens
 from ..parallel import sharding
 from ..runio import images, inputs
 from ..toy import scene
@@ -73,11 +74,13 @@ class BenchConfig:
     attn_factor: int = 4  # attention loss at latent / attn_factor (Break-a-Scene: the 16x16 layers)
     estep_factors: tuple[int, ...] = (4, 2)  # E-step maps at latent / f for each f (docs/method.md §4: 16 and 32)
     estep_timesteps: int = 50  # T of the E-step's attention pass
+    text_2: dict | None = None  # SDXL: the second text encoder (with the projection of its pooled state)
 
     def build(self, dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
-        """The bundle with seeded random weights (for "tiny" this is exactly `model.tiny_model()`)."""
+        """The bundle with seeded random weights (for "tiny" this is exactly `model.tiny_model()`, for "tiny-sdxl"
+        `model.tiny_sdxl_model()`)."""
         return model.build_random(self.words, self.text, self.unet, self.vae, dtype=dtype, seed=seed,
-                                  source=self.name)
+                                  source=self.name, text_config_2=self.text_2)
 
     def latent_size(self, resolution: int = 0) -> int:
         factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
@@ -93,6 +96,13 @@ CONFIGS: dict[str, BenchConfig] = {
                         estep_factors=(1, 2), estep_timesteps=8),
     "sd15": BenchConfig("sd15", SD15_TEXT, SD15_UNET, SD15_VAE, vocab_size=49408, attn_factor=4,
                         estep_factors=(4, 2), estep_timesteps=50),
+    # SDXL's structure in miniature (`model.tiny_sdxl_model()`, 32 px): cross-attention at 8x8 and 4x4 only, so the
+    # loss at its finest grid, latent / 2, and the E-step at 8 and 4
+    "tiny-sdxl": BenchConfig("tiny-sdxl", model.TINY_TEXT, model.TINY_SDXL_UNET, model.TINY_SDXL_VAE, attn_factor=2,
+                             estep_factors=(2, 4), estep_timesteps=8, text_2=model.TINY_SDXL_TEXT_2),
+    # SDXL base 1.0 at 1024 px, the `sdxl` preset's layers: the loss at 32x32 (latent / 4), the E-step at 32 and 64
+    "sdxl": BenchConfig("sdxl", SDXL_TEXT, SDXL_UNET, SDXL_VAE, vocab_size=49408, attn_factor=4, estep_factors=(4, 2),
+                        estep_timesteps=50, text_2=SDXL_TEXT_2),
 }
 
 STEPS = ("token", "joint", "joint_lora", "e_attn", "e_crf", "e_step", "sample")
@@ -134,17 +144,19 @@ def write_scene(folder: str, size: int, seed: int = 0) -> tuple[inputs.ImageSpec
 
 
 def pad_vocab(bundle: model.ModelBundle, vocab_size: int) -> model.ModelBundle:
-    """The bundle with its token table padded to `vocab_size` rows (rows never used; real CLIP size)."""
-    table = tokens.embedding_table(bundle.params["text_encoder"])
-    if vocab_size <= table.shape[0]:
-        return bundle
-    extra = jnp.asarray(np.random.default_rng(1).standard_normal((vocab_size - table.shape[0], table.shape[1]),
-                                                                  np.float32), table.dtype)
-    text = tokens.with_embedding_table(bundle.params["text_encoder"], jnp.concatenate([table, extra]))
+    """The bundle with its token table (SDXL: both) padded to `vocab_size` rows (rows never used; real CLIP size)."""
     from ..model import adapter
 
-    return bundle.replace(text_encoder=adapter.text_encoder_with_vocab(bundle.text_encoder, vocab_size),
-                          params={**bundle.params, "text_encoder": text})
+    modules, params = {}, {}
+    for name, text in conditioning.text_params(bundle.params).items():
+        table = tokens.embedding_table(text)
+        if vocab_size <= table.shape[0]:
+            continue
+        extra = jnp.asarray(np.random.default_rng(1).standard_normal((vocab_size - table.shape[0], table.shape[1]),
+                                                                      np.float32), table.dtype)
+        params[name] = tokens.with_embedding_table(text, jnp.concatenate([table, extra]))
+        modules[name] = adapter.text_encoder_with_vocab(getattr(bundle, name), vocab_size)
+    return bundle.replace(params={**bundle.params, **params}, **modules) if params else bundle
 
 
 def learner_config(resolution: int):
@@ -173,6 +185,11 @@ class Workload:
     image_positions_C: np.ndarray
     kinds: tuple[str, ...]
     sample_ids_2xT: np.ndarray  # uncond, cond
+
+    @property
+    def time_ids_K(self) -> np.ndarray | None:
+        """SDXL's micro-conditioning of the workload's (square, uncropped) image; None for SD 1/2."""
+        return None if self.bench.text_2 is None else conditioning.time_ids((self.resolution, self.resolution))
 
     @property
     def attn_grid(self) -> int:

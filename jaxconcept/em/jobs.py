@@ -37,7 +37,7 @@ from . import learner, steps
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
 from .prepare import check_inputs, prepare, truth_masks
-from .stages import (Job, Stages, joint_loss_config, joint_unet, latent_masks, loss_config, stage_keys,
+from .stages import (Job, Stages, joint_frozen, joint_loss_config, joint_unet, latent_masks, loss_config, stage_keys,
                      stage_optimizers)
 
 
@@ -145,9 +145,7 @@ def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Sta
         jobs=num_jobs, batched=True, initial_state=lambda: states(rows0, token_opt),
         inversion=inversion if s.init.steps else None,
         token_step=stage_step(loss_cfg, token_opt, frozen, keys["token"]), joint_state=joint_state,
-        joint_step=lambda state: stage_step(joint_loss_config(s), joint_opt,
-                                            {k: v for k, v in frozen.items() if k == "text_encoder" or s.joint.lora},
-                                            keys["joint"]),
+        joint_step=lambda state: stage_step(joint_loss_config(s), joint_opt, joint_frozen(s, frozen), keys["joint"]),
         rows=lambda state: list(distributed.to_host(state["params"]["rows"])),  # job-split: every host gathers
         maps=maps,
         place_masks=lambda masks: sharding.put(jnp.stack([latent_masks(m, setups[0].latent_hw, mesh)

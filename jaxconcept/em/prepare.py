@@ -87,9 +87,6 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     if s.resolution:  # too-small images refused before a possibly long model download
         inputs.check_sizes(specs, s.resolution, s.resize)
     bundle = bundle or load_model(s.model, s.dtype, seed=s.seed)
-    if bundle.is_sdxl and s.joint.text_encoder and s.joint.steps:
-        raise JaxconceptError("joint.text_encoder=True is not supported on SDXL yet (its two text encoders are "
-                              "not saved with a run); tune the tokens and the UNet (or its LoRA adapters).")
     if s.memory_efficient_attention:
         bundle = bundle.replace(unet=adapter.with_memory_efficient_attention(bundle.unet))
     size = image_size(s, bundle)

@@ -43,7 +43,7 @@ class Stages:
     maps: Callable[[int, Any, int, Any], Any]  # (job, rows, image, key) -> soft maps C x h x w (latent grid)
     place_masks: Callable[[list], Any]  # masks -> what the steps read (latent grid, on the devices)
     job_metrics: Callable[[dict], list]  # a step's metrics -> one {name: float} per job
-    final_like: Callable[[], Any]  # the shape of the results {"rows", "unet" or "lora"?, "text_encoder"?}
+    final_like: Callable[[], Any]  # the results' shape {"rows", "unet" or "lora"?, the text encoders' params?}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +75,19 @@ def joint_unet(s: settings.Settings, unet_params) -> dict:
     return {"lora": lora.init(jax.random.fold_in(jax.random.key(s.seed), 7), unet_params, spec)}
 
 
+def tuned_text_encoders(s: settings.Settings, params: dict) -> dict:
+    """The text encoders the joint stage tunes (joint.text_encoder: each one the model has, SDXL's two), by name;
+    {} when they stay frozen."""
+    return conditioning.text_params(params) if s.joint.text_encoder else {}
+
+
+def joint_frozen(s: settings.Settings, frozen: dict) -> dict:
+    """What the joint step reads as frozen: the text encoders it does not tune, and the UNet under LoRA
+    adapters (a tuned UNet is a trainable)."""
+    tuned = tuned_text_encoders(s, frozen)
+    return {k: v for k, v in frozen.items() if k not in tuned and (k != "unet" or s.joint.lora is not None)}
+
+
 def stage_optimizers(s: settings.Settings) -> dict:
     """Each stage's optimiser from its own settings: the inversion and the token stage's from `tokens`, the joint
     stage's from `joint` (`steps.make_optimizer` returns one object per setting: a static argument)."""
@@ -103,11 +116,9 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
                                       s.masks.num_timesteps, st.latent_hw, mesh, frozen_shardings=frozen_sh,
                                       chunk=s.masks.timestep_chunk)
     keys = stage_keys(s.seed)
-    te = s.joint.text_encoder
-    joint_frozen = {name: frozen[name] for name in frozen
-                    if not (name == "text_encoder" and te) and not (name == "unet" and s.joint.lora is None)}
+    frozen_joint = joint_frozen(s, frozen)
     trainable = lambda rows: {"rows": rows, **joint_unet(s, b.params["unet"]),  # noqa: E731
-                              **({"text_encoder": b.params["text_encoder"]} if te else {})}
+                              **tuned_text_encoders(s, b.params)}
 
     def inversion():
         inv_fn = make(dataclasses.replace(loss_cfg, attn_weight=0.0), opts["inversion"])
@@ -126,8 +137,8 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
     def joint_step(state):
         state_sh = sharding.fsdp_shardings(state, mesh, min_size)
         fn = make(joint_loss_config(s), joint_opt, state_shardings=state_sh,
-                  fsh=None if frozen_sh is None else {k: frozen_sh[k] for k in joint_frozen})
-        return fn.bind(joint_frozen, run_data, keys["joint"])
+                  fsh=None if frozen_sh is None else {k: frozen_sh[k] for k in frozen_joint})
+        return fn.bind(frozen_joint, run_data, keys["joint"])
 
     stages = Stages(
         jobs=1, batched=False, initial_state=lambda: place(steps.init_state({"rows": rows0}, token_opt)),

@@ -28,6 +28,7 @@ from . import adapter, tokens
 from .loading import ModelBundle
 
 NUM_TIME_IDS = 6  # SDXL base: original (h, w), crop top-left (y, x), target (h, w)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the params keys (and bundle fields) of the text encoders
 
 
 class SDXLCondition(NamedTuple):
@@ -68,8 +69,8 @@ def text_model(bundle: ModelBundle):
 
 
 def text_params(params: dict) -> dict:
-    """The text encoders' entries of a params dict (what `encode` reads)."""
-    return {k: params[k] for k in ("text_encoder", "text_encoder_2") if k in params}
+    """The text encoders' entries of a params dict (what `encode` reads): SD 1/2's one, SDXL's two."""
+    return {k: params[k] for k in TEXT_ENCODERS if k in params}
 
 
 def time_ids(original_hw, crop_top_left=(0, 0), target_hw=None) -> np.ndarray:

@@ -58,6 +58,9 @@ class ModelBundle:
     scheduler_config: dict = dataclasses.field(default_factory=dict)  # as shipped: inference schedulers read it
     text_encoder_2: Any = None  # SDXL: flax.linen.Module: input_ids -> hidden states, projected pooled state
     tokenizer_2: Any = None  # SDXL: the second encoder's tokenizer (the first's vocabulary, its own padding)
+    # SDXL pipelines' model_index.json entry: without a negative prompt, guidance's unconditional branch gets zero
+    # text states and pooled embedding (SDXL base: true, the pipelines' default) instead of the empty prompt's
+    force_zeros_for_empty_prompt: bool = False
 
     def replace(self, **changes) -> "ModelBundle":
         return dataclasses.replace(self, **changes)
@@ -215,6 +218,7 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
             "Stable Diffusion folder (as written by save_pretrained) with unet/, vae/, text_encoder/, tokenizer/."
         )
     sdxl = _check_sdxl_layout(folder)
+    zeros = sdxl and force_zeros(folder)  # before any weight is read
     unet, unet_params = _load_diffusers_component(folder, "unet", adapter.unet_from_config, dtype, variant)
     vae, vae_params = _load_diffusers_component(folder, "vae", adapter.vae_from_config, dtype, variant)
     text_encoder, text_params = _load_text_encoder(os.path.join(folder, "text_encoder"), dtype, variant)
@@ -236,8 +240,21 @@ def load_folder(folder: str, dtype=jnp.float32, *, variant: str | None = None, s
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
         scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source or folder,
-        scheduler_config=dict(sched_config), **second,
+        scheduler_config=dict(sched_config), force_zeros_for_empty_prompt=zeros, **second,
     )
+
+
+FORCE_ZEROS = "force_zeros_for_empty_prompt"  # an SDXL pipeline's model_index.json entry
+
+
+def force_zeros(folder: str) -> bool:
+    """An SDXL folder's `force_zeros_for_empty_prompt` (model_index.json); true where the folder does not say, as
+    StableDiffusionXLPipeline's default and SDXL base's own index have it."""
+    path = os.path.join(folder, "model_index.json")
+    value = read_json(path).get(FORCE_ZEROS, True) if os.path.isfile(path) else True
+    if not isinstance(value, bool):
+        raise ModelSourceError(f"{path}: {FORCE_ZEROS} is {value!r}, not true or false.")
+    return value
 
 
 def _load_tokenizer(folder: str, name: str):
@@ -346,6 +363,14 @@ def save_flax(bundle: ModelBundle, folder: str) -> None:
         scheduler=bundle.scheduler, params=cast_floating(bundle.params, jnp.float32),
         text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
     )
+    if bundle.is_sdxl and not bundle.force_zeros_for_empty_prompt:
+        # kept beside the Flax pipeline's entries, so that the folder loads back the same; only when false (absent
+        # means true): diffusers' Flax SDXL pipeline has no such setting and warns about the entry
+        path = os.path.join(folder, "model_index.json")
+        index = read_json(path)
+        index[FORCE_ZEROS] = False
+        with open(path, "w") as f:
+            json.dump(index, f, indent=2)
 
 
 # ------------------------------------------------------------------------------------------ tiny
@@ -439,7 +464,7 @@ def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, 
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
         scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source,
-        scheduler_config=dict(SD_SCHEDULER), **second,
+        scheduler_config=dict(SD_SCHEDULER), force_zeros_for_empty_prompt=text_config_2 is not None, **second,
     )
 
 

@@ -129,6 +129,13 @@ def _sample_ids(statics: SampleStatics, params, rows_NxD, noise, cond_ids, uncon
     return _images(statics.nets(), statics.schedule(), params, noise, cond, uncond, guidance)
 
 
+def zeros_for_uncond(bundle: ModelBundle, negative_prompt: str = "") -> bool:
+    """Whether guidance's unconditional branch is zero text states and pooled embedding: an SDXL model whose
+    pipeline says `force_zeros_for_empty_prompt` (SDXL base does), sampled without a negative prompt, as
+    StableDiffusionXLPipeline does; otherwise the negative prompt (or the empty one) is encoded."""
+    return bool(bundle.is_sdxl and bundle.force_zeros_for_empty_prompt and not negative_prompt)
+
+
 def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh, concept_ids=None,
                        zero_uncond: bool = False):
     """Jitted (params, rows_NxD, noise_BxZxhxw, cond_ids_BxT, uncond_ids_BxT, guidance) -> images B x H x W x 3.
@@ -136,8 +143,8 @@ def make_batch_sampler(bundle: ModelBundle, scheduler: str, num_steps: int, mesh
     Params, the concept rows and guidance are replicated; noise, ids and images are split over the mesh's
     data axis (B must be a multiple of its size). `concept_ids` (static) are the rows' vocabulary ids;
     None for a base model (rows ignored). SDXL: the images' time ids are their size, uncropped (the pipeline's
-    defaults); `zero_uncond` makes the unconditional text states and pooled embedding zeros instead of the
-    encoded negative prompt (SDXL base's `force_zeros_for_empty_prompt`). generate() called again (a notebook),
+    defaults); `zero_uncond` (`zeros_for_uncond`) makes the unconditional text states and pooled embedding zeros
+    instead of the encoded negative prompt. generate() called again (a notebook),
     or on another run of the same model with the same settings (evaluate with several --run), reuses the
     compiled program.
     """

@@ -4,7 +4,8 @@
                         result fields of the config) and whether the run finished
     .lock               held by the process that runs (pid, host); a stale one (its process is gone) is taken
     config.json, images/, metrics.jsonl, masks/round_NN/, masks/final/, overlays/, masks_evolution.png,
-    concepts.safetensors, unet/ (joint tuning) or lora.safetensors (joint.lora_rank), text_encoder/ (joint.text_encoder), summary.json
+    concepts.safetensors, unet/ (joint tuning) or lora.safetensors (joint.lora_rank), text_encoder/ (joint.text_encoder;
+    SDXL: text_encoder/ and text_encoder_2/), summary.json
 
 Starting on a folder whose fingerprint differs is refused before anything is written. On a resume the
 metrics past the checkpoint are dropped, so no entry is written twice. Only process 0 writes these
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 
 from ..masks import estep, labels as masks, settle
-from ..model import adapter, tokens
+from ..model import adapter, conditioning, tokens
 from ..parallel import distributed
 from . import images, inputs, outputs
 from ..errors import JaxconceptError
@@ -361,8 +362,8 @@ def summary_of(run_dir, settings, setup, masks_final, history, truth, seconds) -
 
 
 def write_results(run_dir, settings, setup, final, masks_final, history, truth, seconds) -> dict:
-    """The run's files (process 0 only) and its summary; `final` = {"rows", "unet" or "lora", "text_encoder"
-    (if tuned)} on the host. `history`: the round entries of metrics.jsonl."""
+    """The run's files (process 0 only) and its summary; `final` = {"rows", "unet" or "lora", "text_encoder" (and
+    SDXL's "text_encoder_2") if tuned} on the host. `history`: the round entries of metrics.jsonl."""
     summary = summary_of(run_dir, settings, setup, masks_final, history, truth, seconds)
     if not distributed.is_primary():
         return summary
@@ -383,8 +384,8 @@ def write_results(run_dir, settings, setup, final, masks_final, history, truth, 
     if "lora" in final:
         outputs.save_lora(os.path.join(run_dir, outputs.LORA_FILE), final["lora"], settings.joint.lora,
                           setup.bundle.params["unet"])
-    if "text_encoder" in final:
-        save_text_encoder(os.path.join(run_dir, "text_encoder"), final["text_encoder"], setup.concepts.ids)
+    for name in conditioning.text_params(final):  # joint.text_encoder: SD's one, SDXL's two (text_encoder_2/)
+        save_text_encoder(os.path.join(run_dir, name), final[name], setup.concepts.ids)
     outputs.write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary
 

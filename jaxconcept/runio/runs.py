@@ -58,7 +58,7 @@ def load_run(run_dir: str, bundle: ModelBundle | None = None, dtype=jnp.float32)
     cfg = read_config(run_dir)
     rows, order = read_concepts(concepts_path)  # before the model loads: a damaged file is said at once
     bundle = bundle or load_model(cfg["model"], dtype, seed=cfg.get("seed", 0))
-    bundle = with_tuned_text_encoder(run_dir, cfg, bundle)
+    bundle = with_tuned_text_encoders(run_dir, cfg, bundle)
     missing = [t for t in order if t not in rows]
     if missing:
         raise JaxconceptError(f"{concepts_path!r} lists {', '.join(missing)} but holds no embedding for it; the run "
@@ -121,21 +121,23 @@ def with_tuned_unet(run_dir: str, cfg: dict, bundle: ModelBundle, dtype) -> tupl
     return bundle.replace(params={**bundle.params, "unet": unet_params}), None
 
 
-def with_tuned_text_encoder(run_dir: str, cfg: dict, bundle: ModelBundle) -> ModelBundle:
-    """The base model with the run's tuned text encoder (joint.text_encoder), when the run has one."""
-    folder = os.path.join(run_dir, "text_encoder")
-    joint = cfg.get("joint", {})
-    if not os.path.isdir(folder):
-        if joint.get("text_encoder") and joint.get("steps", 0):
-            raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the text encoder but text_encoder/ "
-                                  "is missing. Start the same train command again to finish it.")
-        return bundle
-    try:
-        tuned = runfolder.load_text_encoder(folder, bundle.params["text_encoder"])
-    except (OSError, ValueError, KeyError) as e:
-        raise JaxconceptError(f"cannot read the tuned text encoder in {folder!r} ({e}); the run folder is "
-                              "damaged: delete text_encoder/ and start the same train command again.") from e
-    return bundle.replace(params={**bundle.params, "text_encoder": jax.device_put(tuned)})
+def with_tuned_text_encoders(run_dir: str, cfg: dict, bundle: ModelBundle) -> ModelBundle:
+    """The base model with the run's tuned text encoders (joint.text_encoder: text_encoder/, and SDXL's
+    text_encoder_2/), when the run has them."""
+    joint, tuned = cfg.get("joint", {}), {}
+    for name, like in conditioning.text_params(bundle.params).items():
+        folder = os.path.join(run_dir, name)
+        if not os.path.isdir(folder):
+            if joint.get("text_encoder") and joint.get("steps", 0):
+                raise JaxconceptError(f"{run_dir!r} is incomplete: its config tunes the text encoders but {name}/ "
+                                      "is missing. Start the same train command again to finish it.")
+            continue
+        try:
+            tuned[name] = jax.device_put(runfolder.load_text_encoder(folder, like))
+        except (OSError, ValueError, KeyError) as e:
+            raise JaxconceptError(f"cannot read the tuned text encoder in {folder!r} ({e}); the run folder is "
+                                  f"damaged: delete {name}/ and start the same train command again.") from e
+    return bundle.replace(params={**bundle.params, **tuned}) if tuned else bundle
 
 
 def read_config(run_dir: str) -> dict:
