@@ -74,6 +74,7 @@ from ..model import adapter, capture, conditioning
 from ..model import loading as model
 from ..parallel import sharding
 from .speed import SD15_TEXT, SD15_UNET, SD15_VAE
+from .torch_reference import torch_training_memory
 from .workload import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
 
 SCHEMA = 1  # bump when what an entry measures changes: every entry is recomputed
@@ -512,43 +513,6 @@ def save_results(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------------------------------ PyTorch reference
-
-
-def torch_reference(preset: Preset) -> dict | None:
-    """Break-a-Scene-style full UNet tuning in PyTorch (diffusers / transformers models built from the same configs
-    on the meta device: parameter counts only): the UNet and the whole token table trainable in fp32 with AdamW
-    (4 bytes of weight, 4 of gradient, 8 of moments per parameter), the rest of the text encoder and the VAE frozen
-    in fp32 (4 bytes). Arithmetic from the parameter counts; no activations. None without torch."""
-    try:
-        import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    except Exception:  # noqa: BLE001 - absent or broken: the reference is left out
-        return None
-    vocab = preset.base_vocab() + NUM_CONCEPTS
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.unet.items()})
-        text = CLIPTextModel(CLIPTextConfig(**dict(preset.text, vocab_size=vocab)))
-        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(preset.text_2, vocab_size=vocab))) \
-            if preset.text_2 else None
-        vae = AutoencoderKL(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.vae.items()})
-
-    def count(m):
-        return int(sum(p.numel() for p in m.parameters()))
-
-    n_unet, n_text, n_vae = count(unet), count(text), count(vae)
-    n_table = int(text.get_input_embeddings().weight.numel())
-    if text_2 is not None:  # SDXL: both encoders, both token tables
-        n_text += count(text_2)
-        n_table += int(text_2.get_input_embeddings().weight.numel())
-    trained = n_unet + n_table
-    frozen = n_text - n_table + n_vae
-    return {"unet_params": n_unet, "text_params": n_text, "table_params": n_table, "vae_params": n_vae,
-            "trained_state_bytes": 16 * trained, "frozen_bytes": 4 * frozen,
-            "total_bytes": 16 * trained + 4 * frozen, "torch": torch.__version__}
-
-
 # ------------------------------------------------------------------------------------------ tables
 
 
@@ -750,7 +714,7 @@ def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | N
                 raise JaxconceptError(f"unknown preset {preset_name!r}: use {', '.join(PRESETS)}")
             preset = PRESETS[preset_name]
             if results["torch_reference"].get(preset_name) is None:
-                ref = torch_reference(preset)
+                ref = torch_training_memory(preset, NUM_CONCEPTS)
                 if ref is not None:
                     results["torch_reference"][preset_name] = ref
             for program, option in programs:
