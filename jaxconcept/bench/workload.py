@@ -76,8 +76,8 @@ class BenchConfig:
 
     def build(self, dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
         """The bundle with seeded random weights (for "tiny" this is exactly `model.tiny_model()`)."""
-        return model.build_random(self.words, self.text, self.unet, self.vae, dtype=dtype, seed=seed,
-                                  source=self.name)
+        return model.build_random(self.words, model.Architecture(self.text, self.unet, self.vae), dtype=dtype,
+                                  seed=seed, source=self.name)
 
     def latent_size(self, resolution: int = 0) -> int:
         factor = 2 ** (len(self.vae["block_out_channels"]) - 1)

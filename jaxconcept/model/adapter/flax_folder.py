@@ -18,25 +18,25 @@ def save_flax_unet(folder: str, unet, params) -> None:
     FlaxUNet2DConditionModel.from_config(unet_config_dict(unet)).save_pretrained(folder, params=params)
 
 
-def save_flax_components(folder: str, *, unet, vae, text_encoder, tokenizer, scheduler, params,
-                         text_encoder_2=None, tokenizer_2=None) -> None:
+def save_flax_components(folder: str, bundle, params) -> None:
     """Write a diffusers-layout folder with Flax weights (msgpack), loadable by `load_model(folder)` and by
     diffusers' `FlaxStableDiffusionPipeline.from_pretrained(folder)` (SDXL, with `text_encoder_2`:
-    `FlaxStableDiffusionXLPipeline`)."""
-    unet_cls = FlaxUNet2DConditionModel.from_config(unet_config_dict(unet))
+    `FlaxStableDiffusionXLPipeline`). bundle: a `ModelBundle` (its modules, tokenizers and scheduler are
+    written); params: its params as they are to be written."""
+    unet_cls = FlaxUNet2DConditionModel.from_config(unet_config_dict(bundle.unet))
     unet_cls.save_pretrained(os.path.join(folder, "unet"), params=params["unet"])
-    vae_cls = FlaxAutoencoderKL.from_config(vae_config_dict(vae))
+    vae_cls = FlaxAutoencoderKL.from_config(vae_config_dict(bundle.vae))
     vae_cls.save_pretrained(os.path.join(folder, "vae"), params=params["vae"])
-    te = FlaxCLIPTextModel(text_encoder.config, _do_init=False)
+    te = FlaxCLIPTextModel(bundle.text_encoder.config, _do_init=False)
     te.save_pretrained(os.path.join(folder, "text_encoder"), params=params["text_encoder"])
-    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-    if text_encoder_2 is not None:
-        te2 = FlaxCLIPTextModelWithProjection(text_encoder_2.config, _do_init=False)
+    bundle.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    if bundle.text_encoder_2 is not None:
+        te2 = FlaxCLIPTextModelWithProjection(bundle.text_encoder_2.config, _do_init=False)
         te2.save_pretrained(os.path.join(folder, "text_encoder_2"), params=params["text_encoder_2"])
-        tokenizer_2.save_pretrained(os.path.join(folder, "tokenizer_2"))
-    scheduler.save_config(os.path.join(folder, "scheduler"))
+        bundle.tokenizer_2.save_pretrained(os.path.join(folder, "tokenizer_2"))
+    bundle.scheduler.save_config(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(flax_pipeline_index(sdxl=text_encoder_2 is not None), f, indent=2)
+        json.dump(flax_pipeline_index(sdxl=bundle.text_encoder_2 is not None), f, indent=2)
 
 
 def flax_pipeline_index(sdxl: bool = False) -> dict:
