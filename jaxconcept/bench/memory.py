@@ -73,26 +73,16 @@ from ..errors import JaxconceptError
 from ..model import adapter, capture, conditioning
 from ..model import loading as model
 from ..parallel import sharding
-from .speed import SD15_TEXT, SD15_UNET, SD15_VAE
 from .torch_reference import torch_training_memory
-from .workload import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
+from .workload import (SD15_TEXT, SD15_UNET, SD15_VAE, SD21_TEXT, SD21_UNET, SD_VOCAB, SDXL_TEXT, SDXL_TEXT_2,
+                       SDXL_UNET, SDXL_VAE)
 
 SCHEMA = 1  # bump when what an entry measures changes: every entry is recomputed
 GIB = 2 ** 30
 MIB = 2 ** 20
 
-# ------------------------------------------------------------------------------------------ architectures
+# ------------------------------------------------------------------------------------------ presets
 
-# SD 2.x: OpenCLIP ViT-H/14's text tower (23 of its 24 layers: SD 2 reads the penultimate one) and a UNet with
-# per-level head widths of 64 (5, 10, 20, 20 heads), 1024-wide cross-attention and linear projections
-SD21_TEXT = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
-)
-SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                 use_linear_projection=True)
-
-SD_VOCAB = 49408  # CLIP's BPE vocabulary (SD 1.x and 2.x, both of SDXL's tokenizers)
 NUM_CONCEPTS = 3  # 2 objects and the background, one image, one vector each
 
 

@@ -85,7 +85,6 @@ from .torch_reference import (TorchModels, torch_available, torch_build, torch_e
 from .workload import (ATTN_WEIGHT, BACKGROUND_LEVEL, CLIP, CONCEPTS, CONFIGS, ESTEP_EVERY, GROUPS, GUIDANCE,
                        LABELS, LORA_ALPHA, LORA_RANK, QUOTED_BF16_PEAK, SD15_TFLOP, STAGE_LR, STEPS, WEIGHT_DECAY,
                        BenchConfig, Workload, prepare_ours)
-from .workload import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: F401  (importable from here, as before)
 
 
 # ------------------------------------------------------------------------------------------ timing

@@ -1,6 +1,8 @@
-"""What the speed and memory benchmarks run on: model architectures without weights (`CONFIGS`: the tiny
-model, SD 1.5), the steps' settings, and a prepared workload (a synthetic image with three concepts, the
-learner's own data) that ours and the PyTorch reference (`torch_reference.py`) share."""
+"""What the speed and memory benchmarks run on: the configs of every benchmarked model without weights (SD 1.5,
+SD 2.1, SDXL; the tiny ones are `model.loading`'s), the speed benchmark's architectures with their layer choices
+(`CONFIGS`: the tiny model, SD 1.5; the memory benchmark's are its `PRESETS`, built from the same configs), the
+steps' settings, and a prepared workload (a synthetic image with three concepts, the learner's own data) that ours
+and the PyTorch reference (`torch_reference.py`) share."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 from .. import config
 from ..em.prepare import prepare
 from ..em.stages import latent_masks
-from ..model import loading as model, tokens
+from ..model import adapter, loading as model, tokens
 from ..parallel import sharding
 from ..runio import images, inputs
 from ..toy import scene
@@ -57,6 +59,17 @@ SDXL_UNET = dict(
 )
 SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025)
 
+# SD 2.x: OpenCLIP ViT-H/14's text tower (23 of its 24 layers: SD 2 reads the penultimate one) and a UNet with
+# per-level head widths of 64 (5, 10, 20, 20 heads), 1024-wide cross-attention and linear projections
+SD21_TEXT = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
+)
+SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                 use_linear_projection=True)
+
+SD_VOCAB = 49408  # CLIP's BPE vocabulary (SD 1.x and 2.x, both of SDXL's tokenizers)
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -91,7 +104,7 @@ CONFIGS: dict[str, BenchConfig] = {
     # the learner's own defaults on the tiny model: loss at grid 16 (= latent), E-step at 16 and 8
     "tiny": BenchConfig("tiny", model.TINY_TEXT, model.TINY_UNET, model.TINY_VAE, attn_factor=1,
                         estep_factors=(1, 2), estep_timesteps=8),
-    "sd15": BenchConfig("sd15", SD15_TEXT, SD15_UNET, SD15_VAE, vocab_size=49408, attn_factor=4,
+    "sd15": BenchConfig("sd15", SD15_TEXT, SD15_UNET, SD15_VAE, vocab_size=SD_VOCAB, attn_factor=4,
                         estep_factors=(4, 2), estep_timesteps=50),
 }
 
@@ -141,8 +154,6 @@ def pad_vocab(bundle: model.ModelBundle, vocab_size: int) -> model.ModelBundle:
     extra = jnp.asarray(np.random.default_rng(1).standard_normal((vocab_size - table.shape[0], table.shape[1]),
                                                                   np.float32), table.dtype)
     text = tokens.with_embedding_table(bundle.params["text_encoder"], jnp.concatenate([table, extra]))
-    from ..model import adapter
-
     return bundle.replace(text_encoder=adapter.text_encoder_with_vocab(bundle.text_encoder, vocab_size),
                           params={**bundle.params, "text_encoder": text})
 
