@@ -49,7 +49,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from .model import adapter, convert
+from .model import adapter
 from .runio import outputs, runs
 from .errors import JaxconceptError
 from .model.loading import NAMED_MODELS, load_model

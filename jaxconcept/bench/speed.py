@@ -445,7 +445,7 @@ def _f(x, spec=".2f") -> str:
 
 
 def _pair(row: dict, key: str, scale: float = 1.0, spec: str = ".3f") -> str:
-    """'XLA / §6' figures of one row."""
+    """'XLA / §7' figures of one row."""
     x, m = row.get(f"{key}_xla" if key else "flops_xla"), row.get(f"{key}_model" if key else "flops_model")
     return f"{_f(x and x * scale, spec)} / {_f(m and m * scale, spec)}"
 
@@ -480,8 +480,8 @@ def format_tables(result: dict) -> str:
                       f"ours {100 * share['ours']:.1f}%{torch_share}"]
     peak = result["peak"]
     peak_key = "measured" if peak.get("measured") else ("quoted" if peak.get("quoted") else None)
-    head = (f"{'step':<{w}} | {'GFLOP XLA / §6':>21} | {'ours TFLOP/s XLA / §6':>21} | "
-            f"{'torch TFLOP/s XLA / §6':>22}")
+    head = (f"{'step':<{w}} | {'GFLOP XLA / §7':>21} | {'ours TFLOP/s XLA / §7':>21} | "
+            f"{'torch TFLOP/s XLA / §7':>22}")
     if peak_key:
         head += f" | {'ours % ' + peak_key + ' peak':>24} | {'torch % ' + peak_key + ' peak':>25}"
     lines += ["", head, "-" * len(head)]
@@ -541,7 +541,7 @@ def run_notes(bench: BenchConfig, work: Workload, dtype: str, skip_torch: bool, 
                      "shared machine both compete with other load (torch's OpenMP spin-waits collapse when the "
                      "cores are oversubscribed: start with OMP_WAIT_POLICY=PASSIVE, or --torch-threads 1)")
     if bench.name == "sd15" and work.resolution != 512:
-        notes.append(f"§6 FLOPs are for 512 px, scaled by area to {work.resolution} px (attention does not scale so)")
+        notes.append(f"§7 FLOPs are for 512 px, scaled by area to {work.resolution} px (attention does not scale so)")
     if dtype == "bfloat16":
         notes.append("bfloat16: ours holds params and computes in bf16 (AdamW on bf16 UNet weights in the joint "
                      "step); torch keeps fp32 params under bf16 autocast")

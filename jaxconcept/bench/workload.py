@@ -92,10 +92,6 @@ class BenchConfig:
         return model.build_random(self.words, model.Architecture(self.text, self.unet, self.vae), dtype=dtype,
                                   seed=seed, source=self.name)
 
-    def latent_size(self, resolution: int = 0) -> int:
-        factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
-        return (resolution or self.unet["sample_size"] * factor) // factor
-
     def resolution(self, resolution: int = 0) -> int:
         return resolution or self.unet["sample_size"] * 2 ** (len(self.vae["block_out_channels"]) - 1)
 
