@@ -8,9 +8,9 @@
     python -m jaxconcept.bench.memory --presets tiny --out /tmp/memory.json                  # seconds
 
 Each program is built exactly as a run builds it (`em/stages.py`: the settings of the preset, `loss_config`,
-`joint_loss_config`, `joint_unet`, `stage_optimizers`; `em/steps.py`: `make_train_step`, `make_concept_maps`) from
-abstract parameters (`adapter.param_shapes`, `jax.eval_shape`: shapes and dtypes, no values), lowered and compiled
-for one target, and XLA's `compiled.memory_analysis()` is read:
+`joint_loss_config`, `frozen_weights`, `joint_tuned`, `joint_frozen`, `stage_optimizers`; `em/steps.py`:
+`make_train_step`, `make_concept_maps`) from abstract parameters (`adapter.param_shapes`, `jax.eval_shape`: shapes
+and dtypes, no values), lowered and compiled for one target, and XLA's `compiled.memory_analysis()` is read:
 
   arguments    every input buffer: the frozen weights, the state (trainables, optimiser state, step), the run's
                prompt table, latents and masks
@@ -332,7 +332,7 @@ def make_setup(preset: Preset, option: str, target: Target) -> Setup:
 def _frozen(st: Setup) -> tuple[dict, Any]:
     """The frozen weights and their shardings (None: replicated; FSDP-split over several chips)."""
     b = st.bundle
-    frozen = {**conditioning.text_params(b.params), "unet": b.params["unet"]}  # as stages.single_run_stages
+    frozen = stages.frozen_weights(b.params)
     sh = sharding.fsdp_shardings(frozen, st.mesh, st.settings.mesh.fsdp_min_size) if st.shard_frozen else None
     return frozen, sh
 
@@ -381,16 +381,11 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
         state_sh, fsh, step_frozen = None, frozen_sh, frozen  # the token state replicated, as in a run
     elif program == "joint":
         opt, cfg = opts["joint"], stages.joint_loss_config(s)
-        te = s.joint.text_encoder
-
-        def trainable(rows, unet, text):
-            return {"rows": rows, **stages.joint_unet(s, unet), **({"text_encoder": text} if te else {})}
-
-        params = jax.eval_shape(trainable, st.rows, b.params["unet"], b.params["text_encoder"])
+        params = jax.eval_shape(lambda rows, unet, text: {"rows": rows, **stages.joint_tuned(s, unet, text)},
+                                st.rows, b.params["unet"], b.params["text_encoder"])
         state = jax.eval_shape(lambda p: steps.init_state(p, opt), params)
         state_sh = sharding.fsdp_shardings(state, st.mesh, s.mesh.fsdp_min_size)
-        names = [n for n in frozen  # single_run_stages' joint_frozen
-                 if not (n == "text_encoder" and te) and not (n == "unet" and s.joint.lora is None)]
+        names = stages.joint_frozen(s, frozen)
         step_frozen = {n: frozen[n] for n in names}
         fsh = None if frozen_sh is None else {n: frozen_sh[n] for n in names}
     else:
