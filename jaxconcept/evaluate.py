@@ -456,8 +456,8 @@ def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=N
     run = runs.load_run(run_dir, bundle=base)
     if on_start is not None:  # the command says what it does before the sampling starts
         on_start()
-    m = judge.measure(run, base, toy, source_background(run_dir), settings, template=summary.get("template", "a {}"),
-                      joiner=summary.get("joiner", " and a "), progress=progress)
+    asked = judge.Asked(toy, template=summary.get("template", "a {}"), joiner=summary.get("joiner", " and a "))
+    m = judge.measure(run, base, asked, source_background(run_dir), settings, progress=progress)
     rows = [list(p) for p in m["pictures"]["tokens"]] + [list(p) for p in m["pictures"]["words"]]
     labels = [p["tokens"] for p in m["prompts"]] + [p["words"] + "   (base model, words)" for p in m["prompts"]]
     images.save_image(viz.grid(rows, cell=64, row_labels=labels), os.path.join(run_dir, "samples_check.png"))

@@ -56,8 +56,8 @@ def test_without_samples_attention_is_read_off_em_and_equals_a_real_attention_ru
     assert derived["read_off"] == "em round 0" and not (tmp_path / "bench" / "runs" / "natural" / "2" / "random"
                                                          / "attention").exists()  # no run made
     s = fidelity.natural_scene(2, 32)
-    real = fidelity.bench_run(tiny, None, s, str(tmp_path / "bench" / "scenes" / "natural" / "2"),
-                              "natural", "random", "attention", settings, str(tmp_path / "real"))
+    bs = fidelity.BenchScene(s, str(tmp_path / "bench" / "scenes" / "natural" / "2"), "natural")
+    real = fidelity.bench_run(tiny, None, bs, "random", "attention", settings, str(tmp_path / "real"))
     np.testing.assert_allclose(derived["iou_by_round"], real["iou_by_round"], atol=1e-9)
     np.testing.assert_allclose(derived["iou_no_crf_by_round"], real["iou_no_crf_by_round"], atol=1e-9)
     assert derived["iou_final"] == pytest.approx(real["iou_final"], abs=1e-9)

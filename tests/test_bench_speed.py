@@ -123,7 +123,8 @@ def _toy_workload() -> workload.Workload:
 def test_without_torch_only_ours_is_timed(tmp_path, monkeypatch, result):
     """torch missing (or --skip-torch): ours alone, no ratios, a note; the programs come from the compile cache."""
     monkeypatch.setattr(speed, "torch_available", lambda: False)
-    got = speed.run("tiny", iters=1, timesteps=2, sample_steps=2, out=str(tmp_path), groups=("token", "estep"))
+    got = speed.run(speed.Options("tiny", iters=1, timesteps=2, sample_steps=2, out=str(tmp_path),
+                                  groups=("token", "estep")))
     assert set(got["steps"]) == {"token", "e_attn", "e_crf", "e_step"}
     for row in got["steps"].values():
         assert _positive(row["ours_ms"]) and "torch_ms" not in row and "speedup" not in row

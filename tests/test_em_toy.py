@@ -41,8 +41,9 @@ def test_em_beats_attention_on_a_hard_toy_scene(toy, tmp_path):
     folder = str(tmp_path / "scene")
     scene.write_scene(s, folder)
     settings = fidelity.Settings(num_samples=0)
-    em = fidelity.bench_run(toy, None, s, folder, "hard", "random", "em", settings, str(tmp_path / "em"))
-    attention = fidelity.bench_run(toy, None, s, folder, "hard", "random", "attention",
+    bs = fidelity.BenchScene(s, folder, "hard")
+    em = fidelity.bench_run(toy, None, bs, "random", "em", settings, str(tmp_path / "em"))
+    attention = fidelity.bench_run(toy, None, bs, "random", "attention",
                                    fidelity.Settings(num_samples=0, token_steps=0), str(tmp_path / "attention"))
     assert em["iou_by_round"][0] == pytest.approx(attention["iou_final"], abs=1e-9)  # the same stage-1 masks
     gain = em["iou_final"] - attention["iou_final"]

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxconcept import config
-from jaxconcept.em import jobs, learner
+from conftest import set_fields
+from jaxconcept import config, settings
+from jaxconcept.em import jobs, learner, stages
 from jaxconcept.parallel import sharding
 from jaxconcept.runio import inputs, runs
 from jaxconcept.errors import JaxconceptError
@@ -170,3 +171,16 @@ def test_batched_jobs_tune_their_own_lora_adapters_on_the_shared_unet(scenes, tm
     b_leaves = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)]) for a in adapters]
     assert np.abs(b_leaves[1] - b_leaves[0]).max() > 1e-6  # each job learned its own
     np.testing.assert_allclose(b_leaves[1], b_leaves[2], rtol=1e-3, atol=1e-6)
+
+
+def test_one_run_and_batched_jobs_read_every_frozen_weight_the_joint_stage_does_not_tune():
+    """One rule for both (`stages.joint_frozen`, used by `stages.build_stages`): SDXL's second text encoder stays
+    among the weights the joint step reads (batched SDXL jobs tuning the whole UNet once left it out: KeyError)."""
+    frozen = {"text_encoder": None, "text_encoder_2": None, "unet": None}
+
+    def names(**changes):
+        return stages.joint_frozen(settings.resolve(set_fields(_cfg(), changes)), frozen)
+
+    assert names() == ["text_encoder", "text_encoder_2"]
+    assert names(**{"joint.text_encoder": True}) == []  # both encoders tuned (SDXL's two: test_sdxl_joint)
+    assert names(**{"joint.lora_rank": 4}) == ["text_encoder", "text_encoder_2", "unet"]

@@ -55,7 +55,7 @@ def test_every_pytorch_only_setting_is_listed_with_pytorchs_default(kind, pt_cls
     either checked against PyTorch's default or listed as neutral, and nothing else is."""
     import diffusers
 
-    fixed, neutral, _ = adapter._CHECKS[kind]
+    fixed, neutral, _ = adapter.compat._CHECKS[kind]
     pt = {k: p.default for k, p in inspect.signature(getattr(diffusers, pt_cls).__init__).parameters.items()
           if k != "self"}
     flax = {f.name for f in dataclasses.fields(getattr(diffusers, flax_cls))}

@@ -12,11 +12,9 @@ import pytest
 
 from jaxconcept import presets
 from jaxconcept.model import adapter, capture, conditioning
-from jaxconcept.bench.workload import SD15_UNET, SDXL_UNET  # SDXL base 1.0's unet/config.json, shaping keys
+from jaxconcept.bench.workload import SD15_UNET, SD21_UNET, SDXL_UNET  # the models' unet/config.json, shaping keys
 from jaxconcept.errors import JaxconceptError
 
-# SD 2.x's UNet differs from 1.5's in heads, linear projections and the text width, not in its levels
-SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, cross_attention_dim=1024)
 STATED = {  # name: (hub id, image px, E-step grids, loss grid, architecture)
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, (16, 32), 16, SD15_UNET),
     "sd21_base": ("stabilityai/stable-diffusion-2-1-base", 512, (16, 32), 16, SD21_UNET),

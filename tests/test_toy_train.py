@@ -89,9 +89,9 @@ def test_resumed_phase_equals_uninterrupted(tmp_path):
     opt = train.make_optimizer(1e-2, 4, 1)
     step = train.make_step(loss, opt, data, 4)
     fresh = lambda: ({"w": jnp.zeros((3,))}, opt.init({"w": jnp.zeros((3,))}))
-    whole = train.run_phase("p", str(tmp_path / "a"), step, fresh(), 4, 0, 1, 1, io.StringIO())
-    train.run_phase("p", str(tmp_path / "b"), step, fresh(), 2, 0, 1, 1, io.StringIO())
-    resumed = train.run_phase("p", str(tmp_path / "b"), step, fresh(), 4, 0, 1, 1, io.StringIO())
+    whole = train.run_phase("p", str(tmp_path / "a"), step, fresh(), train.Schedule(4, 0, 1, 1), io.StringIO())
+    train.run_phase("p", str(tmp_path / "b"), step, fresh(), train.Schedule(2, 0, 1, 1), io.StringIO())
+    resumed = train.run_phase("p", str(tmp_path / "b"), step, fresh(), train.Schedule(4, 0, 1, 1), io.StringIO())
     np.testing.assert_array_equal(resumed[0]["w"], whole[0]["w"])
     assert not np.allclose(whole[0]["w"], 0)
 

@@ -109,7 +109,7 @@ def main():
             summary = learner.learn(cfg, [spec], run_dir, bundle=base, ground_truth=truth, progress=False)
             t1 = time.time()
             run = runs.load_run(run_dir, bundle=base)
-            m = judge.measure(run, base, toy, src_bg, settings, words=words_cache)
+            m = judge.measure(run, base, judge.Asked(toy), src_bg, settings, words=words_cache)
             images.save_image(viz.grid([list(p) for p in m["pictures"]["tokens"]], cell=64,
                                        row_labels=[p["tokens"] for p in m["prompts"]]), os.path.join(run_dir, "judge.png"))
             objs = [c.token for c in toy]

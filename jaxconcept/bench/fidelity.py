@@ -104,7 +104,8 @@ def sample_fidelity(run, base, s: scene.Scene, token_of: dict[str, str], setting
     concepts = [judge.ToyConcept(token_of[o.name], o.color, o.shape, o.pattern) for o in s.objects]
     gen = generate.Settings(num_images=settings.num_samples, steps=settings.sample_steps, guidance=settings.guidance,
                             seed=s.seed)
-    m = judge.measure(run, base, concepts, s.background.color, gen, background=new_background(s), words=words_cache)
+    asked = judge.Asked(concepts, background=new_background(s))
+    m = judge.measure(run, base, asked, s.background.color, gen, words=words_cache)
     return {k: m[k] for k in ("prompts", "tokens", "words", "report")}, m["pictures"]["tokens"]
 
 
@@ -157,11 +158,21 @@ def object_curves(run_dir: str, object_tokens) -> tuple[list[float], list[float]
             [float(np.mean([r["iou_no_crf"][t] for t in object_tokens])) for r in rounds])
 
 
-def bench_run(base, words_cache: dict | None, s: scene.Scene, folder: str, set_name: str, init: str, mode: str,
-              settings: Settings, run_dir: str, progress: bool = False) -> dict:
+@dataclasses.dataclass(frozen=True)
+class BenchScene:
+    """A scene of the benchmark: the scene, the folder it is written to (`scene.write_scene`) and its set."""
+
+    scene: scene.Scene
+    folder: str
+    set_name: str
+
+
+def bench_run(base, words_cache: dict | None, bs: BenchScene, init: str, mode: str, settings: Settings,
+              run_dir: str, progress: bool = False) -> dict:
     """One learner run on one scene: its IoU curves, final object IoU (the run's chosen masks) and, with
     `settings.num_samples`, what its samples show (`sample_fidelity`; `words_cache` shared by a scene's runs)."""
-    spec = scene_spec(folder, init)
+    s, set_name = bs.scene, bs.set_name
+    spec = scene_spec(bs.folder, init)
     token_of = {os.path.basename(c.mask)[5:-4]: c.token for c in spec.concepts}
     truth = np.stack([s.masks[name] for name in token_of])
     summary = learner.learn(run_config(settings, mode, init, s.seed), [spec], run_dir, bundle=base,
@@ -216,8 +227,8 @@ def run_benchmark(seeds, out: str, modes=MODES, settings: Settings = Settings(),
                     if derive and mode == "attention":
                         row = attention_from_em(rows["em"])
                     else:
-                        row = bench_run(base, words_cache, s, folder, set_name, init, mode, settings, run_dir,
-                                        progress)
+                        row = bench_run(base, words_cache, BenchScene(s, folder, set_name), init, mode, settings,
+                                        run_dir, progress)
                     rows[mode] = row
                     results.append(row)
                     took = "read off em's round 0" if row.get("read_off") else f"{row['seconds']:.0f} s"

@@ -8,9 +8,9 @@
     python -m jaxconcept.bench.memory --presets tiny --out /tmp/memory.json                  # seconds
 
 Each program is built exactly as a run builds it (`em/stages.py`: the settings of the preset, `loss_config`,
-`joint_loss_config`, `joint_unet`, `stage_optimizers`; `em/steps.py`: `make_train_step`, `make_concept_maps`) from
-abstract parameters (`adapter.param_shapes`, `jax.eval_shape`: shapes and dtypes, no values), lowered and compiled
-for one target, and XLA's `compiled.memory_analysis()` is read:
+`joint_loss_config`, `frozen_weights`, `joint_tuned`, `joint_frozen`, `stage_optimizers`; `em/steps.py`:
+`make_train_step`, `make_concept_maps`) from abstract parameters (`adapter.param_shapes`, `jax.eval_shape`: shapes
+and dtypes, no values), lowered and compiled for one target, and XLA's `compiled.memory_analysis()` is read:
 
   arguments    every input buffer: the frozen weights, the state (trainables, optimiser state, step), the run's
                prompt table, latents and masks
@@ -73,25 +73,16 @@ from ..errors import JaxconceptError
 from ..model import adapter, capture, conditioning
 from ..model import loading as model
 from ..parallel import sharding
-from .speed import SD15_TEXT, SD15_UNET, SD15_VAE
-from .workload import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE
+from .torch_reference import torch_training_memory
+from .workload import (SD15_TEXT, SD15_UNET, SD15_VAE, SD21_TEXT, SD21_UNET, SD_VOCAB, SDXL_TEXT, SDXL_TEXT_2,
+                       SDXL_UNET, SDXL_VAE)
 
 SCHEMA = 1  # bump when what an entry measures changes: every entry is recomputed
 GIB = 2 ** 30
 MIB = 2 ** 20
 
-# ------------------------------------------------------------------------------------------ architectures
+# ------------------------------------------------------------------------------------------ presets
 
-# SD 2.x: OpenCLIP ViT-H/14's text tower (23 of its 24 layers: SD 2 reads the penultimate one) and a UNet with
-# per-level head widths of 64 (5, 10, 20, 20 heads), 1024-wide cross-attention and linear projections
-SD21_TEXT = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
-)
-SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                 use_linear_projection=True)
-
-SD_VOCAB = 49408  # CLIP's BPE vocabulary (SD 1.x and 2.x, both of SDXL's tokenizers)
 NUM_CONCEPTS = 3  # 2 objects and the background, one image, one vector each
 
 
@@ -341,7 +332,7 @@ def make_setup(preset: Preset, option: str, target: Target) -> Setup:
 def _frozen(st: Setup) -> tuple[dict, Any]:
     """The frozen weights and their shardings (None: replicated; FSDP-split over several chips)."""
     b = st.bundle
-    frozen = {**conditioning.text_params(b.params), "unet": b.params["unet"]}  # as stages.single_run_stages
+    frozen = stages.frozen_weights(b.params)
     sh = sharding.fsdp_shardings(frozen, st.mesh, st.settings.mesh.fsdp_min_size) if st.shard_frozen else None
     return frozen, sh
 
@@ -390,14 +381,12 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
         state_sh, fsh, step_frozen = None, frozen_sh, frozen  # the token state replicated, as in a run
     elif program == "joint":
         opt, cfg = opts["joint"], stages.joint_loss_config(s)
-        def trainable(rows, params):  # single_run_stages' trainables: the text encoders with joint.text_encoder
-            return {"rows": rows, **stages.joint_unet(s, params["unet"]), **stages.tuned_text_encoders(s, params)}
-
-        params = jax.eval_shape(trainable, st.rows, b.params)
+        params = jax.eval_shape(lambda rows, params: {"rows": rows, **stages.joint_tuned(s, params)}, st.rows, b.params)
         state = jax.eval_shape(lambda p: steps.init_state(p, opt), params)
         state_sh = sharding.fsdp_shardings(state, st.mesh, s.mesh.fsdp_min_size)
-        step_frozen = stages.joint_frozen(s, frozen)
-        fsh = None if frozen_sh is None else {n: frozen_sh[n] for n in step_frozen}
+        names = stages.joint_frozen(s, frozen)
+        step_frozen = {n: frozen[n] for n in names}
+        fsh = None if frozen_sh is None else {n: frozen_sh[n] for n in names}
     else:
         raise JaxconceptError(f"unknown program {program!r}: use one of {', '.join(PROGRAMS)}")
     step = steps.make_train_step(b, st.concept_ids, cfg, opt, st.mesh, state_shardings=state_sh,
@@ -506,43 +495,6 @@ def save_results(results: dict, path: str) -> None:
         json.dump(results, f, indent=1, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------ PyTorch reference
-
-
-def torch_reference(preset: Preset) -> dict | None:
-    """Break-a-Scene-style full UNet tuning in PyTorch (diffusers / transformers models built from the same configs
-    on the meta device: parameter counts only): the UNet and the whole token table trainable in fp32 with AdamW
-    (4 bytes of weight, 4 of gradient, 8 of moments per parameter), the rest of the text encoder and the VAE frozen
-    in fp32 (4 bytes). Arithmetic from the parameter counts; no activations. None without torch."""
-    try:
-        import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    except Exception:  # noqa: BLE001 - absent or broken: the reference is left out
-        return None
-    vocab = preset.base_vocab() + NUM_CONCEPTS
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.unet.items()})
-        text = CLIPTextModel(CLIPTextConfig(**dict(preset.text, vocab_size=vocab)))
-        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(preset.text_2, vocab_size=vocab))) \
-            if preset.text_2 else None
-        vae = AutoencoderKL(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.vae.items()})
-
-    def count(m):
-        return int(sum(p.numel() for p in m.parameters()))
-
-    n_unet, n_text, n_vae = count(unet), count(text), count(vae)
-    n_table = int(text.get_input_embeddings().weight.numel())
-    if text_2 is not None:  # SDXL: both encoders, both token tables
-        n_text += count(text_2)
-        n_table += int(text_2.get_input_embeddings().weight.numel())
-    trained = n_unet + n_table
-    frozen = n_text - n_table + n_vae
-    return {"unet_params": n_unet, "text_params": n_text, "table_params": n_table, "vae_params": n_vae,
-            "trained_state_bytes": 16 * trained, "frozen_bytes": 4 * frozen,
-            "total_bytes": 16 * trained + 4 * frozen, "torch": torch.__version__}
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -746,7 +698,7 @@ def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | N
                 raise JaxconceptError(f"unknown preset {preset_name!r}: use {', '.join(PRESETS)}")
             preset = PRESETS[preset_name]
             if results["torch_reference"].get(preset_name) is None:
-                ref = torch_reference(preset)
+                ref = torch_training_memory(preset, NUM_CONCEPTS)
                 if ref is not None:
                     results["torch_reference"][preset_name] = ref
             for program, option in programs:

@@ -75,6 +75,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -99,7 +100,6 @@ from .torch_reference import (TorchModels, torch_available, torch_build, torch_e
 from .workload import (ATTN_WEIGHT, BACKGROUND_LEVEL, CLIP, CONCEPTS, CONFIGS, ESTEP_EVERY, GROUPS, GUIDANCE,
                        LABELS, LORA_ALPHA, LORA_RANK, QUOTED_BF16_PEAK, SD15_TFLOP, STAGE_LR, STEPS, WEIGHT_DECAY,
                        BenchConfig, Workload, prepare_ours)
-from .workload import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: F401  (importable from here, as before)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -467,7 +467,7 @@ def _f(x, spec=".2f") -> str:
 
 
 def _pair(row: dict, key: str, scale: float = 1.0, spec: str = ".3f") -> str:
-    """'XLA / §6' figures of one row."""
+    """'XLA / §7' figures of one row."""
     x, m = row.get(f"{key}_xla" if key else "flops_xla"), row.get(f"{key}_model" if key else "flops_model")
     return f"{_f(x and x * scale, spec)} / {_f(m and m * scale, spec)}"
 
@@ -502,8 +502,8 @@ def format_tables(result: dict) -> str:
                       f"ours {100 * share['ours']:.1f}%{torch_share}"]
     peak = result["peak"]
     peak_key = "measured" if peak.get("measured") else ("quoted" if peak.get("quoted") else None)
-    head = (f"{'step':<{w}} | {'GFLOP XLA / §6':>21} | {'ours TFLOP/s XLA / §6':>21} | "
-            f"{'torch TFLOP/s XLA / §6':>22}")
+    head = (f"{'step':<{w}} | {'GFLOP XLA / §7':>21} | {'ours TFLOP/s XLA / §7':>21} | "
+            f"{'torch TFLOP/s XLA / §7':>22}")
     if peak_key:
         head += f" | {'ours % ' + peak_key + ' peak':>24} | {'torch % ' + peak_key + ' peak':>25}"
     lines += ["", head, "-" * len(head)]
@@ -563,16 +563,16 @@ def run_notes(bench: BenchConfig, work: Workload, dtype: str, skip_torch: bool, 
                      "shared machine both compete with other load (torch's OpenMP spin-waits collapse when the "
                      "cores are oversubscribed: start with OMP_WAIT_POLICY=PASSIVE, or --torch-threads 1)")
     if bench.name == "sd15" and work.resolution != 512:
-        notes.append(f"§6 FLOPs are for 512 px, scaled by area to {work.resolution} px (attention does not scale so)")
+        notes.append(f"§7 FLOPs are for 512 px, scaled by area to {work.resolution} px (attention does not scale so)")
     if dtype == "bfloat16":
         notes.append("bfloat16: ours holds params and computes in bf16 (AdamW on bf16 UNet weights in the joint "
                      "step); torch keeps fp32 params under bf16 autocast")
     return notes
 
 
-def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: dict, ref: dict | None,
-             torch_info: dict | None, notes: list[str], crf: str = "host") -> dict:
-    """Everything speed.json holds."""
+def assemble(work: Workload, opts: "Options", ours: dict, ref: dict | None, torch_info: dict | None,
+             notes: list[str]) -> dict:
+    """Everything speed.json holds (`opts.groups`: those timed, in the order they ran)."""
     device = jax.devices()[0]
     peak = {"measured": measure_peak_bf16(),
             "quoted": quoted_peak(device.device_kind) if device.platform == "gpu" else None}
@@ -592,12 +592,12 @@ def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: 
         "device": {"platform": device.platform, "kind": device.device_kind, "jax_devices_used": 1,
                    "cpu_count": os.cpu_count(), "torch": torch_info},
         "versions": versions(),
-        "config": {"name": bench.name, "resolution": work.resolution, "latent": work.latent, "dtype": dtype,
-                   "batch": work.batch, "iters": iters, "warmup": warmup, "step_groups": list(groups),
+        "config": {"name": bench.name, "resolution": work.resolution, "latent": work.latent, "dtype": opts.dtype,
+                   "batch": work.batch, "iters": opts.iters, "warmup": opts.warmup, "step_groups": list(opts.groups),
                    "estep_timesteps": work.timesteps, "sample_steps": work.sample_steps, "guidance": GUIDANCE,
                    "attn_grid": work.attn_grid, "estep_grids": list(work.estep_grids), "vocab_size": work.vocab_size,
                    "concepts": [c for c, _, _ in CONCEPTS], "estep_every": ESTEP_EVERY,
-                   "text": bench.text, "text_2": bench.text_2, "unet": bench.unet, "vae": bench.vae, "crf": crf},
+                   "text": bench.text, "text_2": bench.text_2, "unet": bench.unet, "vae": bench.vae, "crf": opts.crf},
         "steps": rows,
         "estep_share": share,
         "peak": peak,
@@ -607,35 +607,54 @@ def assemble(work: Workload, dtype: str, iters: int, warmup: int, groups, ours: 
     }
 
 
-def run(config_name: str = "tiny", iters: int = 20, batch: int = 1, dtype: str = "float32", out: str = "runs/speed",
-        skip_torch: bool = False, resolution: int = 0, timesteps: int = 0, sample_steps: int = 50, warmup: int = 1,
-        seed: int = 0, torch_threads: int = 0, groups=GROUPS, crf: str = "host") -> dict:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What `run` times and how: the command line's options (`parse_args`), with its defaults."""
+
+    config_name: str = "tiny"  # --config: a key of CONFIGS
+    iters: int = 20
+    batch: int = 1
+    dtype: str = "float32"
+    out: str = "runs/speed"
+    skip_torch: bool = False
+    resolution: int = 0  # 0: the model's own
+    timesteps: int = 0  # the E-step's T (0: the config's)
+    sample_steps: int = 50
+    warmup: int = 1
+    seed: int = 0
+    torch_threads: int = 0  # 0: os.cpu_count()
+    groups: tuple[str, ...] = GROUPS  # --steps
+    crf: str = "host"
+
+
+def run(opts: Options = Options()) -> dict:
     """Run the benchmark, print the tables, write OUT/speed.json; returns what it wrote."""
-    if config_name not in CONFIGS:
-        raise JaxconceptError(f"unknown config {config_name!r}: use one of {', '.join(CONFIGS)}")
-    if crf not in CRF_CHOICES:
-        raise JaxconceptError(f"unknown --crf {crf!r}: use one of {', '.join(CRF_CHOICES)}")
-    bench = CONFIGS[config_name]
-    groups = [g for g in GROUPS if g in groups]
-    os.makedirs(out, exist_ok=True)
-    use_torch = not skip_torch and torch_available()
+    if opts.config_name not in CONFIGS:
+        raise JaxconceptError(f"unknown config {opts.config_name!r}: use one of {', '.join(CONFIGS)}")
+    if opts.crf not in CRF_CHOICES:
+        raise JaxconceptError(f"unknown --crf {opts.crf!r}: use one of {', '.join(CRF_CHOICES)}")
+    bench = CONFIGS[opts.config_name]
+    opts = dataclasses.replace(opts, groups=tuple(g for g in GROUPS if g in opts.groups))
+    os.makedirs(opts.out, exist_ok=True)
+    use_torch = not opts.skip_torch and torch_available()
     device = jax.devices()[0]
-    phase(f"config {config_name} at {bench.resolution(resolution)} px, {dtype}, batch {batch}, iters {iters}, "
-          f"steps {','.join(groups)}, jax on {device.platform} ({device.device_kind})")
+    phase(f"config {opts.config_name} at {bench.resolution(opts.resolution)} px, {opts.dtype}, batch {opts.batch}, "
+          f"iters {opts.iters}, steps {','.join(opts.groups)}, jax on {device.platform} ({device.device_kind})")
     with tempfile.TemporaryDirectory() as folder:
         phase("ours: building the model with random weights, encoding the image (VAE compile)")
-        setup, work = prepare_ours(bench, resolution, model.as_dtype(dtype), batch,
-                                   timesteps or bench.estep_timesteps, sample_steps, folder, seed)
-    tm, torch_info = torch_setup(work, dtype, seed, torch_threads) if use_torch else (None, None)
-    ours, ref = run_steps(setup, work, groups, iters, warmup, seed, crf, tm)
+        setup, work = prepare_ours(bench, opts.resolution, model.as_dtype(opts.dtype), opts.batch,
+                                   opts.timesteps or bench.estep_timesteps, opts.sample_steps, folder, opts.seed)
+    tm, torch_info = (torch_setup(work, opts.dtype, opts.seed, opts.torch_threads) if use_torch
+                      else (None, None))
+    ours, ref = run_steps(setup, work, list(opts.groups), opts.iters, opts.warmup, opts.seed, opts.crf, tm)
     del setup, tm
     gc.collect()
-    notes = run_notes(bench, work, dtype, skip_torch, use_torch, torch_info)
-    result = assemble(work, dtype, iters, warmup, groups, ours, ref, torch_info, notes, crf)
-    with open(os.path.join(out, "speed.json"), "w") as f:
+    notes = run_notes(bench, work, opts.dtype, opts.skip_torch, use_torch, torch_info)
+    result = assemble(work, opts, ours, ref, torch_info, notes)
+    with open(os.path.join(opts.out, "speed.json"), "w") as f:
         json.dump(result, f, indent=2, default=_jsonable)
     print(format_tables(result), flush=True)
-    phase(f"wrote {os.path.join(out, 'speed.json')}")
+    phase(f"wrote {os.path.join(opts.out, 'speed.json')}")
     return result
 
 
@@ -685,8 +704,8 @@ def parse_groups(text: str) -> tuple[str, ...]:
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
-        run(a.config, a.iters, a.batch, a.dtype, a.out, a.skip_torch, a.resolution, a.timesteps, a.sample_steps,
-            a.warmup, a.seed, a.torch_threads, parse_groups(a.steps), a.crf)
+        run(Options(a.config, a.iters, a.batch, a.dtype, a.out, a.skip_torch, a.resolution, a.timesteps,
+                    a.sample_steps, a.warmup, a.seed, a.torch_threads, parse_groups(a.steps), a.crf))
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

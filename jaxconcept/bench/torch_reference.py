@@ -5,6 +5,9 @@ It does what Break-a-Scene's trainer does: the whole embedding table requires gr
 non-concept rows are restored after each step; an attention processor keeps the chosen cross-attention
 probabilities for the attention loss (SDPA everywhere else); the sample runs the cond/uncond halves as one batch
 of 2. The tests' parity checks record cross-attention with the same processor (`record_cross_attention`).
+The memory benchmark's PyTorch figure (`torch_training_memory`: Break-a-Scene's full UNet tuning, from parameter
+counts on the meta device) is here too: the only modules that import diffusers / transformers model classes are
+this one and `model/adapter/`.
 torch is imported inside the functions: importing this module does not need it."""
 
 from __future__ import annotations
@@ -390,3 +393,36 @@ def torch_sample_call(tm: TorchModels, work: Workload, seed: int) -> Callable[[]
     return call
 
 
+def torch_training_memory(preset, num_concepts: int) -> dict | None:
+    """Break-a-Scene-style full UNet tuning in PyTorch (diffusers / transformers models built from the same configs
+    on the meta device: parameter counts only): the UNet and the whole token table trainable in fp32 with AdamW
+    (4 bytes of weight, 4 of gradient, 8 of moments per parameter), the rest of the text encoder and the VAE frozen
+    in fp32 (4 bytes). Arithmetic from the parameter counts; no activations. None without torch. `preset`:
+    a `memory.Preset`; `num_concepts`: the concept rows added to its token table."""
+    try:
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    except Exception:  # noqa: BLE001 - absent or broken: the reference is left out
+        return None
+    vocab = preset.base_vocab() + num_concepts
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.unet.items()})
+        text = CLIPTextModel(CLIPTextConfig(**dict(preset.text, vocab_size=vocab)))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(preset.text_2, vocab_size=vocab))) \
+            if preset.text_2 else None
+        vae = AutoencoderKL(**{k: list(v) if isinstance(v, tuple) else v for k, v in preset.vae.items()})
+
+    def count(m):
+        return int(sum(p.numel() for p in m.parameters()))
+
+    n_unet, n_text, n_vae = count(unet), count(text), count(vae)
+    n_table = int(text.get_input_embeddings().weight.numel())
+    if text_2 is not None:  # SDXL: both encoders, both token tables
+        n_text += count(text_2)
+        n_table += int(text_2.get_input_embeddings().weight.numel())
+    trained = n_unet + n_table
+    frozen = n_text - n_table + n_vae
+    return {"unet_params": n_unet, "text_params": n_text, "table_params": n_table, "vae_params": n_vae,
+            "trained_state_bytes": 16 * trained, "frozen_bytes": 4 * frozen,
+            "total_bytes": 16 * trained + 4 * frozen, "torch": torch.__version__}

@@ -1,7 +1,8 @@
-"""What the speed and memory benchmarks run on: model architectures without weights (`CONFIGS`: the tiny
-model, SD 1.5, the tiny SDXL-shaped model, SDXL base), the steps' settings, and a prepared workload (a synthetic
-image with three concepts, the learner's own data) that ours and the PyTorch reference (`torch_reference.py`)
-share."""
+"""What the speed and memory benchmarks run on: the configs of every benchmarked model without weights (SD 1.5,
+SD 2.1, SDXL; the tiny ones are `model.loading`'s), the speed benchmark's architectures with their layer choices
+(`CONFIGS`: the tiny model, SD 1.5, the tiny SDXL-shaped model, SDXL base; the memory benchmark's are its
+`PRESETS`, built from the same configs), the steps' settings, and a prepared workload (a synthetic image with three
+concepts, the learner's own data) that ours and the PyTorch reference (`torch_reference.py`) share."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from .. import config
 from ..em.prepare import prepare
 from ..em.stages import latent_masks
-from ..model import conditioning, loading as model, tokens
+from ..model import adapter, conditioning, loading as model, tokens
 from ..parallel import sharding
 from ..runio import images, inputs
 from ..toy import scene
@@ -58,6 +59,17 @@ SDXL_UNET = dict(
 )
 SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025)
 
+# SD 2.x: OpenCLIP ViT-H/14's text tower (23 of its 24 layers: SD 2 reads the penultimate one) and a UNet with
+# per-level head widths of 64 (5, 10, 20, 20 heads), 1024-wide cross-attention and linear projections
+SD21_TEXT = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
+)
+SD21_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                 use_linear_projection=True)
+
+SD_VOCAB = 49408  # CLIP's BPE vocabulary (SD 1.x and 2.x, both of SDXL's tokenizers)
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -79,12 +91,8 @@ class BenchConfig:
     def build(self, dtype=jnp.float32, seed: int = 0) -> model.ModelBundle:
         """The bundle with seeded random weights (for "tiny" this is exactly `model.tiny_model()`, for "tiny-sdxl"
         `model.tiny_sdxl_model()`)."""
-        return model.build_random(self.words, self.text, self.unet, self.vae, dtype=dtype, seed=seed,
-                                  source=self.name, text_config_2=self.text_2)
-
-    def latent_size(self, resolution: int = 0) -> int:
-        factor = 2 ** (len(self.vae["block_out_channels"]) - 1)
-        return (resolution or self.unet["sample_size"] * factor) // factor
+        return model.build_random(self.words, model.Architecture(self.text, self.unet, self.vae, self.text_2),
+                                  dtype=dtype, seed=seed, source=self.name)
 
     def resolution(self, resolution: int = 0) -> int:
         return resolution or self.unet["sample_size"] * 2 ** (len(self.vae["block_out_channels"]) - 1)
@@ -94,7 +102,7 @@ CONFIGS: dict[str, BenchConfig] = {
     # the learner's own defaults on the tiny model: loss at grid 16 (= latent), E-step at 16 and 8
     "tiny": BenchConfig("tiny", model.TINY_TEXT, model.TINY_UNET, model.TINY_VAE, attn_factor=1,
                         estep_factors=(1, 2), estep_timesteps=8),
-    "sd15": BenchConfig("sd15", SD15_TEXT, SD15_UNET, SD15_VAE, vocab_size=49408, attn_factor=4,
+    "sd15": BenchConfig("sd15", SD15_TEXT, SD15_UNET, SD15_VAE, vocab_size=SD_VOCAB, attn_factor=4,
                         estep_factors=(4, 2), estep_timesteps=50),
     # SDXL's structure in miniature (`model.tiny_sdxl_model()`, 32 px): cross-attention at 8x8 and 4x4 only, so the
     # loss at its finest grid, latent / 2, and the E-step at 8 and 4
@@ -145,8 +153,6 @@ def write_scene(folder: str, size: int, seed: int = 0) -> tuple[inputs.ImageSpec
 
 def pad_vocab(bundle: model.ModelBundle, vocab_size: int) -> model.ModelBundle:
     """The bundle with its token table (SDXL: both) padded to `vocab_size` rows (rows never used; real CLIP size)."""
-    from ..model import adapter
-
     modules, params = {}, {}
     for name, text in conditioning.text_params(bundle.params).items():
         table = tokens.embedding_table(text)

@@ -22,7 +22,6 @@ writes the run folders, all processes write the checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 
@@ -30,15 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from .. import settings
-from ..model import capture, conditioning, tokens
+from ..model import capture, tokens
 from ..parallel import distributed, sharding
 from ..runio import outputs, runfolder
 from . import learner, steps
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
 from .prepare import check_inputs, prepare, truth_masks
-from .stages import (Job, Stages, joint_frozen, joint_loss_config, joint_unet, latent_masks, loss_config, stage_keys,
-                     stage_optimizers)
+from .stages import Job, Stages, build_stages, frozen_weights, latent_masks
 
 
 def _internal_specs(specs, j: int):
@@ -87,71 +85,80 @@ def stacked_inputs(setups, mesh):
     return run_data, ids_JxN
 
 
-def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Stages, list]:
-    """The stage functions of J jobs: states with a leading job axis, split over the devices when J divides."""
-    num_jobs = len(setups)
-    place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
-    job_sh = steps.job_axis_sharding(mesh, num_jobs)
-    frozen = place({**conditioning.text_params(b.params), "unet": b.params["unet"]})
-    setups = [dataclasses.replace(st, run_data=place(st.run_data)) for st in setups]
-    run_data, ids_JxN = stacked_inputs(setups, mesh)
-    loss_cfg = loss_config(s)
-    keys = stage_keys(s.seed)
-    per_job = lambda key: sharding.put(jnp.stack([key] * num_jobs), job_sh)  # noqa: E731  (each as run alone)
-    maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
-                                       s.masks.num_timesteps, setups[0].latent_hw, mesh,
-                                       chunk=s.masks.timestep_chunk)
-    opts = stage_optimizers(s)
-    token_opt, joint_opt = opts["token"], opts["joint"]
-    rows0 = [jnp.asarray(st.concepts.init_rows) for st in setups]
+class JobsPlacement:
+    """The `Placement` of J jobs: states, run data and masks with a leading job axis, split over the devices when
+    J divides; one replicated copy of the frozen weights for all jobs; each job's joint stage tunes its own copy
+    of the UNet (or of the fresh adapters on the shared frozen UNet)."""
 
-    def stage_step(cfg, opt, frozen_part, key):
-        return steps.make_jobs_step(b, cfg, opt, mesh, num_jobs).bind(frozen_part, run_data, per_job(key), ids_JxN)
+    batched = True
 
-    def states(rows_list, opt):
-        return sharding.put(_stack([steps.init_state({"rows": r}, opt) for r in rows_list]), job_sh)
+    def __init__(self, s: settings.Settings, setups, b: ModelBundle, mesh):
+        self.jobs, self.b, self.mesh = len(setups), b, mesh
+        self.job_sh = steps.job_axis_sharding(mesh, self.jobs)
+        self.frozen = self._place(frozen_weights(b.params))
+        self.setups = [dataclasses.replace(st, run_data=self._place(st.run_data)) for st in setups]
+        self.run_data, self.ids_JxN = stacked_inputs(self.setups, mesh)
+        self.maps_any = steps.make_concept_maps(b, None, capture.LayerSelector(resolutions=s.masks.resolutions),
+                                                s.masks.num_timesteps, self.setups[0].latent_hw, mesh,
+                                                chunk=s.masks.timestep_chunk)
+        self.rows0 = [jnp.asarray(st.concepts.init_rows) for st in self.setups]
 
-    def inversion():
-        inv_opt = opts["inversion"]
-        step = stage_step(dataclasses.replace(loss_cfg, attn_weight=0.0), inv_opt, frozen, keys["inversion"])
-        to_token = lambda inv: states(list(distributed.to_host(inv["params"]["rows"])), token_opt)  # noqa: E731
-        return states(rows0, inv_opt), step, to_token
+    def _place(self, tree):
+        return sharding.put_replicated(tree, self.mesh)
 
-    def joint_state(token_state):
-        # every job starts from its own copy of the base UNet (or of the fresh adapters on the shared frozen
-        # UNet), made on the devices that hold the job
-        copies = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_jobs,) + x.shape), tree)  # noqa: E731
-        return jax.jit(lambda r, unet: jax.vmap(lambda p: steps.init_state(p, joint_opt))(
-            {"rows": r, **copies(unet)}), out_shardings=job_sh)(token_state["params"]["rows"],
-                                                                  place(joint_unet(s, b.params["unet"])))
+    def _per_job(self, key):
+        return sharding.put(jnp.stack([key] * self.jobs), self.job_sh)  # each job's key as its run alone draws it
 
-    def maps(j, rows, i, key):
-        st = setups[j]
-        return maps_any(rows, frozen, st.run_data["latents"][i, 0], jnp.asarray(st.image_ids_IxT[i]),
-                        jnp.asarray(st.image_positions_IxC[i]), key, jnp.asarray(st.concepts.ids, jnp.int32))
+    def _step(self, cfg, opt, key, frozen):
+        return steps.make_jobs_step(self.b, cfg, opt, self.mesh, self.jobs).bind(frozen, self.run_data,
+                                                                                 self._per_job(key), self.ids_JxN)
 
-    def final_like():
-        like = {"rows": _stack(rows0)}
-        if s.joint.steps:
-            like.update(jax.tree.map(lambda x: jnp.zeros((num_jobs,) + x.shape, x.dtype),
-                                     jax.eval_shape(functools.partial(joint_unet, s), b.params["unet"])))
+    def token_step(self, cfg, opt, key):
+        return self._step(cfg, opt, key, self.frozen)
+
+    def joint_step(self, cfg, opt, key, frozen_names, state):
+        return self._step(cfg, opt, key, {k: self.frozen[k] for k in frozen_names})
+
+    def states(self, rows_list, opt):
+        return sharding.put(_stack([steps.init_state({"rows": r}, opt) for r in rows_list]), self.job_sh)
+
+    def inverted_rows(self, inversion_state):
+        return list(distributed.to_host(inversion_state["params"]["rows"]))
+
+    def joint_state(self, rows, tuned, opt):
+        # every job starts from its own copy of what it tunes, made on the devices that hold the job
+        copies = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (self.jobs,) + x.shape), tree)  # noqa: E731
+        return jax.jit(lambda r, t: jax.vmap(lambda p: steps.init_state(p, opt))({"rows": r, **copies(t)}),
+                       out_shardings=self.job_sh)(rows, self._place(tuned))
+
+    def rows(self, state):
+        return list(distributed.to_host(state["params"]["rows"]))  # job-split: every host gathers
+
+    def maps(self, job, rows, image, key):
+        st = self.setups[job]
+        return self.maps_any(rows, self.frozen, st.run_data["latents"][image, 0], jnp.asarray(st.image_ids_IxT[image]),
+                             jnp.asarray(st.image_positions_IxC[image]), key, jnp.asarray(st.concepts.ids, jnp.int32))
+
+    def place_masks(self, masks):
+        return sharding.put(jnp.stack([latent_masks(m, self.setups[0].latent_hw, self.mesh) for m in masks]),
+                            self.job_sh)
+
+    def job_metrics(self, metrics):
+        host = distributed.to_host(metrics)  # host sync only at logging steps (a gather when jobs span hosts)
+        return [{k: float(v[j]) for k, v in host.items()} for j in range(self.jobs)]
+
+    def final_like(self, tuned):
+        like = {"rows": _stack(self.rows0)}
+        if tuned is not None:
+            like.update(jax.tree.map(lambda x: jnp.zeros((self.jobs,) + x.shape, x.dtype),
+                                     jax.eval_shape(tuned, self.b.params)))
         return like
 
-    def job_metrics(m):
-        host = distributed.to_host(m)  # host sync only at logging steps (a gather when jobs span hosts)
-        return [{k: float(v[j]) for k, v in host.items()} for j in range(num_jobs)]
 
-    stages = Stages(
-        jobs=num_jobs, batched=True, initial_state=lambda: states(rows0, token_opt),
-        inversion=inversion if s.init.steps else None,
-        token_step=stage_step(loss_cfg, token_opt, frozen, keys["token"]), joint_state=joint_state,
-        joint_step=lambda state: stage_step(joint_loss_config(s), joint_opt, joint_frozen(s, frozen), keys["joint"]),
-        rows=lambda state: list(distributed.to_host(state["params"]["rows"])),  # job-split: every host gathers
-        maps=maps,
-        place_masks=lambda masks: sharding.put(jnp.stack([latent_masks(m, setups[0].latent_hw, mesh)
-                                                          for m in masks]), job_sh),
-        job_metrics=job_metrics, final_like=final_like)
-    return stages, setups
+def jobs_stages(s: settings.Settings, setups, b: ModelBundle, mesh) -> tuple[Stages, list]:
+    """The stage functions of J jobs (`JobsPlacement`), and their setups with the run data on the devices."""
+    place = JobsPlacement(s, setups, b, mesh)
+    return build_stages(s, b, place), place.setups
 
 
 def check_jobs(s: settings.Settings, jobs) -> None:

@@ -6,10 +6,10 @@
     stage 3  joint tuning of tokens and UNet (text encoder optional) with the masks fixed
 
 The loop drives a `Stages`, the stage functions (initial state, token and joint steps, the maps of an image,
-mask placement): `stages.single_run_stages` for one run, `jobs.jobs_stages` for J vmapped jobs. Where to
-start is decided once, in order, from the newest checkpoint (`resume_point`); checkpoints after stage 1,
-every round, every `joint.checkpoint_every` joint steps and at the end make a run started again on its
-folder end exactly as an uninterrupted one. Preparing a run: `em/prepare.py`; E-step: `masks/estep.py`;
+mask placement), made by `stages.build_stages`: `stages.single_run_stages` for one run, `jobs.jobs_stages` for J
+vmapped jobs. Where to start is decided once, in order, from the newest checkpoint (`resume_point`); checkpoints
+after stage 1, every round, every `joint.checkpoint_every` joint steps and at the end make a run started again on
+its folder end exactly as an uninterrupted one. Preparing a run: `em/prepare.py`; E-step: `masks/estep.py`;
 checkpoints: `runio/checkpoints.py`; run folder: `runio/runfolder.py`. Usable from a notebook:
 `learn(get_config(), specs, "runs/x")`.
 """

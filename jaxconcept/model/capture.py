@@ -9,7 +9,7 @@ function, so this works under `jax.jit` (around a compiled function it would do 
 
 Every UNet application of the package is here (`unet_with_attention`, `unet_eps`); each runs
 `_pytorch_faithful`, which restores the PyTorch model's exact GELU and GroupNorm eps where diffusers' Flax
-port differs. The diffusers internals these rely on are named only in `model/adapter.py`.
+port differs. The diffusers internals these rely on are named only in `model/adapter/` (`attention.py`).
 
 The condition (`cond`) is SD 1/2's text states (B x T x D) or SDXL's `conditioning.SDXLCondition`, whose
 pooled text embedding and time ids go to the UNet's added conditioning; cross-attention reads the text states

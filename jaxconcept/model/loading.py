@@ -358,11 +358,7 @@ def _load_text_encoder(sub: str, dtype, variant, projection: bool = False):
 def save_flax(bundle: ModelBundle, folder: str) -> None:
     """Write the bundle as a diffusers-layout folder with Flax weights."""
     os.makedirs(folder, exist_ok=True)
-    adapter.save_flax_components(
-        folder, unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer,
-        scheduler=bundle.scheduler, params=cast_floating(bundle.params, jnp.float32),
-        text_encoder_2=bundle.text_encoder_2, tokenizer_2=bundle.tokenizer_2,
-    )
+    adapter.save_flax_components(folder, bundle, cast_floating(bundle.params, jnp.float32))
     if bundle.is_sdxl and not bundle.force_zeros_for_empty_prompt:
         # kept beside the Flax pipeline's entries, so that the folder loads back the same; only when false (absent
         # means true): diffusers' Flax SDXL pipeline has no such setting and warns about the entry
@@ -437,25 +433,35 @@ def text_config_for(tokenizer, text_config: dict, max_length: int) -> dict:
                 max_position_embeddings=max_length)
 
 
-def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, *, dtype=jnp.float32,
-                 seed: int = 0, source: str = "random", max_length: int = 77,
-                 text_config_2: dict | None = None) -> ModelBundle:
-    """A model from configs with seeded random weights and a vocabulary of `words` (each one token); with
-    `text_config_2` an SDXL-shaped one (second encoder with projection, its tokenizer padding with "!" as
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A model without weights: the configs of its text encoder, UNet and VAE (transformers / diffusers config
+    dicts) and, for an SDXL-shaped model, of its second text encoder (with projection)."""
+
+    text: dict
+    unet: dict
+    vae: dict
+    text_2: dict | None = None
+
+
+def build_random(words, arch: Architecture, *, dtype=jnp.float32, seed: int = 0, source: str = "random",
+                 max_length: int = 77) -> ModelBundle:
+    """A model of `arch` with seeded random weights and a vocabulary of `words` (each one token); with
+    `arch.text_2` an SDXL-shaped one (second encoder with projection, its tokenizer padding with "!" as
     SDXL's does)."""
     tokenizer = word_tokenizer(words, max_length)
-    text_encoder = adapter.text_encoder_from_config(text_config_for(tokenizer, text_config, max_length), dtype=dtype)
-    unet = adapter.unet_from_config(unet_config, dtype=dtype)
-    vae = adapter.vae_from_config(vae_config, dtype=dtype)
+    text_encoder = adapter.text_encoder_from_config(text_config_for(tokenizer, arch.text, max_length), dtype=dtype)
+    unet = adapter.unet_from_config(arch.unet, dtype=dtype)
+    vae = adapter.vae_from_config(arch.vae, dtype=dtype)
     params = {
         "text_encoder": random_params(adapter.param_shapes(text_encoder), seed),
         "unet": random_params(adapter.param_shapes(unet), seed + 1),
         "vae": random_params(adapter.param_shapes(vae), seed + 2),
     }
     second = {}
-    if text_config_2 is not None:
+    if arch.text_2 is not None:
         tokenizer_2 = word_tokenizer(words, max_length, pad_token="!")
-        text_encoder_2 = adapter.text_encoder_from_config(text_config_for(tokenizer_2, text_config_2, max_length),
+        text_encoder_2 = adapter.text_encoder_from_config(text_config_for(tokenizer_2, arch.text_2, max_length),
                                                           dtype=dtype, projection=True)
         params["text_encoder_2"] = random_params(adapter.param_shapes(text_encoder_2), seed + 3)
         second = dict(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
@@ -464,13 +470,14 @@ def build_random(words, text_config: dict, unet_config: dict, vae_config: dict, 
     return ModelBundle(
         tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
         scheduler_state=scheduler_state, params=cast_floating(params, dtype), dtype=dtype, source=source,
-        scheduler_config=dict(SD_SCHEDULER), force_zeros_for_empty_prompt=text_config_2 is not None, **second,
+        scheduler_config=dict(SD_SCHEDULER), force_zeros_for_empty_prompt=arch.text_2 is not None, **second,
     )
 
 
 def tiny_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     """A tiny SD (latent 16x16, image 32x32) with seeded random weights: every real code path, no download."""
-    return build_random(TINY_WORDS, TINY_TEXT, TINY_UNET, TINY_VAE, dtype=dtype, seed=seed, source="tiny")
+    return build_random(TINY_WORDS, Architecture(TINY_TEXT, TINY_UNET, TINY_VAE), dtype=dtype, seed=seed,
+                        source="tiny")
 
 
 # SDXL's structure in miniature: no cross-attention at the finest level, more transformer blocks at the coarser
@@ -497,8 +504,8 @@ TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025)  # SDXL's VAE scale
 
 def tiny_sdxl_model(dtype=jnp.float32, seed: int = 0) -> ModelBundle:
     """A tiny SDXL-shaped model (latent 16x16, image 32x32) with seeded random weights."""
-    return build_random(TINY_WORDS, TINY_TEXT, TINY_SDXL_UNET, TINY_SDXL_VAE, dtype=dtype, seed=seed,
-                        source="tiny-sdxl", text_config_2=TINY_SDXL_TEXT_2)
+    return build_random(TINY_WORDS, Architecture(TINY_TEXT, TINY_SDXL_UNET, TINY_SDXL_VAE, TINY_SDXL_TEXT_2),
+                        dtype=dtype, seed=seed, source="tiny-sdxl")
 
 
 # the shipped, pre-trained toy model (`jaxconcept.toy.sd` describes it; the toy package builds on this module)

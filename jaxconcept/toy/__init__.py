@@ -1,9 +1,12 @@
 """Toy world: seeded scenes of coloured, patterned shapes on textured backgrounds, with exact masks and
 captions (`scene`), a palette-aware image analysis that names the objects in an image (`analysis`), and the
-judge of learned concepts' samples beside the words oracle (`judge`: found alone, all together, leakage).
+judge of learned concepts' samples beside the words oracle (`judge`: found alone, all together, leakage);
+the toy Stable Diffusion (`sd`: its architecture and vocabulary), its pre-training (`train`, run by
+`launch/train_toy.py`) and quality gates (`evaluate`); the shipped weights and model card (`weights/`) and the
+bundled example scene (`examples/`).
 
-Pure numpy + Pillow, so that a tiny Stable Diffusion can be trained from scratch on it and its samples
-judged without CLIP.
+The world itself is pure numpy + Pillow, so that a tiny Stable Diffusion can be trained from scratch on it and
+its samples judged without CLIP.
 """
 
 import importlib.util

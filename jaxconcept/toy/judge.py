@@ -185,19 +185,31 @@ def source_background(image_u8: np.ndarray, background_mask: np.ndarray | None =
     return analysis.describe_background(image_u8, background_mask)["color"]
 
 
-def measure(run, base_bundle, concepts: list[ToyConcept], source_bg: str | None, settings, *,
-            background: str = DEFAULT_BACKGROUND, template: str = "a {}", joiner: str = " and a ", mesh=None,
-            progress: bool = False, words: dict | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Asked:
+    """What `measure` asks the samples for: the run's object concepts, on which background, in the run's prompt
+    form (its template and joiner); `prompts` spells it out."""
+
+    concepts: list[ToyConcept]
+    background: str = DEFAULT_BACKGROUND
+    template: str = "a {}"
+    joiner: str = " and a "
+
+
+def measure(run, base_bundle, asked: Asked, source_bg: str | None, settings, *, mesh=None, progress: bool = False,
+            words: dict | None = None) -> dict:
     """Sample the run's tokens and the base model's words on the same prompts and noise; judge both.
     `words`: a cache (dict) for the oracle's figures, shared by runs of one scene, base model and settings.
 
-    run: a `runs.LoadedRun`; base_bundle: the base model (the words oracle); settings: `generate.Settings`.
+    run: a `runs.LoadedRun`; base_bundle: the base model (the words oracle); source_bg: the colour word of the
+    training image's background; settings: `generate.Settings`.
     Returns {"prompts": [tokens, words], "tokens": summary, "words": summary, "report": ratios,
     "pictures": {"tokens": P x K x H x W x 3, "words": ...}, "judged": {...}}."""
     from .. import generate
 
-    measured = prompts(concepts, background, template, joiner)
-    asked_bg = background_color(background)
+    concepts = asked.concepts
+    measured = prompts(concepts, asked.background, asked.template, asked.joiner)
+    asked_bg = background_color(asked.background)
     pics, judged, summaries = {}, {}, {}
     cache_key = (tuple(p["words"] for p in measured), source_bg, settings)
     for model, key in ((run, "tokens"), (base_bundle, "words")):

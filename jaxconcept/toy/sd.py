@@ -54,6 +54,6 @@ def random_toy(arch: str = "toy", seed: int = 0, dtype=jnp.float32, unet_widths:
         if len(unet_widths) != len(unet["block_out_channels"]) or any(w % 32 for w in unet_widths):
             raise ValueError(f"unet_widths {unet_widths}: {len(unet['block_out_channels'])} multiples of 32")
         unet = dict(unet, block_out_channels=tuple(unet_widths))
-    return model.build_random(words(), dict(text), unet, vae, dtype=dtype, seed=seed, source=f"random-{arch}",
-                              max_length=MAX_LENGTH)
+    return model.build_random(words(), model.Architecture(dict(text), unet, vae), dtype=dtype, seed=seed,
+                              source=f"random-{arch}", max_length=MAX_LENGTH)
 

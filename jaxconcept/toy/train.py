@@ -11,6 +11,7 @@ Run with `python launch/train_toy.py` (see configs/toy_pretrain.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -130,39 +131,53 @@ def min_snr_weights(alphas_cumprod_T, timesteps_B, gamma: float):
     return jnp.minimum(snr_B, gamma) / snr_B
 
 
-def denoise_loss(bundle, params, batch, key, *, cfg_dropout: float, aux_weight: float,
-                 selector: capture.LayerSelector, empty_ids_T, aux_max_timestep: int = 1000,
-                 min_snr_gamma: float = 0.0):
+@dataclasses.dataclass(frozen=True)
+class DenoiseTerms:
+    """The terms of the denoiser's loss besides the eps-MSE (the `denoise` config fields of the same names)."""
+
+    cfg_dropout: float  # share of captions replaced by the empty one (classifier-free guidance)
+    aux_weight: float  # weight of the auxiliary attention loss (0: none)
+    aux_max_timestep: int = 1000  # the aux loss only below this timestep
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma weights on the eps-MSE
+
+    @classmethod
+    def of(cls, d) -> "DenoiseTerms":
+        """From the config's `denoise` group."""
+        return cls(d.cfg_dropout, d.aux_weight, d.aux_max_timestep, d.min_snr_gamma)
+
+
+def denoise_loss(bundle, params, batch, key, *, terms: DenoiseTerms, selector: capture.LayerSelector, empty_ids_T):
     """eps-MSE (+ aux attention loss on the words naming objects); params = {"text_encoder", "unet"}.
 
-    With min_snr_gamma > 0 each sample's eps-MSE is weighted by `min_snr_weights` (the reported `mse` stays
+    With terms.min_snr_gamma > 0 each sample's eps-MSE is weighted by `min_snr_weights` (the reported `mse` stays
     unweighted). The aux term is the mean squared error between each object word's max-normalised attention
-    map and its object's mask, only below `aux_max_timestep` (at higher noise there is nothing left to localise)."""
+    map and its object's mask, only below `terms.aux_max_timestep` (at higher noise there is nothing left to
+    localise)."""
     latents, ids, positions = batch["latents"], batch["ids"], batch["positions"]
     b = latents.shape[0]
     k_t, k_n, k_d = jax.random.split(key, 3)
     t = jax.random.randint(k_t, (b,), 0, bundle.scheduler.config.num_train_timesteps)
     noise = jax.random.normal(k_n, latents.shape, latents.dtype)
     noisy = diffusion.add_noise(bundle.scheduler_state.common.alphas_cumprod, latents, noise, t)
-    dropped = jax.random.uniform(k_d, (b,)) < cfg_dropout
+    dropped = jax.random.uniform(k_d, (b,)) < terms.cfg_dropout
     ids = jnp.where(dropped[:, None], empty_ids_T[None], ids)
     context = tokens.text_hidden_states(bundle.text_encoder, params["text_encoder"], ids)
     eps, maps = capture.unet_with_attention(bundle.unet, params["unet"], noisy, t, context, selector)
     mse_B = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
     mse = jnp.mean(mse_B)
-    if min_snr_gamma:
-        weights_B = min_snr_weights(bundle.scheduler_state.common.alphas_cumprod, t, min_snr_gamma)
+    if terms.min_snr_gamma:
+        weights_B = min_snr_weights(bundle.scheduler_state.common.alphas_cumprod, t, terms.min_snr_gamma)
         denoise = jnp.mean(mse_B * weights_B)
     else:
         denoise = mse
-    if not aux_weight:
+    if not terms.aux_weight:
         return denoise, {"mse": mse}
-    valid = (positions >= 0) & ~dropped[:, None] & (t < aux_max_timestep)[:, None]  # B x W
+    valid = (positions >= 0) & ~dropped[:, None] & (t < terms.aux_max_timestep)[:, None]  # B x W
     attn_BxWxhxw = aggregate.aggregate_maps(maps, latents.shape[2:], jnp.maximum(positions, 0), normalize="max")
     target_BxWxhxw = jnp.take_along_axis(batch["masks"], batch["owners"][:, :, None, None], axis=1)
     per = jnp.mean((attn_BxWxhxw - target_BxWxhxw) ** 2, axis=(-2, -1))
     aux = jnp.sum(per * valid) / jnp.maximum(valid.sum(), 1)
-    return denoise + aux_weight * aux, {"mse": mse, "aux": aux}
+    return denoise + terms.aux_weight * aux, {"mse": mse, "aux": aux}
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -204,9 +219,20 @@ def make_step(loss_fn, opt, data: dict, batch_size: int, ema_decay: float = 0.0)
     return step
 
 
-def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int, ckpt_every: int,
-              log_every: int, metrics_file, snapshot_every: int = 0, snapshot=None) -> tuple:
-    """One readable loop: resume from the latest checkpoint, step, log, checkpoint, with a progress bar."""
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How long a phase runs and when it logs, checkpoints and calls its snapshot."""
+
+    num_steps: int
+    seed: int  # of the phase's base key
+    ckpt_every: int
+    log_every: int
+    snapshot_every: int = 0  # 0: no snapshots
+
+
+def run_phase(name: str, workdir: str, step_fn, state, schedule: Schedule, metrics_file, snapshot=None) -> tuple:
+    """One readable loop: resume from the latest checkpoint, step, log, checkpoint, with a progress bar;
+    `snapshot(done, state)` every `schedule.snapshot_every` steps."""
     mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), f"ckpt_{name}"),
                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
     start = mngr.latest_step() or 0
@@ -217,13 +243,14 @@ def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int
     # a state mixing host arrays, uncommitted and committed ones is another program's input, and the step would
     # compile twice (measured: the toy denoiser's step, 38 s then 47 s on 2 cores)
     state = jax.device_put(state, jax.devices()[0], may_alias=False)
-    base_key = jax.random.key(seed)
-    bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=name, dynamic_ncols=True)
+    base_key = jax.random.key(schedule.seed)
+    bar = tqdm(range(start, schedule.num_steps), initial=start, total=schedule.num_steps, desc=name,
+               dynamic_ncols=True)
     t0 = time.time()
     for i in bar:
         state, metrics = step_fn(state, jnp.asarray(i), base_key)
         done = i + 1
-        if done % log_every == 0 or done == num_steps:
+        if done % schedule.log_every == 0 or done == schedule.num_steps:
             m = {k: float(v) for k, v in metrics.items()}  # host sync only at logging steps
             if not np.isfinite(m["loss"]):
                 raise JaxconceptError(f"{name}: loss became {m['loss']} at step {done}; the last good checkpoint "
@@ -231,9 +258,9 @@ def run_phase(name: str, workdir: str, step_fn, state, num_steps: int, seed: int
             bar.set_postfix({k: f"{v:.4f}" for k, v in m.items()})
             metrics_file.write(json.dumps({"phase": name, "step": done, "sec": round(time.time() - t0, 1), **m}) + "\n")
             metrics_file.flush()
-        if done % ckpt_every == 0 or done == num_steps:
+        if done % schedule.ckpt_every == 0 or done == schedule.num_steps:
             mngr.save(done, args=ocp.args.StandardSave(state))
-        if snapshot_every and done % snapshot_every == 0:
+        if schedule.snapshot_every and done % schedule.snapshot_every == 0:
             snapshot(done, state)
     mngr.wait_until_finished()
     return state
@@ -294,8 +321,8 @@ def train_vae(cfg, workdir: str, bundle, images, means, metrics_file):
         metrics_file.flush()
         log.info("VAE step %d: held-out PSNR %.2f dB", done, psnr)
 
-    state = run_phase("vae", workdir, vstep, (vparams, vopt.init(vparams)), cfg.vae.steps, cfg.seed,
-                      cfg.checkpoint_every, cfg.log_every, metrics_file, cfg.vae.eval_every, log_psnr)
+    schedule = Schedule(cfg.vae.steps, cfg.seed, cfg.checkpoint_every, cfg.log_every, cfg.vae.eval_every)
+    state = run_phase("vae", workdir, vstep, (vparams, vopt.init(vparams)), schedule, metrics_file, log_psnr)
     if not cfg.vae.eval_every or cfg.vae.steps % cfg.vae.eval_every:
         log_psnr(cfg.vae.steps, state)
     return {**frozen, **state[0]}
@@ -322,9 +349,7 @@ def train_denoiser(cfg, workdir: str, bundle, data, latents, metrics_file):
                 "masks": jnp.asarray(data["masks"])}
     empty = jnp.asarray(tokens.tokenize(bundle.tokenizer, [""], sd.MAX_LENGTH)[0])
     selector = capture.LayerSelector(resolutions=tuple(d.aux_resolutions))
-    dloss = functools.partial(denoise_loss, bundle, cfg_dropout=d.cfg_dropout, aux_weight=d.aux_weight,
-                              selector=selector, empty_ids_T=empty, aux_max_timestep=d.aux_max_timestep,
-                              min_snr_gamma=d.min_snr_gamma)
+    dloss = functools.partial(denoise_loss, bundle, terms=DenoiseTerms.of(d), selector=selector, empty_ids_T=empty)
     dopt = make_optimizer(d.lr, d.steps, d.warmup)
     dstep = make_step(lambda p, batch, key: dloss(p, batch, key), dopt, dev_data, cfg.batch_size,
                       ema_decay=d.ema_decay)
@@ -336,8 +361,8 @@ def train_denoiser(cfg, workdir: str, bundle, data, latents, metrics_file):
         if d.ema_decay:
             write_model(bundle, state[0], os.path.join(workdir, "snapshots", f"step_{done}_raw"))
 
-    state = run_phase("denoise", workdir, dstep, state, d.steps, cfg.seed + 1, cfg.checkpoint_every,
-                      cfg.log_every, metrics_file, snapshot_every=d.snapshot_every, snapshot=snapshot)
+    schedule = Schedule(d.steps, cfg.seed + 1, cfg.checkpoint_every, cfg.log_every, d.snapshot_every)
+    state = run_phase("denoise", workdir, dstep, state, schedule, metrics_file, snapshot=snapshot)
     return state[-1] if d.ema_decay else state[0], state[0]
 
 
