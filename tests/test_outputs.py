@@ -17,9 +17,11 @@ def test_evolution_picture_has_a_key_naming_each_overlay_colour():
     key = pic[y0:y0 + cell, x0:x0 + cell]
     overlay = outputs.color_overlay(image, masks)
     # swatch k sits at the top of entry k; at 64 px a line holds 8 characters, so "<red_triangle>" takes
-    # lines0 = 2 lines and the entries start at y = 2 and 2 + 12 * lines0 + 2
+    # lines0 = 3 lines ("<red_", then "triangle" and ">": cut after the underscore, then at the width) and the
+    # entries start at y = 2 and 2 + 12 * lines0 + 2
     width = (cell - 16) // 6
-    lines0 = -(-len(tokens[0]) // width)
+    lines0 = len(viz.name_lines(tokens[0], width))
+    assert lines0 == 3
     for k, top in enumerate((2, 2 + 12 * lines0 + 2)):
         np.testing.assert_array_equal(key[top + 5, 6], outputs.PALETTE[k])
         tinted = overlay[0, 0] if k == 0 else overlay[15, 0]
@@ -27,6 +29,13 @@ def test_evolution_picture_has_a_key_naming_each_overlay_colour():
     text = (key[:, 14:] < 100).all(-1)  # dark text pixels right of the swatches
     rows_with_text = np.flatnonzero(text.any(1))
     assert rows_with_text.max() > 2 + 12 * lines0 + 12  # the long second name wrapped onto further lines
+
+
+def test_long_token_names_wrap_after_an_underscore():
+    assert viz.name_lines("<purple_dotted_ring>", 18) == ["<purple_dotted_", "ring>"]
+    assert viz.name_lines("<ring>", 18) == ["<ring>"]
+    assert viz.name_lines("x" * 40, 18) == ["x" * 18, "x" * 18, "x" * 4]  # no underscore: cut at the width
+    assert viz.name_lines("", 18) == [""]
 
 
 def test_key_tile_is_white_without_names():

@@ -73,9 +73,20 @@ def grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[Sequence[str]] |
     return np.asarray(out)
 
 
+def name_lines(name: str, width: int) -> list[str]:
+    """A token name cut into lines of at most `width` characters, after an underscore or hyphen where one falls
+    in the line ("<purple_dotted_" / "ring>"), else at the width."""
+    lines = []
+    while len(name) > width:
+        cut = max(name.rfind("_", 0, width), name.rfind("-", 0, width)) + 1 or width
+        lines.append(name[:cut])
+        name = name[cut:]
+    return lines + [name]
+
+
 def key_tile(names: Sequence[str], colors, cell: int = 128) -> np.ndarray:
     """A `cell` px white tile naming what each colour stands for: a swatch, then the name (wrapped at the
-    tile's width, 6 px per character), one entry under the other."""
+    tile's width, 6 px per character, after an underscore where it can), one entry under the other."""
     out = Image.new("RGB", (cell, cell), "white")
     draw = ImageDraw.Draw(out)
     width = max(1, (cell - 16) // CHAR_W)
@@ -83,8 +94,8 @@ def key_tile(names: Sequence[str], colors, cell: int = 128) -> np.ndarray:
     for name, color in zip(names, colors):
         color = tuple(int(c) for c in color)
         draw.rectangle((2, y + 1, 11, y + 10), fill=color, outline="black")
-        for k in range(0, max(len(name), 1), width):
-            draw.text((14, y), name[k:k + width], fill="black")
+        for line in name_lines(name, width):
+            draw.text((14, y), line, fill="black")
             y += LINE_H
         y += 2
     return np.asarray(out)
