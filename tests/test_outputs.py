@@ -40,3 +40,15 @@ def test_long_token_names_wrap_after_an_underscore():
 
 def test_key_tile_is_white_without_names():
     assert (viz.key_tile([], [], cell=32) == 255).all()
+
+
+def test_a_mask_tint_keeps_its_hue_over_a_coloured_object():
+    """The ring's tint (the second colour, green) over a purple ring reads green, not grey: the tint is blended
+    over the image's luminance."""
+    purple = np.zeros((4, 4, 3), np.uint8)
+    purple[...] = (128, 40, 160)
+    mask = np.zeros((2, 4, 4), bool)
+    mask[1] = True
+    r, g, b = outputs.color_overlay(purple, mask)[0, 0].astype(int)
+    assert g > r + 40 and g > b + 40, (r, g, b)
+    assert (outputs.color_overlay(purple, np.zeros((2, 4, 4), bool)) == outputs.color_overlay(purple, mask[:0])).all()

@@ -89,8 +89,10 @@ def mask_color(k: int) -> np.ndarray:
 
 
 def color_overlay(image_u8_HxWx3, masks_KxHxW, alpha: float = 0.5) -> np.ndarray:
-    """The image with each mask tinted in its own colour."""
-    out = image_u8_HxWx3.astype(np.float32)
+    """The image, in grey, with each mask tinted in its own colour: blended over the image's own colours a tint
+    takes their hue (the ring's green over a purple ring reads grey), over its luminance it keeps its own."""
+    luma_HxW = image_u8_HxWx3.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    out = np.repeat(luma_HxW[..., None], 3, axis=-1)
     for k, mask in enumerate(np.asarray(masks_KxHxW, bool)):
         out[mask] = (1 - alpha) * out[mask] + alpha * mask_color(k)
     return np.clip(out, 0, 255).astype(np.uint8)
