@@ -31,7 +31,7 @@ def test_capture_changes_nothing(tiny_with_concepts, batch):
     # the same computation; the extra outputs only change how XLA fuses it (bit for bit with its newer fusion
     # emitters, to float32 rounding with the older ones the tests compile with: conftest.FAST_COMPILE_FLAGS)
     np.testing.assert_allclose(eps, plain, rtol=1e-5, atol=1e-6)
-    assert len(maps) == 7
+    assert len(maps) == 4  # down_blocks_0 (16x16), the mid block (8x8), up_blocks_1's two (16x16)
     for name, probs in maps.items():
         assert name.endswith("attn2") and probs.shape[0] == 2 and probs.shape[-1] == 77
         np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
@@ -41,16 +41,18 @@ def test_selector_keeps_only_what_it_names(tiny_with_concepts, batch):
     bundle, _ = tiny_with_concepts
     _, latents, _, context = batch
     p = bundle.params["unet"]
-    by_res = capture.layer_names(bundle.unet, p, latents, context, capture.LayerSelector(resolutions=(8,)))
+    by_res = capture.layer_names(bundle.unet, p, latents, context, capture.LayerSelector(resolutions=(16,)))
     assert set(by_res) == {
-        "down_blocks_1/attentions_0/transformer_blocks_0/attn2",
+        "down_blocks_0/attentions_0/transformer_blocks_0/attn2",
         "up_blocks_1/attentions_0/transformer_blocks_0/attn2",
         "up_blocks_1/attentions_1/transformer_blocks_0/attn2",
     }
-    assert all(grid == (8, 8) and heads == 4 for grid, heads in by_res.values())
-    sel = capture.LayerSelector(resolutions=(8, 4), include=("down_blocks", "mid_block"), exclude=("mid_block",))
+    assert all(grid == (16, 16) and heads == 4 for grid, heads in by_res.values())
+    by_res = capture.layer_names(bundle.unet, p, latents, context, capture.LayerSelector(resolutions=(8,)))
+    assert by_res == {"mid_block/attentions_0/transformer_blocks_0/attn2": ((8, 8), 4)}
+    sel = capture.LayerSelector(resolutions=(16, 8), include=("up_blocks", "mid_block"), exclude=("mid_block",))
     assert set(capture.layer_names(bundle.unet, p, latents, context, sel)) == {
-        "down_blocks_1/attentions_0/transformer_blocks_0/attn2"
+        "up_blocks_1/attentions_0/transformer_blocks_0/attn2", "up_blocks_1/attentions_1/transformer_blocks_0/attn2"
     }
     assert capture.grid_of(16, (4, 16)) == (2, 8) and capture.grid_of(4, (4, 16)) == (1, 4)
     with pytest.raises(ValueError, match="do not tile"):

@@ -57,7 +57,7 @@ def test_tiny_sdxl_has_sdxls_structure(tiny_sdxl):
     b = tiny_sdxl
     assert b.is_sdxl and b.source == "tiny-sdxl" and b.resolution == 32
     assert b.unet.config.addition_embed_type == "text_time"
-    assert b.unet.config.transformer_layers_per_block == (1, 1, 2)
+    assert b.unet.config.transformer_layers_per_block == (1, 2)
     assert adapter.has_projection(b.text_encoder_2) and not adapter.has_projection(b.text_encoder)
     assert b.tokenizer_2.pad_token == "!" and b.tokenizer_2.get_vocab() == b.tokenizer.get_vocab()
     assert b.params["text_encoder_2"]["text_projection"]["kernel"].shape == (64, 32)
@@ -69,8 +69,8 @@ def test_tiny_sdxl_has_sdxls_structure(tiny_sdxl):
     assert cond.time_ids_BxK.shape == (2, 6)
     layers = capture.layer_names(b.unet, b.params["unet"], jnp.zeros((2, 4, 16, 16)), cond)
     grids = {hw[0] for hw, _ in layers.values()}
-    assert grids == {8, 4}  # nothing at the finest (16x16) level
-    assert sum(k.startswith("down_blocks_2/") for k in layers) == 2  # two transformer blocks at the coarsest
+    assert grids == {8}  # nothing at the finest (16x16) level
+    assert sum(k.startswith("down_blocks_1/") for k in layers) == 2  # two transformer blocks at the coarser
 
 
 def test_sdxl_folder_round_trips_through_flax_weights(tiny_sdxl, tmp_path):
@@ -176,7 +176,7 @@ def test_unet_eps_with_added_conditioning_and_every_cross_attention_map_match(pa
     err = rel_err(eps, ref_eps)
     print(f"SDXL UNet eps relative error {err:.2e}")
     assert err <= TOL, f"UNet eps relative error {err:.2e}"
-    assert set(maps) == set(store) and len(maps) == 11  # every cross-attention layer; none at the finest level
+    assert set(maps) == set(store) and len(maps) == 8  # every cross-attention layer; none at the finest level
     for name, ref in store.items():
         assert maps[name].shape == ref.shape, name
         assert rel_err(maps[name], ref) <= TOL, name
@@ -238,8 +238,8 @@ def test_show_attention_reads_sdxls_layers(tiny_sdxl):
     out = show_attention.token_attention(tiny_sdxl, "a red dog on the beach", num_timesteps=2,
                                          mesh=sharding.make_mesh(jax.devices()[:1]))
     assert out["words"] == ["a", "red", "dog", "on", "the", "beach"]
-    assert out["maps"].shape == (6, 8, 8) and len(out["layers"]) == 11  # the finest captured grid: 8x8
-    assert not any(k.startswith(("down_blocks_0", "up_blocks_2")) for k in out["layers"])
+    assert out["maps"].shape == (6, 8, 8) and len(out["layers"]) == 8  # the finest captured grid: 8x8
+    assert not any(k.startswith(("down_blocks_0", "up_blocks_1")) for k in out["layers"])
 
 
 # ------------------------------------------------------------------------------------------ generation

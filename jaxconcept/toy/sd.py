@@ -17,8 +17,13 @@ IMAGE_SIZE = 64
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64)
 
-# the tiny test UNet's layout (widths 32/64/64, cross-attention at 16x16 and 8x8), wider context
-UNET = dict(model.TINY_UNET, cross_attention_dim=TEXT["hidden_size"])
+# SD's layout in miniature: widths 32/64/64, cross-attention at 16x16 and 8x8 (the shipped weights' layout)
+UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=4, cross_attention_dim=TEXT["hidden_size"],
+)
 
 # 16 channels at full resolution: a (32, 64, 64) VAE took 12.1 s per batch-32 step on 2 cores, this 3.2 s
 VAE = dict(
