@@ -28,6 +28,25 @@ defined in `crf_exact`'s docstring: L labels (K + 1), N pixels, B a block of pix
 """
 
 import importlib
+import os
+import sys
+
+# The commands never use PyTorch, but diffusers imports it whenever it is installed (Colab and most GPU images
+# have it): 4 s of every command's start on a 2-core machine (11 s -> 7 s to a bad-input error). A command
+# started with `python -m` skips it; imported from Python (notebooks, the benchmarks' PyTorch reference) nothing
+# changes. JAXCONCEPT_IMPORT_TORCH=1 keeps the import.
+TORCH_FREE_COMMANDS = ("train", "generate", "evaluate", "export", "show_attention")
+
+
+def _started_as_a_torch_free_command(orig_argv) -> bool:
+    if "-m" not in orig_argv[:-1]:
+        return False
+    return orig_argv[orig_argv.index("-m") + 1] in {f"{__name__}.{c}" for c in TORCH_FREE_COMMANDS}
+
+
+if ("torch" not in sys.modules and _started_as_a_torch_free_command(getattr(sys, "orig_argv", []))
+        and os.environ.get("JAXCONCEPT_IMPORT_TORCH") != "1"):
+    sys.modules["torch"] = None  # `import torch` raises ImportError: diffusers and transformers go on without it
 
 from .errors import ConceptTokenError, JaxconceptError, ModelSourceError, PromptError, ShardingError
 

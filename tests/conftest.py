@@ -101,10 +101,11 @@ def interrupt_at(learn, cfg, specs, out, when):
 # The modules that take longest start first: pytest-xdist (--dist loadscope) hands modules to its workers in
 # collection order, so a long module collected last would run alone at the end while the other worker idles.
 # Worker seconds of the CI-equivalent run (2 cores), longest first; the rest keep their order after these.
-LONGEST_FIRST = ("test_multihost.py", "test_jobs.py", "test_learner.py", "test_sharding.py", "test_concepts_back.py",
-                 "test_toy_train.py", "test_bench_speed.py", "test_bench_fidelity.py", "test_launch.py",
-                 "test_em_toy.py", "test_sdxl_joint.py", "test_sdxl.py", "test_toy_evaluate.py", "test_evaluate.py", "test_bench_memory.py",
-                 "test_capture.py", "test_lora.py")
+LONGEST_FIRST = ("test_multihost.py", "test_learner.py", "test_jobs.py", "test_sdxl_joint.py", "test_concepts_back.py",
+                 "test_bench_speed.py", "test_bench_fidelity.py", "test_toy_train.py", "test_sharding.py",
+                 "test_bench_memory.py", "test_lora.py", "test_presets.py", "test_evaluate.py", "test_em_toy.py",
+                 "test_launch.py", "test_model_configs.py", "test_export.py", "test_sdxl.py", "test_toy_sd.py",
+                 "test_capture.py", "test_images.py", "test_toy_evaluate.py", "test_generate.py")
 
 
 def pytest_collection_modifyitems(items):
