@@ -153,7 +153,7 @@ def test_tiny_sdxl_is_timed_by_both_with_sdxls_conditioning(tmp_path):
         assert _positive(row["ours_ms"]) and _positive(row["torch_ms"]), name
     cfg = got["config"]
     assert cfg["name"] == "tiny-sdxl" and cfg["text_2"] == model.TINY_SDXL_TEXT_2
-    assert cfg["attn_grid"] == 8 and cfg["estep_grids"] == [8, 4]  # tiny-sdxl's cross-attention grids
+    assert cfg["attn_grid"] == 8 and cfg["estep_grids"] == [8]  # tiny-sdxl's cross-attention grid
     check = got["torch_reference_check"]
     assert check["changed_rows"] == sorted(check["concept_ids"])  # both tables: the other rows restored
     assert all(math.isfinite(x) and x > 0 for x in check["losses"] + got["ours_token_losses"])

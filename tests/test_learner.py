@@ -391,10 +391,9 @@ def test_assign_masks_never_returns_an_empty_mask():
 
 
 def test_inversion_prior_preservation_and_text_encoder_tuning(scene_dir, tmp_path):
-    prior = tmp_path / "class_images"
+    prior = tmp_path / "class_images"  # tests/test_jobs.py's: its single run's inversion and token programs
     prior.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((40, 40, 3), 60 * (i + 1), np.uint8)).save(prior / f"c{i}.png")
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(prior / "c.png")
     cfg = _cfg(**{"init.method": "inversion", "init.inversion_steps": 2, "prior.folder": str(prior),
                   "joint.text_encoder": True, "joint.steps": 1, "joint.lr": 1e-3, "tokens.steps": 2})
     out = tmp_path / "run"

@@ -39,7 +39,7 @@ def _cfg(**changes):
     cfg = config.get_config()
     cfg.model = "tiny-sdxl"
     cfg.tokens.steps, cfg.tokens.estep_every, cfg.joint.steps, cfg.joint.checkpoint_every = 2, 1, 2, 1
-    cfg.tokens.attn_resolution = 8  # tiny-sdxl's finest cross-attention grid (its 16x16 level has none)
+    cfg.tokens.attn_resolution, cfg.masks.resolutions = 8, (8,)  # tiny-sdxl's cross-attention grid (none at 16x16)
     cfg.masks.num_timesteps, cfg.log_every = 2, 1
     return set_fields(cfg, changes)
 

@@ -94,7 +94,7 @@ def _tiny_config(model_name: str = "tiny"):
     c = config_lib.get_config()
     c.model = model_name
     if model_name == "tiny-sdxl":
-        c.masks.resolutions, c.tokens.attn_resolution = (8, 4), 8  # its 16x16 level has no cross-attention
+        c.masks.resolutions, c.tokens.attn_resolution = (8,), 8  # cross-attention at 8x8 only
     return c
 
 

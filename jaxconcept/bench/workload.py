@@ -104,10 +104,10 @@ CONFIGS: dict[str, BenchConfig] = {
                         estep_factors=(1, 2), estep_timesteps=8),
     "sd15": BenchConfig("sd15", SD15_TEXT, SD15_UNET, SD15_VAE, vocab_size=SD_VOCAB, attn_factor=4,
                         estep_factors=(4, 2), estep_timesteps=50),
-    # SDXL's structure in miniature (`model.tiny_sdxl_model()`, 32 px): cross-attention at 8x8 and 4x4 only, so the
-    # loss at its finest grid, latent / 2, and the E-step at 8 and 4
+    # SDXL's structure in miniature (`model.tiny_sdxl_model()`, 32 px): cross-attention at 8x8 only, so the loss and
+    # the E-step at latent / 2
     "tiny-sdxl": BenchConfig("tiny-sdxl", model.TINY_TEXT, model.TINY_SDXL_UNET, model.TINY_SDXL_VAE, attn_factor=2,
-                             estep_factors=(2, 4), estep_timesteps=8, text_2=model.TINY_SDXL_TEXT_2),
+                             estep_factors=(2,), estep_timesteps=8, text_2=model.TINY_SDXL_TEXT_2),
     # SDXL base 1.0 at 1024 px, the `sdxl` preset's layers: the loss at 32x32 (latent / 4), the E-step at 32 and 64
     "sdxl": BenchConfig("sdxl", SDXL_TEXT, SDXL_UNET, SDXL_VAE, vocab_size=49408, attn_factor=4, estep_factors=(4, 2),
                         estep_timesteps=50, text_2=SDXL_TEXT_2),
