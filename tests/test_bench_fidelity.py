@@ -10,13 +10,13 @@ from jaxconcept.toy import scene
 
 
 def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
-    # no joint stage, as the benchmark's default (the learner's joint stage is tested in test_learner)
+    # no joint stage, as the benchmark's default (the learner's joint stage is tested in test_learner); two inits,
+    # the second one without its user mode (once per scene)
     settings = fidelity.Settings(model="tiny", token_steps=2, estep_every=1, joint_steps=0, num_timesteps=4,
-                                 inversion_steps=2, num_samples=2, sample_steps=2)
-    result = fidelity.run_benchmark([1], str(tmp_path), settings=settings, sets=("hard",),
-                                    inits=("color", "inversion"))
+                                 num_samples=2, sample_steps=2)
+    result = fidelity.run_benchmark([1], str(tmp_path), settings=settings, sets=("hard",), inits=("color", "shape"))
     table = result["table"]
-    assert set(table) == {f"hard/{it}/{m}" for it in ("color", "inversion") for m in ("attention", "em")} | {
+    assert set(table) == {f"hard/{it}/{m}" for it in ("color", "shape") for m in ("attention", "em")} | {
         "hard/color/user"}  # user once per scene
     for row in table.values():
         assert len(row["iou_by_round"]) == 3 and row["scenes"] == 1  # stage 1 + 2 rounds, (mean, SE)
@@ -28,10 +28,10 @@ def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
     # the words oracle is one per scene: every mode and init compares against the same figures
     assert len({(r["samples"]["found_mean_words"], r["samples"]["together_words"]) for r in table.values()}) == 1
     np.testing.assert_allclose([m for m, _ in table["hard/color/user"]["iou_by_round"]], 1.0)  # the true masks
-    assert len({round(m, 6) for m, _ in table["hard/inversion/attention"]["iou_by_round"]}) == 1  # kept
-    assert set(result["gains"]) == {"hard/color", "hard/inversion"}
+    assert len({round(m, 6) for m, _ in table["hard/shape/attention"]["iou_by_round"]}) == 1  # kept
+    assert set(result["gains"]) == {"hard/color", "hard/shape"}
     assert fidelity.mean_se([0.2, 0.4, 0.6]) == pytest.approx((0.4, 0.2 / np.sqrt(3)))
-    assert (tmp_path / "runs" / "hard" / "1" / "inversion" / "em" / "samples.png").exists()
+    assert (tmp_path / "runs" / "hard" / "1" / "shape" / "em" / "samples.png").exists()
     fidelity.write_outputs(result, str(tmp_path))
     assert (tmp_path / "table.md").read_text().count("\n") == 2 * (len(table) + 3) + 1  # IoU, then samples
     assert (tmp_path / "iou_by_round.png").exists() and (tmp_path / "samples.png").exists()
