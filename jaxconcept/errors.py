@@ -22,6 +22,10 @@ class ShardingError(JaxconceptError):
     """A batch or mesh that does not fit the devices."""
 
 
+class LayerGridError(JaxconceptError):
+    """Attention maps asked for at a query-grid size where the model has no cross-attention layer."""
+
+
 # ------------------------------------------------------------------------------------------ Ctrl-C
 
 import contextlib  # noqa: E402

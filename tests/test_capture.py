@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from jaxconcept.masks import aggregate
+from jaxconcept.errors import LayerGridError
 from jaxconcept.model import capture, tokens
 
 
@@ -54,6 +55,9 @@ def test_selector_keeps_only_what_it_names(tiny_with_concepts, batch):
     assert set(capture.layer_names(bundle.unet, p, latents, context, sel)) == {
         "up_blocks_1/attentions_0/transformer_blocks_0/attn2", "up_blocks_1/attentions_1/transformer_blocks_0/attn2"
     }
+    asked = r"grid 4x4, but at this size \(latent 16x16\) .* grids 16x16, 8x8\. Choose"
+    with pytest.raises(LayerGridError, match=asked):
+        capture.layer_names(bundle.unet, p, latents, context, capture.LayerSelector(resolutions=(8, 4)))
     assert capture.grid_of(16, (4, 16)) == (2, 8) and capture.grid_of(4, (4, 16)) == (1, 4)
     with pytest.raises(ValueError, match="do not tile"):
         capture.grid_of(32, (4, 16))

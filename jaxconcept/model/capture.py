@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ..errors import LayerGridError
 from . import adapter, conditioning, lora as lora_lib
 
 COLLECTION = "intermediates"
@@ -68,7 +69,7 @@ def grid_of(num_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     return rows, cols
 
 
-def _interceptor(selector: LayerSelector, latent_hw, next_fun, args, kwargs, context):
+def _interceptor(selector: LayerSelector, latent_hw, grids_seen: set, next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__" or not adapter.is_attention_module(module):
         return next_fun(*args, **kwargs)
@@ -77,6 +78,7 @@ def _interceptor(selector: LayerSelector, latent_hw, next_fun, args, kwargs, con
     if ctx is None:  # self-attention
         return next_fun(*args, **kwargs)
     path = "/".join(module.scope.path)
+    grids_seen.add(grid_of(hidden.shape[1], latent_hw))
     if not selector.keeps(path, grid_of(hidden.shape[1], latent_hw)):
         return next_fun(*args, **kwargs)
     out, probs = adapter.attention_with_probs(module, hidden, ctx)
@@ -123,12 +125,26 @@ def unet_with_attention(unet, unet_params, latents_BxZxhxw, timesteps_B, cond,
     frozen UNet (model/lora.py)."""
     latent_hw = tuple(latents_BxZxhxw.shape[2:])
     context_BxTxD, added = conditioning.unet_inputs(cond)
+    grids_seen: set = set()  # filled while tracing: the check below costs nothing at run time
     with _adapted(lora), nn.intercept_methods(_pytorch_faithful), \
-            nn.intercept_methods(functools.partial(_interceptor, selector, latent_hw)):
+            nn.intercept_methods(functools.partial(_interceptor, selector, latent_hw, grids_seen)):
         out, state = unet.apply(
             {"params": unet_params}, latents_BxZxhxw, timesteps_B, context_BxTxD, added, mutable=[COLLECTION]
         )
+    _check_resolutions(selector, grids_seen, latent_hw)
     return out.sample, _collect(state.get(COLLECTION, {}))
+
+
+def _check_resolutions(selector: LayerSelector, grids_seen: set, latent_hw) -> None:
+    """A grid asked for that no cross-attention layer has would silently drop out of the maps' average."""
+    missing = sorted(set(selector.resolutions or ()) - {h for h, _ in grids_seen}, reverse=True)
+    if missing:
+        have = ", ".join(f"{h}x{w}" for h, w in sorted(grids_seen, reverse=True)) or "none"
+        raise LayerGridError(
+            f"attention maps asked for at query grid{'s' * (len(missing) > 1)} "
+            f"{', '.join(f'{r}x{r}' for r in missing)}, but at this size (latent {latent_hw[0]}x{latent_hw[1]}) the "
+            f"model's cross-attention layers have grids {have}. Choose among those "
+            "(--config.masks.resolutions, --config.tokens.attn_resolution).")
 
 
 def unet_eps(unet, unet_params, latents_BxZxhxw, timesteps_B, cond, lora=None):
