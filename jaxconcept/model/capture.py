@@ -77,9 +77,9 @@ def _interceptor(selector: LayerSelector, latent_hw, grids_seen: set, next_fun, 
     ctx = args[1] if len(args) > 1 else kwargs.get("context")
     if ctx is None:  # self-attention
         return next_fun(*args, **kwargs)
-    path = "/".join(module.scope.path)
-    grids_seen.add(grid_of(hidden.shape[1], latent_hw))
-    if not selector.keeps(path, grid_of(hidden.shape[1], latent_hw)):
+    grid_hw = grid_of(hidden.shape[1], latent_hw)
+    grids_seen.add(grid_hw)
+    if not selector.keeps("/".join(module.scope.path), grid_hw):
         return next_fun(*args, **kwargs)
     out, probs = adapter.attention_with_probs(module, hidden, ctx)
     module.sow(COLLECTION, SOW_NAME, probs)
