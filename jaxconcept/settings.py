@@ -217,6 +217,9 @@ class Joint:
     lora_rank: int = field(0, _integer(0))  # 0: the whole UNet is tuned; r > 0: LoRA adapters (model/lora.py)
     lora_alpha: float = field(4.0, _number(0.0, above=True))  # the adapters' output is scaled by alpha / rank
     lora_targets: str = field("attention", _lora_targets)  # "attention" (q, k, v, out), "+ff", "+proj"
+    # False: the joint stage draws only prompts naming no background concept (the UNet is never tuned on the
+    # source background's pixels); the token stage still learns the background token
+    background_prompts: bool = field(True, _boolean)
 
     @property
     def lora(self):

@@ -102,14 +102,24 @@ def interrupt_at(learn, cfg, specs, out, when):
     assert not (out / "concepts.safetensors").exists() and not (out / ".lock").exists()
 
 
-# The modules that take longest start first: pytest-xdist (--dist loadscope) hands modules to its workers in
-# collection order, so a long module collected last would run alone at the end while the other worker idles.
-# Worker seconds of the CI-equivalent run (2 cores), longest first; the rest keep their order after these.
-LONGEST_FIRST = ("test_multihost.py", "test_learner.py", "test_jobs.py", "test_sdxl_joint.py", "test_concepts_back.py",
-                 "test_bench_speed.py", "test_bench_fidelity.py", "test_toy_train.py", "test_sharding.py",
-                 "test_bench_memory.py", "test_lora.py", "test_presets.py", "test_evaluate.py", "test_em_toy.py",
-                 "test_launch.py", "test_model_configs.py", "test_export.py", "test_sdxl.py", "test_toy_sd.py",
-                 "test_capture.py", "test_images.py", "test_toy_evaluate.py", "test_generate.py")
+# The modules that take longest start first, so that the two workers end together (greedy longest-first
+# scheduling): pytest-xdist (--dist loadscope) hands a free worker the next module in queue order. Its default
+# queue orders the modules by their *number of tests* (a module of many quick parametrised tests went first and
+# test_multihost.py, two minutes of both cores, started at 741 s of 979); `pytest_configure` below turns that off,
+# so the queue is the collection order this sort makes. Seconds of each module in a suite run on the 2-core CPU
+# (stop 36), longest first; modules not named keep their order after these.
+LONGEST_FIRST = ("test_learner.py", "test_jobs.py", "test_sdxl_joint.py", "test_multihost.py", "test_bench_speed.py",
+                 "test_concepts_back.py", "test_sharding.py", "test_toy_train.py", "test_launch.py",
+                 "test_toy_evaluate.py", "test_bench_memory.py", "test_bench_fidelity.py", "test_evaluate.py",
+                 "test_em_toy.py", "test_presets.py", "test_lora.py", "test_toy_sd.py", "test_sdxl.py",
+                 "test_model_configs.py", "test_export.py", "test_capture.py", "test_generate.py", "test_metrics.py",
+                 "test_images.py", "test_bad_inputs_train.py", "test_crf_exact.py", "test_package.py",
+                 "test_parity_torch.py", "test_settings.py", "test_show_attention.py", "test_aggregate.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6: keep the collection order below
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

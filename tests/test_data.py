@@ -56,6 +56,22 @@ def test_draw_batch_follows_weights_and_flips_masks_with_latents():
     assert 0.35 < (k_counts == 2).mean() < 0.65  # k uniform in 1..2
 
 
+def test_logw_without_a_background_drops_its_prompts_and_renormalises():
+    tok, ids = _tokenizer()
+    toks = ["<a>", "<b>", "<c>"]  # one image: two objects and <c>, its background
+    table = data.prompt_table(tok, toks, [0, 0, 0], ids[:3], 16)
+    logw_P = data.logw_without(table, [False, False, True])
+    kept_P = np.isfinite(logw_P)
+    assert [t for t, k in zip(table.texts, kept_P) if k] == [t for t in table.texts if "<c>" not in t]
+    np.testing.assert_allclose(np.exp(logw_P[kept_P]).sum(), 1.0, rtol=1e-6)
+    # the kept prompts keep their relative weights
+    np.testing.assert_allclose(np.exp(logw_P[kept_P]) / table.weight_P[kept_P],
+                               np.exp(logw_P[kept_P][0]) / table.weight_P[kept_P][0], rtol=1e-6)
+    # an image whose only concept is its background: nothing else to draw, the weights are left as they were
+    only = data.prompt_table(tok, ["<c>"], [0], ids[2:3], 16)
+    np.testing.assert_allclose(np.exp(data.logw_without(only, [True])), only.weight_P, rtol=1e-6)
+
+
 def test_nearest_resize_picks_top_left_of_each_cell():
     m = jnp.arange(16.0).reshape(4, 4)
     np.testing.assert_array_equal(data.nearest_resize(m, (2, 2)), [[0, 2], [8, 10]])

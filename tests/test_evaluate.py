@@ -109,17 +109,14 @@ def toy_run(tmp_path_factory):
 
 
 def test_evaluation_end_to_end_on_the_toy_model(toy_run, tmp_path, clip):
-    out = tmp_path / "eval"
-    settings = generate.Settings(num_images=2, steps=4, guidance=7.5, seed=0)
-    result = evaluate.evaluate([str(toy_run)], list(evaluate.TOY_TEMPLATES), str(out), settings, clip,
-                               mesh=sharding.make_mesh(), progress=False)
-    # sharded over 4 devices equals 1 device (images equal up to a uint8 rounding flip)
     import jax
 
-    one = evaluate.evaluate([str(toy_run)], list(evaluate.TOY_TEMPLATES), str(tmp_path / "one"), settings, clip,
-                            mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
-    for key in ("clip_i", "clip_t", "diversity", "toy_found", "presence_clip_multi"):
-        assert one["overall"][key] == pytest.approx(result["overall"][key], abs=2e-3), key
+    out = tmp_path / "eval"
+    settings = generate.Settings(num_images=2, steps=4, guidance=7.5, seed=0)
+    # one device: a batch sharded over several computes what one device does (tests/test_generate.py), and
+    # evaluation over two processes equals this process's (tests/test_multihost.py)
+    result = evaluate.evaluate([str(toy_run)], list(evaluate.TOY_TEMPLATES), str(out), settings, clip,
+                               mesh=sharding.make_mesh(jax.devices()[:1]), progress=False)
     # 2 single-object prompts + 1 with both objects, 2 images each
     assert result["overall"]["prompts"] == 3 and result["overall"]["images"] == 6
     for key in ("clip_i", "clip_t", "diversity", "toy_found", "presence_clip_multi", "mask_iou"):

@@ -86,6 +86,29 @@ class StepCounter:
         return [e["calls"] for e in self.made]
 
 
+def tamper_steps(monkeypatch, change):
+    """Every train step the learner makes passes its result through change(state_before, state_after, metrics) ->
+    (state, metrics). The programs stay those of an untampered run (a learning rate of 1e-12 or 1e38 would be a
+    program of its own to compile: the optimizer is a static argument)."""
+    original = steps.make_train_step
+
+    def making(*a, **k):
+        fn = original(*a, **k)
+        bind = fn.bind
+
+        def tampered_bind(*fixed):
+            step = bind(*fixed)
+
+            def tampered(state, masks):
+                before = jax.tree.map(jax.numpy.copy, state)  # the step donates its input state
+                return change(before, *step(state, masks))
+            return tampered
+        fn.bind = tampered_bind
+        return fn
+
+    monkeypatch.setattr(steps, "make_train_step", making)
+
+
 @pytest.fixture(scope="module")
 def em_run(scene_dir, tmp_path_factory):
     """One uninterrupted run; records the train steps it makes and calls."""
@@ -265,7 +288,7 @@ def test_modes_keep_their_masks(mode, scene_dir, tmp_path, capsys):
 
 def test_same_noise_e_steps_draw_one_key_and_move_only_with_the_rows(scene_dir, tmp_path, monkeypatch):
     """masks.same_noise (the default): every E-step draws the same timesteps and noise (one key), so with rows
-    that do not move (an lr of 1e-12) the masks do not move either; each round without it draws its own key."""
+    that do not move the masks do not move either; each round without it draws its own key."""
     keys, original = [], estep.estimate_masks
 
     def recording(maps, setup, key, *args, **kwargs):
@@ -273,8 +296,10 @@ def test_same_noise_e_steps_draw_one_key_and_move_only_with_the_rows(scene_dir, 
         return original(maps, setup, key, *args, **kwargs)
 
     monkeypatch.setattr(estep, "estimate_masks", recording)
-    cfg = _cfg(**{"masks.same_noise": True, "tokens.lr": 1e-12, "joint.steps": 0})
-    summary = _learn(cfg, [_spec(scene_dir)], str(tmp_path / "same"), progress=False)
+    with monkeypatch.context() as m:  # the rows kept where they were after every step
+        tamper_steps(m, lambda before, after, metrics: (dict(after, params=before["params"]), metrics))
+        summary = _learn(_cfg(**{"masks.same_noise": True, "joint.steps": 0}), [_spec(scene_dir)],
+                         str(tmp_path / "same"), progress=False)
     assert len(keys) == 3 and all(np.array_equal(k, keys[0]) for k in keys)
     assert summary["mask_change_by_round"] == [0.0, 0.0]
     keys.clear()
@@ -333,10 +358,14 @@ def test_unwritable_output_folder(scene_dir, tmp_path):
     assert not os.path.exists("gs:")
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(scene_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(scene_dir, tmp_path, monkeypatch):
+    """A diverged step (what an lr of 1e38 does: the rows and the loss not finite) stops the run at its next
+    logging step, before any checkpoint of it."""
+    nan = lambda tree: jax.tree.map(lambda x: x * np.nan, tree)  # noqa: E731
+    tamper_steps(monkeypatch, lambda before, after, metrics: (dict(after, params=nan(after["params"])), nan(metrics)))
     out = tmp_path / "run"
     with pytest.raises(learner.TrainingError, match="last good checkpoint"):
-        _learn(_cfg(**{"tokens.lr": 1e38, "joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
+        _learn(_cfg(**{"joint.steps": 0}), [_spec(scene_dir)], str(out), progress=False)
     assert (out / "checkpoints").exists() and (out / "masks" / "round_00" / "image__tri.png").exists()
     assert checkpoints.latest_meta(checkpoints.manager(str(out)))["index"] == 0
 
@@ -484,26 +513,36 @@ def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatc
     assert crf_times and all(t > 0 for t in crf_times)
 
 
-def test_remat_dots_and_full_give_the_gradients_of_no_remat(scene_dir):
-    st = prepare(_cfg(), [_spec(scene_dir)])
-    masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
+@pytest.fixture(scope="module")
+def prepared(scene_dir):
+    return prepare(_cfg(), [_spec(scene_dir)])
+
+
+_LOSS_AND_GRAD = {}
+
+
+def loss_and_grad(setup, remat="none"):
+    """The token stage's loss and its gradient in the rows, all masks 1, a fixed key: computed once per setup and
+    remat (the plain one is what the remat and memory-option tests compare with)."""
+    key = (id(setup), remat)
+    if key not in _LOSS_AND_GRAD:
+        frozen = {"text_encoder": setup.bundle.params["text_encoder"], "unet": setup.bundle.params["unet"]}
+        masks = jax.numpy.asarray(np.ones((3,) + setup.latent_hw, np.float32))
+        loss = lambda rows: steps.concept_loss(  # noqa: E731
+            {"rows": rows}, frozen, setup.run_data, masks, jax.random.key(1),
+            statics=steps.StepStatics(steps.step_model(setup.bundle), steps.LossConfig(remat=remat)),
+            concept_ids_N=jax.numpy.asarray(setup.concepts.ids))[0]
+        _LOSS_AND_GRAD[key] = jax.jit(jax.value_and_grad(loss))(jax.numpy.asarray(setup.concepts.init_rows))
+    return _LOSS_AND_GRAD[key]
+
+
+def test_remat_dots_and_full_give_the_gradients_of_no_remat(prepared):
     # the rows' gradient comes back through every UNet block, so it reads every rematerialised activation; the
     # UNet's own weight gradients would add nothing to check and a third to each compile
-    trainable = {"rows": jax.numpy.asarray(st.concepts.init_rows)}
-    frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
-
-    def grads(remat):
-        loss = lambda p: steps.concept_loss(  # noqa: E731
-            p, frozen, st.run_data, masks, jax.random.key(1),
-            statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(remat=remat)),
-            concept_ids_N=jax.numpy.asarray(st.concepts.ids))[0]
-        return jax.jit(jax.grad(loss))(trainable)
-
-    plain = grads("none")
-    assert float(np.abs(plain["rows"]).max()) > 0
+    _, plain = loss_and_grad(prepared)
+    assert float(np.abs(plain).max()) > 0
     for remat in ("full", "dots"):
-        for a, b in zip(jax.tree.leaves(grads(remat)), jax.tree.leaves(plain)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(loss_and_grad(prepared, remat)[1], plain, rtol=1e-5, atol=1e-7)
 
 
 def test_multi_vector_tokens_train_resume_and_load_back(em_run, scene_dir, tmp_path):
@@ -562,33 +601,24 @@ def test_lora_joint_stage_tunes_adapters_only_resumes_loads_and_exports(scene_di
     assert spec == run.adapted.spec
 
 
-def test_memory_options_compute_what_the_plain_steps_compute(scene_dir):
-    """The memory options change how, not what: the E-step's maps from timesteps in chunks (3 then the rest, 8
-    in all) equal the maps of one batch, and memory-efficient attention gives the token step's loss and
-    gradient of plain attention."""
+def test_memory_options_compute_what_the_plain_steps_compute(scene_dir, prepared, em_run):
+    """The memory options change how, not what: the E-step's maps from timesteps in chunks (3 then 1, the 4 of
+    the runs here: in one batch, the E-step program em_run compiled) equal the maps of one batch, and
+    memory-efficient attention gives the token step's loss and gradient of plain attention."""
     from jaxconcept.model import capture
 
-    st = prepare(_cfg(), [_spec(scene_dir)])
+    st = prepared
     mesh = sharding.make_mesh(jax.devices()[:1])
     frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
     args = (jax.numpy.asarray(st.concepts.init_rows), frozen, st.run_data["latents"][0, 0],
             jax.numpy.asarray(st.image_ids_IxT[0]), jax.numpy.asarray(st.image_positions_IxC[0]), jax.random.key(3))
     sel = capture.LayerSelector(resolutions=(16, 8))
-    maps = [steps.make_concept_maps(st.bundle, st.concepts.ids, sel, 8, st.latent_hw, mesh, chunk=c)(*args)
+    maps = [steps.make_concept_maps(st.bundle, st.concepts.ids, sel, 4, st.latent_hw, mesh, chunk=c)(*args)
             for c in (0, 3)]
     np.testing.assert_allclose(np.asarray(maps[1]), np.asarray(maps[0]), rtol=1e-5, atol=1e-6)
     assert float(np.asarray(maps[0]).max()) == pytest.approx(1.0)
 
     efficient = prepare(_cfg(memory_efficient_attention=True), [_spec(scene_dir)])
-    masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
-
-    def loss_and_grad(setup):
-        loss = lambda rows: steps.concept_loss(  # noqa: E731
-            {"rows": rows}, frozen, setup.run_data, masks, jax.random.key(1),
-            statics=steps.StepStatics(steps.step_model(setup.bundle), steps.LossConfig()),
-            concept_ids_N=jax.numpy.asarray(setup.concepts.ids))[0]
-        return jax.jit(jax.value_and_grad(loss))(jax.numpy.asarray(setup.concepts.init_rows))
-
     (l0, g0), (l1, g1) = loss_and_grad(st), loss_and_grad(efficient)
     assert efficient.bundle.unet.use_memory_efficient_attention and not st.bundle.unet.use_memory_efficient_attention
     assert float(l1) == pytest.approx(float(l0), rel=1e-5)

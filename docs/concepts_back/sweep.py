@@ -48,6 +48,8 @@ VARIANTS = {
     # issue 27, leakage: DreamBooth's prior preservation on the recipe (class images: base-model samples of the
     # objects' words together)
     "recipe_prior": {"prior": True},
+    # issue 27, leakage: the joint stage draws no prompt naming the background (its pixels never tune the UNet)
+    "joint_nobg": {"joint.background_prompts": False},
 }
 
 def scene_of(tag):

@@ -109,6 +109,18 @@ def table_arrays(table: PromptTable) -> dict:
             "image_P": jnp.asarray(table.image_P), "logw_P": jnp.asarray(np.log(table.weight_P), jnp.float32)}
 
 
+def logw_without(table: PromptTable, excluded_C) -> np.ndarray:
+    """log draw weights P with every prompt naming an excluded concept (a background) taken out; the weights of the
+    other prompts renormalised. Unchanged when that would leave nothing to draw."""
+    named_PxC = table.positions_PxC >= 0
+    drop_P = np.any(named_PxC & np.asarray(excluded_C, bool)[None], axis=1)
+    if drop_P.all():
+        return np.log(table.weight_P).astype(np.float32)
+    w_P = np.where(drop_P, 0.0, table.weight_P)
+    with np.errstate(divide="ignore"):
+        return np.log(w_P / w_P.sum()).astype(np.float32)
+
+
 def draw_batch(key, table: dict, latents_Ix2xZxhxw, masks_Cxhxw, batch_size: int, flip_prob: float = 0.5):
     """One step's instance batch: prompt ids B x T, concept positions B x C, latents B x Z x h x w, and the
     concept masks B x C x h x w flipped with their image."""

@@ -107,6 +107,9 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
                                           s.template, s.joiner)
     latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_IxHxWx3, bundle.latent_scale)
     run_data = {"table": data.table_arrays(table), "latents": jnp.asarray(latents)}
+    if not s.joint.background_prompts:  # the joint stage draws only prompts without a background concept
+        background_C = [c.kind == "background" for c in loaded.concepts]
+        run_data["joint_logw_P"] = jnp.asarray(data.logw_without(table, background_C))
     if s.prior.folder:
         run_data.update(prior_data(s, bundle))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,

@@ -67,7 +67,8 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
 
 def joint_loss_config(s: settings.Settings) -> steps.LossConfig:
     spec = s.joint.lora
-    return loss_config(s, remat=s.joint.remat, lora_scale=spec.scale if spec else 0.0)
+    return loss_config(s, remat=s.joint.remat, lora_scale=spec.scale if spec else 0.0,
+                       background_prompts=s.joint.background_prompts)
 
 
 def frozen_weights(params: dict) -> dict:

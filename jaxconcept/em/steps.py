@@ -41,6 +41,7 @@ class LossConfig:
     prior_weight: float = 1.0  # used only when prior latents are given
     remat: str = "none"  # UNet activations: "none" kept, "full" recomputed in the backward pass, "dots" keep matmuls
     lora_scale: float = 0.0  # alpha / rank of the UNet's adapters, when the trainables hold them ("lora")
+    background_prompts: bool = True  # False: draw with run_data["joint_logw_P"] (no prompt names a background)
 
 
 # what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
@@ -145,7 +146,8 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     text_params.update(conditioning.text_params(trainable))
     unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
     k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
-    batch = data.draw_batch(k_draw, run_data["table"], run_data["latents"], masks_Cxhxw, cfg.batch_size,
+    table = run_data["table"] if cfg.background_prompts else {**run_data["table"], "logw_P": run_data["joint_logw_P"]}
+    batch = data.draw_batch(k_draw, table, run_data["latents"], masks_Cxhxw, cfg.batch_size,
                             cfg.flip_prob)
     ids, latents = batch["ids"], batch["latents"]
     b = cfg.batch_size

@@ -36,8 +36,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def put(tree, shardings):
     """device_put that also works across hosts: there a host-local value (numpy, or an array on this host's
-    devices, the same on every process) goes through numpy onto the global sharding, and an array already
-    spread over the mesh is resharded by a compiled identity. `shardings`: one sharding or a matching tree."""
+    devices; it must be the same on every process, which is not checked) goes through numpy onto the global
+    sharding, and an array already spread over the mesh is resharded by a compiled identity. `shardings`: one
+    sharding or a matching tree."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
     if not isinstance(shardings, jax.sharding.Sharding):
@@ -50,7 +51,11 @@ def put(tree, shardings):
             if x.sharding.is_equivalent_to(shardings, x.ndim):
                 return x
             return jax.jit(lambda a: a, out_shardings=shardings)(x)
-        return jax.device_put(np.asarray(x), shardings)
+        # built from this host's copy, shard by shard: jax.device_put would first check across hosts that the
+        # value is the same everywhere (an allgather of the whole array and a compiled identity per shape: for a
+        # UNet, hundreds of compiles and its weights sent between hosts); the caller promises it is
+        value = np.asarray(x)
+        return jax.make_array_from_callback(value.shape, shardings, lambda index: value[index])
 
     return jax.tree.map(one, tree)
 
