@@ -623,3 +623,17 @@ def test_memory_options_compute_what_the_plain_steps_compute(scene_dir, prepared
     assert efficient.bundle.unet.use_memory_efficient_attention and not st.bundle.unet.use_memory_efficient_attention
     assert float(l1) == pytest.approx(float(l0), rel=1e-5)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-4, atol=1e-7)
+
+
+def test_joint_stage_without_background_prompts_draws_none(scene_dir):
+    """joint.background_prompts=False: the joint step reads draw weights that give every prompt naming <bg> zero
+    (the token stage's table is unchanged)."""
+    from jaxconcept.em import stages
+
+    s = settings.resolve(_cfg(**{"joint.background_prompts": False}))
+    st = prepare(_cfg(**{"joint.background_prompts": False}), [_spec(scene_dir)])
+    assert stages.joint_loss_config(s).background_prompts is False and stages.loss_config(s).background_prompts
+    table, joint_w = st.run_data["table"], np.exp(np.asarray(st.run_data["joint_logw_P"]))
+    names_bg = np.asarray(table["positions_PxC"])[:, 2] >= 0
+    assert names_bg.any() and (joint_w[names_bg] == 0).all() and joint_w.sum() == pytest.approx(1.0, rel=1e-5)
+    assert (np.exp(np.asarray(table["logw_P"]))[names_bg] > 0).all()

@@ -18,6 +18,15 @@ def _inputs(bundle, seed=0):
     return latents, jnp.asarray([17, 803], jnp.int32), context
 
 
+def _eps(unet, params, x, t, c, lora=None):
+    """capture.unet_eps, jitted: run eagerly, each of the UNet's operations is dispatched and compiled on its own
+    (a tiny UNet's call took seconds, against one program compiled for it)."""
+    if lora is None:
+        return jax.jit(lambda p, x, t, c: capture.unet_eps(unet, p, x, t, c))(params, x, t, c)
+    adapters, scale = lora
+    return jax.jit(lambda p, a, x, t, c: capture.unet_eps(unet, p, x, t, c, lora=(a, scale)))(params, adapters, x, t, c)
+
+
 def _trained(bundle, spec, seed=1):
     """Adapters as after some training: B no longer zero."""
     adapters = lora.init(jax.random.key(seed), bundle.params["unet"], spec)
@@ -42,8 +51,8 @@ def test_fresh_adapters_change_nothing_and_are_small(tiny):
     spec = lora.LoraSpec(4, 4.0)
     adapters = lora.init(jax.random.key(0), tiny.params["unet"], spec)
     x, t, c = _inputs(tiny)
-    base = capture.unet_eps(tiny.unet, tiny.params["unet"], x, t, c)
-    adapted = capture.unet_eps(tiny.unet, tiny.params["unet"], x, t, c, lora=(adapters, spec.scale))
+    base = _eps(tiny.unet, tiny.params["unet"], x, t, c)
+    adapted = _eps(tiny.unet, tiny.params["unet"], x, t, c, lora=(adapters, spec.scale))
     np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))  # B = 0
     assert lora.count(adapters) < 0.2 * sum(v.size for v in jax.tree.leaves(tiny.params["unet"]))
 
@@ -52,9 +61,10 @@ def test_applied_equals_merged_and_moves_the_output(tiny):
     spec = lora.LoraSpec(4, 8.0, ALL)
     adapters = _trained(tiny, spec)
     x, t, c = _inputs(tiny)
-    base = capture.unet_eps(tiny.unet, tiny.params["unet"], x, t, c)
-    applied, maps = capture.unet_with_attention(tiny.unet, tiny.params["unet"], x, t, c, lora=(adapters, spec.scale))
-    merged = capture.unet_eps(tiny.unet, lora.merge(tiny.params["unet"], adapters, spec.scale), x, t, c)
+    base = _eps(tiny.unet, tiny.params["unet"], x, t, c)
+    applied, maps = jax.jit(lambda a: capture.unet_with_attention(tiny.unet, tiny.params["unet"], x, t, c,
+                                                                  lora=(a, spec.scale)))(adapters)
+    merged = _eps(tiny.unet, lora.merge(tiny.params["unet"], adapters, spec.scale), x, t, c)
     assert float(jnp.max(jnp.abs(applied - base))) > 1e-2  # the adapters act
     np.testing.assert_allclose(np.asarray(applied), np.asarray(merged), rtol=1e-4, atol=1e-4)
     assert len(maps) == 4  # the capture still sees every cross-attention layer
@@ -68,7 +78,7 @@ def test_gradients_reach_only_the_adapters(tiny):
     def loss(ad):
         return jnp.mean(capture.unet_eps(tiny.unet, tiny.params["unet"], x, t, c, lora=(ad, spec.scale)) ** 2)
 
-    grads = jax.grad(loss)(adapters)
+    grads = jax.jit(jax.grad(loss))(adapters)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert len(norms) == 2 * 8 * 4 and all(n > 0 for n in norms)
 
@@ -114,8 +124,8 @@ def test_pytorch_diffusers_loads_the_file_and_agrees(tmp_path):
     with torch.no_grad():
         ref = pipe.unet(torch.from_numpy(np.array(x)), torch.from_numpy(np.asarray(t, np.int64)),
                         torch.from_numpy(np.array(c))).sample.numpy()
-    ours = capture.unet_eps(bundle.unet, bundle.params["unet"], x, t, c, lora=(adapters, spec.scale))
-    base = capture.unet_eps(bundle.unet, bundle.params["unet"], x, t, c)
+    ours = _eps(bundle.unet, bundle.params["unet"], x, t, c, lora=(adapters, spec.scale))
+    base = _eps(bundle.unet, bundle.params["unet"], x, t, c)
     rel = float(np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref))
     moved = float(np.linalg.norm(np.asarray(base) - ref) / np.linalg.norm(ref))
     assert rel <= 1e-4 and moved > 1e-2, (rel, moved)
