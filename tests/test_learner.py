@@ -54,29 +54,38 @@ def _learn(*args, **kwargs):
     return learner.learn(*args, mesh=sharding.make_mesh(jax.devices()[:1]), **kwargs)
 
 
+def wrapping_steps(wrap):
+    """steps.make_train_step whose steps, once bound, are `around(step)`, with `around = wrap(made)` called as each
+    train step is made: the programs stay those of an unwrapped run."""
+    original = steps.make_train_step
+
+    def making(*a, **k):
+        made = original(*a, **k)
+        around, bind = wrap(made), made.bind
+        made.bind = lambda *fixed: around(bind(*fixed))
+        return made
+
+    return making
+
+
 class StepCounter:
     """Counts the calls of every train step the learner makes (in the order made: token, then joint)."""
 
     def __enter__(self):
         self.made, self.original = [], steps.make_train_step
 
-        def recording(*a, **k):
-            fn = self.original(*a, **k)
-            entry = {"jitted": fn, "calls": 0}
+        def counting(made):
+            entry = {"jitted": made, "calls": 0}
             self.made.append(entry)
-            bind = fn.bind
 
-            def counting_bind(*fixed):
-                step = bind(*fixed)
-
+            def around(step):
                 def counted(state, masks):
                     entry["calls"] += 1
                     return step(state, masks)
                 return counted
-            fn.bind = counting_bind
-            return fn
+            return around
 
-        steps.make_train_step = recording
+        steps.make_train_step = wrapping_steps(counting)
         return self
 
     def __exit__(self, *exc):
@@ -90,23 +99,13 @@ def tamper_steps(monkeypatch, change):
     """Every train step the learner makes passes its result through change(state_before, state_after, metrics) ->
     (state, metrics). The programs stay those of an untampered run (a learning rate of 1e-12 or 1e38 would be a
     program of its own to compile: the optimizer is a static argument)."""
-    original = steps.make_train_step
+    def around(step):
+        def tampered(state, masks):
+            before = jax.tree.map(jax.numpy.copy, state)  # the step donates its input state
+            return change(before, *step(state, masks))
+        return tampered
 
-    def making(*a, **k):
-        fn = original(*a, **k)
-        bind = fn.bind
-
-        def tampered_bind(*fixed):
-            step = bind(*fixed)
-
-            def tampered(state, masks):
-                before = jax.tree.map(jax.numpy.copy, state)  # the step donates its input state
-                return change(before, *step(state, masks))
-            return tampered
-        fn.bind = tampered_bind
-        return fn
-
-    monkeypatch.setattr(steps, "make_train_step", making)
+    monkeypatch.setattr(steps, "make_train_step", wrapping_steps(lambda made: around))
 
 
 @pytest.fixture(scope="module")
@@ -524,7 +523,7 @@ _LOSS_AND_GRAD = {}
 def loss_and_grad(setup, remat="none"):
     """The token stage's loss and its gradient in the rows, all masks 1, a fixed key: computed once per setup and
     remat (the plain one is what the remat and memory-option tests compare with)."""
-    key = (id(setup), remat)
+    key = (id(setup), remat)  # the entry keeps its setup alive: its id is not reused while the entry exists
     if key not in _LOSS_AND_GRAD:
         frozen = {"text_encoder": setup.bundle.params["text_encoder"], "unet": setup.bundle.params["unet"]}
         masks = jax.numpy.asarray(np.ones((3,) + setup.latent_hw, np.float32))
@@ -532,8 +531,8 @@ def loss_and_grad(setup, remat="none"):
             {"rows": rows}, frozen, setup.run_data, masks, jax.random.key(1),
             statics=steps.StepStatics(steps.step_model(setup.bundle), steps.LossConfig(remat=remat)),
             concept_ids_N=jax.numpy.asarray(setup.concepts.ids))[0]
-        _LOSS_AND_GRAD[key] = jax.jit(jax.value_and_grad(loss))(jax.numpy.asarray(setup.concepts.init_rows))
-    return _LOSS_AND_GRAD[key]
+        _LOSS_AND_GRAD[key] = setup, jax.jit(jax.value_and_grad(loss))(jax.numpy.asarray(setup.concepts.init_rows))
+    return _LOSS_AND_GRAD[key][1]
 
 
 def test_remat_dots_and_full_give_the_gradients_of_no_remat(prepared):
