@@ -266,6 +266,9 @@ class Settings:
     template: str = field("a {}", _template)  # prompts: template.format(joiner.join(tokens))
     joiner: str = field(" and a ", _text)
     flip_prob: float = field(0.5, _number(0.0, 1.0))
+    # probability that a drawn prompt naming no background concept is trained on its objects put on a plain random
+    # background instead of the source one (latent composite with the masks; em/data.swap_background); 0 = never
+    background_swap: float = field(0.0, _number(0.0, 1.0))
     log_every: int = field(10, _integer(1))
     init: Init = dataclasses.field(default_factory=Init)
     masks: Masks = dataclasses.field(default_factory=Masks)
@@ -291,6 +294,10 @@ class Settings:
         if not joint.get("lora_rank"):  # the adapters' settings decide nothing then
             for name in ("lora_rank", "lora_alpha", "lora_targets"):
                 joint.pop(name, None)
+        if not out.get("background_swap"):
+            out.pop("background_swap", None)
+        if joint.get("background_prompts", True):
+            joint.pop("background_prompts", None)
         if not out.get("memory_efficient_attention"):
             out.pop("memory_efficient_attention", None)
         if not out.get("masks", {}).get("timestep_chunk"):

@@ -11,6 +11,7 @@ import pytest
 
 from jaxconcept.bench import memory
 from jaxconcept.errors import JaxconceptError
+from jaxconcept.parallel import sharding
 
 PROGRAMS = "token:fp32,estep:fp32+bf16,joint:fp32+lora4"
 
@@ -133,7 +134,7 @@ def test_sdxl_programs_build_with_both_text_encoders_on_the_tiny_sdxl_architectu
         frozen, _ = memory._frozen(st)
         assert sorted(frozen) == ["text_encoder", "text_encoder_2", "unet"] and st.rows.shape == (3, 32 + 64)
         lowered, trees, _ = memory.lower(st, program)
-        assert trees["text_param_bytes"] > memory.tree_bytes(st.bundle.params["text_encoder"])
+        assert trees["text_param_bytes"] > sharding.tree_bytes(st.bundle.params["text_encoder"])
         assert len(memory.fingerprint(st, program, target)) == 16
     sdxl = memory.PRESETS["sdxl"]
     s = sdxl.settings(memory.option_overrides("fp32"))

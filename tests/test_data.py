@@ -75,3 +75,42 @@ def test_logw_without_a_background_drops_its_prompts_and_renormalises():
 def test_nearest_resize_picks_top_left_of_each_cell():
     m = jnp.arange(16.0).reshape(4, 4)
     np.testing.assert_array_equal(data.nearest_resize(m, (2, 2)), [[0, 2], [8, 10]])
+
+
+def test_swap_background_replaces_only_the_unnamed_cells_of_prompts_without_a_background():
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.normal(size=(3, 4, 6, 6)), jnp.float32)
+    bank = jnp.asarray(rng.normal(size=(1, 4, 6, 6)), jnp.float32)  # one entry: the pick is known
+    masks = np.zeros((3, 3, 6, 6), np.float32)
+    masks[:, 0, :2] = 1  # concept 0: rows 0-1; concept 1: rows 2-3; concept 2 (the background): the rest
+    masks[:, 1, 2:4] = 1
+    masks[:, 2, 4:] = 1
+    positions = jnp.asarray([[3, -1, -1],   # names concept 0 only
+                             [3, 5, -1],    # both objects
+                             [3, -1, 5]])   # an object and the background: kept whole
+    background_C = jnp.asarray([False, False, True])
+    out = np.asarray(data.swap_background(jax.random.key(0), latents, jnp.asarray(masks), positions, background_C,
+                                          bank, prob=1.0))
+    lat, other = np.asarray(latents), np.asarray(bank[0])
+    np.testing.assert_array_equal(out[0, :, :2], lat[0, :, :2])
+    np.testing.assert_array_equal(out[0, :, 2:], other[:, 2:])
+    np.testing.assert_array_equal(out[1, :, :4], lat[1, :, :4])
+    np.testing.assert_array_equal(out[1, :, 4:], other[:, 4:])
+    np.testing.assert_array_equal(out[2], lat[2])
+    never = data.swap_background(jax.random.key(0), latents, jnp.asarray(masks), positions, background_C, bank, 0.0)
+    np.testing.assert_array_equal(np.asarray(never), lat)
+    # with probability 0.5, about half of the instances that may swap do
+    many = jnp.broadcast_to(latents[:1], (400, 4, 6, 6))
+    swapped = data.swap_background(jax.random.key(1), many, jnp.broadcast_to(jnp.asarray(masks[:1]), (400, 3, 6, 6)),
+                                   jnp.broadcast_to(positions[:1], (400, 3)), background_C, bank, 0.5)
+    rate = np.mean(np.any(np.asarray(swapped) != lat[:1], axis=(1, 2, 3)))
+    assert 0.4 < rate < 0.6
+
+
+def test_background_bank_is_plain_seeded_pictures_in_range():
+    a, b = data.background_bank(4, (16, 24), seed=3), data.background_bank(4, (16, 24), seed=3)
+    assert a.shape == (4, 16, 24, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    # one colour per picture: the channels' ratios stay put across the picture (the shading multiplies them all)
+    assert np.all(np.std(a, axis=(1, 2)) < 0.25) and len({tuple(np.round(x[0, 0], 3)) for x in a}) == 4

@@ -52,6 +52,13 @@ def _one_device():
     return sharding.make_mesh(jax.devices()[:1])
 
 
+def _unet_input(bundle):
+    """A fixed noisy latent, timestep and condition for the tiny UNet."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return (jax.random.normal(k1, (1, 4, 16, 16)), jax.numpy.asarray([500]),
+            jax.random.normal(k2, (1, bundle.max_length, bundle.unet.config.cross_attention_dim)))
+
+
 @pytest.fixture(scope="module")
 def batched(scenes, tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("many")
@@ -69,8 +76,13 @@ def test_batched_jobs_equal_separate_runs(scenes, batched, tmp_path, tiny):
         learner.learn(_cfg(), [_spec(folder, None)], str(alone_dir), bundle=tiny, progress=False, mesh=_one_device())
         alone, many = runs.load_run(str(alone_dir), bundle=tiny), runs.load_run(str(out / f"job_{j:02d}"), bundle=tiny)
         np.testing.assert_allclose(many.rows_NxD, alone.rows_NxD, rtol=1e-4, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(many.bundle.params["unet"]), jax.tree.leaves(alone.bundle.params["unet"])):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # the tuned UNets compute the same noise prediction. Not leaf by leaf: Adam moves a weight whose gradient
+        # is at float-noise level (~1e-8, its eps) by up to the lr whatever the gradient's sign, so a few biases
+        # end 1e-6 apart in two runs that agree everywhere else (and each moved ~7e-7)
+        eps = jax.jit(lambda p: tiny.unet.apply({"params": p}, *_unet_input(tiny)).sample)
+        tuned, untuned = eps(many.bundle.params["unet"]), eps(tiny.params["unet"])
+        np.testing.assert_allclose(tuned, eps(alone.bundle.params["unet"]), rtol=1e-4, atol=1e-5)
+        assert np.abs(np.asarray(tuned) - np.asarray(untuned)).max() > 1e-4  # and the joint stage moved it
         for r in range(3):  # the masks of every round
             for name in ("image__a.png", "image__b.png", "image__bg.png"):
                 got = (out / f"job_{j:02d}" / "masks" / f"round_{r:02d}" / name).read_bytes()

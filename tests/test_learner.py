@@ -636,3 +636,27 @@ def test_joint_stage_without_background_prompts_draws_none(scene_dir):
     names_bg = np.asarray(table["positions_PxC"])[:, 2] >= 0
     assert names_bg.any() and (joint_w[names_bg] == 0).all() and joint_w.sum() == pytest.approx(1.0, rel=1e-5)
     assert (np.exp(np.asarray(table["logw_P"]))[names_bg] > 0).all()
+
+
+def test_background_swap_reaches_the_step_with_a_bank_and_which_concepts_are_backgrounds(scene_dir, monkeypatch):
+    """background_swap > 0: the run's data holds a bank of plain backgrounds' latents (8 and their flips) and the
+    concepts' background flags, and the step's loss passes them and the probability to data.swap_background
+    (traced, not compiled: the swap's arithmetic is tested in test_data)."""
+    from jaxconcept.em import data, stages
+
+    cfg = _cfg(background_swap=0.5)
+    st = prepare(cfg, [_spec(scene_dir)])
+    bank = st.run_data["backgrounds"]
+    assert bank.shape == (16,) + st.run_data["latents"].shape[2:]
+    assert np.asarray(st.run_data["background_C"]).tolist() == [False, False, True]
+    assert stages.loss_config(settings.resolve(cfg)).background_swap == 0.5
+    seen = []
+    real = data.swap_background
+    monkeypatch.setattr(data, "swap_background", lambda *a: seen.append(a) or real(*a))
+    frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
+    masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
+    jax.eval_shape(lambda rows: steps.concept_loss(
+        {"rows": rows}, frozen, st.run_data, masks, jax.random.key(1),
+        statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(background_swap=0.5)),
+        concept_ids_N=jax.numpy.asarray(st.concepts.ids))[0], jax.numpy.asarray(st.concepts.init_rows))
+    assert len(seen) == 1 and seen[0][-1] == 0.5 and seen[0][-2].shape == bank.shape

@@ -50,6 +50,10 @@ VARIANTS = {
     "recipe_prior": {"prior": True},
     # issue 27, leakage: the joint stage draws no prompt naming the background (its pixels never tune the UNet)
     "joint_nobg": {"joint.background_prompts": False},
+    # issue 27, leakage in the token stage: prompts naming no background see their objects on plain random
+    # backgrounds (data.swap_background) with this probability, in both stages
+    "bgswap05": {"background_swap": 0.5},
+    "bgswap1": {"background_swap": 1.0},
 }
 
 def scene_of(tag):

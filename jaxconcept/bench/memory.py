@@ -254,12 +254,6 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: _sds(x.shape, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def tree_bytes(tree) -> int:
-    return int(sum(int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")
-                   and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)))
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything a program is built from: the settings, a bundle of modules with abstract params, abstract run
@@ -351,9 +345,10 @@ def program_statics(program: str, st: Setup) -> dict:
         return {"loss": repr(stages.loss_config(s)), "optimizer": ["adamw", s.tokens.clip, s.tokens.weight_decay],
                 **extra}
     if program == "joint":
+        flat = {"flat_update": True} if stages.flat_joint_update(s, st.bundle.params) else {}
         return {"loss": repr(stages.joint_loss_config(s)), "text_encoder": s.joint.text_encoder,
                 "optimizer": [s.joint.optimizer, s.joint.clip, s.joint.weight_decay], "lora": repr(s.joint.lora),
-                **extra}
+                **flat, **extra}
     raise JaxconceptError(f"unknown program {program!r}: use one of {', '.join(PROGRAMS)}")
 
 
@@ -362,8 +357,8 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
     `stages.single_run_stages` builds it."""
     s, b = st.settings, st.bundle
     frozen, frozen_sh = _frozen(st)
-    trees = {"unet_param_bytes": tree_bytes(b.params["unet"]),
-             "text_param_bytes": tree_bytes(conditioning.text_params(b.params))}
+    trees = {"unet_param_bytes": sharding.tree_bytes(b.params["unet"]),
+             "text_param_bytes": sharding.tree_bytes(conditioning.text_params(b.params))}
     if program == "estep":
         selector = capture.LayerSelector(resolutions=s.masks.resolutions)
         maps = steps.make_concept_maps(b, st.concept_ids, selector, s.masks.num_timesteps, st.latent_hw, st.mesh,
@@ -371,10 +366,10 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
         latents = st.run_data["latents"]  # one image's unflipped latents Z x h x w
         lowered = maps.jitted.lower(st.rows, frozen, _sds(latents.shape[2:], latents.dtype), st.ids_T,
                                     st.positions_C, st.key)
-        trees.update(frozen_bytes=tree_bytes(frozen), trainable_bytes=0, opt_state_bytes=0,
-                     input_bytes=tree_bytes((st.rows, frozen, latents.shape[2:], st.ids_T, st.positions_C)))
+        trees.update(frozen_bytes=sharding.tree_bytes(frozen), trainable_bytes=0, opt_state_bytes=0,
+                     input_bytes=sharding.tree_bytes((st.rows, frozen, latents.shape[2:], st.ids_T, st.positions_C)))
         return lowered, trees
-    opts = stages.stage_optimizers(s)
+    opts = stages.stage_optimizers(s, b.params)
     if program == "token":
         opt, cfg = opts["token"], stages.loss_config(s)
         state = jax.eval_shape(lambda rows: steps.init_state({"rows": rows}, opt), st.rows)
@@ -392,9 +387,9 @@ def build_program(program: str, st: Setup) -> tuple[Any, dict]:
     step = steps.make_train_step(b, st.concept_ids, cfg, opt, st.mesh, state_shardings=state_sh,
                                  frozen_shardings=fsh)
     lowered = step.lower(state, step_frozen, st.run_data, st.masks, st.key)
-    trees.update(frozen_bytes=tree_bytes(step_frozen), trainable_bytes=tree_bytes(state["params"]),
-                 opt_state_bytes=tree_bytes(state["opt_state"]),
-                 input_bytes=tree_bytes((state, step_frozen, st.run_data, st.masks)))
+    trees.update(frozen_bytes=sharding.tree_bytes(step_frozen), trainable_bytes=sharding.tree_bytes(state["params"]),
+                 opt_state_bytes=sharding.tree_bytes(state["opt_state"]),
+                 input_bytes=sharding.tree_bytes((state, step_frozen, st.run_data, st.masks)))
     return lowered, trees
 
 

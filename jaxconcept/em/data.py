@@ -1,7 +1,8 @@
 """Training data of one personalisation run, kept on device, and the per-step draw (docs/method.md §2).
 
 Everything a step needs is precomputed once on the host into small arrays:
-- latents per image and per flip (the VAE runs once: a flip is the only augmentation);
+- latents per image and per flip (the VAE runs once); optionally a bank of plain backgrounds' latents, which
+  `swap_background` puts behind the named concepts (the only other augmentation);
 - a *prompt table*: for every image, every ordered subset of its concepts ("union sampling"), the
   tokenized prompt "a photo of <v2> and <v1>", the prompt position of each concept (-1 where absent), and
   a draw weight such that images are equally likely, then the number of concepts k is uniform in 1..N,
@@ -132,6 +133,42 @@ def draw_batch(key, table: dict, latents_Ix2xZxhxw, masks_Cxhxw, batch_size: int
     masks = jnp.where(flip_B[:, None, None, None] == 1, masks_Cxhxw[None, :, :, ::-1], masks_Cxhxw[None])
     return {"ids": table["ids_PxT"][p_B], "positions": table["positions_PxC"][p_B], "latents": latents,
             "masks": masks, "image": image_B, "flip": flip_B}
+
+
+def background_bank(n: int, size_hw: tuple[int, int], seed: int) -> np.ndarray:
+    """n plain backgrounds N x H x W x 3 in [-1, 1]: a random colour under a smooth random shading (x0.8-1.2,
+    a 4 x 4 grid of tones bilinearly upsampled), the kind of picture `swap_background` puts behind the objects."""
+    rng = np.random.default_rng(seed)
+    h, w = size_hw
+    colour_Nx3 = rng.uniform(0.1, 0.9, (n, 3))
+    grid_Nx4x4 = rng.uniform(0.8, 1.2, (n, 4, 4))
+    rows, cols = np.linspace(0, 3, h), np.linspace(0, 3, w)
+    r0, c0 = np.minimum(rows.astype(int), 2), np.minimum(cols.astype(int), 2)
+    fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
+    g = grid_Nx4x4
+    shade_NxHxW = (g[:, r0][:, :, c0] * (1 - fr) * (1 - fc) + g[:, r0 + 1][:, :, c0] * fr * (1 - fc)
+                   + g[:, r0][:, :, c0 + 1] * (1 - fr) * fc + g[:, r0 + 1][:, :, c0 + 1] * fr * fc)
+    pictures = np.clip(colour_Nx3[:, None, None, :] * shade_NxHxW[..., None], 0.0, 1.0)
+    return (pictures * 2.0 - 1.0).astype(np.float32)
+
+
+def swap_background(key, latents_BxZxhxw, masks_BxCxhxw, positions_BxC, background_C, bank_NxZxhxw, prob: float):
+    """The batch's latents with, in each instance whose prompt names no background concept, everything outside
+    its named concepts' masks replaced by a bank background, with probability `prob` per instance.
+
+    Why: an object token only ever sees its object on the source background; the masked loss reads the object's
+    cells, but those cells' prediction leans on their surroundings, so the token learns the surroundings too and
+    draws the source background where another is asked. Prompts that name the background keep the source image:
+    its token has to learn it."""
+    k_use, k_pick = jax.random.split(key)
+    b = latents_BxZxhxw.shape[0]
+    named_BxC = positions_BxC >= 0
+    names_background_B = jnp.any(named_BxC & background_C[None, :], axis=1)
+    use_B = (jax.random.uniform(k_use, (b,)) < prob) & ~names_background_B
+    keep_Bx1xhxw = jnp.max(masks_BxCxhxw * named_BxC[:, :, None, None], axis=1, keepdims=True)
+    keep_Bx1xhxw = jnp.where(use_B[:, None, None, None], keep_Bx1xhxw, 1.0).astype(latents_BxZxhxw.dtype)
+    other_BxZxhxw = bank_NxZxhxw[jax.random.randint(k_pick, (b,), 0, bank_NxZxhxw.shape[0])]
+    return keep_Bx1xhxw * latents_BxZxhxw + (1 - keep_Bx1xhxw) * other_BxZxhxw.astype(latents_BxZxhxw.dtype)
 
 
 def nearest_resize(masks_xHxW, out_hw: tuple[int, int]):

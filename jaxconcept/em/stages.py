@@ -62,6 +62,7 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
                             attn_resolution=s.tokens.attn_resolution,
                             loss_margin=s.tokens.loss_margin,
                             loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
+                            background_swap=s.background_swap,
                             prior_weight=s.prior.weight, **changes)
 
 
@@ -104,12 +105,22 @@ def joint_frozen(s: settings.Settings, frozen: dict) -> list[str]:
     return [name for name in frozen if name not in tuned and not (name == "unet" and s.joint.lora is None)]
 
 
-def stage_optimizers(s: settings.Settings) -> dict:
+def flat_joint_update(s: settings.Settings, params: dict) -> bool:
+    """Whether the joint optimiser updates what it tunes (of the model's `params`) as one flat vector: when that is
+    small (steps.FLAT_UPDATE_MAX_BYTES) and not FSDP-split, with AdamW (Adafactor factors the leaves' shapes)."""
+    if not s.joint.steps or s.mesh.fsdp > 1 or s.joint.optimizer == "adafactor":
+        return False
+    return sharding.tree_bytes(jax.eval_shape(lambda p: joint_tuned(s, p), params)) <= steps.FLAT_UPDATE_MAX_BYTES
+
+
+def stage_optimizers(s: settings.Settings, params: dict) -> dict:
     """Each stage's optimiser from its own settings: the inversion and the token stage's from `tokens`, the joint
-    stage's from `joint` (`steps.make_optimizer` returns one object per setting: a static argument)."""
+    stage's from `joint` and the size of what it tunes of the model's `params` (`steps.make_optimizer` returns one
+    object per setting: a static argument)."""
     return {"inversion": steps.make_optimizer(s.init.inversion_lr, s.tokens.clip, s.tokens.weight_decay),
             "token": steps.make_optimizer(s.tokens.lr, s.tokens.clip, s.tokens.weight_decay),
-            "joint": steps.make_optimizer(s.joint.lr, s.joint.clip, s.joint.weight_decay, s.joint.optimizer)}
+            "joint": steps.make_optimizer(s.joint.lr, s.joint.clip, s.joint.weight_decay, s.joint.optimizer,
+                                          flat_joint_update(s, params))}
 
 
 class Placement(Protocol):
@@ -157,7 +168,7 @@ def build_stages(s: settings.Settings, b: ModelBundle, place: Placement) -> Stag
     """The stage functions of one run or of J jobs: each stage's optimiser and loss, the inversion (the token
     stage's step without the attention loss, from the initial rows), the joint stage's split of tuned and frozen
     weights, each stage's key; `place` says where the states, data and steps live."""
-    loss_cfg, keys, opts = loss_config(s), stage_keys(s.seed), stage_optimizers(s)
+    loss_cfg, keys, opts = loss_config(s), stage_keys(s.seed), stage_optimizers(s, b.params)
     token_opt, joint_opt = opts["token"], opts["joint"]
     joint_names = joint_frozen(s, place.frozen)
 

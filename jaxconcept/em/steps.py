@@ -38,6 +38,7 @@ class LossConfig:
     loss_margin: int = 0  # latent cells the masked diffusion loss reaches beyond the masks (outline, holes)
     loss_per_area: bool = False  # L_mask averaged over the masked cells, not over all (small objects weigh as much)
     flip_prob: float = 0.5
+    background_swap: float = 0.0  # > 0: run_data holds a background bank ("backgrounds", "background_C")
     prior_weight: float = 1.0  # used only when prior latents are given
     remat: str = "none"  # UNet activations: "none" kept, "full" recomputed in the backward pass, "dots" keep matmuls
     lora_scale: float = 0.0  # alpha / rank of the UNet's adapters, when the trainables hold them ("lora")
@@ -48,14 +49,28 @@ class LossConfig:
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}  # settings.REMATS names them
 
 
-@functools.lru_cache(maxsize=64)  # one object per setting: the optimizer is a static argument of the steps
+# Trainables up to this size (LoRA adapters; a tiny or toy UNet) are updated as one flat vector (`flat`): AdamW
+# over a UNet's hundreds of leaves is hundreds of small operations per leaf kind, and XLA compiled them for longer
+# than the gradient itself (the tiny UNet's 208 leaves, CPU: gradient 3.2 s, + clip and AdamW 11.1 s, flattened
+# 5.3 s). The flat update copies the trainables and their gradient once per step, which a whole SD UNet (3.4 GB)
+# cannot afford: it keeps the update per leaf.
+FLAT_UPDATE_MAX_BYTES = 64 * 2 ** 20
+
+
 def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2,
-                   kind: str = "adamw") -> optax.GradientTransformation:
+                   kind: str = "adamw", flat: bool = False) -> optax.GradientTransformation:
     """AdamW with a constant rate after a global-norm clip (Break-a-Scene's settings).
 
     Low-memory variants for the joint stage: "adamw_bf16" keeps Adam's first moment in bfloat16 (a quarter
     less optimiser memory); "adafactor" keeps factored second moments and no first moment (about half of
-    the parameter memory instead of twice)."""
+    the parameter memory instead of twice). `flat`: the update runs on the trainables raveled into one vector
+    (the same arithmetic; FLAT_UPDATE_MAX_BYTES says when)."""
+    # one object per setting however it is spelled: the optimizer is a static argument of the steps
+    return _optimizer(float(lr), float(clip), float(weight_decay), str(kind), bool(flat))
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(lr: float, clip: float, weight_decay: float, kind: str, flat: bool) -> optax.GradientTransformation:
     if kind == "adamw":
         inner = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
     elif kind == "adamw_bf16":
@@ -64,7 +79,8 @@ def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2,
         inner = optax.adafactor(lr, multiply_by_parameter_scale=False, weight_decay_rate=weight_decay or None)
     else:
         raise ValueError(f"unknown optimizer {kind!r}; use one of {', '.join(settings.OPTIMIZERS)}")
-    return optax.chain(optax.clip_by_global_norm(clip), inner)
+    opt = optax.chain(optax.clip_by_global_norm(clip), inner)
+    return optax.flatten(opt) if flat else opt
 
 
 def init_state(params, opt: optax.GradientTransformation) -> dict:
@@ -150,6 +166,9 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     batch = data.draw_batch(k_draw, table, run_data["latents"], masks_Cxhxw, cfg.batch_size,
                             cfg.flip_prob)
     ids, latents = batch["ids"], batch["latents"]
+    if cfg.background_swap > 0:  # a key of its own: runs without the swap draw what they always drew
+        latents = data.swap_background(jax.random.fold_in(key, 1), latents, batch["masks"], batch["positions"],
+                                       run_data["background_C"], run_data["backgrounds"], cfg.background_swap)
     b = cfg.batch_size
     prior = "prior_latents" in run_data
     if prior:  # one class image per instance, with the class prompt; no attention loss on it

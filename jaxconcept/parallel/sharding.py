@@ -21,6 +21,13 @@ FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of a tree's arrays (or ShapeDtypeStructs), PRNG keys left out: what it holds on one device, whole."""
+    return int(sum(int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")
+                   and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)))
+
+
 def make_mesh(devices=None, fsdp: int = 1) -> Mesh:
     """A (data, fsdp) mesh over `devices` (default: all, across hosts), `fsdp` devices per param shard group."""
     devices = jax.devices() if devices is None else list(devices)

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..errors import JaxconceptError
-from ..parallel import distributed
+from ..parallel import distributed, sharding
 
 DAMAGED = "checkpoints_damaged"
 SPACE_MARGIN = 256 << 10  # bytes beyond the arrays' own (Orbax's metadata and manifests: tens of KiB)
@@ -86,16 +86,11 @@ def saved_steps(run_dir: str) -> list[int]:
     return sorted(int(e) for e in (os.listdir(root) if os.path.isdir(root) else []) if e.isdigit())
 
 
-def _nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-               if hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
 def save(mngr, index: int, meta: dict, state, masks) -> None:
     masks = np.asarray(masks, np.uint8)
     if jax.process_count() == 1:  # one transfer for the tree: Orbax would slice every array per device first
         state = jax.device_get(state)
-        check_space(str(mngr.directory), _nbytes(state) + masks.nbytes, f"checkpoint {index}")
+        check_space(str(mngr.directory), sharding.tree_bytes(state) + masks.nbytes, f"checkpoint {index}")
     mngr.save(index, args=ocp.args.Composite(
         meta=ocp.args.JsonSave(meta), state=ocp.args.StandardSave(state),
         masks=ocp.args.StandardSave({"masks": masks})))
