@@ -64,7 +64,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .. import config as config_lib
 from .. import settings as settings_lib
