@@ -184,8 +184,10 @@ def denoise_loss(bundle, params, batch, key, *, terms: DenoiseTerms, selector: c
 
 
 def make_optimizer(lr: float, steps: int, warmup: int, weight_decay: float = 1e-2):
+    """Clip, then AdamW on a warmed-up cosine schedule, updating the (small) model as one flat vector: per leaf,
+    AdamW over hundreds of leaves compiles for longer than the gradient (em/steps.FLAT_UPDATE_MAX_BYTES)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr * 0.05)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay)))
 
 
 def ema_update(ema, params, step_i, decay: float):
