@@ -207,7 +207,6 @@ def ours_train_call(setup, work: Workload, mesh, stage: str, seed: int) -> tuple
     lora_scale = LORA_ALPHA / LORA_RANK if stage == "joint_lora" else 0.0
     loss_cfg = steps.LossConfig(batch_size=work.batch, attn_weight=ATTN_WEIGHT, attn_resolution=work.attn_grid,
                                 lora_scale=lora_scale)
-    opt = steps.make_optimizer(STAGE_LR[stage], CLIP, WEIGHT_DECAY)
     place = lambda tree: sharding.put_replicated(tree, mesh)  # noqa: E731
     rows = jnp.asarray(setup.concepts.init_rows)
     frozen = place(frozen_weights(b))
@@ -219,6 +218,9 @@ def ours_train_call(setup, work: Workload, mesh, stage: str, seed: int) -> tuple
     else:  # fresh buffers: the step donates its state
         trainable = jax.tree.map(jnp.copy, {"rows": rows, "unet": b.params["unet"]})
         frozen = conditioning.text_params(frozen)
+    # as a run builds it: a small joint stage's trainables (LoRA adapters, a tiny UNet) updated as one flat vector
+    opt = steps.make_optimizer(STAGE_LR[stage], CLIP, WEIGHT_DECAY,
+                               flat=stage != "token" and steps.flat_update_fits(trainable))
     state = place(steps.init_state(trainable, opt))
     run_data, masks_lat = place(setup.run_data), place(jnp.asarray(work.masks_Cxhxw))
     key = place(jax.random.key(seed))

@@ -110,7 +110,7 @@ def flat_joint_update(s: settings.Settings, params: dict) -> bool:
     small (steps.FLAT_UPDATE_MAX_BYTES) and not FSDP-split, with AdamW (Adafactor factors the leaves' shapes)."""
     if not s.joint.steps or s.mesh.fsdp > 1 or s.joint.optimizer == "adafactor":
         return False
-    return sharding.tree_bytes(jax.eval_shape(lambda p: joint_tuned(s, p), params)) <= steps.FLAT_UPDATE_MAX_BYTES
+    return steps.flat_update_fits(jax.eval_shape(lambda p: joint_tuned(s, p), params))
 
 
 def stage_optimizers(s: settings.Settings, params: dict) -> dict:

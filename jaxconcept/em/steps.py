@@ -57,6 +57,11 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 FLAT_UPDATE_MAX_BYTES = 64 * 2 ** 20
 
 
+def flat_update_fits(trainables) -> bool:
+    """Whether trainables (arrays or their shapes) are small enough for the flat update (FLAT_UPDATE_MAX_BYTES)."""
+    return sharding.tree_bytes(trainables) <= FLAT_UPDATE_MAX_BYTES
+
+
 def make_optimizer(lr: float, clip: float = 1.0, weight_decay: float = 1e-2,
                    kind: str = "adamw", flat: bool = False) -> optax.GradientTransformation:
     """AdamW with a constant rate after a global-norm clip (Break-a-Scene's settings).
