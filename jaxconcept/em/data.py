@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model import diffusion, tokens
+from . import losses
 from ..errors import JaxconceptError
 
 TEMPLATE = "a photo of {}"
@@ -165,7 +166,7 @@ def swap_background(key, latents_BxZxhxw, masks_BxCxhxw, positions_BxC, backgrou
     named_BxC = positions_BxC >= 0
     names_background_B = jnp.any(named_BxC & background_C[None, :], axis=1)
     use_B = (jax.random.uniform(k_use, (b,)) < prob) & ~names_background_B
-    keep_Bx1xhxw = jnp.max(masks_BxCxhxw * named_BxC[:, :, None, None], axis=1, keepdims=True)
+    keep_Bx1xhxw = losses.union_mask(masks_BxCxhxw, named_BxC)
     keep_Bx1xhxw = jnp.where(use_B[:, None, None, None], keep_Bx1xhxw, 1.0).astype(latents_BxZxhxw.dtype)
     other_BxZxhxw = bank_NxZxhxw[jax.random.randint(k_pick, (b,), 0, bank_NxZxhxw.shape[0])]
     return keep_Bx1xhxw * latents_BxZxhxw + (1 - keep_Bx1xhxw) * other_BxZxhxw.astype(latents_BxZxhxw.dtype)

@@ -107,11 +107,11 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
                                           s.template, s.joiner)
     latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_IxHxWx3, bundle.latent_scale)
     run_data = {"table": data.table_arrays(table), "latents": jnp.asarray(latents)}
+    background_C = [c.kind == "background" for c in loaded.concepts]
     if not s.joint.background_prompts:  # the joint stage draws only prompts without a background concept
-        background_C = [c.kind == "background" for c in loaded.concepts]
         run_data["joint_logw_P"] = jnp.asarray(data.logw_without(table, background_C))
     if s.background_swap:
-        run_data.update(background_data(s, bundle, loaded))
+        run_data.update(background_data(s, bundle, loaded.images_IxHxWx3.shape[1:3], background_C))
     if s.prior.folder:
         run_data.update(prior_data(s, bundle))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
@@ -121,12 +121,12 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
 BACKGROUND_BANK = 8  # plain backgrounds (16 latents with their flips) for `background_swap`
 
 
-def background_data(s: Settings, bundle: ModelBundle, loaded: inputs.Inputs) -> dict:
-    """The latents of a bank of plain backgrounds and which concepts are backgrounds (data.swap_background)."""
-    pics = data.background_bank(BACKGROUND_BANK, loaded.images_IxHxWx3.shape[1:3], s.seed)
+def background_data(s: Settings, bundle: ModelBundle, image_hw, background_C) -> dict:
+    """The latents of a bank of plain backgrounds of the images' size, and which concepts are backgrounds
+    (data.swap_background)."""
+    pics = data.background_bank(BACKGROUND_BANK, image_hw, s.seed)
     lat = data.encode_with_flips(bundle.vae, bundle.params["vae"], pics, bundle.latent_scale)
-    return {"backgrounds": jnp.asarray(lat.reshape((-1,) + lat.shape[2:])),
-            "background_C": jnp.asarray([c.kind == "background" for c in loaded.concepts])}
+    return {"backgrounds": jnp.asarray(lat.reshape((-1,) + lat.shape[2:])), "background_C": jnp.asarray(background_C)}
 
 
 def prior_data(s: Settings, bundle: ModelBundle) -> dict:
