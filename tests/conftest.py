@@ -8,9 +8,12 @@ import os
 # -13%, the same rows and masks bit for bit). Commands the tests start in subprocesses get the same flags.
 # Each of the two pytest-xdist workers has one core: XLA's Eigen ops (and PyTorch's OpenMP) on one thread each, not
 # two threads per worker contending for both cores (tests/test_learner.py + test_jobs.py + test_capture.py in two
-# workers: 241 s -> 224 s wall, 439 -> 405 CPU s).
+# workers: 241 s -> 224 s wall, 439 -> 405 CPU s). For the same reason the generated code is compiled as one LLVM
+# module, not split for parallel codegen threads (the tiny UNet's gradient step, 8 processes each on one core:
+# median compile 3.7 s -> 3.3 s; code splitting does not change the code).
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false")
+                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false "
+                      "--xla_cpu_parallel_codegen_split_count=1")
 for _flag in ("--xla_force_host_platform_device_count=4", *FAST_COMPILE_FLAGS.split()):
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
@@ -107,14 +110,14 @@ def interrupt_at(learn, cfg, specs, out, when):
 # queue orders the modules by their *number of tests* (a module of many quick parametrised tests went first and
 # test_multihost.py, two minutes of both cores, started at 741 s of 979); `pytest_configure` below turns that off,
 # so the queue is the collection order this sort makes. Seconds of each module in a suite run on the 2-core CPU
-# (stop 36), longest first; modules not named keep their order after these.
-LONGEST_FIRST = ("test_learner.py", "test_jobs.py", "test_sdxl_joint.py", "test_multihost.py", "test_bench_speed.py",
-                 "test_concepts_back.py", "test_sharding.py", "test_toy_train.py", "test_launch.py",
-                 "test_toy_evaluate.py", "test_bench_memory.py", "test_bench_fidelity.py", "test_evaluate.py",
-                 "test_em_toy.py", "test_presets.py", "test_lora.py", "test_toy_sd.py", "test_sdxl.py",
-                 "test_model_configs.py", "test_export.py", "test_capture.py", "test_generate.py", "test_metrics.py",
-                 "test_images.py", "test_bad_inputs_train.py", "test_crf_exact.py", "test_package.py",
-                 "test_parity_torch.py", "test_settings.py", "test_show_attention.py", "test_aggregate.py")
+# (stop 38, profiled), longest first; modules not named keep their order after these.
+LONGEST_FIRST = ("test_learner.py", "test_jobs.py", "test_sdxl_joint.py", "test_multihost.py", "test_concepts_back.py",
+                 "test_bench_speed.py", "test_sharding.py", "test_em_toy.py", "test_sdxl.py", "test_toy_train.py",
+                 "test_lora.py", "test_launch.py", "test_capture.py", "test_presets.py", "test_bench_memory.py",
+                 "test_bench_fidelity.py", "test_model_configs.py", "test_toy_sd.py", "test_generate.py",
+                 "test_export.py", "test_evaluate.py", "test_toy_evaluate.py", "test_metrics.py", "test_images.py",
+                 "test_parity_torch.py", "test_bad_inputs_train.py", "test_crf_exact.py", "test_package.py",
+                 "test_settings.py", "test_show_attention.py", "test_bad_inputs_sampling.py")
 
 
 def pytest_configure(config):

@@ -83,7 +83,10 @@ def test_sdxl_preset_grids_are_the_stated_layers_of_sdxls_unet():
     latent = px // 8
     every = _maps_at("sdxl", capture.ALL_LAYERS)
     assert {m.shape[2] for m in every.values()} == {32 * 32, 64 * 64} and len(every) == 70
-    maps = _maps_at("sdxl", capture.LayerSelector(resolutions=estep))
+    # the preset's selection applied to those (capture applies `keeps` itself: tests/test_capture.py); tracing
+    # SDXL's UNet a second time would cost ~10 s
+    selector = capture.LayerSelector(resolutions=estep)
+    maps = {p: m for p, m in every.items() if selector.keeps(p, capture.grid_of(m.shape[2], (latent, latent)))}
     stated = {latent // f: sorted(b) for f, b in presets.SDXL_LAYERS_AT.items()}
     assert _blocks_by_grid(maps, estep) == stated and len(maps) == 70
     assert loss == latent // 4 and sum(m.shape[2] == loss * loss for m in maps.values()) == 60
