@@ -169,6 +169,7 @@ OPTIONS: dict[str, dict] = {
     "mea_lora4": {"memory_efficient_attention": True, "joint.lora_rank": 4},
     "bf16_mea_chunk10": {"dtype": "bfloat16", "memory_efficient_attention": True, "masks.timestep_chunk": 10},
     "bf16_mea_lora4": {"dtype": "bfloat16", "memory_efficient_attention": True, "joint.lora_rank": 4},
+    "bf16_mea": {"dtype": "bfloat16", "memory_efficient_attention": True},  # the whole UNet (SDXL: FSDP over chips)
 }
 PROGRAMS = ("token", "estep", "joint")
 # the token step and the E-step depend on the dtype, the attention and (the E-step) the timestep chunk only
