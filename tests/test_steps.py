@@ -18,20 +18,22 @@ def _tree(seed):
                      "b": {"bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}}}
 
 
+def _step(opt, state, grads):
+    """One optimiser step on (params, optimiser state)."""
+    p, s = state
+    u, s = opt.update(grads, s, p)
+    return optax.apply_updates(p, u), s
+
+
 @pytest.mark.parametrize("kind", ["adamw", "adamw_bf16"])
 def test_flat_update_takes_the_per_leaf_steps(kind):
     params, per_leaf, flat = _tree(0), steps.make_optimizer(1e-2, 0.5, 1e-2, kind), \
         steps.make_optimizer(1e-2, 0.5, 1e-2, kind, flat=True)
-    def step(opt, state, grads):
-        p, s = state
-        u, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, u), s
-
     a, b = (params, per_leaf.init(params)), (params, flat.init(params))
     assert len(jax.tree.leaves(b[1])) < len(jax.tree.leaves(a[1]))  # one vector per moment, not one per leaf
     for i in range(5):  # gradients large enough for the clip to act
         grads = jax.tree.map(lambda x: x * 10.0, _tree(i + 1))
-        a, b = step(per_leaf, a, grads), step(flat, b, grads)
+        a, b = _step(per_leaf, a, grads), _step(flat, b, grads)
     tol = 1e-2 if kind == "adamw_bf16" else 1e-6  # bfloat16 moments round where the concatenation puts them
     for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0])):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=tol, atol=tol)

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import JaxconceptError
 from ..model import diffusion, tokens
 from . import losses
-from ..errors import JaxconceptError
 
 TEMPLATE = "a photo of {}"
 JOINER = " and "
