@@ -189,6 +189,11 @@ class Tokens:
     loss_margin: int = field(0, _integer(0))  # latent cells the masked loss reaches past the masks
     loss_per_area: bool = field(False, _boolean)  # L_mask averaged over the masked cells only
     vectors: int = field(0, _integer(0))  # per concept; 0 = one per init word ("purple+ring": two)
+    # context regulariser (losses.context_loss): weight, and the phrases put after the concepts ('|' between);
+    # the toy's phrases name no background the toy judge samples on (teal, water)
+    context_weight: float = field(0.0, _number(0.0))
+    context_phrases: str = field("on a pink sand background|on a lime grass background|on a beige checker background",
+                                 _text)
     batch_size: int = field(1, _integer(1))
     clip: float = field(1.0, _number(0.0, above=True))  # global gradient-norm clip
     weight_decay: float = field(1e-2, _number(0.0))

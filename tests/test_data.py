@@ -114,3 +114,15 @@ def test_background_bank_is_plain_seeded_pictures_in_range():
     assert a.min() >= -1 and a.max() <= 1
     # one colour per picture: the channels' ratios stay put across the picture (the shading multiplies them all)
     assert np.all(np.std(a, axis=(1, 2)) < 0.25) and len({tuple(np.round(x[0, 0], 3)) for x in a}) == 4
+
+
+def test_context_prompts_name_each_object_alone_and_together_after_each_phrase():
+    toks = ["<a>", "<b>", "<bg>", "<d>"]
+    owner, objects = [0, 0, 0, 1], [True, True, False, True]  # image 0: two objects and its background
+    texts = data.context_prompts(toks, owner, objects, ["on a pink sand background", "at night"], "a {}", " and a ")
+    assert texts == ["a <a> on a pink sand background", "a <a> at night", "a <b> on a pink sand background",
+                     "a <b> at night", "a <a> and a <b> on a pink sand background", "a <a> and a <b> at night",
+                     "a <d> on a pink sand background", "a <d> at night"]
+    assert not any("<bg>" in t for t in texts)  # a phrase stands where the background concept would
+    assert data.context_prompts(toks, owner, objects, []) == []
+    assert data.context_prompts(["<bg>"], [0], [False], ["at night"]) == []

@@ -660,3 +660,40 @@ def test_background_swap_reaches_the_step_with_a_bank_and_which_concepts_are_bac
         statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(background_swap=0.5)),
         concept_ids_N=jax.numpy.asarray(st.concepts.ids))[0], jax.numpy.asarray(st.concepts.init_rows))
     assert len(seen) == 1 and seen[0][-1] == 0.5 and seen[0][-2].shape == bank.shape
+
+
+def test_context_regulariser_holds_the_other_words_states_where_the_starting_rows_put_them(scene_dir):
+    """tokens.context_weight > 0: the run's data holds the context prompts (each object alone and both, after each
+    phrase; none names the background), the text states the starting rows give them, and the positions read (all
+    but the concepts' vectors). The loss is 0 at the starting rows and grows as they move; the background's row,
+    in no context prompt, gets no gradient; the step adds it to its loss and metrics (traced, not compiled)."""
+    from jaxconcept.em import losses, stages
+    from jaxconcept.model import conditioning
+
+    cfg = _cfg(**{"tokens.context_weight": 2.0, "tokens.context_phrases": "on the beach| in the snow |"})
+    st = prepare(cfg, [_spec(scene_dir)])
+    rd, ids_N = st.run_data, np.asarray(st.concepts.ids_array)
+    ids_KxT = np.asarray(rd["context_ids"])
+    assert ids_KxT.shape[0] == 3 * 2  # <tri>, <ring>, both; two phrases (the empty one dropped)
+    assert not np.isin(ids_KxT, ids_N[-1:]).any() and np.isin(ids_KxT, ids_N[:2]).any(axis=1).all()
+    np.testing.assert_array_equal(np.asarray(rd["context_weight"]) == 0, np.isin(ids_KxT, ids_N))
+    text = conditioning.text_model(st.bundle)
+
+    def l_ctx(rows):
+        cond = conditioning.encode(text, st.bundle.params, rd["context_ids"], st.concepts.ids_array, rows)
+        return losses.context_loss(conditioning.unet_inputs(cond)[0], rd["context_target"], rd["context_weight"])
+
+    rows0 = jax.numpy.asarray(st.concepts.init_rows)
+    assert float(l_ctx(rows0)) < 1e-10
+    value, grad = jax.value_and_grad(l_ctx)(rows0 + 0.5 * jax.random.normal(jax.random.key(0), rows0.shape))
+    grad = np.asarray(grad)
+    assert float(value) > 1e-3 and (np.abs(grad[:2]).max(axis=1) > 0).all() and not grad[2].any()
+    assert stages.loss_config(settings.resolve(cfg)).context_weight == 2.0
+    frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
+    masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
+    for weight, reported in ((2.0, True), (0.0, False)):
+        metrics = jax.eval_shape(lambda rows: steps.concept_loss(
+            {"rows": rows}, frozen, rd, masks, jax.random.key(1),
+            statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(context_weight=weight)),
+            concept_ids_N=jax.numpy.asarray(st.concepts.ids))[1], rows0)
+        assert ("loss_ctx" in metrics) == reported

@@ -51,3 +51,14 @@ def test_dilate_grows_a_mask_by_whole_cells_and_fills_a_ring():
     expected[0, 0, 1:6, 1:6] = 1.0  # the hole filled and one cell around
     np.testing.assert_array_equal(grown, expected)
     np.testing.assert_array_equal(np.asarray(losses.dilate(jnp.asarray(ring), 0)), ring)
+
+
+def test_context_loss_is_the_relative_squared_change_of_the_weighted_positions():
+    target = jnp.asarray(np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4))
+    weight = jnp.asarray([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    assert float(losses.context_loss(target, target, weight)) == 0.0
+    moved = target.at[:, 0].add(100.0)  # only unweighted positions (the concept's own) moved: no loss
+    assert float(losses.context_loss(moved, target, weight)) == 0.0
+    moved = target.at[1, 1].add(1.0)  # one weighted state moved by 1 in each of 4 features
+    expected = 4.0 / float(np.sum(np.asarray(target)[[0, 0, 1], [1, 2, 1]] ** 2))
+    np.testing.assert_allclose(float(losses.context_loss(moved, target, weight)), expected, rtol=1e-6)

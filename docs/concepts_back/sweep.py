@@ -54,6 +54,11 @@ VARIANTS = {
     # backgrounds (data.swap_background) with this probability, in both stages
     "bgswap05": {"background_swap": 0.5},
     "bgswap1": {"background_swap": 1.0},
+    # issue 27: the context regulariser (losses.context_loss): the learned rows may not move the other words' text
+    # states of prompts with other backgrounds / both objects far from where the starting rows put them
+    "ctx1": {"tokens.context_weight": 1.0},
+    "ctx10": {"tokens.context_weight": 10.0},
+    "ctx100": {"tokens.context_weight": 100.0},
 }
 
 def scene_of(tag):

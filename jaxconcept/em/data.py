@@ -95,6 +95,19 @@ def image_prompts(tokenizer, concept_tokens, owner_C, concept_ids, max_length: i
     return ids, np.asarray([tokens.token_positions(x, concept_ids) for x in ids], np.int32)
 
 
+def context_prompts(concept_tokens, owner_C, object_C, phrases, template: str = TEMPLATE,
+                    joiner: str = JOINER) -> list[str]:
+    """The context regulariser's prompts: per image, each object concept alone and all its objects together, each
+    followed by each phrase ("a <ring> on a pink sand background"). Background concepts are left out: a phrase
+    replaces them. Empty without phrases or objects."""
+    owner_C, texts = np.asarray(owner_C), []
+    for i in range(int(owner_C.max()) + 1 if len(owner_C) else 0):
+        mine = [concept_tokens[c] for c in range(len(owner_C)) if owner_C[c] == i and object_C[c]]
+        groups = [[t] for t in mine] + ([mine] if len(mine) > 1 else [])
+        texts += [f"{concept_prompt(g, template, joiner)} {phrase}" for g in groups for phrase in phrases]
+    return texts
+
+
 def encode_with_flips(vae, vae_params, images_IxHxWx3, latent_scale: float, batch: int = 8):
     """Scaled posterior-mean latents N x 2 x C x h x w (index 1: the horizontally flipped image)."""
     encode = jax.jit(lambda p, x: diffusion.encode_images(vae, p, x)[0])

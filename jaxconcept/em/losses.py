@@ -7,6 +7,8 @@ L_mask: squared error of the noise prediction inside the union of the prompt's c
 over *all* elements (Break-a-Scene does not normalise by mask area, so small concepts weigh less).
 L_attn: per concept in the prompt, the mean squared error between its max-normalised cross-attention
 map and its mask at the map's resolution; summed over the concepts, averaged over the batch.
+L_ctx: how far the learned rows move the text states of the *other* words of a prompt ("on a pink sand
+background") from where the starting rows put them (CoRe's context regularisation, Wu et al. 2024).
 """
 
 from __future__ import annotations
@@ -49,3 +51,13 @@ def attention_loss(maps_BxCxhxw, masks_BxCxhxw, present_BxC):
 def diffusion_loss(eps_BxZxhxw, noise_BxZxhxw):
     """Plain eps-MSE (prior preservation)."""
     return jnp.mean((eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) ** 2)
+
+
+def context_loss(states_KxTxD, target_KxTxD, weight_KxT):
+    """sum_k,t w ||h - h0||^2 / sum_k,t w ||h0||^2: the relative squared change of the weighted positions' text
+    states. Why: a causal text encoder lets a concept's vectors rewrite every later word's state; a token that
+    learned "the source picture" then drowns the rest of the prompt (another background, a second concept), while
+    the starting rows (its words) leave it readable."""
+    states, target = states_KxTxD.astype(jnp.float32), target_KxTxD.astype(jnp.float32)
+    num = jnp.sum(weight_KxT * jnp.sum((states - target) ** 2, axis=-1))
+    return num / jnp.maximum(jnp.sum(weight_KxT * jnp.sum(target ** 2, axis=-1)), 1e-12)

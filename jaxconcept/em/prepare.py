@@ -114,6 +114,9 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
         run_data.update(background_data(s, bundle, loaded.images_IxHxWx3.shape[1:3], background_C))
     if s.prior.folder:
         run_data.update(prior_data(s, bundle))
+    if s.tokens.context_weight > 0:
+        run_data.update(context_data(s, bundle, concepts, toks, owner_C, background_C,
+                                     loaded.images_IxHxWx3.shape[1:3]))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
                  tuple(latents.shape[-2:]))
 
@@ -139,6 +142,23 @@ def prior_data(s: Settings, bundle: ModelBundle) -> dict:
                                   time_ids_K=time_ids)
     return {"prior_latents": jnp.asarray(lat.reshape((-1,) + lat.shape[2:])), "prior_ids": jnp.asarray(ids),
             "prior_context": conditioning.batch_of(context, 0)}
+
+
+def context_data(s: Settings, bundle: ModelBundle, concepts, toks, owner_C, background_C, image_hw) -> dict:
+    """The context regulariser's prompts (data.context_prompts), the text states the starting rows give them (its
+    target: fixed, as the text encoder is in the stages that read it) and the positions it reads: every one but
+    the concepts' own vectors. Empty when there is nothing to regularise (no phrase, no object concept)."""
+    phrases = [p.strip() for p in s.tokens.context_phrases.split("|") if p.strip()]
+    texts = data.context_prompts(toks, owner_C, [not b for b in background_C], phrases, s.template, s.joiner)
+    if not texts:
+        return {}
+    ids_KxT = tokens.tokenize(bundle.tokenizer, texts, bundle.max_length)
+    weight_KxT = (~np.isin(ids_KxT, np.asarray(concepts.ids_array))).astype(np.float32)
+    cond = conditioning.encode(conditioning.text_model(bundle), bundle.params, jnp.asarray(ids_KxT),
+                               concepts.ids_array, jnp.asarray(concepts.init_rows, bundle.dtype),
+                               conditioning.image_time_ids(bundle, image_hw))
+    return {"context_ids": jnp.asarray(ids_KxT), "context_target": conditioning.unet_inputs(cond)[0],
+            "context_weight": jnp.asarray(weight_KxT)}
 
 
 def truth_masks(setup: Setup, ground_truth=None) -> np.ndarray | None:

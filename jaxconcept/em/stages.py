@@ -63,7 +63,7 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
                             loss_margin=s.tokens.loss_margin,
                             loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
                             background_swap=s.background_swap,
-                            prior_weight=s.prior.weight, **changes)
+                            prior_weight=s.prior.weight, context_weight=s.tokens.context_weight, **changes)
 
 
 def joint_loss_config(s: settings.Settings) -> steps.LossConfig:

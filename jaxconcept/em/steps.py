@@ -43,6 +43,7 @@ class LossConfig:
     remat: str = "none"  # UNet activations: "none" kept, "full" recomputed in the backward pass, "dots" keep matmuls
     lora_scale: float = 0.0  # alpha / rank of the UNet's adapters, when the trainables hold them ("lora")
     background_prompts: bool = True  # False: draw with run_data["joint_logw_P"] (no prompt names a background)
+    context_weight: float = 0.0  # > 0: run_data holds the context prompts ("context_ids", "_target", "_weight")
 
 
 # what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
@@ -220,6 +221,12 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
         l_prior = losses.diffusion_loss(eps[b:], target[b:])
         total = total + cfg.prior_weight * l_prior
         metrics["loss_prior"] = l_prior
+    if cfg.context_weight > 0 and "context_ids" in run_data:  # the text encoder alone: no UNet pass
+        cond = model.condition(text_params, run_data["context_ids"], latent_hw, concept_ids, trainable["rows"])
+        l_ctx = losses.context_loss(conditioning.unet_inputs(cond)[0], run_data["context_target"],
+                                    run_data["context_weight"])
+        total = total + cfg.context_weight * l_ctx
+        metrics["loss_ctx"] = l_ctx
     return total, metrics
 
 
