@@ -31,6 +31,7 @@ RESIZE_MODES = ("crop", "pad")
 DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
 REMATS = ("none", "full", "dots")
+MASK_DOWNSAMPLES = ("nearest", "area")
 LORA_TARGETS = ("attention", "ff", "proj")  # groups of a transformer block's layers (model/lora.py's GROUPS)
 
 
@@ -188,10 +189,13 @@ class Tokens:
     attn_resolution: int = field(16, _integer(1))  # query-grid height of the layers the attention loss reads
     loss_margin: int = field(0, _integer(0))  # latent cells the masked loss reaches past the masks
     loss_per_area: bool = field(False, _boolean)  # L_mask averaged over the masked cells only
+    # how the losses' masks reach the latent grid: "nearest" (Break-a-Scene's) or "area" (a cell's object share)
+    mask_downsample: str = field("nearest", _choice(MASK_DOWNSAMPLES))
     vectors: int = field(0, _integer(0))  # per concept; 0 = one per init word ("purple+ring": two)
-    # context regulariser (losses.context_loss): weight, and the phrases put after the concepts ('|' between);
-    # the toy's phrases name no background the toy judge samples on (teal, water)
-    context_weight: float = field(0.0, _number(0.0))
+    # context regulariser (losses.context_loss): weight (the toy's, chosen on validation scenes, docs/concepts_back.md
+    # §11; SD presets: 0), and the phrases put after the concepts ('|' between); the toy's name no background the
+    # toy judge samples on (teal, water)
+    context_weight: float = field(100.0, _number(0.0))
     context_phrases: str = field("on a pink sand background|on a lime grass background|on a beige checker background",
                                  _text)
     batch_size: int = field(1, _integer(1))

@@ -5,6 +5,7 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxconcept.em import data
 from jaxconcept.model import loading as model
@@ -126,3 +127,13 @@ def test_context_prompts_name_each_object_alone_and_together_after_each_phrase()
     assert not any("<bg>" in t for t in texts)  # a phrase stands where the background concept would
     assert data.context_prompts(toks, owner, objects, []) == []
     assert data.context_prompts(["<bg>"], [0], [False], ["at night"]) == []
+
+
+def test_area_resize_gives_each_cell_its_share_of_the_mask():
+    mask = np.zeros((1, 8, 8), np.float32)
+    mask[0, 1:5, 0:4] = 1.0  # a 4 x 4 square straddling two rows of 4 x 4 cells (2 x 2 grid)
+    out = np.asarray(data.area_resize(jnp.asarray(mask), (2, 2)))
+    np.testing.assert_allclose(out[0], [[0.75, 0.0], [0.25, 0.0]])
+    np.testing.assert_allclose(np.asarray(data.nearest_resize(jnp.asarray(mask), (2, 2)))[0], [[0.0, 0.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="whole number"):
+        data.area_resize(jnp.asarray(mask), (3, 3))

@@ -697,3 +697,22 @@ def test_context_regulariser_holds_the_other_words_states_where_the_starting_row
             statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(context_weight=weight)),
             concept_ids_N=jax.numpy.asarray(st.concepts.ids))[1], rows0)
         assert ("loss_ctx" in metrics) == reported
+
+
+def test_area_downsampled_masks_reach_the_steps_as_each_cells_object_share(prepared):
+    """tokens.mask_downsample="area": the masks the token and joint steps read are each latent cell's share of the
+    object (fractions on its edge), where "nearest" keeps 0 / 1 (both placements of a run: one, or jobs)."""
+    from jaxconcept.em import jobs, stages
+
+    masks_CxHxW = np.zeros((3,) + tuple(4 * d for d in prepared.latent_hw), np.float32)
+    masks_CxHxW[0, 2:9, 2:9] = 1.0  # 7 x 7 pixels over 4 x 4 cells: edge cells partly covered
+    masks_CxHxW[2] = 1.0 - masks_CxHxW[0]
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    for how in ("nearest", "area"):
+        s = settings.resolve(_cfg(**{"tokens.mask_downsample": how}))
+        one = np.asarray(stages.OneRun(s, prepared, mesh).place_masks([masks_CxHxW]))
+        both = np.asarray(jobs.JobsPlacement(s, [prepared], prepared.bundle, mesh).place_masks([masks_CxHxW]))[0]
+        np.testing.assert_array_equal(one, both)
+        fractional = (one > 0) & (one < 1)
+        assert fractional.any() == (how == "area")
+        assert one[0].sum() == pytest.approx(49 / 16 if how == "area" else 4.0)  # nearest: rows, columns 4 and 8

@@ -185,6 +185,17 @@ def swap_background(key, latents_BxZxhxw, masks_BxCxhxw, positions_BxC, backgrou
     return keep_Bx1xhxw * latents_BxZxhxw + (1 - keep_Bx1xhxw) * other_BxZxhxw.astype(latents_BxZxhxw.dtype)
 
 
+def area_resize(masks_xHxW, out_hw: tuple[int, int]):
+    """The mean of each output cell's pixels (the image side a multiple of the output's, as an image and its
+    latents are): a cell on an object's edge weighs what it holds of the object."""
+    h, w = masks_xHxW.shape[-2:]
+    fh, fw = h // out_hw[0], w // out_hw[1]
+    if (fh * out_hw[0], fw * out_hw[1]) != (h, w):
+        raise ValueError(f"area_resize needs a whole number of pixels per cell: {(h, w)} -> {tuple(out_hw)}")
+    blocks = masks_xHxW.reshape(masks_xHxW.shape[:-2] + (out_hw[0], fh, out_hw[1], fw))
+    return blocks.mean(axis=(-3, -1))
+
+
 def nearest_resize(masks_xHxW, out_hw: tuple[int, int]):
     """Nearest-neighbour resize of the last two axes (Break-a-Scene downsamples masks this way)."""
     h, w = masks_xHxW.shape[-2:]

@@ -94,6 +94,7 @@ class JobsPlacement:
 
     def __init__(self, s: settings.Settings, setups, b: ModelBundle, mesh):
         self.jobs, self.b, self.mesh = len(setups), b, mesh
+        self.downsample = s.tokens.mask_downsample
         self.job_sh = steps.job_axis_sharding(mesh, self.jobs)
         self.frozen = self._place(frozen_weights(b.params))
         self.setups = [dataclasses.replace(st, run_data=self._place(st.run_data)) for st in setups]
@@ -140,8 +141,8 @@ class JobsPlacement:
                              jnp.asarray(st.image_positions_IxC[image]), key, jnp.asarray(st.concepts.ids, jnp.int32))
 
     def place_masks(self, masks):
-        return sharding.put(jnp.stack([latent_masks(m, self.setups[0].latent_hw, self.mesh) for m in masks]),
-                            self.job_sh)
+        hw = self.setups[0].latent_hw
+        return sharding.put(jnp.stack([latent_masks(m, hw, self.mesh, self.downsample) for m in masks]), self.job_sh)
 
     def job_metrics(self, metrics):
         host = distributed.to_host(metrics)  # host sync only at logging steps (a gather when jobs span hosts)

@@ -200,6 +200,7 @@ class OneRun:
 
     def __init__(self, s: settings.Settings, st: Setup, mesh):
         self.st, self.mesh, self.min_size = st, mesh, s.mesh.fsdp_min_size
+        self.downsample = s.tokens.mask_downsample
         frozen = frozen_weights(st.bundle.params)
         self.frozen_sh = sharding.fsdp_shardings(frozen, mesh, self.min_size) if s.mesh.shard_frozen else None
         self.frozen = self._place(frozen) if self.frozen_sh is None else sharding.put(frozen, self.frozen_sh)
@@ -249,7 +250,7 @@ class OneRun:
                             jnp.asarray(st.image_positions_IxC[image]), key)
 
     def place_masks(self, masks):
-        return latent_masks(masks[0], self.st.latent_hw, self.mesh)
+        return latent_masks(masks[0], self.st.latent_hw, self.mesh, self.downsample)
 
     def job_metrics(self, metrics):
         return [{k: float(v) for k, v in metrics.items()}]
@@ -265,6 +266,8 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
     return build_stages(s, st.bundle, place), dataclasses.replace(st, run_data=place.run_data)
 
 
-def latent_masks(masks_CxHxW: np.ndarray, latent_hw, mesh) -> jnp.ndarray:
-    """Nearest downsampling to latent size (float32, what the step reads), replicated on the mesh."""
-    return sharding.put_replicated(data.nearest_resize(jnp.asarray(masks_CxHxW, jnp.float32), latent_hw), mesh)
+def latent_masks(masks_CxHxW: np.ndarray, latent_hw, mesh, downsample: str = "nearest") -> jnp.ndarray:
+    """The masks at latent size (float32, what the step reads), replicated on the mesh: `downsample` "nearest"
+    (Break-a-Scene's) or "area" (each cell's object share, `data.area_resize`)."""
+    resize = data.area_resize if downsample == "area" else data.nearest_resize
+    return sharding.put_replicated(resize(jnp.asarray(masks_CxHxW, jnp.float32), latent_hw), mesh)
