@@ -52,3 +52,16 @@ def test_a_mask_tint_keeps_its_hue_over_a_coloured_object():
     r, g, b = outputs.color_overlay(purple, mask)[0, 0].astype(int)
     assert g > r + 40 and g > b + 40, (r, g, b)
     assert (outputs.color_overlay(purple, np.zeros((2, 4, 4), bool)) == outputs.color_overlay(purple, mask[:0])).all()
+
+
+def test_line_plot_joins_numbered_points_and_leaves_named_categories_apart():
+    series = {"a": [0.2, 0.8]}
+    size = (200, 120)  # frame x 44..188, y 32..84 (0..1 upward)
+    joined = viz.line_plot(series, size=size)
+    apart = viz.line_plot(series, size=size, x_ticks=["em", "words"], errors={"a": [0.1, 0.1]})
+    blue = lambda pic, x, y: tuple(pic[y, x]) == (31, 119, 180)  # noqa: E731  the first series' colour
+    # halfway between the two points: on the line when joined, white when the x values are categories
+    assert blue(joined, 116, 58) and tuple(apart[58, 116]) == (255, 255, 255)
+    # categories sit half a step in from the frame (x = 44 + 144 / 4 = 80 for the first), with a capped bar
+    assert blue(apart, 80, int(84 - 0.2 * 52)) and not blue(apart, 45, int(84 - 0.2 * 52))
+    assert blue(apart, 80 - 2 - 2, int(round(84 - 0.3 * 52)))

@@ -368,8 +368,9 @@ def samples_plot(result: dict) -> np.ndarray | None:
         for label, key in (("found alone", "found_mean"), ("all together", "together"), ("leakage", "leakage")):
             series[label] = [mine[m][f"{key}_tokens"][0] for m in modes] + [words[f"{key}_words"][0]]
             errors[label] = [mine[m][f"{key}_tokens"][1] for m in modes] + [words[f"{key}_words"][1]]
-        x = ", ".join(f"{i} {m}" for i, m in enumerate(modes + ["words"]))
-        pics.append(viz.line_plot(series, f"{set_name} scenes, {init} init: samples ± SE", "share", x, errors=errors))
+        pics.append(viz.line_plot(series, f"{set_name} scenes, {init} init: samples ± SE", "share",
+                                  "learning mode (words: the base model given the objects' words)", errors=errors,
+                                  x_ticks=modes + ["words"]))
     return np.concatenate(pics)
 
 

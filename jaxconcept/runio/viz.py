@@ -103,9 +103,11 @@ def key_tile(names: Sequence[str], colors, cell: int = 128) -> np.ndarray:
 
 def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str = "", x_label: str = "",
               size: tuple[int, int] = (480, 320), y_range: tuple[float, float] = (0.0, 1.0),
-              errors: dict[str, Sequence[float]] | None = None) -> np.ndarray:
+              errors: dict[str, Sequence[float]] | None = None, x_ticks: Sequence[str] | None = None) -> np.ndarray:
     """A small line chart (uint8 H x W x 3) of named series over x = 0, 1, 2, ...; no matplotlib needed.
-    `errors` (optional, per series name): half-lengths of vertical error bars at each point."""
+    `errors` (optional, per series name): half-lengths of vertical error bars at each point. `x_ticks`: names of
+    the x values, which are then categories (modes, an oracle): points with their bars, not joined, and a half
+    step of margin on each side."""
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     w, h = size
     left, right, top, bottom = 44, 12, 32, 36
@@ -116,7 +118,9 @@ def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str 
     draw.rectangle((left, top, w - right, h - bottom), outline="black")
     lo, hi = y_range
     n = max((len(v) for v in series.values()), default=1)
-    sx = (w - left - right) / max(n - 1, 1)
+    pad = 0.5 if x_ticks else 0.0  # categories: none sits on the frame
+    sx = (w - left - right) / max(n - 1 + 2 * pad, 1)
+    left_x = left + pad * sx
     sy = (h - top - bottom) / (hi - lo)
     for k in range(5):
         val = lo + (hi - lo) * k / 4
@@ -124,19 +128,25 @@ def line_plot(series: dict[str, Sequence[float]], title: str = "", y_label: str 
         draw.line((left - 3, y, left, y), fill="black")
         draw.text((4, y - 6), f"{val:.2f}", fill="black")
     for i in range(n):
-        draw.text((left + i * sx - 3, h - bottom + 4), str(i), fill="black")
+        tick = str(x_ticks[i]) if x_ticks and i < len(x_ticks) else str(i)
+        draw.text((left_x + i * sx - 3 * len(tick), h - bottom + 4), tick, fill="black")
     draw.text(((left + w - right) / 2 - 3 * len(x_label), h - 14), x_label, fill="black")  # under the x axis
     for j, (name, values) in enumerate(series.items()):
         c = colors[j % len(colors)]
-        pts = [(left + i * sx, h - bottom - (float(v) - lo) * sy) for i, v in enumerate(values) if v is not None]
-        if len(pts) > 1:
+        pts = [(left_x + i * sx, h - bottom - (float(v) - lo) * sy) for i, v in enumerate(values) if v is not None]
+        if len(pts) > 1 and not x_ticks:
             draw.line(pts, fill=c, width=2)
+        r = 3 if x_ticks else 2
         for x, y in pts:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=c)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=c)
         bars = (errors or {}).get(name) or []
         for i, (v, e) in enumerate(zip(values, bars)):
             if v is not None and e:
-                x = left + i * sx + (j - 2) * 1.5  # a small offset so coinciding bars stay visible
-                draw.line((x, h - bottom - (float(v) + e - lo) * sy, x, h - bottom - (float(v) - e - lo) * sy), fill=c)
+                x = left_x + i * sx + (j - 2) * 1.5  # a small offset so coinciding bars stay visible
+                y0, y1 = h - bottom - (float(v) + e - lo) * sy, h - bottom - (float(v) - e - lo) * sy
+                draw.line((x, y0, x, y1), fill=c)
+                if x_ticks:  # caps: categorical points' bars read as bars
+                    draw.line((x - 3, y0, x + 3, y0), fill=c)
+                    draw.line((x - 3, y1, x + 3, y1), fill=c)
         draw.text((left + 6, top + 4 + 12 * j), name, fill=c)
     return np.asarray(out)
