@@ -192,10 +192,10 @@ class Tokens:
     # how the losses' masks reach the latent grid: "nearest" (Break-a-Scene's) or "area" (a cell's object share)
     mask_downsample: str = field("nearest", _choice(MASK_DOWNSAMPLES))
     vectors: int = field(0, _integer(0))  # per concept; 0 = one per init word ("purple+ring": two)
-    # context regulariser (losses.context_loss): weight (the toy's, chosen on validation scenes, docs/concepts_back.md
-    # §11; SD presets: 0), and the phrases put after the concepts ('|' between); the toy's name no background the
-    # toy judge samples on (teal, water)
-    context_weight: float = field(100.0, _number(0.0))
+    # context regulariser (losses.context_loss): weight (0: off; it helps tokens whose init words already describe
+    # their concept and costs those that must learn more, docs/concepts_back.md §11), and the phrases put after the
+    # concepts ('|' between); the toy's name no background the toy judge samples on (teal, water)
+    context_weight: float = field(0.0, _number(0.0))
     context_phrases: str = field("on a pink sand background|on a lime grass background|on a beige checker background",
                                  _text)
     batch_size: int = field(1, _integer(1))

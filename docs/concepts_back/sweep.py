@@ -62,6 +62,10 @@ VARIANTS = {
     # issue 27, leakage: the losses' masks reach the latent grid as each cell's object share (a cell on an object's
     # edge holds some source background) instead of nearest
     "mask_area": {"tokens.mask_downsample": "area"},
+    # the same, each object started from its shape word alone (its colour and pattern to be learned from the image)
+    "shape_base": {"init": "shape"},
+    "shape_ctx10": {"init": "shape", "tokens.context_weight": 10.0},
+    "shape_ctx100": {"init": "shape", "tokens.context_weight": 100.0},
 }
 
 def scene_of(tag):
@@ -76,7 +80,7 @@ def scene_of(tag):
 
 def apply(cfg, over):
     for k, v in over.items():
-        if k == "prior": continue
+        if k in ("prior", "init"): continue
         node = cfg
         *path, last = k.split(".")
         for p in path: node = node[p]
@@ -114,13 +118,20 @@ def main():
         truth = np.stack([np.asarray(__import__("PIL.Image").Image.open(c.mask).convert("L")) > 127 for c in spec.concepts])
         for v in variants:
             if (v, tag) in done: continue
-            cfg = config.get_config(); apply(cfg, VARIANTS[v])
+            cfg = config.get_config()
+            cfg.tokens.context_weight = 0.0  # variants change section 4's recipe (no context regulariser) unless they set it
+            apply(cfg, VARIANTS[v])
+            run_spec = spec
+            if VARIANTS[v].get("init") == "shape":  # each object from its shape word alone
+                shapes = {"<" + c["name"] + ">": c["shape"] for c in rec["concepts"] if c.get("kind", "object") == "object"}
+                run_spec = dataclasses.replace(spec, concepts=tuple(
+                    dataclasses.replace(c, init_word=shapes.get(c.token, c.init_word)) for c in spec.concepts))
             if VARIANTS[v].get("prior"):
                 cfg.prior.folder, cfg.prior.prompt = prior_folder(base, spec, folder)
             run_dir = os.path.join(out, f"{v}__{tag.replace(':', '_')}")
             shutil.rmtree(run_dir, ignore_errors=True)
             t0 = time.time()
-            summary = learner.learn(cfg, [spec], run_dir, bundle=base, ground_truth=truth, progress=False)
+            summary = learner.learn(cfg, [run_spec], run_dir, bundle=base, ground_truth=truth, progress=False)
             t1 = time.time()
             run = runs.load_run(run_dir, bundle=base)
             m = judge.measure(run, base, judge.Asked(toy), src_bg, settings, words=words_cache)

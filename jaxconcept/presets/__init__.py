@@ -68,9 +68,9 @@ def stable_diffusion(model: str, resolution: int):
     # the same values in a fraction of the memory (docs/memory.md, SD 1.5: token step 15.2 -> 8.2 GiB, E-step
     # 34.6 -> 4.7 GiB, LoRA joint step 16.9 -> 8.4 GiB): self-attention in chunks, the E-step 10 timesteps a call
     c.memory_efficient_attention, c.masks.timestep_chunk = True, 10
-    # the context regulariser is off (the toy's weight, 100, is untested on SD: no SD weights here); when turned on
-    # (--config.tokens.context_weight=...), it reads phrases of SD's world, not the toy's
-    c.tokens.context_weight, c.tokens.context_phrases = 0.0, "on the beach|in the snow|on a city street"
+    # the context regulariser (off by default, docs/concepts_back.md section 11), when turned on with
+    # --config.tokens.context_weight=..., reads phrases of SD's world, not the toy's
+    c.tokens.context_phrases = "on the beach|in the snow|on a city street"
     c.log_every = 25
     return c
 
