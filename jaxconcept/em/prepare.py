@@ -16,7 +16,7 @@ import numpy as np
 
 from ..model import adapter, conditioning, tokens
 from ..runio import images, inputs
-from . import data
+from . import data, steps
 from ..errors import JaxconceptError
 from ..model.loading import ModelBundle, load_model
 from .. import settings
@@ -115,8 +115,7 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     if s.prior.folder:
         run_data.update(prior_data(s, bundle))
     if s.tokens.context_weight > 0:
-        run_data.update(context_data(s, bundle, concepts, toks, owner_C, background_C,
-                                     loaded.images_IxHxWx3.shape[1:3]))
+        run_data.update(context_data(s, bundle, concepts, toks, owner_C, background_C, latents.shape[-2:]))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
                  tuple(latents.shape[-2:]))
 
@@ -144,7 +143,7 @@ def prior_data(s: Settings, bundle: ModelBundle) -> dict:
             "prior_context": conditioning.batch_of(context, 0)}
 
 
-def context_data(s: Settings, bundle: ModelBundle, concepts, toks, owner_C, background_C, image_hw) -> dict:
+def context_data(s: Settings, bundle: ModelBundle, concepts, toks, owner_C, background_C, latent_hw) -> dict:
     """The context regulariser's prompts (data.context_prompts), the text states the starting rows give them (its
     target: fixed, as the text encoder is in the stages that read it) and the positions it reads: every one but
     the concepts' own vectors. Empty when there is nothing to regularise (no phrase, no object concept)."""
@@ -154,11 +153,11 @@ def context_data(s: Settings, bundle: ModelBundle, concepts, toks, owner_C, back
         return {}
     ids_KxT = tokens.tokenize(bundle.tokenizer, texts, bundle.max_length)
     weight_KxT = (~np.isin(ids_KxT, np.asarray(concepts.ids_array))).astype(np.float32)
-    cond = conditioning.encode(conditioning.text_model(bundle), bundle.params, jnp.asarray(ids_KxT),
-                               concepts.ids_array, jnp.asarray(concepts.init_rows, bundle.dtype),
-                               conditioning.image_time_ids(bundle, image_hw))
-    return {"context_ids": jnp.asarray(ids_KxT), "context_target": conditioning.unet_inputs(cond)[0],
-            "context_weight": jnp.asarray(weight_KxT)}
+    # the states the step compares with, computed by the step's own conditioning (SDXL's time ids included)
+    target = steps.step_model(bundle).text_states(conditioning.text_params(bundle.params), jnp.asarray(ids_KxT),
+                                                  tuple(latent_hw), concepts.ids_array,
+                                                  jnp.asarray(concepts.init_rows, bundle.dtype))
+    return {"context_ids": jnp.asarray(ids_KxT), "context_target": target, "context_weight": jnp.asarray(weight_KxT)}
 
 
 def truth_masks(setup: Setup, ground_truth=None) -> np.ndarray | None:

@@ -120,6 +120,12 @@ class StepModel:
     def alphas(self) -> jnp.ndarray:
         return jnp.asarray(np.asarray(self.alphas_cumprod, self.alphas_dtype))
 
+    def text_states(self, text_params: dict, ids_BxT, latent_hw, concept_ids_N=None, rows_NxD=None):
+        """The text states (B x T x D) the UNet cross-attends to for these prompts: the context regulariser's
+        measure, for its target (the starting rows) and in every step (the current rows)."""
+        cond = self.condition(text_params, ids_BxT, latent_hw, concept_ids_N, rows_NxD)
+        return conditioning.unet_inputs(cond)[0]
+
     def condition(self, text_params: dict, ids_BxT, latent_hw, concept_ids_N=None, rows_NxD=None):
         """The UNet's condition for prompts on training images of `latent_hw` (SDXL: uncropped, their own size
         as original and target size, as diffusers' SDXL trainers condition square resized images)."""
@@ -222,9 +228,8 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
         total = total + cfg.prior_weight * l_prior
         metrics["loss_prior"] = l_prior
     if cfg.context_weight > 0 and "context_ids" in run_data:  # the text encoder alone: no UNet pass
-        cond = model.condition(text_params, run_data["context_ids"], latent_hw, concept_ids, trainable["rows"])
-        l_ctx = losses.context_loss(conditioning.unet_inputs(cond)[0], run_data["context_target"],
-                                    run_data["context_weight"])
+        states = model.text_states(text_params, run_data["context_ids"], latent_hw, concept_ids, trainable["rows"])
+        l_ctx = losses.context_loss(states, run_data["context_target"], run_data["context_weight"])
         total = total + cfg.context_weight * l_ctx
         metrics["loss_ctx"] = l_ctx
     return total, metrics
