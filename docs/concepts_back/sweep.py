@@ -66,6 +66,11 @@ VARIANTS = {
     "shape_base": {"init": "shape"},
     "shape_ctx10": {"init": "shape", "tokens.context_weight": 10.0},
     "shape_ctx100": {"init": "shape", "tokens.context_weight": 100.0},
+    # issue 27, concepts lost on evaluation scenes were patterned (dotted, striped): what the init words do not say.
+    # One more vector per concept past its words (started at their mean) to learn it; or twice the token steps
+    "vec3": {"tokens.vectors": 3},
+    "tsteps800": {"tokens.steps": 800},
+    "shape_vec3": {"init": "shape", "tokens.vectors": 3},
 }
 
 def scene_of(tag):
