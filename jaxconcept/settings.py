@@ -191,9 +191,7 @@ class Tokens:
     loss_per_area: bool = field(False, _boolean)  # L_mask averaged over the masked cells only
     # how the losses' masks reach the latent grid: "nearest" (Break-a-Scene's) or "area" (a cell's object share)
     mask_downsample: str = field("nearest", _choice(MASK_DOWNSAMPLES))
-    # per concept: the words first, then their mean (3: "purple+ring" -> purple, ring and one more vector for what the
-    # words do not say, a pattern; docs/concepts_back.md section 12); 0 = one per init word. SD presets: 0
-    vectors: int = field(3, _integer(0))
+    vectors: int = field(0, _integer(0))  # per concept; 0 = one per init word ("purple+ring": two)
     # context regulariser (losses.context_loss): weight (0: off; it helps tokens whose init words already describe
     # their concept and costs those that must learn more, docs/concepts_back.md §11), and the phrases put after the
     # concepts ('|' between); the toy's name no background the toy judge samples on (teal, water)

@@ -60,8 +60,6 @@ def stable_diffusion(model: str, resolution: int):
     c.masks.background_level = 0.45  # middle of DiffuMask's 0.35-0.55
     c.tokens.attn_resolution = latent // 4
     c.tokens.lr, c.tokens.attn_weight = 5e-4, 0.01  # Break-a-Scene's for SD (the toy's 1e-2, 0.3 fit its rows' scale)
-    # one vector per init word (the toy's third vector, chosen on toy scenes, is untested on SD: no SD weights here)
-    c.tokens.vectors = 0
     # the joint stage tunes LoRA adapters (rank 4 on every attention projection) instead of the whole UNet: it
     # fits where users train (docs/memory.md) and a run writes ~3 MB instead of 3.4 GB; lr 1e-4 is diffusers'
     # LoRA DreamBooth rate, not measured on these models here (no SD weights can be fetched in our CI). For
