@@ -71,6 +71,12 @@ VARIANTS = {
     "vec3": {"tokens.vectors": 3},
     "tsteps800": {"tokens.steps": 800},
     "shape_vec3": {"init": "shape", "tokens.vectors": 3},
+    # issue 27, the colour of patterned concepts drifting (section 13): the rows kept nearer their words by a smaller
+    # token lr or fewer token steps (800 steps drew the concepts less often, section 12)
+    "tlr5e-3": {"tokens.lr": 5e-3},
+    "tsteps200": {"tokens.steps": 200},
+    "shape_tlr5e-3": {"init": "shape", "tokens.lr": 5e-3},
+    "shape_tsteps200": {"init": "shape", "tokens.steps": 200},
 }
 
 def scene_of(tag):
