@@ -17,16 +17,8 @@ done = {json.loads(l)["scene"] for l in open(res)} if os.path.exists(res) else s
 base = load_model("toy")
 settings = generate.Settings(num_images=n, steps=25, guidance=5.0, seed=1234)
 table = np.asarray(tk.embedding_table(base.params["text_encoder"]), np.float32)
-from jaxconcept.bench import fidelity as bf
-from jaxconcept.toy import scene as ts
-
-def scene_of(tag):
-    which, seed = tag.split(":")
-    folder = f"runs/concepts_back/scenes/{which}_{seed}"
-    s = bf.make_bench_scene(which, int(seed), 64)
-    if not os.path.isdir(folder):
-        ts.write_scene(s, folder)
-    return folder
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep import load_scene  # noqa: E402  (the sweep's scenes, as it builds them)
 
 def bgs(pics, measured):
     return [[analysis.describe_background(np.asarray(x))["color"] for x in p]
@@ -34,13 +26,7 @@ def bgs(pics, measured):
 
 for tag in scenes:
     if tag in done: continue
-    folder = scene_of(tag)
-    spec = inputs.from_toy_scene_folder(folder)
-    rec = json.load(open(os.path.join(folder, "concepts.json")))
-    toy = [judge.ToyConcept("<" + c["name"] + ">", c["color"], c["shape"], c.get("pattern", "solid"))
-           for c in rec["concepts"] if c.get("kind", "object") == "object"]
-    src = next(c["color"] for c in rec["concepts"] if c.get("kind") == "background")
-    truth = np.stack([np.asarray(__import__("PIL.Image").Image.open(c.mask).convert("L")) > 127 for c in spec.concepts])
+    folder, spec, rec, toy, src, truth = load_scene(tag)
     run_dir = os.path.join(out, "recipe__" + tag.replace(":", "_"))
     if not os.path.isfile(os.path.join(run_dir, "summary.json")):
         shutil.rmtree(run_dir, ignore_errors=True)

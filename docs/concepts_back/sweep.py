@@ -107,6 +107,17 @@ def prior_folder(base, spec, folder, n=8):
         for i, p in enumerate(pics): images.save_image(p, os.path.join(out, f"class_{i:02d}.png"))
     return out, prompt
 
+def load_scene(tag):
+    """(folder, spec, concepts.json record, the objects as judge.ToyConcept, source background colour, true masks)."""
+    _, folder = scene_of(tag)
+    spec = inputs.from_toy_scene_folder(folder)
+    rec = json.load(open(os.path.join(folder, "concepts.json")))
+    toy = [judge.ToyConcept("<" + c["name"] + ">", c["color"], c["shape"], c.get("pattern", "solid"))
+           for c in rec["concepts"] if c.get("kind", "object") == "object"]
+    src_bg = next(c["color"] for c in rec["concepts"] if c.get("kind") == "background")
+    truth = np.stack([np.asarray(__import__("PIL.Image").Image.open(c.mask).convert("L")) > 127 for c in spec.concepts])
+    return folder, spec, rec, toy, src_bg, truth
+
 def main():
     out, variants, scenes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
     n = int(sys.argv[4]) if len(sys.argv) > 4 else 8
@@ -120,13 +131,7 @@ def main():
     words_cache = {}
     settings = generate.Settings(num_images=n, steps=25, guidance=5.0, seed=1234)
     for tag in scenes:
-        s, folder = scene_of(tag)
-        spec = inputs.from_toy_scene_folder(folder)
-        rec = json.load(open(os.path.join(folder, "concepts.json")))
-        toy = [judge.ToyConcept("<" + c["name"] + ">", c["color"], c["shape"], c.get("pattern", "solid"))
-               for c in rec["concepts"] if c.get("kind", "object") == "object"]
-        src_bg = next(c["color"] for c in rec["concepts"] if c.get("kind") == "background")
-        truth = np.stack([np.asarray(__import__("PIL.Image").Image.open(c.mask).convert("L")) > 127 for c in spec.concepts])
+        folder, spec, rec, toy, src_bg, truth = load_scene(tag)
         for v in variants:
             if (v, tag) in done: continue
             cfg = config.get_config()
@@ -157,4 +162,5 @@ def main():
                   "together %.2f/%.2f" % (m["tokens"]["together"], m["words"]["together"]),
                   "leak %.2f/%.2f" % (m["tokens"]["leakage"], m["words"]["leakage"]), "t %.0f+%.0f" % (t1 - t0, row["measure_s"]), flush=True)
 
-main()
+if __name__ == "__main__":
+    main()
