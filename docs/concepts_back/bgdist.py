@@ -18,7 +18,7 @@ base = load_model("toy")
 settings = generate.Settings(num_images=n, steps=25, guidance=5.0, seed=1234)
 table = np.asarray(tk.embedding_table(base.params["text_encoder"]), np.float32)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep import load_scene  # noqa: E402  (the sweep's scenes, as it builds them)
+from sweep import init_word_ids, load_scene  # noqa: E402  (the sweep's scenes, as it builds them)
 
 def bgs(pics, measured):
     return [[analysis.describe_background(np.asarray(x))["color"] for x in p]
@@ -33,10 +33,7 @@ for tag in scenes:
         cfg = config.get_config()
         learner.learn(cfg, [spec], run_dir, bundle=base, ground_truth=truth, progress=False)
     run = runs.load_run(run_dir, bundle=base)
-    summ = runs.read_summary(run_dir)
-    word_ids = []
-    for c in runs.listed_concepts(summ):
-        word_ids += [tk._pieces(base.tokenizer, w)[0] for w in c["init_word"].split("+")]
+    word_ids = init_word_ids(base, run_dir)
     rows = np.asarray(run.rows_NxD, np.float32)
     target = np.linalg.norm(table[word_ids], axis=1)
     normed = rows * (target / np.linalg.norm(rows, axis=1))[:, None]
@@ -48,8 +45,9 @@ for tag in scenes:
         m = judge.measure(r, base, judge.Asked(toy), src, settings, words=words)
         row[key] = {k: m["tokens"][k] for k in ("found", "found_mean", "together", "leakage", "leaks")}
         row[key]["bg"] = bgs(m["pictures"]["tokens"], measured)
-        row["words"] = {k: m["words"][k] for k in ("found", "found_mean", "together", "leakage", "leaks")}
-        row["words"]["bg"] = bgs(m["pictures"]["words"], measured)
+    # the words' samples are the same for both (measure caches them in `words`)
+    row["words"] = {k: m["words"][k] for k in ("found", "found_mean", "together", "leakage", "leaks")}
+    row["words"]["bg"] = bgs(m["pictures"]["words"], measured)
     with open(res, "a") as f: f.write(json.dumps(row) + "\n")
     def frac(b):
         flat = [x for p in b for x in p]

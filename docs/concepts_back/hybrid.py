@@ -12,10 +12,9 @@ from jaxconcept.toy import judge
 run_dir, n = sys.argv[1], int(sys.argv[2])
 base = load_model("toy")
 run = runs.load_run(run_dir, bundle=base)
-summ = runs.read_summary(run_dir)
-word_ids = []
-for c in runs.listed_concepts(summ):
-    word_ids += [tk._pieces(base.tokenizer, w)[0] for w in c["init_word"].split("+")]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep import init_word_ids  # noqa: E402
+word_ids = init_word_ids(base, run_dir)
 cids = np.asarray(run.concept_ids); assert len(word_ids) == len(cids), (word_ids, cids)
 tag = os.path.basename(run_dir).split("__")[1]
 rec = json.load(open(f"runs/concepts_back/scenes/{tag}/concepts.json"))

@@ -118,6 +118,14 @@ def load_scene(tag):
     truth = np.stack([np.asarray(__import__("PIL.Image").Image.open(c.mask).convert("L")) > 127 for c in spec.concepts])
     return folder, spec, rec, toy, src_bg, truth
 
+def init_word_ids(base, run_dir):
+    """The vocabulary id of each learned vector's init word, in the run's row order (one vector per init word)."""
+    from jaxconcept.model import tokens as tk
+    ids = []
+    for c in runs.listed_concepts(runs.read_summary(run_dir)):
+        ids += [tk._pieces(base.tokenizer, w)[0] for w in c["init_word"].split("+")]
+    return ids
+
 def main():
     out, variants, scenes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
     n = int(sys.argv[4]) if len(sys.argv) > 4 else 8
