@@ -1,6 +1,6 @@
 """Diagnostic: the default run's tokens and the words on `generate`'s own prompts ("a <tok>", no background phrase),
 judged like the closing check, 16 samples per prompt. python docs/concepts_back/bare_prompts.py runs/toy [SEED]"""
-import sys, numpy as np
+import sys
 from jaxconcept import generate
 from jaxconcept.runio import runs
 from jaxconcept.model import load_model
