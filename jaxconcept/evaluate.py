@@ -438,9 +438,10 @@ def contact_sheet(result: dict, rows: list[dict]) -> str:
 
 def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=None, progress: bool = False,
                   on_start=None) -> list[str] | None:
-    """After training on the toy world: each object concept alone and all together on a new background
-    (`toy.judge.measure`), tokens beside the words oracle, with the model's recommended sampling. Writes
-    samples_check.png (token rows, then the same prompts in words) and samples_check.json into the run;
+    """After training on the toy world: each object concept alone and all together on a new background and in
+    bare prompts (no background phrase: what `generate --run` draws) (`toy.judge.measure`), tokens beside the words
+    oracle, with the model's recommended sampling. Writes samples_check.png (for each prompt form, the token rows,
+    then the same prompts in words) and samples_check.json (the bare prompts' figures under "bare") into the run;
     returns the table's lines, or None where the toy analysis cannot judge the run (not a toy model).
     on_start(): called once the run is known to be judged, before sampling."""
     from .model.loading import load_model, recommended_sampling
@@ -456,17 +457,24 @@ def check_toy_run(run_dir: str, num_images: int = 16, seed: int = 1234, bundle=N
     run = runs.load_run(run_dir, bundle=base)
     if on_start is not None:  # the command says what it does before the sampling starts
         on_start()
-    asked = judge.Asked(toy, template=summary.get("template", "a {}"), joiner=summary.get("joiner", " and a "))
-    m = judge.measure(run, base, asked, source_background(run_dir), settings, progress=progress)
-    rows = [list(p) for p in m["pictures"]["tokens"]] + [list(p) for p in m["pictures"]["words"]]
-    labels = [p["tokens"] for p in m["prompts"]] + [p["words"] + "   (base model, words)" for p in m["prompts"]]
+    form = dict(template=summary.get("template", "a {}"), joiner=summary.get("joiner", " and a "))
+    got = {where: judge.measure(run, base, judge.Asked(toy, background=where, **form), source_background(run_dir),
+                                settings, progress=progress) for where in (judge.DEFAULT_BACKGROUND, judge.BARE)}
+    m, bare = got[judge.DEFAULT_BACKGROUND], got[judge.BARE]
+    rows, labels = [], []
+    for x in (m, bare):
+        rows += [list(p) for p in x["pictures"]["tokens"]] + [list(p) for p in x["pictures"]["words"]]
+        labels += [p["tokens"] for p in x["prompts"]] + [p["words"] + "   (base model, words)" for p in x["prompts"]]
     images.save_image(viz.grid(rows, cell=64, row_labels=labels), os.path.join(run_dir, "samples_check.png"))
+    keep = ("prompts", "tokens", "words", "report")
     outputs.write_json(os.path.join(run_dir, "samples_check.json"),
-                       {"settings": dataclasses.asdict(settings), **{k: m[k] for k in ("prompts", "tokens", "words",
-                                                                                        "report")}})
+                       {"settings": dataclasses.asdict(settings), **{k: m[k] for k in keep},
+                        "bare": {k: bare[k] for k in keep}})
     return [f"samples ({num_images} per prompt, {settings.scheduler} {settings.steps} steps, guidance "
-            f"{settings.guidance}): tokens beside the base model given the words, same prompts and noise",
-            *("  " + line for line in judge.lines(m["tokens"], m["words"])),
+            f"{settings.guidance}): tokens beside the base model given the words, same prompts and noise, "
+            f"'on a {judge.DEFAULT_BACKGROUND}' and bare, as `generate` prompts ('a <tok>')",
+            *("  " + line for line in judge.lines(m["tokens"], m["words"], ("bare (generate)", bare["tokens"],
+                                                                            bare["words"]), first="new background")),
             f"  pictures: {os.path.join(run_dir, 'samples_check.png')}"]
 
 

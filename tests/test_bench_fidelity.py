@@ -13,7 +13,7 @@ def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
     # no joint stage, as the benchmark's default (the learner's joint stage is tested in test_learner); two inits,
     # the second one without its user mode (once per scene)
     settings = fidelity.Settings(model="tiny", token_steps=2, estep_every=1, joint_steps=0, num_timesteps=4,
-                                 num_samples=2, sample_steps=2)
+                                 num_samples=2, sample_steps=2, bare=True)
     result = fidelity.run_benchmark([1], str(tmp_path), settings=settings, sets=("hard",), inits=("color", "shape"))
     table = result["table"]
     assert set(table) == {f"hard/{it}/{m}" for it in ("color", "shape") for m in ("attention", "em")} | {
@@ -25,6 +25,10 @@ def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
         assert f["scenes"] == 1 and 0.0 <= f["kept"] <= 1.0
         for key in ("found_mean", "together", "leakage"):
             assert 0.0 <= f[f"{key}_tokens"][0] <= 1.0 and 0.0 <= f[f"{key}_words"][0] <= 1.0
+        b = row["samples_bare"]  # the same in bare prompts ("a <tok>"), where no background is asked to leak
+        assert b["scenes"] == 1 and 0.0 <= b["found_mean_tokens"][0] <= 1.0
+    bare_run = next(r for r in result["runs"] if r.get("samples_bare"))["samples_bare"]
+    assert bare_run["prompts"][0]["tokens"].count(" on a ") == 0 and bare_run["tokens"]["leaks"]["background"] == 0
     # the words oracle is one per scene: every mode and init compares against the same figures
     assert len({(r["samples"]["found_mean_words"], r["samples"]["together_words"]) for r in table.values()}) == 1
     np.testing.assert_allclose([m for m, _ in table["hard/color/user"]["iou_by_round"]], 1.0)  # the true masks
@@ -33,7 +37,8 @@ def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
     assert fidelity.mean_se([0.2, 0.4, 0.6]) == pytest.approx((0.4, 0.2 / np.sqrt(3)))
     assert (tmp_path / "runs" / "hard" / "1" / "shape" / "em" / "samples.png").exists()
     fidelity.write_outputs(result, str(tmp_path))
-    assert (tmp_path / "table.md").read_text().count("\n") == 2 * (len(table) + 3) + 1  # IoU, then samples
+    # IoU, then samples on a new background, then in bare prompts
+    assert (tmp_path / "table.md").read_text().count("\n") == 3 * (len(table) + 3) + 2
     assert (tmp_path / "iou_by_round.png").exists() and (tmp_path / "samples.png").exists()
     assert "em − attention" in capsys.readouterr().out
 

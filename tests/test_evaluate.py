@@ -108,6 +108,22 @@ def toy_run(tmp_path_factory):
     return run
 
 
+def test_the_closing_check_judges_new_background_and_bare_prompts(toy_run):
+    # the train command's closing check: the judge's prompts ("... on a teal water background") and the bare ones
+    # `generate --run` writes, each beside the words (docs/concepts_back.md §15: the two can disagree)
+    lines = evaluate.check_toy_run(str(toy_run), num_images=2)
+    assert "new background" in lines[1] and "bare (generate)" in lines[1]
+    assert any(line.strip().startswith("<purple_dotted_ring> found alone") for line in lines)
+    got = json.loads((toy_run / "samples_check.json").read_text())
+    assert got["prompts"][0]["tokens"] == "a <red_triangle> on a teal water background"
+    assert [p["tokens"] for p in got["bare"]["prompts"]] == [
+        "a <red_triangle>", "a <purple_dotted_ring>", "a <red_triangle> and a <purple_dotted_ring>"]
+    assert got["bare"]["prompts"][1]["words"] == "a purple dotted ring"
+    assert got["bare"]["tokens"]["leaks"]["background"] == 0.0  # no background asked: none can leak
+    rows = 2 * 2 * 3  # (new background, bare) x (tokens, words) x (two alone, together)
+    assert np.asarray(Image.open(toy_run / "samples_check.png")).shape[0] >= rows * 64
+
+
 def test_evaluation_end_to_end_on_the_toy_model(toy_run, tmp_path, clip):
     import jax
 

@@ -25,6 +25,11 @@ def test_words_and_prompts_match_the_toy_captions():
     assert got[1]["tokens"] == "a <purple_dotted_ring> on a teal water background"
     assert got[2]["words"] == "a red triangle and a purple dotted ring on a teal water background"
     assert judge.background_color("teal water background") == "teal"
+    bare = judge.prompts([TRIANGLE, RING], judge.BARE)  # as `generate --run` prompts: no background phrase
+    assert [p["tokens"] for p in bare] == ["a <red_triangle>", "a <purple_dotted_ring>",
+                                           "a <red_triangle> and a <purple_dotted_ring>"]
+    assert bare[2]["words"] == "a red triangle and a purple dotted ring"
+    assert judge.background_color(judge.BARE) is None
 
 
 def test_the_asked_object_alone_is_found_without_leaks():

@@ -97,14 +97,16 @@ def new_background(s: scene.Scene) -> str:
     return f"{colors[rng.integers(len(colors))]} {textures[rng.integers(len(textures))]} background"
 
 
-def sample_fidelity(run, base, s: scene.Scene, token_of: dict[str, str], settings: "Settings", words_cache: dict):
-    """What users see (`toy.judge`): each object token alone and both together on a new background, judged
-    beside the words oracle (the base model given the objects' words, same prompts and noise; cached per
-    scene). Returns (record, token pictures P x K x H x W x 3)."""
+def sample_fidelity(run, base, s: scene.Scene, token_of: dict[str, str], settings: "Settings", words_cache: dict,
+                    background: str | None = None):
+    """What users see (`toy.judge`): each object token alone and both together on a new background (or on
+    `background`: `judge.BARE` for no background phrase), judged beside the words oracle (the base model given
+    the objects' words, same prompts and noise; cached per scene). Returns (record, token pictures
+    P x K x H x W x 3)."""
     concepts = [judge.ToyConcept(token_of[o.name], o.color, o.shape, o.pattern) for o in s.objects]
     gen = generate.Settings(num_images=settings.num_samples, steps=settings.sample_steps, guidance=settings.guidance,
                             seed=s.seed)
-    asked = judge.Asked(concepts, background=new_background(s))
+    asked = judge.Asked(concepts, background=new_background(s) if background is None else background)
     m = judge.measure(run, base, asked, s.background.color, gen, words=words_cache)
     return {k: m[k] for k in ("prompts", "tokens", "words", "report")}, m["pictures"]["tokens"]
 
@@ -135,6 +137,7 @@ class Settings:
     sample_steps: int = 25
     guidance: float = 5.0
     crf: bool = True
+    bare: bool = False  # also sample bare prompts ("a <tok>", as `generate --run` does): rows' "samples_bare"
 
 
 def run_config(settings: Settings, mode: str, init: str, seed: int):
@@ -190,6 +193,8 @@ def bench_run(base, words_cache: dict | None, bs: BenchScene, init: str, mode: s
         images.save_image(viz.grid([list(p) for p in pics], cell=64, row_labels=[p["tokens"] for p in
                                                                                  row["samples"]["prompts"]]),
                           os.path.join(run_dir, "samples.png"))
+        if settings.bare:
+            row["samples_bare"], _ = sample_fidelity(run, base, s, token_of, settings, words_cache, judge.BARE)
     return row
 
 
@@ -246,10 +251,11 @@ def samples_text(samples: dict | None) -> str:
             f" leakage {t['leakage']:.2f}/{w['leakage']:.2f}")
 
 
-def samples_figures(rows: list[dict]) -> dict | None:
+def samples_figures(rows: list[dict], key: str = "samples") -> dict | None:
     """Mean ± SE over scenes of what the samples show (tokens and words), and the share of scenes where every
-    concept came back at >= 0.5 x its words' rate ("kept")."""
-    got = [r["samples"] for r in rows if r.get("samples")]
+    concept came back at >= 0.5 x its words' rate ("kept"); `key`: the rows' samples ("samples_bare": bare
+    prompts)."""
+    got = [r[key] for r in rows if r.get(key)]
     if not got:
         return None
     out = {f"{key}_{src}": mean_se([g[src][key] for g in got])
@@ -284,6 +290,7 @@ def aggregate(results) -> dict:
             # the unrefined masks of the round whose masks were kept (em: the final-round rule; else the last)
             "iou_final_no_crf": mean_se([r["iou_no_crf_by_round"][kept_round(r)] for r in mine]),
             "samples": samples_figures(mine),
+            "samples_bare": samples_figures(mine, "samples_bare"),
         }
     gains = {}
     for set_name, init in dict.fromkeys((r["set"], r["init"]) for r in results):
@@ -308,21 +315,31 @@ def table_lines(result: dict) -> list[str]:
     lines.append("Object-mask IoU against ground truth, mean ± standard error over scenes; concepts with the same "
                  "init word matched to the truth by the best assignment; 'no CRF': the same E-steps' unrefined "
                  "masks; em − attention paired per scene.")
-    sampled = [row for row in result["table"].values() if row.get("samples")]
-    if sampled:
-        pm2 = lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}"  # noqa: E731
-        lines += ["", "| set | init | mode | scenes | found alone | words | every concept kept | all together | "
-                  "words | leakage | words |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row in sampled:
-            f = row["samples"]
-            lines.append(f"| {row['set']} | {row['init']} | {row['mode']} | {f['scenes']} | {pm2(f['found_mean_tokens'])}"
-                         f" | {pm2(f['found_mean_words'])} | {f['kept']:.0%} | {pm2(f['together_tokens'])} | "
-                         f"{pm2(f['together_words'])} | {pm2(f['leakage_tokens'])} | {pm2(f['leakage_words'])} |")
-        lines.append("Samples of each learned object alone and of both together on a background the scene does not "
-                     "have (toy analysis: colour and shape), mean ± SE over scenes; 'words': the base model given the "
-                     "objects' words, the same prompts and noise (what a perfect token would give); 'every concept "
-                     "kept': scenes where each concept was found at >= 0.5 x its words' rate; leakage: single-concept "
-                     "samples showing what was not asked (the other object, a mix of the two, the source background).")
+    for key, where in (("samples", "on a background the scene does not have"),
+                       ("samples_bare", "in bare prompts ('a <tok>', no background phrase: what `generate --run` "
+                                        "draws; no background leak is counted)")):
+        lines += samples_table(result, key, where)
+    return lines
+
+
+def samples_table(result: dict, key: str, where: str) -> list[str]:
+    """The markdown table of one prompt form's samples (`key`: "samples" or "samples_bare"); [] if unsampled."""
+    sampled = [row for row in result["table"].values() if row.get(key)]
+    if not sampled:
+        return []
+    pm2 = lambda ms: f"{ms[0]:.2f} ± {ms[1]:.2f}"  # noqa: E731
+    lines = ["", "| set | init | mode | scenes | found alone | words | every concept kept | all together | "
+             "words | leakage | words |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in sampled:
+        f = row[key]
+        lines.append(f"| {row['set']} | {row['init']} | {row['mode']} | {f['scenes']} | {pm2(f['found_mean_tokens'])}"
+                     f" | {pm2(f['found_mean_words'])} | {f['kept']:.0%} | {pm2(f['together_tokens'])} | "
+                     f"{pm2(f['together_words'])} | {pm2(f['leakage_tokens'])} | {pm2(f['leakage_words'])} |")
+    lines.append(f"Samples of each learned object alone and of both together {where} (toy analysis: colour and "
+                 "shape), mean ± SE over scenes; 'words': the base model given the objects' words, the same prompts "
+                 "and noise (what a perfect token would give); 'every concept kept': scenes where each concept was "
+                 "found at >= 0.5 x its words' rate; leakage: single-concept samples showing what was not asked (the "
+                 "other object, a mix of the two, the source background).")
     return lines
 
 
@@ -391,6 +408,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=d.num_samples,
                    help="samples per prompt (0: no sampling; attention is then read off em's round 0)")
     p.add_argument("--no-crf", action="store_true", help="E-steps without the DenseCRF (a separate ablation run)")
+    p.add_argument("--bare", action="store_true",
+                   help="with --samples: also sample bare prompts ('a <tok>', as `generate --run` does), a second table")
     args = p.parse_args(argv)
     split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
     modes, sets, inits = split(args.modes), split(args.sets), split(args.inits)
@@ -399,7 +418,7 @@ def main(argv=None) -> int:
             if [x for x in got if x not in known] or not got:
                 raise JaxconceptError(f"unknown or no {name}(s) in {got}: choose from {', '.join(known)}")
         settings = Settings(args.model, args.token_steps, args.estep_every, args.joint_steps, args.timesteps,
-                            args.inversion_steps, args.samples, crf=not args.no_crf)
+                            args.inversion_steps, args.samples, crf=not args.no_crf, bare=args.bare)
         result = run_benchmark(parse_seeds(args.seeds), args.out, modes, settings, sets, inits)
     except (JaxconceptError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

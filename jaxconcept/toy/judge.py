@@ -25,6 +25,9 @@ from . import analysis, scene
 
 # where the samples are drawn: a background no toy scene of the bundled example has, as in the issue's table
 DEFAULT_BACKGROUND = "teal water background"
+# no background phrase: the prompts as `python -m jaxconcept.generate --run` writes them ("a <tok>"); what users
+# see first, and where the tokens and the words can differ most (docs/concepts_back.md §15)
+BARE = ""
 LEAK_KINDS = ("other", "mixed", "background")
 
 
@@ -84,12 +87,15 @@ def judge_together(picture_u8: np.ndarray, named: list[ToyConcept]) -> dict:
 def prompts(concepts: list[ToyConcept], background: str = DEFAULT_BACKGROUND, template: str = "a {}",
             joiner: str = " and a ") -> list[dict]:
     """The measured prompts: each concept alone, then all together (two or more); in tokens (the run's
-    template and joiner) and in words (the toy captions' form, "a red triangle and an orange ring")."""
+    template and joiner) and in words (the toy captions' form, "a red triangle and an orange ring"), followed by
+    "on a <background>" unless the background is `BARE`."""
+    where = f" on a {background}" if background else ""
+
     def tok(parts):
-        return template.format(joiner.join(parts)) + f" on a {background}"
+        return template.format(joiner.join(parts)) + where
 
     def words(parts):
-        return " and ".join(parts) + f" on a {background}"
+        return " and ".join(parts) + where
 
     out = [{"kind": "alone", "concepts": [c], "tokens": tok([c.token]), "words": words([c.words])}
            for c in concepts]
@@ -100,8 +106,9 @@ def prompts(concepts: list[ToyConcept], background: str = DEFAULT_BACKGROUND, te
 
 
 def background_color(background: str) -> str | None:
-    """The colour word of a background phrase ("teal water background" -> "teal"), if it names one."""
-    return next((w for w in background.split() if w in scene.BACKGROUND_COLORS), None)
+    """The colour word of a background phrase ("teal water background" -> "teal"), if it names one (none for
+    `BARE` prompts: their samples' background is no leak)."""
+    return next((w for w in (background or "").split() if w in scene.BACKGROUND_COLORS), None)
 
 
 def judge(pictures_PxKx, measured: list[dict], all_concepts: list[ToyConcept], source_background: str | None,
@@ -166,18 +173,26 @@ def report(tok: dict, words: dict) -> dict:
     }
 
 
-def lines(tok: dict, words: dict) -> list[str]:
-    """A short table for a terminal: each concept found alone, all together, leakage; tokens | words."""
+def lines(tok: dict, words: dict, *more: tuple[str, dict, dict], first: str = "") -> list[str]:
+    """A short table for a terminal: each concept found alone, all together, leakage; tokens | words. `more`:
+    further (title, tokens, words) measurements of the same concepts as column pairs beside the first (titled
+    `first`), e.g. the same prompts without a background phrase."""
     def pct(v):
         return "  -  " if v is None else f"{100 * v:4.0f}%"
 
-    out = [f"{'':34s} {'tokens':>7s} {'words':>7s}"]
+    cols = [(first, tok, words), *more]
+
+    def row(label, get):
+        return f"{label:34s}" + "".join(f" {pct(get(t)):>7s} {pct(get(w)):>7s}  " for _, t, w in cols)
+
+    out = [f"{'':34s}" + "".join(f" {title[:17]:>17s}  " for title, _, _ in cols)] if more else []
+    out.append(f"{'':34s}" + f" {'tokens':>7s} {'words':>7s}  " * len(cols))
     for t in tok["found"]:
-        out.append(f"{t + ' found alone':34s} {pct(tok['found'][t]):>7s} {pct(words['found'][t]):>7s}")
+        out.append(row(t + " found alone", lambda s, t=t: s["found"][t]))
     if tok["together"] is not None:
-        out.append(f"{'all found together':34s} {pct(tok['together']):>7s} {pct(words['together']):>7s}")
-    out.append(f"{'leakage (single-concept prompts)':34s} {pct(tok['leakage']):>7s} {pct(words['leakage']):>7s}")
-    return out
+        out.append(row("all found together", lambda s: s["together"]))
+    out.append(row("leakage (single-concept prompts)", lambda s: s["leakage"]))
+    return [line.rstrip() for line in out]
 
 
 def source_background(image_u8: np.ndarray, background_mask: np.ndarray | None = None) -> str:
@@ -191,7 +206,7 @@ class Asked:
     form (its template and joiner); `prompts` spells it out."""
 
     concepts: list[ToyConcept]
-    background: str = DEFAULT_BACKGROUND
+    background: str = DEFAULT_BACKGROUND  # or BARE
     template: str = "a {}"
     joiner: str = " and a "
 
