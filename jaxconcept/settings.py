@@ -192,6 +192,10 @@ class Tokens:
     # how the losses' masks reach the latent grid: "nearest" (Break-a-Scene's) or "area" (a cell's object share)
     mask_downsample: str = field("nearest", _choice(MASK_DOWNSAMPLES))
     vectors: int = field(0, _integer(0))  # per concept; 0 = one per init word ("purple+ring": two)
+    # mode em: after the EM rounds the rows start again from the token stage's start and take its steps once more
+    # on the final masks, fixed, so that early rounds' wrong masks (random or one-word starts) do not shape them;
+    # twice the token steps (docs/concepts_back.md §16)
+    refit: bool = field(False, _boolean)
     # context regulariser (losses.context_loss): weight (0: off; it helps tokens whose init words already describe
     # their concept and costs those that must learn more, docs/concepts_back.md §11), and the phrases put after the
     # concepts ('|' between); the toy's name no background the toy judge samples on (teal, water)
@@ -288,8 +292,14 @@ class Settings:
     config_json: str = ""  # the config as given (config.json of the run); not a config field
 
     @property
+    def refit_steps(self) -> int:
+        """Token steps of the refit after the EM rounds (`tokens.refit`, mode em only; the others' masks never
+        change, so a refit would repeat the token stage)."""
+        return self.tokens.steps if self.tokens.refit and self.mode == "em" else 0
+
+    @property
     def total_steps(self) -> int:
-        return self.init.steps + self.tokens.steps + self.joint.steps
+        return self.init.steps + self.tokens.steps + self.refit_steps + self.joint.steps
 
     def result_fields(self) -> dict:
         """The fields that decide a run's results (a run folder's fingerprint): all but logging, devices and
@@ -307,6 +317,8 @@ class Settings:
             out.pop("background_swap", None)
         if joint.get("background_prompts", True):
             joint.pop("background_prompts", None)
+        if not out.get("tokens", {}).get("refit"):
+            out.get("tokens", {}).pop("refit", None)
         if not out.get("memory_efficient_attention"):
             out.pop("memory_efficient_attention", None)
         if not out.get("masks", {}).get("timestep_chunk"):

@@ -265,6 +265,31 @@ def test_a_second_run_on_a_folder_is_refused_and_a_stale_lock_taken(em_run, scen
     assert not (finished / ".lock").exists()
 
 
+def test_refit_is_the_token_stage_again_on_the_final_masks_and_resumes(scene_dir, tmp_path, capsys):
+    """tokens.refit: after the EM rounds the rows start again from the token stage's start and take its steps on
+    the final masks: the same as a user-mode run given those masks (same seed, same draws), then the same joint
+    stage. Stopped inside the refit, a run started again ends as an uninterrupted one."""
+    cfg = _cfg(**{"tokens.refit": True})
+    out = tmp_path / "refit"
+    with StepCounter() as counter:
+        _learn(cfg, [_spec(scene_dir)], str(out), progress=False)
+    assert counter.calls() == [4 + 4, 2]  # the token steps twice (one program), then the joint steps
+    final = {t: str(out / "masks" / "final" / f"image__{t}.png") for t in ("tri", "ring", "bg")}
+    given = inputs.ImageSpec(str(scene_dir / "image.png"), tuple(
+        dataclasses.replace(c, mask=final[c.token[1:-1]]) for c in _spec(scene_dir).concepts))
+    _learn(_cfg(mode="user"), [given], str(tmp_path / "user"), progress=False)
+    _same_results(out, tmp_path / "user")
+    stages = [json.loads(x).get("stage") for x in open(out / "metrics.jsonl")]
+    assert stages.count("refit") == 2  # logged every 2 steps: refit steps 2 and 4
+    resumed = tmp_path / "resumed"
+    _interrupt_at(cfg, _spec(scene_dir), resumed, lambda meta: meta["stage"] == "refit")
+    capsys.readouterr()
+    with StepCounter() as counter:
+        _learn(cfg, [_spec(scene_dir)], str(resumed), progress=False)
+    assert counter.calls() == [2, 2] and "(refit, round 2)" in capsys.readouterr().out
+    _same_results(out, resumed)
+
+
 @pytest.mark.parametrize("mode", ["attention", "user"])
 def test_modes_keep_their_masks(mode, scene_dir, tmp_path, capsys):
     out = tmp_path / mode

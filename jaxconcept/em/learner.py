@@ -3,6 +3,7 @@
     stage 1  tokens from init words (or a short unmasked inversion); masks from cross-attention + CRF
     stage 2  EM rounds: token optimisation (L_mask + lambda L_attn, one compiled step), each round followed
              on the host by mask re-estimation (mode "em"); masks kept (modes "attention", "user")
+    (refit)  optionally (`tokens.refit`, mode em): the token stage again from its start, on the final masks
     stage 3  joint tuning of tokens and UNet (text encoder optional) with the masks fixed
 
 The loop drives a `Stages`, the stage functions (initial state, token and joint steps, the maps of an image,
@@ -60,7 +61,7 @@ class Loop:
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    stage: str  # "init", "token" (round `round` next), "joint", "done"
+    stage: str  # "init", "token" (round `round` next), "refit", "joint", "done"
     round: int
     index: int
     state: Any = None
@@ -76,7 +77,8 @@ def resume_point(mngr, s: settings.Settings, stages: Stages, masks_shape) -> tup
     results. A damaged newest checkpoint is set aside for the one before (`checkpoints.restore_newest`);
     the notes say so."""
     def load(meta):
-        like = {"token": stages.initial_state, "joint": lambda: stages.joint_state(stages.initial_state()),
+        like = {"token": stages.initial_state, "refit": stages.initial_state,
+                "joint": lambda: stages.joint_state(stages.initial_state()),
                 "done": lambda: {"params": stages.final_like()}}[meta["stage"]]()
         return checkpoints.restore(mngr, meta["index"], like, masks_shape)[1:]
 
@@ -197,6 +199,8 @@ def _run(s, stages, jobs, folder, fingerprint, progress, on_checkpoint, t_start)
             state, masks, raws = stage_initial(loop)
         if start.stage in ("init", "token"):
             state, masks = stage_rounds(loop, state, masks, start.round, raws)
+        if start.stage in ("init", "token", "refit") and s.refit_steps:
+            state = stage_refit(loop, state, masks, resumed=start.stage == "refit")
         if start.stage != "done":
             state = stage_joint(loop, state, masks, resumed=start.stage == "joint")
     finally:  # the bar as it stands when the run stops (not redrawn "100%" under the message at exit)
@@ -256,6 +260,24 @@ def settled_masks(job, n_rounds: int) -> np.ndarray:
     return rounds[settle.final_round(rounds)]
 
 
+def stage_refit(loop: Loop, state, masks, resumed: bool):
+    """`tokens.refit`: the token stage once more, from its start (the round-0 checkpoint: the rows after stage 1
+    with a fresh optimiser, so the same draws as the first time), on the final masks, fixed; a checkpoint every
+    `tokens.estep_every` steps. Returns the token state the joint stage starts from."""
+    s = loop.s
+    first = s.init.steps + s.tokens.steps
+    if not resumed:
+        masks_shape = (len(loop.jobs),) + np.shape(masks[0])
+        index = checkpoints.steps_by_round(loop.mngr)[0]
+        state = checkpoints.restore(loop.mngr, index, loop.stages.initial_state(), masks_shape)[1]
+    placed = loop.stages.place_masks(masks)
+    while loop.done < first + s.refit_steps:
+        n = min(s.tokens.estep_every - (loop.done - first) % s.tokens.estep_every, first + s.refit_steps - loop.done)
+        state = run_steps(loop, loop.stages.token_step, state, placed, n, "refit")
+        save(loop, loop.done, {"stage": "refit", "round": s.tokens.rounds}, state, masks)
+    return state
+
+
 def stage_joint(loop: Loop, state, masks, resumed: bool):
     """Stage 3: tokens and UNet (and text encoder) tuned with the masks fixed; checkpoints every
     `joint.checkpoint_every` steps and a final one holding the results. Returns the final state."""
@@ -265,7 +287,8 @@ def stage_joint(loop: Loop, state, masks, resumed: bool):
         step, placed = stages.joint_step(state), stages.place_masks(masks)
         every = s.joint.checkpoint_every or s.joint.steps
         while loop.done < s.total_steps:
-            n = min(every - (loop.done - s.init.steps - s.tokens.steps) % every, s.total_steps - loop.done)
+            n = min(every - (loop.done - s.init.steps - s.tokens.steps - s.refit_steps) % every,
+                    s.total_steps - loop.done)
             state = run_steps(loop, step, state, placed, n, "joint")
             if loop.done < s.total_steps:
                 save(loop, loop.done, {"stage": "joint", "round": s.tokens.rounds}, state, masks)
