@@ -192,6 +192,9 @@ class Tokens:
     # how the losses' masks reach the latent grid: "nearest" (Break-a-Scene's) or "area" (a cell's object share)
     mask_downsample: str = field("nearest", _choice(MASK_DOWNSAMPLES))
     vectors: int = field(0, _integer(0))  # per concept; 0 = one per init word ("purple+ring": two)
+    # the attention loss on every vector of a concept (each one's map against the concept's mask, averaged over its
+    # vectors), not only on the first: no vector of one concept may attend to another's region
+    attn_all_vectors: bool = field(False, _boolean)
     # mode em: after the EM rounds the rows start again from the token stage's start and take its steps once more
     # on the final masks, fixed, so that early rounds' wrong masks (random or one-word starts) do not shape them;
     # twice the token steps (docs/concepts_back.md §16)
@@ -317,8 +320,9 @@ class Settings:
             out.pop("background_swap", None)
         if joint.get("background_prompts", True):
             joint.pop("background_prompts", None)
-        if not out.get("tokens", {}).get("refit"):
-            out.get("tokens", {}).pop("refit", None)
+        for name in ("refit", "attn_all_vectors"):
+            if not out.get("tokens", {}).get(name):
+                out.get("tokens", {}).pop(name, None)
         if not out.get("memory_efficient_attention"):
             out.pop("memory_efficient_attention", None)
         if not out.get("masks", {}).get("timestep_chunk"):

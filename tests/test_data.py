@@ -137,3 +137,16 @@ def test_area_resize_gives_each_cell_its_share_of_the_mask():
     np.testing.assert_allclose(np.asarray(data.nearest_resize(jnp.asarray(mask), (2, 2)))[0], [[0.0, 0.0], [1.0, 0.0]])
     with pytest.raises(ValueError, match="whole number"):
         data.area_resize(jnp.asarray(mask), (3, 3))
+
+
+def test_vector_positions_find_each_vector_of_each_concept_in_the_prompt():
+    import types
+
+    concepts = types.SimpleNamespace(counts=(2, 1), ids=(50, 51, 60))  # <ring> <ring>_1, then <bg>
+    ids_CxV = data.vector_ids(concepts)
+    np.testing.assert_array_equal(ids_CxV, [[50, 51], [60, -1]])
+    ids_BxT = jnp.asarray([[1, 7, 50, 51, 8, 60, 2], [1, 7, 60, 2, 0, 0, 0]])  # both concepts; the background only
+    pos, present = data.vector_positions(ids_BxT, jnp.asarray(ids_CxV))
+    np.testing.assert_array_equal(pos[0], [[2, 3], [5, 0]])
+    np.testing.assert_array_equal(present, [[[1, 1], [1, 0]], [[0, 0], [1, 0]]])
+    assert pos[1, 1, 0] == 2

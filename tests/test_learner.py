@@ -592,6 +592,22 @@ def test_multi_vector_tokens_train_resume_and_load_back(em_run, scene_dir, tmp_p
     assert pics.shape == (1, 1, 32, 32, 3)
 
 
+def test_attention_loss_on_every_vector_reads_the_second_vectors_map(scene_dir, tmp_path):
+    """tokens.attn_all_vectors: a two-vector concept's attention term is the mean over both vectors' maps, so the
+    first step's attention loss differs from the first-vector-only loss; one-vector concepts are unchanged (unit
+    figures: tests/test_losses.py)."""
+    spec = _spec(scene_dir)
+    spec = inputs.ImageSpec(spec.path, (spec.concepts[0], dataclasses.replace(spec.concepts[1], init_word="red+dotted"),
+                                        spec.concepts[2]))
+    first = {}
+    for every in (False, True):
+        out = tmp_path / str(every)
+        _learn(_cfg(**{"tokens.vectors": 0, "tokens.attn_all_vectors": every, "tokens.steps": 2, "joint.steps": 0,
+                       "log_every": 1}), [spec], str(out), progress=False)
+        first[every] = next(json.loads(x) for x in open(out / "metrics.jsonl") if '"step"' in x)["loss_attn"]
+    assert np.isfinite(first[True]) and abs(first[True] - first[False]) > 1e-6, first
+
+
 def test_lora_joint_stage_tunes_adapters_only_resumes_loads_and_exports(scene_dir, tmp_path, tiny):
     """joint.lora_rank: the joint stage tunes low-rank adapters on the frozen UNet; the run writes
     lora.safetensors (no unet/), its checkpoints hold no UNet, a run resumed inside the joint stage ends as an

@@ -62,3 +62,17 @@ def test_context_loss_is_the_relative_squared_change_of_the_weighted_positions()
     moved = target.at[1, 1].add(1.0)  # one weighted state moved by 1 in each of 4 features
     expected = 4.0 / float(np.sum(np.asarray(target)[[0, 0, 1], [1, 2, 1]] ** 2))
     np.testing.assert_allclose(float(losses.context_loss(moved, target, weight)), expected, rtol=1e-6)
+
+
+def test_attention_loss_over_every_vector_averages_a_concepts_vectors():
+    masks = jnp.zeros((1, 2, 4, 4)).at[0, 0, :2].set(1.0)
+    first = jnp.zeros((1, 2, 4, 4)).at[0, 0, :2].set(1.0)  # concept 0's first vector: its mask exactly
+    second = jnp.ones((1, 2, 4, 4))  # its second vector everywhere: 0.5 squared error per cell of concept 0
+    maps_BxCxVxhxw = jnp.stack([first, second], axis=2)
+    both = jnp.ones((1, 2))
+    # one vector per concept (V = 1) is the plain loss
+    np.testing.assert_allclose(losses.attention_loss(maps_BxCxVxhxw[:, :, :1], masks, both, jnp.ones((1, 2, 1))),
+                               losses.attention_loss(first, masks, both))
+    # concept 0: mean over its two vectors (0 and 0.5); concept 1 has one vector (the second absent): error 0
+    only_one = jnp.asarray([[[1.0, 1.0], [1.0, 0.0]]])
+    np.testing.assert_allclose(losses.attention_loss(maps_BxCxVxhxw, masks, both, only_one), 0.25)

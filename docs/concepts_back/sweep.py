@@ -77,6 +77,14 @@ VARIANTS = {
     "tsteps200": {"tokens.steps": 200},
     "shape_tlr5e-3": {"init": "shape", "tokens.lr": 5e-3},
     "shape_tsteps200": {"init": "shape", "tokens.steps": 200},
+    # issue 27, em's samples under user mode's with few-word starts (section 16): the token stage again from its
+    # start on the final masks (tokens.refit), so early rounds' wrong masks do not shape the rows
+    "refit": {"tokens.refit": True},
+    "shape_refit": {"init": "shape", "tokens.refit": True},
+    # issue 27, the mixed leak in bare prompts (section 17): the attention loss on every vector of a concept, so its
+    # shape word's vector cannot attend to (and learn) the other object's region
+    "allvec": {"tokens.attn_all_vectors": True},
+    "shape_allvec": {"init": "shape", "tokens.attn_all_vectors": True},
 }
 
 def scene_of(tag):
@@ -159,16 +167,21 @@ def main():
             t1 = time.time()
             run = runs.load_run(run_dir, bundle=base)
             m = judge.measure(run, base, judge.Asked(toy), src_bg, settings, words=words_cache)
+            bare = judge.measure(run, base, judge.Asked(toy, background=judge.BARE), src_bg, settings, words=words_cache)
             images.save_image(viz.grid([list(p) for p in m["pictures"]["tokens"]], cell=64,
                                        row_labels=[p["tokens"] for p in m["prompts"]]), os.path.join(run_dir, "judge.png"))
             objs = [c.token for c in toy]
             row = {"variant": v, "scene": tag, "iou": float(np.mean([summary["iou_final"][t] for t in objs])),
                    "tokens": m["tokens"], "words": m["words"], "report": m["report"],
+                   "bare": {k: bare[k] for k in ("tokens", "words", "report")},
                    "train_s": t1 - t0, "measure_s": time.time() - t1}
             with open(res_path, "a") as f: f.write(json.dumps(row) + "\n")
             print(v, tag, "iou %.2f" % row["iou"], "found", {k: round(x, 2) for k, x in m["tokens"]["found"].items()},
                   "together %.2f/%.2f" % (m["tokens"]["together"], m["words"]["together"]),
-                  "leak %.2f/%.2f" % (m["tokens"]["leakage"], m["words"]["leakage"]), "t %.0f+%.0f" % (t1 - t0, row["measure_s"]), flush=True)
+                  "leak %.2f/%.2f" % (m["tokens"]["leakage"], m["words"]["leakage"]),
+                  "bare: found %.2f/%.2f together %.2f/%.2f leak %.2f/%.2f" % tuple(
+                      bare[src][k] for k in ("found_mean", "together", "leakage") for src in ("tokens", "words")),
+                  "t %.0f+%.0f" % (t1 - t0, row["measure_s"]), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -114,6 +114,8 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
         run_data.update(background_data(s, bundle, loaded.images_IxHxWx3.shape[1:3], background_C))
     if s.prior.folder:
         run_data.update(prior_data(s, bundle))
+    if s.tokens.attn_all_vectors:
+        run_data["attn_vector_ids_CxV"] = jnp.asarray(data.vector_ids(concepts))
     if s.tokens.context_weight > 0:
         run_data.update(context_data(s, bundle, concepts, toks, owner_C, background_C, latents.shape[-2:]))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,

@@ -218,9 +218,13 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     union_Bx1xhxw = losses.dilate(losses.union_mask(masks_BxCxhxw, present_BxC), cfg.loss_margin)
     l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, per_area=cfg.loss_per_area)
     grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
-    attn_BxCxgxg = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latents.shape[2:],
-                                            jnp.maximum(batch["positions"], 0), out_hw=grid, normalize="max")
-    l_attn = losses.attention_loss(attn_BxCxgxg, data.nearest_resize(masks_BxCxhxw, grid), present_BxC)
+    positions, vectors_BxCxV = batch["positions"], None
+    if "attn_vector_ids_CxV" in run_data:  # tokens.attn_all_vectors: every vector's map, not the first's only
+        positions, vectors_BxCxV = data.vector_positions(batch["ids"][:b], run_data["attn_vector_ids_CxV"])
+    attn = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latents.shape[2:],
+                                    jnp.maximum(positions.reshape(b, -1), 0), out_hw=grid, normalize="max")
+    attn = attn.reshape(positions.shape + grid)  # B x C x g x g, or B x C x V x g x g per vector
+    l_attn = losses.attention_loss(attn, data.nearest_resize(masks_BxCxhxw, grid), present_BxC, vectors_BxCxV)
     total = l_mask + cfg.attn_weight * l_attn
     metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
     if prior:
