@@ -12,7 +12,8 @@ Reported, as mean ± standard error over scenes:
     unrefined masks); concepts with the same init word are matched to the truth by the best assignment;
   * `em` − `attention` final object IoU, paired per scene;
   * sample fidelity: each learned object token in new prompts ("a <tok> on a teal water background"): does
-    the toy analysis find an object of the right colour and shape (and pattern)?
+    the toy analysis find an object of the right colour and shape (and pattern)? With `--bare`, also in bare
+    prompts ("a <tok>", as `generate --run` writes them), a second table.
 Writes fidelity.json, table.md, iou_by_round.png (one panel per set and init) and prints the table.
 
     python -m jaxconcept.bench.fidelity --out runs/fidelity              # sized for one session on 2 cores
