@@ -42,17 +42,18 @@ def masked_diffusion_loss(eps_BxZxhxw, noise_BxZxhxw, mask_Bx1xhxw, per_area: bo
     return jnp.mean(diff ** 2)
 
 
-def attention_loss(maps_BxCxhxw, masks_BxCxhxw, present_BxC, vectors_BxCxV=None):
-    """sum over present concepts of mean((A_i - M_i)^2), averaged over the batch. With `vectors_BxCxV` (1 where
-    concept c's v-th vector is in the prompt) the maps are B x C x V x h x w, one per vector, and a concept's term
-    is the mean over its vectors: a multi-vector concept weighs what a one-vector concept does."""
+def attention_loss(maps, masks_BxCxhxw, present_BxC, vectors_BxCxV=None):
+    """sum over present concepts of mean((A_i - M_i)^2), averaged over the batch; `maps` B x C x h x w. With
+    `vectors_BxCxV` (1 where concept c's v-th vector is in the prompt) the maps are B x C x V x h x w, one per
+    vector, and a concept's term is the mean over its vectors: a multi-vector concept weighs what a one-vector
+    concept does."""
     if vectors_BxCxV is None:
-        maps_BxCxVxhxw, vectors_BxCxV = maps_BxCxhxw[:, :, None], jnp.ones(maps_BxCxhxw.shape[:2] + (1,))
+        maps_BxCxVxhxw, vectors_BxCxV = maps[:, :, None], jnp.ones(maps.shape[:2] + (1,))
     else:
-        maps_BxCxVxhxw = maps_BxCxhxw
+        maps_BxCxVxhxw = maps
     per_BxCxV = jnp.mean((maps_BxCxVxhxw.astype(jnp.float32) - masks_BxCxhxw[:, :, None]) ** 2, axis=(-2, -1))
     per_BxC = jnp.sum(per_BxCxV * vectors_BxCxV, -1) / jnp.maximum(jnp.sum(vectors_BxCxV, -1), 1.0)
-    return jnp.sum(per_BxC * present_BxC) / maps_BxCxVxhxw.shape[0]
+    return jnp.sum(per_BxC * present_BxC) / maps.shape[0]
 
 
 def diffusion_loss(eps_BxZxhxw, noise_BxZxhxw):
