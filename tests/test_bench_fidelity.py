@@ -67,3 +67,34 @@ def test_without_samples_attention_is_read_off_em_and_equals_a_real_attention_ru
     np.testing.assert_allclose(derived["iou_no_crf_by_round"], real["iou_no_crf_by_round"], atol=1e-9)
     assert derived["iou_final"] == pytest.approx(real["iou_final"], abs=1e-9)
     assert result["gains"]["natural/random"]["scenes"] == 1
+
+
+def test_tied_tokens_samples_are_judged_against_the_object_their_masks_matched(tmp_path, monkeypatch):
+    # random starts: which token takes which object is arbitrary; the IoU matches them to the truth, and the samples
+    # must follow the same matching (a token that learned the triangle is asked for the triangle, not its name's)
+    from jaxconcept.em import learner
+    from jaxconcept.model.loading import load_model
+
+    real_learn, seen = learner.learn, {}
+
+    def learn_and_swap(*args, **kwargs):
+        summary = real_learn(*args, **kwargs)
+        objects = [c["token"] for c in summary["concepts"] if c["kind"] == "object"]
+        summary["matched_to"] = {objects[0]: objects[1], objects[1]: objects[0]}  # as if the masks came out swapped
+        return summary
+
+    def judged(run, base, s, token_of, settings, words_cache, background=None):
+        seen[background] = dict(token_of)
+        return {"tokens": {}, "words": {}, "prompts": [{"tokens": "a"}], "report": {}}, np.zeros((1, 1, 8, 8, 3), np.uint8)
+
+    monkeypatch.setattr(fidelity.learner, "learn", learn_and_swap)
+    monkeypatch.setattr(fidelity, "sample_fidelity", judged)
+    s = fidelity.make_bench_scene("hard", 1, 32)
+    folder = str(tmp_path / "scene")
+    scene.write_scene(s, folder)
+    settings = fidelity.Settings(model="tiny", token_steps=1, estep_every=1, num_timesteps=2, num_samples=1)
+    row = fidelity.bench_run(load_model("tiny"), {}, fidelity.BenchScene(s, folder, "hard"), "random", "em", settings,
+                             str(tmp_path / "run"))
+    a, b = (o.name for o in s.objects)
+    assert seen[None][a] == f"<{b}>" and seen[None][b] == f"<{a}>"  # each judged as the object it learned
+    assert row["matched_to"] == {f"<{a}>": f"<{b}>", f"<{b}>": f"<{a}>"}

@@ -75,6 +75,8 @@ def test_matched_ious_assign_tied_concepts_to_the_best_truth():
     assert masks.matched_ious(pred, truth) == [0.0, 0.0, 1.0]
     assert masks.matched_ious(pred, truth, [(0, 1)]) == [1.0, 1.0, 1.0]
     assert masks.matched_ious(np.stack([left, right, bg]), truth, [(0, 1)]) == [1.0, 1.0, 1.0]
+    # which truth each concept was matched to: the swap is undone only inside the tied group
+    assert masks.matched_truths(pred, truth, [(0, 1)]) == [1, 0, 2] and masks.matched_truths(pred, truth) == [0, 1, 2]
 
 
 def test_tied_concepts_split_their_region_in_reading_order():

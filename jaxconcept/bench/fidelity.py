@@ -183,19 +183,24 @@ def bench_run(base, words_cache: dict | None, bs: BenchScene, init: str, mode: s
                             ground_truth=truth, progress=progress)
     objects = [token_of[o.name] for o in s.objects]
     curve, curve_raw = object_curves(run_dir, objects)
+    # tied tokens (no init word, or the same one) take their objects in an arbitrary order: each token's samples are
+    # judged against the object whose true mask its final mask was matched to, as its IoU is
+    learned = {whose: token for token, whose in summary.get("matched_to", {}).items()}
+    judged_as = {name: learned.get(token, token) for name, token in token_of.items()}
     row = {"set": set_name, "seed": s.seed, "init": init, "mode": mode, "caption": s.caption,
            "iou_by_round": curve, "iou_no_crf_by_round": curve_raw,
            "iou_final": float(np.mean([summary["iou_final"][t] for t in objects])),
            "final_round": summary.get("final_round"), "mask_change_by_round": summary.get("mask_change_by_round"),
-           "seconds": summary["seconds"], "samples": None}
+           "seconds": summary["seconds"], "samples": None,
+           "matched_to": {t: m for t, m in summary.get("matched_to", {}).items() if t != m}}
     if settings.num_samples and words_cache is not None:
         run = runs.load_run(run_dir, bundle=base)
-        row["samples"], pics = sample_fidelity(run, base, s, token_of, settings, words_cache)
+        row["samples"], pics = sample_fidelity(run, base, s, judged_as, settings, words_cache)
         images.save_image(viz.grid([list(p) for p in pics], cell=64, row_labels=[p["tokens"] for p in
                                                                                  row["samples"]["prompts"]]),
                           os.path.join(run_dir, "samples.png"))
         if settings.bare:
-            row["samples_bare"], _ = sample_fidelity(run, base, s, token_of, settings, words_cache, judge.BARE)
+            row["samples_bare"], _ = sample_fidelity(run, base, s, judged_as, settings, words_cache, judge.BARE)
     return row
 
 

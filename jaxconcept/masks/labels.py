@@ -78,12 +78,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def matched_ious(pred_CxHxW, truth_CxHxW, groups=()) -> list[float]:
-    """IoU of each concept with its truth, concepts of a tied group (same init word in one image: which of
-    them takes which region is arbitrary) matched to the group's truths by the assignment with the
-    largest total IoU (brute force over the group's permutations; earlier permutations win ties)."""
+def matched_truths(pred_CxHxW, truth_CxHxW, groups=()) -> list[int]:
+    """The truth each concept is matched to: its own, except in a tied group (same init word in one image, or
+    none: which of them takes which region is arbitrary), whose concepts are matched to the group's truths by
+    the assignment with the largest total IoU (brute force over the group's permutations; earlier permutations
+    win ties)."""
     pred_CxHxW, truth_CxHxW = np.asarray(pred_CxHxW, bool), np.asarray(truth_CxHxW, bool)
-    out = [iou(a, b) for a, b in zip(pred_CxHxW, truth_CxHxW)]
+    out = list(range(len(pred_CxHxW)))
     for group in groups:
         group = list(group)
         if len(group) > 8:
@@ -92,8 +93,14 @@ def matched_ious(pred_CxHxW, truth_CxHxW, groups=()) -> list[float]:
         best = max(itertools.permutations(range(len(group))),
                    key=lambda perm: sum(table[i, perm[i]] for i in range(len(group))))
         for i, c in enumerate(group):
-            out[c] = float(table[i, best[i]])
+            out[c] = group[best[i]]
     return out
+
+
+def matched_ious(pred_CxHxW, truth_CxHxW, groups=()) -> list[float]:
+    """IoU of each concept with the truth it is matched to (`matched_truths`)."""
+    pred_CxHxW, truth_CxHxW = np.asarray(pred_CxHxW, bool), np.asarray(truth_CxHxW, bool)
+    return [iou(pred_CxHxW[c], truth_CxHxW[t]) for c, t in enumerate(matched_truths(pred_CxHxW, truth_CxHxW, groups))]
 
 
 def reading_order_regions(region_HxW, n: int) -> list[np.ndarray]:

@@ -356,6 +356,9 @@ def summary_of(run_dir, settings, setup, masks_final, history, truth, seconds) -
         summary["iou_final"] = dict(zip(setup.concepts.tokens, masks.matched_ious(masks_final, truth, tied)))
         if tied:
             summary["iou_matching"] = estep.MATCHING_NOTE
+            # which concept's true region each tied token learned: what its samples are to be judged against
+            summary["matched_to"] = {t: setup.concepts.tokens[m] for t, m in
+                                     zip(setup.concepts.tokens, masks.matched_truths(masks_final, truth, tied))}
         summary["iou_by_round"] = [h.get("mean_iou") for h in history]
         summary["iou_no_crf_by_round"] = [h.get("mean_iou_no_crf") for h in history]
     return summary
