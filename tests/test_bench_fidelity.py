@@ -43,6 +43,16 @@ def test_fidelity_benchmark_on_tiny(tmp_path, capsys):
     assert "em − attention" in capsys.readouterr().out
 
 
+def test_user_mode_alone_gets_its_table_and_plot(tmp_path):
+    # `--modes user` (e.g. the upper bound of random starts, run on its own): its samples panel is drawn
+    settings = fidelity.Settings(model="tiny", token_steps=1, estep_every=1, joint_steps=0, num_timesteps=2,
+                                 num_samples=1, sample_steps=2)
+    result = fidelity.run_benchmark([1], str(tmp_path), modes=("user",), settings=settings, sets=("hard",),
+                                    inits=("random",))
+    fidelity.write_outputs(result, str(tmp_path))
+    assert (tmp_path / "samples.png").exists() and "| hard | random | user | 1 |" in (tmp_path / "table.md").read_text()
+
+
 def test_hard_scenes_have_close_colours_on_textured_backgrounds():
     pairs = {frozenset(p) for p in fidelity.HARD_PAIRS}
     for seed in range(20):

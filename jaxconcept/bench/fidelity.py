@@ -382,8 +382,12 @@ def samples_plot(result: dict) -> np.ndarray | None:
     rows = [r for r in result["table"].values() if r.get("samples")]
     if not rows:
         return None
+    panels = dict.fromkeys((r["set"], r["init"]) for r in rows if r["mode"] != "user")
+    for r in rows:  # a set run in user mode only (`--modes user`) still gets its panel
+        if r["mode"] == "user" and all(p[0] != r["set"] for p in panels):
+            panels[(r["set"], r["init"])] = None
     pics = []
-    for set_name, init in dict.fromkeys((r["set"], r["init"]) for r in rows if r["mode"] != "user"):
+    for set_name, init in panels:
         mine = {r["mode"]: r["samples"] for r in rows if r["set"] == set_name and (r["init"] == init or r["mode"] == "user")}
         modes = [m for m in MODES if m in mine]
         words = mine[modes[0]]
