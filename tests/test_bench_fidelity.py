@@ -95,7 +95,8 @@ def test_tied_tokens_samples_are_judged_against_the_object_their_masks_matched(t
 
     def judged(run, base, s, token_of, settings, words_cache, background=None):
         seen[background] = dict(token_of)
-        return {"tokens": {}, "words": {}, "prompts": [{"tokens": "a"}], "report": {}}, np.zeros((1, 1, 8, 8, 3), np.uint8)
+        record = {"tokens": {}, "words": {}, "prompts": [{"tokens": "a"}], "report": {}}
+        return record, np.zeros((1, 1, 8, 8, 3), np.uint8)
 
     monkeypatch.setattr(fidelity.learner, "learn", learn_and_swap)
     monkeypatch.setattr(fidelity, "sample_fidelity", judged)

@@ -419,7 +419,8 @@ def main(argv=None) -> int:
                    help="samples per prompt (0: no sampling; attention is then read off em's round 0)")
     p.add_argument("--no-crf", action="store_true", help="E-steps without the DenseCRF (a separate ablation run)")
     p.add_argument("--bare", action="store_true",
-                   help="with --samples: also sample bare prompts ('a <tok>', as `generate --run` does), a second table")
+                   help="with --samples: also sample bare prompts ('a <tok>', as `generate --run` does), a second "
+                        "table")
     args = p.parse_args(argv)
     split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
     modes, sets, inits = split(args.modes), split(args.sets), split(args.inits)
