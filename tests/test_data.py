@@ -140,10 +140,11 @@ def test_area_resize_gives_each_cell_its_share_of_the_mask():
 
 
 def test_vector_positions_find_each_vector_of_each_concept_in_the_prompt():
-    import types
+    from jaxconcept.model import tokens
 
-    concepts = types.SimpleNamespace(counts=(2, 1), ids=(50, 51, 60))  # <ring> <ring>_1, then <bg>
-    ids_CxV = data.vector_ids(concepts)
+    concepts = tokens.Concepts(("<ring>", "<bg>"), (50, 51, 60), ("purple+ring", "background"), np.zeros((3, 4)),
+                               vectors=(2, 1))  # <ring> <ring>_1, then <bg>
+    ids_CxV = concepts.ids_CxV
     np.testing.assert_array_equal(ids_CxV, [[50, 51], [60, -1]])
     ids_BxT = jnp.asarray([[1, 7, 50, 51, 8, 60, 2], [1, 7, 60, 2, 0, 0, 0]])  # both concepts; the background only
     pos, present = data.vector_positions(ids_BxT, jnp.asarray(ids_CxV))

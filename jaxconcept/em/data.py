@@ -87,20 +87,10 @@ def prompt_table(tokenizer, concept_tokens, owner_C, concept_ids, max_length: in
 
 def vector_positions(ids_BxT, vector_ids_CxV):
     """(positions B x C x V, in-prompt B x C x V as float 0/1): where each concept's v-th vector sits in each prompt
-    (0 where absent; `vector_ids_CxV` is -1 past a concept's last vector)."""
+    (0 where absent; `vector_ids_CxV`, `tokens.Concepts.ids_CxV`, is -1 past a concept's last vector)."""
     hit_BxCxVxT = ids_BxT[:, None, None, :] == vector_ids_CxV[None, :, :, None]
     present_BxCxV = jnp.any(hit_BxCxVxT, axis=-1) & (vector_ids_CxV >= 0)[None]
     return jnp.argmax(hit_BxCxVxT, axis=-1).astype(jnp.int32), present_BxCxV.astype(jnp.float32)
-
-
-def vector_ids(concepts) -> np.ndarray:
-    """C x V: the vocabulary ids of each concept's vectors (`tokens.Concepts`), -1 past its last."""
-    counts = concepts.counts
-    out = np.full((len(counts), max(counts)), -1, np.int32)
-    starts = np.cumsum((0,) + tuple(counts[:-1]))
-    for c, (start, n) in enumerate(zip(starts, counts)):
-        out[c, :n] = concepts.ids[int(start):int(start) + n]
-    return out
 
 
 def image_prompts(tokenizer, concept_tokens, owner_C, concept_ids, max_length: int,

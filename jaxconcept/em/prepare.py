@@ -115,7 +115,7 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     if s.prior.folder:
         run_data.update(prior_data(s, bundle))
     if s.tokens.attn_all_vectors:
-        run_data["attn_vector_ids_CxV"] = jnp.asarray(data.vector_ids(concepts))
+        run_data["attn_vector_ids_CxV"] = jnp.asarray(concepts.ids_CxV)
     if s.tokens.context_weight > 0:
         run_data.update(context_data(s, bundle, concepts, toks, owner_C, background_C, latents.shape[-2:]))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,

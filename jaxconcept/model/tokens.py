@@ -55,10 +55,18 @@ class Concepts:
         return self.vectors or (1,) * len(self.tokens)
 
     @property
+    def ids_CxV(self) -> np.ndarray:
+        """C x V (V: the most vectors of a concept): the vocabulary ids of each concept's vectors, -1 past its last."""
+        counts = self.counts
+        out = np.full((len(counts), max(counts, default=1)), -1, np.int32)
+        for c, (start, n) in enumerate(zip(np.cumsum((0,) + counts[:-1]), counts)):
+            out[c, :n] = self.ids[int(start):int(start) + n]
+        return out
+
+    @property
     def first_ids(self) -> tuple[int, ...]:
         """C: the id of each concept's first vector (where its attention is read)."""
-        starts = np.cumsum((0,) + self.counts[:-1])
-        return tuple(self.ids[int(i)] for i in starts)
+        return tuple(int(i) for i in self.ids_CxV[:, 0])
 
     def rows_by_token(self, rows_NxD) -> dict:
         """token -> its rows (n x D)."""
