@@ -32,6 +32,7 @@ DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
 REMATS = ("none", "full", "dots")
 MASK_DOWNSAMPLES = ("nearest", "area")
+SWAP_STAGES = ("both", "tokens", "joint")  # the stages whose drawn prompts `background_swap` may put on a bank background
 LORA_TARGETS = ("attention", "ff", "proj")  # groups of a transformer block's layers (model/lora.py's GROUPS)
 
 
@@ -285,6 +286,10 @@ class Settings:
     # probability that a drawn prompt naming no background concept is trained on its objects put on a plain random
     # background instead of the source one (latent composite with the masks; em/data.swap_background); 0 = never
     background_swap: float = field(0.0, _number(0.0, 1.0))
+    background_swap_stages: str = field("both", _choice(SWAP_STAGES))  # "joint": the UNet's tuning only
+    # > 0: both stages' diffusion losses weight each sample by Min-SNR-gamma (model/diffusion.min_snr_weights), as
+    # the toy model was trained; 0 = every timestep alike (Break-a-Scene's)
+    min_snr_gamma: float = field(0.0, _number(0.0))
     log_every: int = field(10, _integer(1))
     init: Init = dataclasses.field(default_factory=Init)
     masks: Masks = dataclasses.field(default_factory=Masks)
@@ -316,8 +321,11 @@ class Settings:
         if not joint.get("lora_rank"):  # the adapters' settings decide nothing then
             for name in ("lora_rank", "lora_alpha", "lora_targets"):
                 joint.pop(name, None)
-        if not out.get("background_swap"):
-            out.pop("background_swap", None)
+        for name in ("background_swap", "min_snr_gamma"):
+            if not out.get(name):
+                out.pop(name, None)
+        if out.get("background_swap_stages", "both") == "both":
+            out.pop("background_swap_stages", None)
         if joint.get("background_prompts", True):
             joint.pop("background_prompts", None)
         for name in ("refit", "attn_all_vectors"):

@@ -703,6 +703,48 @@ def test_background_swap_reaches_the_step_with_a_bank_and_which_concepts_are_bac
     assert len(seen) == 1 and seen[0][-1] == 0.5 and seen[0][-2].shape == bank.shape
 
 
+def test_background_swap_in_the_joint_stage_only(scene_dir):
+    """background_swap_stages="joint": the bank is prepared, the token stage's loss swaps nothing and the joint
+    stage's swaps with the probability; "tokens" the other way round; "both" (the default) both."""
+    from jaxconcept.em import stages
+
+    for where, token_p, joint_p in (("joint", 0.0, 0.5), ("tokens", 0.5, 0.0), ("both", 0.5, 0.5)):
+        cfg = _cfg(background_swap=0.5, background_swap_stages=where)
+        s = settings.resolve(cfg)
+        assert (stages.loss_config(s).background_swap, stages.joint_loss_config(s).background_swap) == \
+            (token_p, joint_p)
+    assert "backgrounds" in prepare(_cfg(background_swap=0.5, background_swap_stages="joint"),
+                                    [_spec(scene_dir)]).run_data
+
+
+def test_min_snr_weights_reach_both_stages_and_weight_the_masked_loss(scene_dir, monkeypatch):
+    """min_snr_gamma > 0: both stages' loss configs carry it, and the step weights each sample's masked error by
+    `diffusion.min_snr_weights(prediction type, schedule, its timestep, gamma)` (here stubbed to 0.5: the masked
+    loss halves, the attention loss is unchanged)."""
+    from jaxconcept.em import stages
+    from jaxconcept.model import diffusion
+
+    s = settings.resolve(_cfg(min_snr_gamma=5.0))
+    assert stages.loss_config(s).min_snr_gamma == stages.joint_loss_config(s).min_snr_gamma == 5.0
+    st = prepare(_cfg(), [_spec(scene_dir)])
+    seen = []
+    monkeypatch.setattr(diffusion, "min_snr_weights", lambda kind, a, t, g: seen.append((kind, g)) or
+                        jax.numpy.full(t.shape, 0.5))
+    frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
+    masks = jax.numpy.asarray(np.ones((3,) + st.latent_hw, np.float32))
+
+    def metrics(gamma):
+        return steps.concept_loss(
+            {"rows": jax.numpy.asarray(st.concepts.init_rows)}, frozen, st.run_data, masks, jax.random.key(1),
+            statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(min_snr_gamma=gamma)),
+            concept_ids_N=jax.numpy.asarray(st.concepts.ids))[1]
+
+    plain, weighted = metrics(0.0), metrics(5.0)
+    assert seen == [("epsilon", 5.0)]
+    assert float(weighted["loss_mask"]) == pytest.approx(0.5 * float(plain["loss_mask"]), rel=1e-5)
+    assert float(weighted["loss_attn"]) == pytest.approx(float(plain["loss_attn"]), rel=1e-5)
+
+
 def test_context_regulariser_holds_the_other_words_states_where_the_starting_rows_put_them(scene_dir):
     """tokens.context_weight > 0: the run's data holds the context prompts (each object alone and both, after each
     phrase; none names the background), the text states the starting rows give them, and the positions read (all

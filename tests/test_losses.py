@@ -14,6 +14,20 @@ def test_masked_diffusion_loss_is_mean_over_all_elements():
     assert float(losses.masked_diffusion_loss(eps, noise, mask)) == 1.0
 
 
+def test_sample_weights_scale_each_samples_masked_and_plain_error():
+    eps, noise = jnp.zeros((2, 2, 2, 2)), jnp.ones((2, 2, 2, 2)) * jnp.array([2.0, 1.0])[:, None, None, None]
+    mask = jnp.ones((2, 1, 2, 2)).at[:, :, 1].set(0.0)  # half of each sample's cells
+    w = jnp.array([0.25, 1.0])
+    # per sample: (4 * 0.5, 1 * 0.5) weighted (0.25, 1) -> mean(0.5, 0.5); per area: (4, 1) -> mean(1, 1)
+    assert float(losses.masked_diffusion_loss(eps, noise, mask, weight_B=w)) == 0.5
+    assert float(losses.masked_diffusion_loss(eps, noise, mask, per_area=True, weight_B=w)) == 1.0
+    assert float(losses.diffusion_loss(eps, noise, w)) == (4 * 0.25 + 1) / 2
+    # unit weights: the unweighted losses
+    for per_area in (False, True):
+        assert float(losses.masked_diffusion_loss(eps, noise, mask, per_area, jnp.ones(2))) == \
+            float(losses.masked_diffusion_loss(eps, noise, mask, per_area))
+
+
 def test_union_mask_keeps_only_present_concepts():
     m = jnp.array([[[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]]])  # B=1, C=3, 1x2
     present = jnp.array([[1.0, 1.0, 0.0]])

@@ -85,6 +85,17 @@ VARIANTS = {
     # shape word's vector cannot attend to (and learn) the other object's region
     "allvec": {"tokens.attn_all_vectors": True},
     "shape_allvec": {"init": "shape", "tokens.attn_all_vectors": True},
+    # issue 27, patterned objects' colour drifting and concepts lost on new backgrounds: both stages' diffusion losses
+    # weighted by Min-SNR-gamma, as the toy model was trained (min-SNR 5), so the low-noise steps (texture) stop
+    # outweighing the high-noise ones (colour, layout)
+    "minsnr5": {"min_snr_gamma": 5.0},
+    "minsnr1": {"min_snr_gamma": 1.0},
+    # issue 27, concepts lost on a new background close to their colour: the joint stage darkens them there (hard 109,
+    # hard 6 drawn right with the base UNet, WiSE s = 0): the UNet tuned on the objects on plain random backgrounds
+    # (never on the source one, except in prompts naming the background), the token stage unchanged (section 10's
+    # swap in both stages cost a dotted object its look)
+    "jswap05": {"background_swap": 0.5, "background_swap_stages": "joint"},
+    "jswap1": {"background_swap": 1.0, "background_swap_stages": "joint"},
 }
 
 def scene_of(tag):
@@ -168,12 +179,18 @@ def main():
             run = runs.load_run(run_dir, bundle=base)
             m = judge.measure(run, base, judge.Asked(toy), src_bg, settings, words=words_cache)
             bare = judge.measure(run, base, judge.Asked(toy, background=judge.BARE), src_bg, settings, words=words_cache)
+            new = None  # benchmark scenes: also on the benchmark's own new background for the scene (as evaluation)
+            if tag != "default":
+                which, seed = tag.split(":")
+                new = judge.measure(run, base, judge.Asked(toy, background=bf.new_background(
+                    bf.make_bench_scene(which, int(seed), 64))), src_bg, settings, words=words_cache)
             images.save_image(viz.grid([list(p) for p in m["pictures"]["tokens"]], cell=64,
                                        row_labels=[p["tokens"] for p in m["prompts"]]), os.path.join(run_dir, "judge.png"))
             objs = [c.token for c in toy]
             row = {"variant": v, "scene": tag, "iou": float(np.mean([summary["iou_final"][t] for t in objs])),
                    "tokens": m["tokens"], "words": m["words"], "report": m["report"],
                    "bare": {k: bare[k] for k in ("tokens", "words", "report")},
+                   "new": new and {k: new[k] for k in ("tokens", "words", "report")},
                    "train_s": t1 - t0, "measure_s": time.time() - t1}
             with open(res_path, "a") as f: f.write(json.dumps(row) + "\n")
             print(v, tag, "iou %.2f" % row["iou"], "found", {k: round(x, 2) for k, x in m["tokens"]["found"].items()},

@@ -33,13 +33,16 @@ def dilate(mask_Bx1xhxw, cells: int):
     return jax.lax.reduce_window(mask_Bx1xhxw, -jnp.inf, jax.lax.max, (1, 1, size, size), (1, 1, 1, 1), "SAME")
 
 
-def masked_diffusion_loss(eps_BxZxhxw, noise_BxZxhxw, mask_Bx1xhxw, per_area: bool = False):
-    """mean(((eps - noise) * M)^2) over every element; per_area: over the masked elements only."""
+def masked_diffusion_loss(eps_BxZxhxw, noise_BxZxhxw, mask_Bx1xhxw, per_area: bool = False, weight_B=None):
+    """mean(((eps - noise) * M)^2) over every element; per_area: over the masked elements only; weight_B: each
+    sample's error weighted (`diffusion.min_snr_weights`) before the mean over the batch."""
     diff = (eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) * mask_Bx1xhxw
     if per_area:
         area_B = jnp.maximum(jnp.sum(mask_Bx1xhxw, axis=(1, 2, 3)), 1.0) * diff.shape[1]
-        return jnp.mean(jnp.sum(diff ** 2, axis=(1, 2, 3)) / area_B)
-    return jnp.mean(diff ** 2)
+        return jnp.mean(jnp.sum(diff ** 2, axis=(1, 2, 3)) / area_B * (1.0 if weight_B is None else weight_B))
+    if weight_B is None:
+        return jnp.mean(diff ** 2)
+    return jnp.mean(jnp.mean(diff ** 2, axis=(1, 2, 3)) * weight_B)
 
 
 def attention_loss(maps, masks_BxCxhxw, present_BxC, vectors_BxCxV=None):
@@ -56,9 +59,10 @@ def attention_loss(maps, masks_BxCxhxw, present_BxC, vectors_BxCxV=None):
     return jnp.sum(per_BxC * present_BxC) / maps.shape[0]
 
 
-def diffusion_loss(eps_BxZxhxw, noise_BxZxhxw):
-    """Plain eps-MSE (prior preservation)."""
-    return jnp.mean((eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) ** 2)
+def diffusion_loss(eps_BxZxhxw, noise_BxZxhxw, weight_B=None):
+    """Plain eps-MSE (prior preservation); weight_B as in `masked_diffusion_loss`."""
+    sq = (eps_BxZxhxw.astype(jnp.float32) - noise_BxZxhxw.astype(jnp.float32)) ** 2
+    return jnp.mean(sq) if weight_B is None else jnp.mean(jnp.mean(sq, axis=(1, 2, 3)) * weight_B)
 
 
 def context_loss(states_KxTxD, target_KxTxD, weight_KxT):

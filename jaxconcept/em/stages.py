@@ -57,19 +57,27 @@ class Job:
     truth: np.ndarray | None
 
 
+def swap_prob(s: settings.Settings, stage: str) -> float:
+    """`background_swap` in the stage ("tokens" or "joint") if `background_swap_stages` names it, else 0."""
+    return s.background_swap if s.background_swap_stages in ("both", stage) else 0.0
+
+
 def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
-    return steps.LossConfig(batch_size=s.tokens.batch_size, attn_weight=s.tokens.attn_weight,
-                            attn_resolution=s.tokens.attn_resolution,
-                            loss_margin=s.tokens.loss_margin,
-                            loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
-                            background_swap=s.background_swap,
-                            prior_weight=s.prior.weight, context_weight=s.tokens.context_weight, **changes)
+    """The token stage's loss settings, with `changes` (the joint stage's differences)."""
+    cfg = steps.LossConfig(batch_size=s.tokens.batch_size, attn_weight=s.tokens.attn_weight,
+                           attn_resolution=s.tokens.attn_resolution,
+                           loss_margin=s.tokens.loss_margin,
+                           loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
+                           background_swap=swap_prob(s, "tokens"),
+                           prior_weight=s.prior.weight, context_weight=s.tokens.context_weight,
+                           min_snr_gamma=s.min_snr_gamma)
+    return dataclasses.replace(cfg, **changes)
 
 
 def joint_loss_config(s: settings.Settings) -> steps.LossConfig:
     spec = s.joint.lora
     return loss_config(s, remat=s.joint.remat, lora_scale=spec.scale if spec else 0.0,
-                       background_prompts=s.joint.background_prompts)
+                       background_prompts=s.joint.background_prompts, background_swap=swap_prob(s, "joint"))
 
 
 def frozen_weights(params: dict) -> dict:

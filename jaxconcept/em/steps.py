@@ -44,6 +44,7 @@ class LossConfig:
     lora_scale: float = 0.0  # alpha / rank of the UNet's adapters, when the trainables hold them ("lora")
     background_prompts: bool = True  # False: draw with run_data["joint_logw_P"] (no prompt names a background)
     context_weight: float = 0.0  # > 0: run_data holds the context prompts ("context_ids", "_target", "_weight")
+    min_snr_gamma: float = 0.0  # > 0: the diffusion losses' samples weighted by Min-SNR-gamma (diffusion.py)
 
 
 # what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
@@ -216,7 +217,10 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
     masks_BxCxhxw = batch["masks"].astype(jnp.float32)
     union_Bx1xhxw = losses.dilate(losses.union_mask(masks_BxCxhxw, present_BxC), cfg.loss_margin)
-    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, per_area=cfg.loss_per_area)
+    snr_w = (diffusion.min_snr_weights(model.prediction_type, alphas_cumprod, t, cfg.min_snr_gamma)
+             if cfg.min_snr_gamma > 0 else None)
+    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, cfg.loss_per_area,
+                                          None if snr_w is None else snr_w[:b])
     grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
     positions, vectors_BxCxV = batch["positions"], None
     if "attn_vector_ids_CxV" in run_data:  # tokens.attn_all_vectors: every vector's map, not the first's only
@@ -228,7 +232,7 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     total = l_mask + cfg.attn_weight * l_attn
     metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
     if prior:
-        l_prior = losses.diffusion_loss(eps[b:], target[b:])
+        l_prior = losses.diffusion_loss(eps[b:], target[b:], None if snr_w is None else snr_w[b:])
         total = total + cfg.prior_weight * l_prior
         metrics["loss_prior"] = l_prior
     if cfg.context_weight > 0 and "context_ids" in run_data:  # the text encoder alone: no UNet pass

@@ -32,6 +32,18 @@ def add_noise(alphas_cumprod_T, latents_BxZxhxw, noise_BxZxhxw, timesteps_B):
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts: the noise, or v (Salimans & Ho 2022)
 
 
+def min_snr_weights(prediction_type: str, alphas_cumprod_T, timesteps_B, gamma: float):
+    """Per-sample Min-SNR-gamma loss weights (Hang et al. 2023), B: min(SNR, gamma) / SNR for epsilon models,
+    min(SNR, gamma) / (SNR + 1) for v_prediction (its target's error is the noise error times SNR + 1).
+    SNR(t) = a_t / (1 - a_t). Why: the squared error of the noise is largest in effect at the low-noise steps
+    (huge SNR), where only fine texture is decided; capping the SNR lets the high-noise steps, where colour and
+    layout are decided, weigh as much. Steps with SNR <= gamma keep weight 1 (epsilon)."""
+    a_B = alphas_cumprod_T[timesteps_B].astype(jnp.float32)
+    snr_B = a_B / (1.0 - a_B)
+    capped_B = jnp.minimum(snr_B, gamma)
+    return capped_B / (snr_B + 1.0) if prediction_type == "v_prediction" else capped_B / snr_B
+
+
 def training_target(prediction_type: str, alphas_cumprod_T, latents_BxZxhxw, noise_BxZxhxw, timesteps_B):
     """What the UNet's output is regressed on: the noise (epsilon models) or the velocity
     v = sqrt(a_t) eps - sqrt(1 - a_t) z_0 (v_prediction models, e.g. SD 2.x at 768 px)."""

@@ -121,16 +121,6 @@ def vae_loss(vae, vae_params, images_BxHxWx3, key, kl_weight: float):
     return rec + kl_weight * kl, {"recon": rec, "kl": kl}
 
 
-def min_snr_weights(alphas_cumprod_T, timesteps_B, gamma: float):
-    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR, gamma) / SNR.
-
-    SNR(t) = a_t / (1 - a_t). Low-noise steps (huge SNR) are down-weighted so that they stop dominating
-    the gradient; steps with SNR <= gamma keep weight 1."""
-    a_B = alphas_cumprod_T[timesteps_B]
-    snr_B = a_B / (1.0 - a_B)
-    return jnp.minimum(snr_B, gamma) / snr_B
-
-
 @dataclasses.dataclass(frozen=True)
 class DenoiseTerms:
     """The terms of the denoiser's loss besides the eps-MSE (the `denoise` config fields of the same names)."""
@@ -149,8 +139,8 @@ class DenoiseTerms:
 def denoise_loss(bundle, params, batch, key, *, terms: DenoiseTerms, selector: capture.LayerSelector, empty_ids_T):
     """eps-MSE (+ aux attention loss on the words naming objects); params = {"text_encoder", "unet"}.
 
-    With terms.min_snr_gamma > 0 each sample's eps-MSE is weighted by `min_snr_weights` (the reported `mse` stays
-    unweighted). The aux term is the mean squared error between each object word's max-normalised attention
+    With terms.min_snr_gamma > 0 each sample's eps-MSE is weighted by `diffusion.min_snr_weights` (the reported
+    `mse` stays unweighted). The aux term is the mean squared error between each object word's max-normalised attention
     map and its object's mask, only below `terms.aux_max_timestep` (at higher noise there is nothing left to
     localise)."""
     latents, ids, positions = batch["latents"], batch["ids"], batch["positions"]
@@ -166,7 +156,8 @@ def denoise_loss(bundle, params, batch, key, *, terms: DenoiseTerms, selector: c
     mse_B = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
     mse = jnp.mean(mse_B)
     if terms.min_snr_gamma:
-        weights_B = min_snr_weights(bundle.scheduler_state.common.alphas_cumprod, t, terms.min_snr_gamma)
+        weights_B = diffusion.min_snr_weights("epsilon", bundle.scheduler_state.common.alphas_cumprod, t,
+                                              terms.min_snr_gamma)
         denoise = jnp.mean(mse_B * weights_B)
     else:
         denoise = mse
