@@ -288,8 +288,9 @@ class Settings:
     background_swap: float = field(0.0, _number(0.0, 1.0))
     background_swap_stages: str = field("both", _choice(SWAP_STAGES))  # "joint": the UNet's tuning only
     # > 0: both stages' diffusion losses weight each sample by Min-SNR-gamma (model/diffusion.min_snr_weights), as
-    # the toy model was trained; 0 = every timestep alike (Break-a-Scene's)
-    min_snr_gamma: float = field(0.0, _number(0.0))
+    # the toy model was trained (gamma 5; docs/concepts_back.md section 21); 0 = every timestep alike (Break-a-Scene's,
+    # the SD presets')
+    min_snr_gamma: float = field(5.0, _number(0.0))
     log_every: int = field(10, _integer(1))
     init: Init = dataclasses.field(default_factory=Init)
     masks: Masks = dataclasses.field(default_factory=Masks)
