@@ -332,6 +332,19 @@ def _frozen(st: Setup) -> tuple[dict, Any]:
 
 
 
+# LossConfig fields added after entries were computed: part of the fingerprint only when set (not at their default)
+LATER_LOSS_FIELDS = ("context_weight", "min_snr_gamma")
+
+
+def loss_statics(cfg) -> str:
+    """The loss config as its repr read before LATER_LOSS_FIELDS existed, followed by those of them that are set."""
+    fields = [f for f in dataclasses.fields(cfg) if f.repr]
+    old = ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields if f.name not in LATER_LOSS_FIELDS)
+    later = "".join(f", {f.name}={getattr(cfg, f.name)!r}" for f in fields
+                    if f.name in LATER_LOSS_FIELDS and getattr(cfg, f.name) != f.default)
+    return f"{type(cfg).__qualname__}({old}){later}"
+
+
 def program_statics(program: str, st: Setup) -> dict:
     """What the program is specialised on besides the shapes (part of the fingerprint), without tracing it."""
     s = st.settings
@@ -342,11 +355,11 @@ def program_statics(program: str, st: Setup) -> dict:
         return {"selector": repr(capture.LayerSelector(resolutions=s.masks.resolutions)),
                 "timesteps": s.masks.num_timesteps, **chunk, **extra}
     if program == "token":
-        return {"loss": repr(stages.loss_config(s)), "optimizer": ["adamw", s.tokens.clip, s.tokens.weight_decay],
-                **extra}
+        return {"loss": loss_statics(stages.loss_config(s)),
+                "optimizer": ["adamw", s.tokens.clip, s.tokens.weight_decay], **extra}
     if program == "joint":
         flat = {"flat_update": True} if stages.flat_joint_update(s, st.bundle.params) else {}
-        return {"loss": repr(stages.joint_loss_config(s)), "text_encoder": s.joint.text_encoder,
+        return {"loss": loss_statics(stages.joint_loss_config(s)), "text_encoder": s.joint.text_encoder,
                 "optimizer": [s.joint.optimizer, s.joint.clip, s.joint.weight_decay], "lora": repr(s.joint.lora),
                 **flat, **extra}
     raise JaxconceptError(f"unknown program {program!r}: use one of {', '.join(PROGRAMS)}")
