@@ -32,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adamw_bf16", "adafactor")
 REMATS = ("none", "full", "dots")
 MASK_DOWNSAMPLES = ("nearest", "area")
-SWAP_STAGES = ("both", "tokens", "joint")  # the stages whose drawn prompts `background_swap` may put on a bank background
+SWAP_STAGES = ("both", "tokens", "joint")  # the stages whose prompts `background_swap` may put on a bank background
 LORA_TARGETS = ("attention", "ff", "proj")  # groups of a transformer block's layers (model/lora.py's GROUPS)
 
 
