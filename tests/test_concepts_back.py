@@ -1,9 +1,9 @@
 """The bundled scene's concepts come back on the shipped toy model (issue 27, docs/concepts_back.md).
 
-A shortened default run of the bundled scene (100 token steps, an E-step every 50 over 8 timesteps, 100 joint
-steps; the toy recipe otherwise: one vector per init word, joint lr 3e-5, min-SNR 5), then 8 samples of each
-object alone and of both together (DDIM 25, guidance 5, sample seed = run seed), judged by the toy analysis. "Shown": samples of the
-24 where every object the prompt names is found. Measured on the 2-core CPU, run seeds 0-4 (seed 3 tested):
+A shortened default run of the bundled scene (100 token steps, an E-step every 50 over 8 timesteps, 100 joint steps;
+the toy recipe otherwise: one vector per init word, joint lr 3e-5, min-SNR 5), then 8 samples of each object alone and
+of both together (DDIM 25, guidance 5, sample seed = run seed), judged by the toy analysis. "Shown": samples of the 24
+where every object the prompt names is found. Measured on the 2-core CPU, run seeds 0-4 (seed 3 tested):
 
     recipe              shown of 24: 13 / 10 / 10 / 17 / 15 (mean 13.0, seed-to-seed SD 3.1); together >= 1 of 8 each
     ... uniform weights (before min-SNR 5, stop 41): 11 / 15 / 11 / 20 / 17 (mean 14.8, SD 3.9)

@@ -217,10 +217,11 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
     masks_BxCxhxw = batch["masks"].astype(jnp.float32)
     union_Bx1xhxw = losses.dilate(losses.union_mask(masks_BxCxhxw, present_BxC), cfg.loss_margin)
-    snr_w = (diffusion.min_snr_weights(model.prediction_type, alphas_cumprod, t, cfg.min_snr_gamma)
-             if cfg.min_snr_gamma > 0 else None)
-    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, cfg.loss_per_area,
-                                          None if snr_w is None else snr_w[:b])
+    w_inst = w_prior = None  # per-sample weights of the instances and the prior's class images (min-SNR)
+    if cfg.min_snr_gamma > 0:
+        snr_w = diffusion.min_snr_weights(model.prediction_type, alphas_cumprod, t, cfg.min_snr_gamma)
+        w_inst, w_prior = snr_w[:b], snr_w[b:]
+    l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, cfg.loss_per_area, w_inst)
     grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
     positions, vectors_BxCxV = batch["positions"], None
     if "attn_vector_ids_CxV" in run_data:  # tokens.attn_all_vectors: every vector's map, not the first's only
@@ -232,7 +233,7 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     total = l_mask + cfg.attn_weight * l_attn
     metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
     if prior:
-        l_prior = losses.diffusion_loss(eps[b:], target[b:], None if snr_w is None else snr_w[b:])
+        l_prior = losses.diffusion_loss(eps[b:], target[b:], w_prior)
         total = total + cfg.prior_weight * l_prior
         metrics["loss_prior"] = l_prior
     if cfg.context_weight > 0 and "context_ids" in run_data:  # the text encoder alone: no UNet pass
