@@ -287,6 +287,11 @@ class Settings:
     # background instead of the source one (latent composite with the masks; em/data.swap_background); 0 = never
     background_swap: float = field(0.0, _number(0.0, 1.0))
     background_swap_stages: str = field("both", _choice(SWAP_STAGES))  # "joint": the UNet's tuning only
+    # > 0: both stages also train on this many zoomed views of each image (a random square crop, its side at least
+    # zoom_min of the image's, resized back; the masks cut alike each round; em/data.zoom_windows), each view drawn
+    # as often as the image itself; 0 = the image only (with its flip)
+    zoom_views: int = field(0, _integer(0))
+    zoom_min: float = field(0.7, _number(0.1, 1.0))
     # > 0: both stages' diffusion losses weight each sample by Min-SNR-gamma (model/diffusion.min_snr_weights), as
     # the toy model was trained (gamma 5; docs/concepts_back.md section 21); 0 = every timestep alike (Break-a-Scene's,
     # the SD presets')
@@ -322,9 +327,11 @@ class Settings:
         if not joint.get("lora_rank"):  # the adapters' settings decide nothing then
             for name in ("lora_rank", "lora_alpha", "lora_targets"):
                 joint.pop(name, None)
-        for name in ("background_swap", "min_snr_gamma"):
+        for name in ("background_swap", "min_snr_gamma", "zoom_views"):
             if not out.get(name):
                 out.pop(name, None)
+        if not out.get("zoom_views"):
+            out.pop("zoom_min", None)
         if out.get("background_swap_stages", "both") == "both":
             out.pop("background_swap_stages", None)
         if joint.get("background_prompts", True):

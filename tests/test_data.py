@@ -151,3 +151,51 @@ def test_vector_positions_find_each_vector_of_each_concept_in_the_prompt():
     np.testing.assert_array_equal(pos[0], [[2, 3], [5, 0]])
     np.testing.assert_array_equal(present, [[[1, 1], [1, 0]], [[0, 0], [1, 0]]])
     assert pos[1, 1, 0] == 2
+
+
+def test_zoom_windows_start_with_the_whole_image_and_stay_inside_it():
+    w = data.zoom_windows(50, 0.6, seed=3)
+    assert w.shape == (51, 3)
+    np.testing.assert_array_equal(w[0], [0.0, 0.0, 1.0])
+    top, left, side = w[1:].T
+    assert (side >= 0.6).all() and (side < 1.0).all()
+    assert (top >= 0).all() and (left >= 0).all() and (top + side <= 1.0 + 1e-9).all() and (left + side <= 1.0 + 1e-9).all()
+    np.testing.assert_array_equal(w, data.zoom_windows(50, 0.6, seed=3))  # seeded: a resumed run cuts the same views
+    assert not np.array_equal(w, data.zoom_windows(50, 0.6, seed=4))
+
+
+def test_zoomed_masks_cover_what_the_zoomed_images_show():
+    """A bright square in the picture and its mask, cut by the same windows: the mask lies on the bright pixels of
+    each view (up to the interpolation's one-pixel rim), and it grows with the zoom."""
+    img = np.zeros((1, 64, 64, 3), np.float32)
+    img[0, 20:32, 24:40] = 1.0
+    mask_1xHxW = img[0, :, :, 0][None] > 0
+    windows = np.array([[0.0, 0.0, 1.0], [0.25, 0.25, 0.5], [0.1, 0.3, 0.7]])
+    views = data.zoomed_views(img, windows)
+    masks = data.zoomed_masks(mask_1xHxW, windows)
+    assert views.shape == (1, 3, 64, 64, 3) and masks.shape == (3, 1, 64, 64)
+    np.testing.assert_array_equal(masks[0, 0], mask_1xHxW[0])
+    for v in range(3):
+        bright, m = views[0, v, :, :, 0] > 0.5, masks[v, 0] > 0.5
+        assert (bright != m).sum() <= 2 * (m.sum() ** 0.5) * 2  # at most the rim
+    assert masks[1, 0].sum() == pytest.approx(4 * mask_1xHxW.sum(), rel=0.1)  # half the side: four times the area
+
+
+def test_draw_batch_with_views_picks_each_views_latents_and_masks_together():
+    tok, ids = _tokenizer()
+    table = data.prompt_table(tok, ["<a>", "<b>"], [0, 0], ids[:2], 16)
+    arrays = data.table_arrays(table)
+    v = 3
+    # latent value = 10 * view + flip; masks of view k are all k
+    lat = (10 * jnp.arange(v)[:, None] + jnp.arange(2)[None, :]).astype(jnp.float32)
+    lat = jnp.broadcast_to(lat[None, :, :, None, None, None], (1, v, 2, 1, 2, 3))
+    masks = jnp.broadcast_to(jnp.arange(v, dtype=jnp.float32)[:, None, None, None], (v, 2, 2, 3))
+    b = jax.jit(lambda k: data.draw_batch(k, arrays, lat, masks, 300))(jax.random.key(1))
+    view, flip = np.asarray(b["view"]), np.asarray(b["flip"])
+    assert set(view.tolist()) == {0, 1, 2} and all(0.2 < (view == k).mean() < 0.47 for k in range(v))
+    np.testing.assert_array_equal(np.asarray(b["latents"])[:, 0, 0, 0], 10 * view + flip)
+    np.testing.assert_array_equal(np.asarray(b["masks"])[:, 0, 0, 0], view)
+    # without views the draw is what it always was (the view's key is its own)
+    one = data.draw_batch(jax.random.key(1), arrays, lat[:, 0], masks[0], 300)
+    np.testing.assert_array_equal(np.asarray(one["flip"]), flip)
+    np.testing.assert_array_equal(np.asarray(one["ids"]), np.asarray(b["ids"]))

@@ -745,6 +745,38 @@ def test_min_snr_weights_reach_both_stages_and_weight_the_masked_loss(scene_dir,
     assert float(weighted["loss_attn"]) == pytest.approx(float(plain["loss_attn"]), rel=1e-5)
 
 
+def test_zoom_views_are_encoded_once_and_the_step_trains_on_their_masks_cut_alike(scene_dir, tmp_path):
+    """zoom_views > 0: the run's data holds each image's latents and its zoomed views' (the VAE's latents of the
+    cropped-and-resized picture, with flips; view 0 the image's own), `place_masks` cuts each round's masks by the
+    same windows (V x C x h x w, view 0 the plain latent masks), a whole run trains on them, and the
+    setting enters the run's fingerprint only when set."""
+    from jaxconcept.em import data, stages
+    from jaxconcept.model import diffusion
+
+    cfg = _cfg(zoom_views=2)
+    st = prepare(cfg, [_spec(scene_dir)])
+    lat, views = np.asarray(st.run_data["latents"]), np.asarray(st.run_data["view_latents"])
+    assert views.shape == (1, 3, 2) + lat.shape[2:] and st.zoom_windows.shape == (3, 3)
+    np.testing.assert_array_equal(views[:, 0], lat)
+    zoomed = data.zoom(np.asarray(st.inputs.images_IxHxWx3), st.zoom_windows[2])
+    own = np.asarray(diffusion.encode_images(st.bundle.vae, st.bundle.params["vae"], zoomed)[0]) * st.bundle.latent_scale
+    np.testing.assert_allclose(views[:, 2, 0], own, atol=1e-4)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    run_stages, _ = stages.single_run_stages(settings.resolve(cfg), st, mesh)
+    masks_CxHxW = np.asarray(st.inputs.user_masks, bool)
+    placed = np.asarray(run_stages.place_masks([masks_CxHxW]))
+    assert placed.shape == (3, 3) + st.latent_hw
+    np.testing.assert_array_equal(placed[0], np.asarray(stages.latent_masks(masks_CxHxW, st.latent_hw, mesh)))
+    np.testing.assert_array_equal(placed[2], np.asarray(data.nearest_resize(
+        data.zoomed_masks(masks_CxHxW, st.zoom_windows[2:])[0], st.latent_hw)))
+    assert "zoom_views" not in settings.resolve(_cfg()).result_fields()
+    assert settings.resolve(cfg).result_fields()["zoom_views"] == 2
+    run_dir = str(tmp_path / "run")
+    summary = _learn(cfg, [_spec(scene_dir)], run_dir, progress=False)
+    assert summary["rounds"] == 2 and np.isfinite(
+        [json.loads(x).get("loss", 0.0) for x in open(os.path.join(run_dir, "metrics.jsonl"))]).all()
+
+
 def test_context_regulariser_holds_the_other_words_states_where_the_starting_rows_put_them(scene_dir):
     """tokens.context_weight > 0: the run's data holds the context prompts (each object alone and both, after each
     phrase; none names the background), the text states the starting rows give them, and the positions read (all

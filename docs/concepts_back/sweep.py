@@ -81,6 +81,11 @@ VARIANTS = {
     # start on the final masks (tokens.refit), so early rounds' wrong masks do not shape the rows
     "refit": {"tokens.refit": True},
     "shape_refit": {"init": "shape", "tokens.refit": True},
+    # issue 27, augmentation (the paper reports it; section 22): zoomed views of the image (random square crops, side
+    # >= zoom_min, resized back; masks cut alike), each drawn as often as the image
+    "zoom3": {"zoom_views": 3},
+    "zoom3_05": {"zoom_views": 3, "zoom_min": 0.5},
+    "zoom7": {"zoom_views": 7},
     # issue 27, the mixed leak in bare prompts (section 17): the attention loss on every vector of a concept, so its
     # shape word's vector cannot attend to (and learn) the other object's region
     "allvec": {"tokens.attn_all_vectors": True},

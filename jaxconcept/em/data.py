@@ -1,8 +1,9 @@
 """Training data of one personalisation run, kept on device, and the per-step draw (docs/method.md §2).
 
 Everything a step needs is precomputed once on the host into small arrays:
-- latents per image and per flip (the VAE runs once); optionally a bank of plain backgrounds' latents, which
-  `swap_background` puts behind the named concepts (the only other augmentation);
+- latents per image and per flip (the VAE runs once); optionally zoomed views of each image (`zoom_windows`:
+  random square crops resized back, encoded once, their masks cropped alike each round) and a bank of plain
+  backgrounds' latents, which `swap_background` puts behind the named concepts;
 - a *prompt table*: for every image, every ordered subset of its concepts ("union sampling"), the
   tokenized prompt "a photo of <v2> and <v1>", the prompt position of each concept (-1 where absent), and
   a draw weight such that images are equally likely, then the number of concepts k is uniform in 1..N,
@@ -144,17 +145,60 @@ def logw_without(table: PromptTable, excluded_C) -> np.ndarray:
         return np.log(w_P / w_P.sum()).astype(np.float32)
 
 
-def draw_batch(key, table: dict, latents_Ix2xZxhxw, masks_Cxhxw, batch_size: int, flip_prob: float = 0.5):
+def draw_batch(key, table: dict, latents, masks, batch_size: int, flip_prob: float = 0.5):
     """One step's instance batch: prompt ids B x T, concept positions B x C, latents B x Z x h x w, and the
-    concept masks B x C x h x w flipped with their image."""
+    concept masks B x C x h x w flipped with their image.
+
+    latents I x 2 x Z x h x w with masks C x h x w; or, with zoomed views (`zoom_windows`), I x V x 2 x Z x h x w
+    with masks V x C x h x w (view 0: the image itself), every view as likely."""
     k_p, k_f = jax.random.split(key)
     p_B = jax.random.categorical(k_p, table["logw_P"], shape=(batch_size,))
     flip_B = (jax.random.uniform(k_f, (batch_size,)) < flip_prob).astype(jnp.int32)
     image_B = table["image_P"][p_B]
-    latents = latents_Ix2xZxhxw[image_B, flip_B]
-    masks = jnp.where(flip_B[:, None, None, None] == 1, masks_Cxhxw[None, :, :, ::-1], masks_Cxhxw[None])
+    if latents.ndim == 6:  # a key of its own: runs without views draw what they always drew
+        view_B = jax.random.randint(jax.random.fold_in(k_f, 1), (batch_size,), 0, latents.shape[1])
+        latents, masks_BxCxhxw = latents[image_B, view_B, flip_B], masks[view_B]
+    else:
+        view_B = jnp.zeros_like(flip_B)
+        latents, masks_BxCxhxw = latents[image_B, flip_B], jnp.broadcast_to(masks[None], (batch_size,) + masks.shape)
+    masks = jnp.where(flip_B[:, None, None, None] == 1, masks_BxCxhxw[..., ::-1], masks_BxCxhxw)
     return {"ids": table["ids_PxT"][p_B], "positions": table["positions_PxC"][p_B], "latents": latents,
-            "masks": masks, "image": image_B, "flip": flip_B}
+            "masks": masks, "image": image_B, "flip": flip_B, "view": view_B}
+
+
+def zoom_windows(n: int, min_side: float, seed: int) -> np.ndarray:
+    """(1 + n) x 3 square crop windows (top, left, side) as fractions of the image's side; row 0 is the whole image.
+    Each side is uniform in [min_side, 1), its place uniform within the image.
+
+    Why: the token stage sees each object at one size and place only; its rows learn that layout along with the
+    object (the scene's second object comes back beside it in single-concept samples) and the object's outline at
+    one latent resolution only (thin crosses and patterns drawn blurred). The crops show it larger and elsewhere."""
+    rng = np.random.default_rng([seed, 0x200])
+    side = rng.uniform(min_side, 1.0, n)
+    top, left = rng.uniform(0.0, 1.0, n) * (1 - side), rng.uniform(0.0, 1.0, n) * (1 - side)
+    return np.concatenate([[[0.0, 0.0, 1.0]], np.stack([top, left, side], axis=1)]).astype(np.float64)
+
+
+def zoom(x_NxHxWxc, window, method: str = "linear") -> np.ndarray:
+    """The crop `window` (top, left, side; fractions) of each picture, resized back to H x W: "linear" for
+    images, "nearest" for masks (floats 0/1)."""
+    n, h, w, c = x_NxHxWxc.shape
+    top, left, side = window
+    r0, c0 = int(round(top * h)), int(round(left * w))
+    ch, cw = max(1, int(round(side * h))), max(1, int(round(side * w)))
+    crop = jnp.asarray(x_NxHxWxc[:, r0:r0 + ch, c0:c0 + cw], jnp.float32)
+    return np.asarray(jax.image.resize(crop, (n, h, w, c), method=method, antialias=False))
+
+
+def zoomed_views(images_IxHxWx3, windows) -> np.ndarray:
+    """I x V x H x W x 3: each image in each window (`zoom_windows`)."""
+    return np.stack([zoom(images_IxHxWx3, wdw) for wdw in windows], axis=1)
+
+
+def zoomed_masks(masks_CxHxW, windows) -> np.ndarray:
+    """V x C x H x W float32: the masks in each window, cut as their images are (nearest)."""
+    m_CxHxWx1 = np.asarray(masks_CxHxW, np.float32)[..., None]
+    return np.stack([zoom(m_CxHxWx1, wdw, "nearest")[..., 0] for wdw in windows])
 
 
 def background_bank(n: int, size_hw: tuple[int, int], seed: int) -> np.ndarray:

@@ -141,8 +141,9 @@ class JobsPlacement:
                              jnp.asarray(st.image_positions_IxC[image]), key, jnp.asarray(st.concepts.ids, jnp.int32))
 
     def place_masks(self, masks):
-        hw = self.setups[0].latent_hw
-        return sharding.put(jnp.stack([latent_masks(m, hw, self.mesh, self.downsample) for m in masks]), self.job_sh)
+        hw, windows = self.setups[0].latent_hw, self.setups[0].zoom_windows  # one config: the same windows
+        return sharding.put(jnp.stack([latent_masks(m, hw, self.mesh, self.downsample, windows) for m in masks]),
+                            self.job_sh)
 
     def job_metrics(self, metrics):
         host = distributed.to_host(metrics)  # host sync only at logging steps (a gather when jobs span hosts)

@@ -37,6 +37,7 @@ class Setup:
     image_ids_IxT: np.ndarray
     image_positions_IxC: np.ndarray
     latent_hw: tuple[int, int]
+    zoom_windows: np.ndarray | None = None  # V x 3 (`data.zoom_windows`) when the run trains on zoomed views
 
 
 def check_inputs(specs) -> tuple:
@@ -107,6 +108,10 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
                                           s.template, s.joiner)
     latents = data.encode_with_flips(bundle.vae, bundle.params["vae"], loaded.images_IxHxWx3, bundle.latent_scale)
     run_data = {"table": data.table_arrays(table), "latents": jnp.asarray(latents)}
+    windows = None
+    if s.zoom_views:
+        windows = data.zoom_windows(s.zoom_views, s.zoom_min, s.seed)
+        run_data["view_latents"] = jnp.asarray(view_latents(bundle, loaded.images_IxHxWx3, latents, windows))
     background_C = [c.kind == "background" for c in loaded.concepts]
     if not s.joint.background_prompts:  # the joint stage draws only prompts without a background concept
         run_data["joint_logw_P"] = jnp.asarray(data.logw_without(table, background_C))
@@ -119,7 +124,17 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
     if s.tokens.context_weight > 0:
         run_data.update(context_data(s, bundle, concepts, toks, owner_C, background_C, latents.shape[-2:]))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,
-                 tuple(latents.shape[-2:]))
+                 tuple(latents.shape[-2:]), windows)
+
+
+def view_latents(bundle: ModelBundle, images_IxHxWx3, latents_Ix2xZxhxw, windows) -> np.ndarray:
+    """I x V x 2 x Z x h x w: the images' latents (view 0, already encoded) and their zoomed views' (`windows`
+    past the first), each with its flip."""
+    zoomed = data.zoomed_views(images_IxHxWx3, windows[1:])
+    i, v = zoomed.shape[:2]
+    lat = data.encode_with_flips(bundle.vae, bundle.params["vae"], zoomed.reshape((i * v,) + zoomed.shape[2:]),
+                                 bundle.latent_scale)
+    return np.concatenate([np.asarray(latents_Ix2xZxhxw)[:, None], lat.reshape((i, v) + lat.shape[1:])], axis=1)
 
 
 BACKGROUND_BANK = 8  # plain backgrounds (16 latents with their flips) for `background_swap`

@@ -258,7 +258,7 @@ class OneRun:
                             jnp.asarray(st.image_positions_IxC[image]), key)
 
     def place_masks(self, masks):
-        return latent_masks(masks[0], self.st.latent_hw, self.mesh, self.downsample)
+        return latent_masks(masks[0], self.st.latent_hw, self.mesh, self.downsample, self.st.zoom_windows)
 
     def job_metrics(self, metrics):
         return [{k: float(v) for k, v in metrics.items()}]
@@ -274,8 +274,10 @@ def single_run_stages(s: settings.Settings, st: Setup, mesh) -> tuple[Stages, Se
     return build_stages(s, st.bundle, place), dataclasses.replace(st, run_data=place.run_data)
 
 
-def latent_masks(masks_CxHxW: np.ndarray, latent_hw, mesh, downsample: str = "nearest") -> jnp.ndarray:
+def latent_masks(masks_CxHxW: np.ndarray, latent_hw, mesh, downsample: str = "nearest", windows=None) -> jnp.ndarray:
     """The masks at latent size (float32, what the step reads), replicated on the mesh: `downsample` "nearest"
-    (Break-a-Scene's) or "area" (each cell's object share, `data.area_resize`)."""
+    (Break-a-Scene's) or "area" (each cell's object share, `data.area_resize`). With zoom `windows` (V x 3), the
+    masks of each view, V x C x h x w, cut from the image-size masks as the views' images were."""
     resize = data.area_resize if downsample == "area" else data.nearest_resize
-    return sharding.put_replicated(resize(jnp.asarray(masks_CxHxW, jnp.float32), latent_hw), mesh)
+    full = np.asarray(masks_CxHxW, np.float32) if windows is None else data.zoomed_masks(masks_CxHxW, windows)
+    return sharding.put_replicated(resize(jnp.asarray(full), latent_hw), mesh)

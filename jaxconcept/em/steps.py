@@ -176,8 +176,9 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
     k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
     table = run_data["table"] if cfg.background_prompts else {**run_data["table"], "logw_P": run_data["joint_logw_P"]}
-    batch = data.draw_batch(k_draw, table, run_data["latents"], masks_Cxhxw, cfg.batch_size,
-                            cfg.flip_prob)
+    # zoomed views (prepare.view_latents) come with masks V x C x h x w
+    batch = data.draw_batch(k_draw, table, run_data.get("view_latents", run_data["latents"]), masks_Cxhxw,
+                            cfg.batch_size, cfg.flip_prob)
     ids, latents = batch["ids"], batch["latents"]
     if cfg.background_swap > 0:  # a key of its own: runs without the swap draw what they always drew
         latents = data.swap_background(jax.random.fold_in(key, 1), latents, batch["masks"], batch["positions"],
