@@ -92,6 +92,19 @@ def test_batched_jobs_equal_separate_runs(scenes, batched, tmp_path, tiny):
         assert [round(m["loss"], 5) for m in mine] == [round(m["loss"], 5) for m in theirs]
 
 
+def test_batched_jobs_with_zoomed_views_equal_a_run_of_their_own(scenes, tmp_path, tiny):
+    """zoom_views > 0 on the simulated devices: each job trains on its own scene's views and their masks (a job's
+    rows equal those of its scene's run alone, with views, on one device)."""
+    cfg = set_fields(_cfg(), {"zoom_views": 1, "joint.steps": 0})
+    summaries = jobs.learn_many(cfg, [(_spec(f, s),) for f, s in scenes], str(tmp_path / "many"), bundle=tiny,
+                                progress=False)
+    assert all(s["rounds"] == 2 for s in summaries)
+    folder = scenes[1][0]
+    learner.learn(cfg, [_spec(folder, None)], str(tmp_path / "alone"), bundle=tiny, progress=False, mesh=_one_device())
+    alone, many = (runs.load_run(str(tmp_path / d), bundle=tiny) for d in ("alone", "many/job_01"))
+    np.testing.assert_allclose(many.rows_NxD, alone.rows_NxD, rtol=1e-4, atol=1e-5)
+
+
 def test_a_finished_set_resumes_without_training(batched, scenes, tiny):
     out, summaries = batched
     again = jobs.learn_many(_cfg(), [(_spec(f, s),) for f, s in scenes], str(out), bundle=tiny, progress=False)
