@@ -87,6 +87,7 @@ VARIANTS = {
     "zoom3_05": {"zoom_views": 3, "zoom_min": 0.5},
     "zoom7": {"zoom_views": 7},
     "zoom1": {"zoom_views": 1},
+    "zoom3_085": {"zoom_views": 3, "zoom_min": 0.85},
     # issue 27, the mixed leak in bare prompts (section 17): the attention loss on every vector of a concept, so its
     # shape word's vector cannot attend to (and learn) the other object's region
     "allvec": {"tokens.attn_all_vectors": True},
