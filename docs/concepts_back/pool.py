@@ -1,9 +1,10 @@
-"""Pool fidelity benchmark runs over several evaluation folders (colour+shape, mode em): per prompt form, the means
-over scenes of found / words, every concept kept (each >= 0.5 x its words' rate), together / words, leakage - words
-(mean +- SE over scenes), and the lost concepts.
+"""Pool fidelity benchmark runs over several evaluation folders (colour+shape, mode em): per prompt form, the
+benchmark's own figures over all their scenes (`bench.fidelity.samples_figures`: found / words, every concept kept,
+together / words), leakage - words paired per scene (mean +- SE), and the lost concepts.
 python docs/concepts_back/pool.py FIDELITY.json..."""
 import json, sys
-import numpy as np
+
+from jaxconcept.bench.fidelity import mean_se, samples_figures
 
 
 def rows(paths):
@@ -14,22 +15,20 @@ def rows(paths):
 
 
 def summary(rs, key):
-    t = [r[key]["tokens"] for r in rs]
-    w = [r[key]["words"] for r in rs]
-    found, found_w = np.mean([x["found_mean"] for x in t]), np.mean([x["found_mean"] for x in w])
-    tog, tog_w = np.mean([x["together"] for x in t]), np.mean([x["together"] for x in w])
-    leak = np.array([a["leakage"] - b["leakage"] for a, b in zip(t, w)])
-    lost = [f"{r['set']} {r['seed'] % 1000} {k}" for r, a, b in zip(rs, t, w) for k in a["found"]
-            if a["found"][k] < 0.5 * b["found"][k]]
-    kept = 1 - len({x.rsplit(" ", 1)[0] for x in lost}) / len(rs)
-    return (f"{len(rs)} scenes: found {found:.2f} / {found_w:.2f} (x{found / found_w:.2f}), kept {kept:.0%}, "
-            f"together {tog:.2f} / {tog_w:.2f} (x{tog / tog_w:.2f}), leakage - words {leak.mean():+.3f} +- "
-            f"{leak.std(ddof=1) / np.sqrt(len(leak)):.3f}; lost: {', '.join(lost) or 'none'}")
+    f = samples_figures(rs, key)
+    found, found_w = f["found_mean_tokens"][0], f["found_mean_words"][0]
+    tog, tog_w = f["together_tokens"][0], f["together_words"][0]
+    leak, leak_se = mean_se([r[key]["tokens"]["leakage"] - r[key]["words"]["leakage"] for r in rs])
+    lost = [f"{r['set']} {r['seed'] % 1000} {k}" for r in rs for k, v in r[key]["tokens"]["found"].items()
+            if v < 0.5 * r[key]["words"]["found"][k]]
+    return (f"{f['scenes']} scenes: found {found:.2f} / {found_w:.2f} (x{found / found_w:.2f}), kept {f['kept']:.0%}, "
+            f"together {tog:.2f} / {tog_w:.2f} (x{tog / tog_w:.2f}), leakage - words {leak:+.3f} +- {leak_se:.3f}; "
+            f"lost: {', '.join(lost) or 'none'}")
 
 
 if __name__ == "__main__":
     rs = list(rows(sys.argv[1:]))
     print("new background:", summary(rs, "samples"))
-    bare = [r for r in rs if "samples_bare" in r]
+    bare = [r for r in rs if r.get("samples_bare")]
     if bare:
         print("bare prompts:  ", summary(bare, "samples_bare"))

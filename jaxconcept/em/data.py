@@ -184,6 +184,8 @@ def zoom(x_NxHxWxc, window, method: str = "linear") -> np.ndarray:
     images, "nearest" for masks (floats 0/1)."""
     n, h, w, c = x_NxHxWxc.shape
     top, left, side = window
+    if side >= 1.0:  # the whole image (view 0): nothing to cut or resize
+        return np.asarray(x_NxHxWxc, np.float32)
     r0, c0 = int(round(top * h)), int(round(left * w))
     ch, cw = max(1, int(round(side * h))), max(1, int(round(side * w)))
     crop = jnp.asarray(x_NxHxWxc[:, r0:r0 + ch, c0:c0 + cw], jnp.float32)
