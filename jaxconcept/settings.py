@@ -209,6 +209,10 @@ class Tokens:
     batch_size: int = field(1, _integer(1))
     clip: float = field(1.0, _number(0.0, above=True))  # global gradient-norm clip
     weight_decay: float = field(1e-2, _number(0.0))
+    # > 0: the token stage hands on (to the joint stage, or as the result) the exponential moving average of its
+    # rows with this decay per step, not the last step's rows (0.98: about the last 50 steps); the E-steps read
+    # the rows as they are
+    ema: float = field(0.0, _number(0.0, 0.999))
 
     @property
     def rounds(self) -> int:
@@ -336,7 +340,7 @@ class Settings:
             out.pop("background_swap_stages", None)
         if joint.get("background_prompts", True):
             joint.pop("background_prompts", None)
-        for name in ("refit", "attn_all_vectors"):
+        for name in ("refit", "attn_all_vectors", "ema"):
             if not out.get("tokens", {}).get(name):
                 out.get("tokens", {}).pop(name, None)
         if not out.get("memory_efficient_attention"):

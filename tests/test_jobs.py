@@ -92,10 +92,12 @@ def test_batched_jobs_equal_separate_runs(scenes, batched, tmp_path, tiny):
         assert [round(m["loss"], 5) for m in mine] == [round(m["loss"], 5) for m in theirs]
 
 
-def test_batched_jobs_with_zoomed_views_equal_a_run_of_their_own(scenes, tmp_path, tiny):
-    """zoom_views > 0 on the simulated devices: each job trains on its own scene's views and their masks (a job's
-    rows equal those of its scene's run alone, with views, on one device)."""
-    cfg = set_fields(_cfg(), {"zoom_views": 1, "joint.steps": 0})
+@pytest.mark.parametrize("option", [{"zoom_views": 1}, {"tokens.ema": 0.5}], ids=["zoom_views", "tokens_ema"])
+def test_batched_jobs_with_options_equal_a_run_of_their_own(scenes, tmp_path, tiny, option):
+    """zoom_views > 0 (each job trains on its own scene's views and their masks) and tokens.ema (each job hands on
+    its own rows' average) on the simulated devices: a job's rows equal those of its scene's run alone, with the
+    option, on one device."""
+    cfg = set_fields(_cfg(), {**option, "joint.steps": 0})
     summaries = jobs.learn_many(cfg, [(_spec(f, s),) for f, s in scenes], str(tmp_path / "many"), bundle=tiny,
                                 progress=False)
     assert all(s["rounds"] == 2 for s in summaries)

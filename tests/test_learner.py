@@ -827,3 +827,42 @@ def test_area_downsampled_masks_reach_the_steps_as_each_cells_object_share(prepa
         fractional = (one > 0) & (one < 1)
         assert fractional.any() == (how == "area")
         assert one[0].sum() == pytest.approx(49 / 16 if how == "area" else 4.0)  # nearest: rows, columns 4 and 8
+
+
+@pytest.mark.parametrize("joint_steps", [2, 0])
+def test_token_stage_hands_on_the_moving_average_of_its_rows(scene_dir, tmp_path, monkeypatch, joint_steps):
+    """tokens.ema = d: every token step updates the rows' average, ema <- d ema + (1 - d) rows (from the rows the
+    stage starts with); the joint stage starts from that average, or, without one, it is the run's result, while
+    the E-steps read the rows as they are. The setting enters the fingerprint only when set."""
+    seen, read_rows, make_maps = [], [], steps.make_concept_maps
+
+    def record(before, after, metrics):
+        seen.append((set(before["params"]), np.asarray(before["params"]["rows"]), np.asarray(after["params"]["rows"]),
+                     np.asarray(after["ema_rows"]) if "ema_rows" in after else None))
+        return after, metrics
+
+    def maps_spy(*a, **k):
+        fn = make_maps(*a, **k)
+        return lambda rows, *args: (read_rows.append(np.asarray(rows)), fn(rows, *args))[1]
+
+    tamper_steps(monkeypatch, record)
+    monkeypatch.setattr(steps, "make_concept_maps", maps_spy)
+    d, out = 0.5, tmp_path / "ema"
+    cfg = _cfg(**{"tokens.ema": d, "joint.steps": joint_steps})
+    _learn(cfg, [_spec(scene_dir)], str(out), progress=False)
+    token = [x for x in seen if x[0] == {"rows"}]
+    joint = [x for x in seen if x[0] != {"rows"}]
+    assert len(token) == 4 and len(joint) == joint_steps and all(x[3] is None for x in joint)
+    ema = token[0][1]
+    for _, _, after, got in token:
+        ema = d * ema + (1 - d) * after
+        np.testing.assert_allclose(got, ema, rtol=1e-6, atol=1e-7)
+    assert np.abs(ema - token[-1][2]).max() > 1e-4  # the average is not the last rows
+    np.testing.assert_array_equal(read_rows[-1], token[-1][2])  # the last E-step: the rows as they are
+    if joint_steps:
+        np.testing.assert_array_equal(joint[0][1], ema)
+    else:
+        learned = outputs.load_concepts(str(out / "concepts.safetensors"))
+        np.testing.assert_allclose(np.stack([learned[t] for t in ("<tri>", "<ring>", "<bg>")]), ema, rtol=1e-6)
+    assert settings.resolve(cfg).result_fields()["tokens"]["ema"] == d
+    assert "ema" not in settings.resolve(_cfg()).result_fields()["tokens"]

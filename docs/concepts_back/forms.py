@@ -32,30 +32,31 @@ def se(x):
     x = np.asarray(x, float)
     return x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else 0.0
 
-ref = sys.argv[1]
-table = collections.defaultdict(dict)  # (form, variant) -> scene -> measures
-for path in sys.argv[2:]:
-    for variant, scene, forms in rows_of(path):
-        if scene == "default":  # the bundled scene is diagnosis only
+if __name__ == "__main__":
+    ref = sys.argv[1]
+    table = collections.defaultdict(dict)  # (form, variant) -> scene -> measures
+    for path in sys.argv[2:]:
+        for variant, scene, forms in rows_of(path):
+            if scene == "default":  # the bundled scene is diagnosis only
+                continue
+            for form, m in forms.items():
+                table[(form, variant)][scene] = measures(m)
+    for form in ("teal", "new", "bare"):
+        variants = [v for f, v in table if f == form]
+        if not variants:
             continue
-        for form, m in forms.items():
-            table[(form, variant)][scene] = measures(m)
-for form in ("teal", "new", "bare"):
-    variants = [v for f, v in table if f == form]
-    if not variants:
-        continue
-    print(f"\n{form}:\n| variant | scenes | found / words | kept | together / words | leakage - words | "
-          f"vs {ref}: found | together | leakage |\n|---|---|---|---|---|---|---|---|---|")
-    for v in variants:
-        rows = table[(form, v)]
-        m = {k: np.array([r[k] for r in rows.values()], float) for k in next(iter(rows.values()))}
-        base = table.get((form, ref), {})
-        both = [s for s in rows if s in base]
-        d = {k: np.array([rows[s][k] - base[s][k] for s in both]) for k in ("found", "together", "leak")}
-        paired = " | ".join(f"{d[k].mean():+.3f} ± {se(d[k]):.3f}" for k in ("found", "together", "leak")) \
-            if both and v != ref else " | | "
-        print(f"| {v} | {len(rows)} | {m['found'].mean():.2f} / {m['found_w'].mean():.2f} "
-              f"(×{m['found'].mean() / m['found_w'].mean():.2f}) | {m['kept'].mean():.0%} | "
-              f"{m['together'].mean():.2f} / {m['together_w'].mean():.2f} "
-              f"({ratio(m['together'].mean(), m['together_w'].mean())}) | "
-              f"{m['leak'].mean():+.3f} ± {se(m['leak']):.3f} | {paired} |")
+        print(f"\n{form}:\n| variant | scenes | found / words | kept | together / words | leakage - words | "
+              f"vs {ref}: found | together | leakage |\n|---|---|---|---|---|---|---|---|---|")
+        for v in variants:
+            rows = table[(form, v)]
+            m = {k: np.array([r[k] for r in rows.values()], float) for k in next(iter(rows.values()))}
+            base = table.get((form, ref), {})
+            both = [s for s in rows if s in base]
+            d = {k: np.array([rows[s][k] - base[s][k] for s in both]) for k in ("found", "together", "leak")}
+            paired = " | ".join(f"{d[k].mean():+.3f} ± {se(d[k]):.3f}" for k in ("found", "together", "leak")) \
+                if both and v != ref else " | | "
+            print(f"| {v} | {len(rows)} | {m['found'].mean():.2f} / {m['found_w'].mean():.2f} "
+                  f"(×{m['found'].mean() / m['found_w'].mean():.2f}) | {m['kept'].mean():.0%} | "
+                  f"{m['together'].mean():.2f} / {m['together_w'].mean():.2f} "
+                  f"({ratio(m['together'].mean(), m['together_w'].mean())}) | "
+                  f"{m['leak'].mean():+.3f} ± {se(m['leak']):.3f} | {paired} |")

@@ -94,7 +94,7 @@ class JobsPlacement:
 
     def __init__(self, s: settings.Settings, setups, b: ModelBundle, mesh):
         self.jobs, self.b, self.mesh = len(setups), b, mesh
-        self.downsample = s.tokens.mask_downsample
+        self.downsample, self.rows_ema = s.tokens.mask_downsample, s.tokens.ema > 0
         self.job_sh = steps.job_axis_sharding(mesh, self.jobs)
         self.frozen = self._place(frozen_weights(b.params))
         self.setups = [dataclasses.replace(st, run_data=self._place(st.run_data)) for st in setups]
@@ -121,7 +121,7 @@ class JobsPlacement:
         return self._step(cfg, opt, key, {k: self.frozen[k] for k in frozen_names})
 
     def states(self, rows_list, opt):
-        return sharding.put(_stack([steps.init_state({"rows": r}, opt) for r in rows_list]), self.job_sh)
+        return sharding.put(_stack([steps.init_state({"rows": r}, opt, self.rows_ema) for r in rows_list]), self.job_sh)
 
     def inverted_rows(self, inversion_state):
         return list(distributed.to_host(inversion_state["params"]["rows"]))

@@ -35,6 +35,7 @@ from ..runio import checkpoints, outputs, runfolder
 from ..errors import JaxconceptError, ctrl_c_at_step_boundaries, raise_if_interrupted
 from ..model.loading import ModelBundle
 from .prepare import check_inputs, crf_where, prepare, truth_masks
+from . import steps
 from .stages import Job, Stages, single_run_stages, stage_keys
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,8 @@ def stage_joint(loop: Loop, state, masks, resumed: bool):
             state = run_steps(loop, step, state, placed, n, "joint")
             if loop.done < s.total_steps:
                 save(loop, loop.done, {"stage": "joint", "round": s.tokens.rounds}, state, masks)
-    final = {"params": state["params"]}
+    # without a joint stage the result is what the token stage hands on (its rows' average with tokens.ema)
+    final = {"params": dict(state["params"], rows=steps.handed_rows(state))}
     save(loop, s.total_steps + 1, {"stage": "done", "round": s.tokens.rounds}, final, masks)
     return final
 

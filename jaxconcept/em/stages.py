@@ -70,7 +70,7 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
                            loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
                            background_swap=swap_prob(s, "tokens"),
                            prior_weight=s.prior.weight, context_weight=s.tokens.context_weight,
-                           min_snr_gamma=s.min_snr_gamma)
+                           min_snr_gamma=s.min_snr_gamma, rows_ema=s.tokens.ema)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -188,7 +188,7 @@ def build_stages(s: settings.Settings, b: ModelBundle, place: Placement) -> Stag
 
     def joint_state(token_state):
         tuned = joint_tuned(s, b.params)
-        return place.joint_state(token_state["params"]["rows"], tuned, joint_opt)
+        return place.joint_state(steps.handed_rows(token_state), tuned, joint_opt)
 
     return Stages(
         jobs=place.jobs, batched=place.batched, initial_state=lambda: place.states(place.rows0, token_opt),
@@ -208,7 +208,7 @@ class OneRun:
 
     def __init__(self, s: settings.Settings, st: Setup, mesh):
         self.st, self.mesh, self.min_size = st, mesh, s.mesh.fsdp_min_size
-        self.downsample = s.tokens.mask_downsample
+        self.downsample, self.rows_ema = s.tokens.mask_downsample, s.tokens.ema > 0
         frozen = frozen_weights(st.bundle.params)
         self.frozen_sh = sharding.fsdp_shardings(frozen, mesh, self.min_size) if s.mesh.shard_frozen else None
         self.frozen = self._place(frozen) if self.frozen_sh is None else sharding.put(frozen, self.frozen_sh)
@@ -236,7 +236,7 @@ class OneRun:
         return self._step(cfg, opt, key, {k: self.frozen[k] for k in frozen_names}, fsh, state_sh)
 
     def states(self, rows, opt):
-        return self._place(steps.init_state({"rows": rows}, opt))
+        return self._place(steps.init_state({"rows": rows}, opt, self.rows_ema))
 
     def inverted_rows(self, inversion_state):
         return inversion_state["params"]["rows"]

@@ -45,6 +45,7 @@ class LossConfig:
     background_prompts: bool = True  # False: draw with run_data["joint_logw_P"] (no prompt names a background)
     context_weight: float = 0.0  # > 0: run_data holds the context prompts ("context_ids", "_target", "_weight")
     min_snr_gamma: float = 0.0  # > 0: the diffusion losses' samples weighted by Min-SNR-gamma (diffusion.py)
+    rows_ema: float = 0.0  # the decay of the rows' moving average, kept when the state holds one (init_state)
 
 
 # what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
@@ -90,8 +91,18 @@ def _optimizer(lr: float, clip: float, weight_decay: float, kind: str, flat: boo
     return optax.flatten(opt) if flat else opt
 
 
-def init_state(params, opt: optax.GradientTransformation) -> dict:
-    return {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+def init_state(params, opt: optax.GradientTransformation, rows_ema: bool = False) -> dict:
+    """A step's state; `rows_ema`: it also keeps a moving average of the rows ("ema_rows", from the rows given),
+    which `train_step` updates with `LossConfig.rows_ema` and `handed_rows` hands on."""
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+    if rows_ema:
+        state["ema_rows"] = jnp.copy(params["rows"])
+    return state
+
+
+def handed_rows(state):
+    """The rows a stage hands on: their moving average where the state keeps one, else the rows as they are."""
+    return state.get("ema_rows", state["params"]["rows"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +267,9 @@ def train_step(statics: StepStatics, state, frozen, run_data, masks_Cxhxw, base_
     updates, opt_state = statics.opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    if "ema_rows" in state:  # why: the last step's rows carry the jitter of the last few batches (lr 1e-2)
+        d = statics.cfg.rows_ema
+        new["ema_rows"] = d * state["ema_rows"] + (1.0 - d) * params["rows"]
     return new, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
 
