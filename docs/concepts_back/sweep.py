@@ -108,6 +108,7 @@ VARIANTS = {
     # side) moved found by -0.056 on teal, section 22
     "seed1": {"seed": 1},
     "zoom3_seed1": {"zoom_views": 3, "seed": 1},
+    "zoom3_seed2": {"zoom_views": 3, "seed": 2},
     # issue 27, the training lottery: the token stage hands on its rows' moving average (decay 0.98: about the last
     # 50 steps, one E-step's interval) instead of the last step's rows, which carry the last batches' jitter at lr 1e-2
     "ema98": {"tokens.ema": 0.98},
