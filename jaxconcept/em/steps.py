@@ -30,7 +30,8 @@ from ..model.loading import ModelBundle
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """What the concept loss needs besides arrays (hashable: part of the compiled program's identity)."""
+    """What a train step needs besides arrays: its loss's settings, and the decay of the rows' average (hashable:
+    part of the compiled program's identity)."""
 
     batch_size: int = 1
     attn_weight: float = 0.01  # lambda
