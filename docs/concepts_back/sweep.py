@@ -109,6 +109,10 @@ VARIANTS = {
     "seed1": {"seed": 1},
     "zoom3_seed1": {"zoom_views": 3, "seed": 1},
     "zoom3_seed2": {"zoom_views": 3, "seed": 2},
+    # issue 27, the training lottery (section 24: which concept is lost moves with the training seed): four
+    # instances per step instead of one in both stages (tokens.batch_size), a quarter of the gradient's variance
+    "batch4_seed1": {"tokens.batch_size": 4, "seed": 1},
+    "batch4_seed2": {"tokens.batch_size": 4, "seed": 2},
     # issue 27, the training lottery: the token stage hands on its rows' moving average (decay 0.98: about the last
     # 50 steps, one E-step's interval) instead of the last step's rows, which carry the last batches' jitter at lr 1e-2
     "ema98": {"tokens.ema": 0.98},
