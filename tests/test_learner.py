@@ -95,6 +95,22 @@ class StepCounter:
         return [e["calls"] for e in self.made]
 
 
+def rows_read_by_estep(monkeypatch) -> list:
+    """The rows every E-step's attention pass reads, in order (the list fills as the learner runs)."""
+    read_rows, make_maps = [], steps.make_concept_maps
+
+    def maps_spy(*a, **k):
+        fn = make_maps(*a, **k)
+
+        def maps(rows, *args):
+            read_rows.append(np.asarray(rows))
+            return fn(rows, *args)
+        return maps
+
+    monkeypatch.setattr(steps, "make_concept_maps", maps_spy)
+    return read_rows
+
+
 def tamper_steps(monkeypatch, change):
     """Every train step the learner makes passes its result through change(state_before, state_after, metrics) ->
     (state, metrics). The programs stay those of an untampered run (a learning rate of 1e-12 or 1e38 would be a
@@ -507,17 +523,7 @@ def test_e_step_crf_on_the_device_at_latent_size(scene_dir, tmp_path, monkeypatc
         return real(unary_LxN, image_HxWx3, params, *args, **kwargs)
 
     monkeypatch.setattr(crf_exact, "inference", spy)
-    read_rows, make_maps = [], steps.make_concept_maps
-
-    def maps_spy(*a, **k):
-        fn = make_maps(*a, **k)
-
-        def maps(rows, *args):
-            read_rows.append(np.asarray(rows))
-            return fn(rows, *args)
-        return maps
-
-    monkeypatch.setattr(steps, "make_concept_maps", maps_spy)
+    read_rows = rows_read_by_estep(monkeypatch)
     out = tmp_path / "device_crf"
     summary = _learn(_cfg(**{"masks.crf_backend": "device", "masks.crf_size": "latent", "joint.steps": 0}),
                             [_spec(scene_dir)], str(out), progress=False)
@@ -834,19 +840,15 @@ def test_token_stage_hands_on_the_moving_average_of_its_rows(scene_dir, tmp_path
     """tokens.ema = d: every token step updates the rows' average, ema <- d ema + (1 - d) rows (from the rows the
     stage starts with); the joint stage starts from that average, or, without one, it is the run's result, while
     the E-steps read the rows as they are. The setting enters the fingerprint only when set."""
-    seen, read_rows, make_maps = [], [], steps.make_concept_maps
+    seen = []
 
     def record(before, after, metrics):
         seen.append((set(before["params"]), np.asarray(before["params"]["rows"]), np.asarray(after["params"]["rows"]),
                      np.asarray(after["ema_rows"]) if "ema_rows" in after else None))
         return after, metrics
 
-    def maps_spy(*a, **k):
-        fn = make_maps(*a, **k)
-        return lambda rows, *args: (read_rows.append(np.asarray(rows)), fn(rows, *args))[1]
-
     tamper_steps(monkeypatch, record)
-    monkeypatch.setattr(steps, "make_concept_maps", maps_spy)
+    read_rows = rows_read_by_estep(monkeypatch)
     d, out = 0.5, tmp_path / "ema"
     cfg = _cfg(**{"tokens.ema": d, "joint.steps": joint_steps})
     _learn(cfg, [_spec(scene_dir)], str(out), progress=False)
