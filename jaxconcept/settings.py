@@ -213,6 +213,10 @@ class Tokens:
     # rows with this decay per step, not the last step's rows (0.98: about the last 50 steps); the E-steps read
     # the rows as they are
     ema: float = field(0.0, _number(0.0, 0.999))
+    # > 0: a prompt's concepts may not change the noise prediction outside their masks: the squared difference
+    # there between the prediction with the current rows and with the starting rows (their words), with this
+    # weight (losses.outside_loss; one more UNet pass per step, without gradient)
+    outside_weight: float = field(0.0, _number(0.0))
 
     @property
     def rounds(self) -> int:
@@ -340,7 +344,7 @@ class Settings:
             out.pop("background_swap_stages", None)
         if joint.get("background_prompts", True):
             joint.pop("background_prompts", None)
-        for name in ("refit", "attn_all_vectors", "ema"):
+        for name in ("refit", "attn_all_vectors", "ema", "outside_weight"):
             if not out.get("tokens", {}).get(name):
                 out.get("tokens", {}).pop(name, None)
         if not out.get("memory_efficient_attention"):

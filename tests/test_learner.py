@@ -816,6 +816,43 @@ def test_context_regulariser_holds_the_other_words_states_where_the_starting_row
         assert ("loss_ctx" in metrics) == reported
 
 
+def test_outside_loss_holds_the_prediction_outside_the_masks_to_the_words(scene_dir):
+    """tokens.outside_weight > 0: the run's data holds the starting rows and both stages' loss configs the weight;
+    the step's outside loss is the squared difference, outside the prompt's concept masks only, between the UNet's
+    prediction with the current rows and with the starting rows: 0 at the start, > 0 once the rows move, 0 again
+    when the masks cover the whole picture; it reaches the rows' gradient; the fingerprint holds it only when set."""
+    from jaxconcept.em import stages
+
+    cfg = _cfg(**{"tokens.outside_weight": 3.0})
+    s = settings.resolve(cfg)
+    assert stages.loss_config(s).outside_weight == stages.joint_loss_config(s).outside_weight == 3.0
+    assert "outside_weight" not in settings.resolve(_cfg()).result_fields()["tokens"]
+    assert s.result_fields()["tokens"]["outside_weight"] == 3.0
+    st = prepare(cfg, [_spec(scene_dir)])
+    rows0 = jax.numpy.asarray(st.concepts.init_rows)
+    np.testing.assert_array_equal(np.asarray(st.run_data["start_rows"]), np.asarray(rows0))
+    assert "start_rows" not in prepare(_cfg(), [_spec(scene_dir)]).run_data
+    frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
+    half = np.zeros((3,) + st.latent_hw, np.float32)
+    half[:, :, : st.latent_hw[1] // 2] = 1.0  # every concept on the left half: the right half is outside
+
+    def loss(rows, masks, weight):
+        return steps.concept_loss(
+            {"rows": rows}, frozen, st.run_data, jax.numpy.asarray(masks), jax.random.key(1),
+            statics=steps.StepStatics(steps.step_model(st.bundle), steps.LossConfig(outside_weight=weight)),
+            concept_ids_N=jax.numpy.asarray(st.concepts.ids))
+
+    moved = rows0 + 0.5 * jax.random.normal(jax.random.key(0), rows0.shape)
+    assert float(loss(rows0, half, 3.0)[1]["loss_outside"]) < 1e-12
+    total, m = loss(moved, half, 3.0)
+    assert float(m["loss_outside"]) > 1e-6
+    assert float(total) == pytest.approx(float(loss(moved, half, 0.0)[0]) + 3.0 * float(m["loss_outside"]), rel=1e-5)
+    assert float(loss(moved, np.ones_like(half), 3.0)[1]["loss_outside"]) == 0.0
+    assert "loss_outside" not in loss(moved, half, 0.0)[1]
+    g3, g0 = (jax.grad(lambda r, w=w: loss(r, half, w)[0])(moved) for w in (3.0, 0.0))
+    assert np.abs(np.asarray(g3) - np.asarray(g0)).max() > 0
+
+
 def test_area_downsampled_masks_reach_the_steps_as_each_cells_object_share(prepared):
     """tokens.mask_downsample="area": the masks the token and joint steps read are each latent cell's share of the
     object (fractions on its edge), where "nearest" keeps 0 / 1 (both placements of a run: one, or jobs)."""

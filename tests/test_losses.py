@@ -90,3 +90,12 @@ def test_attention_loss_over_every_vector_averages_a_concepts_vectors():
     # concept 0: mean over its two vectors (0 and 0.5); concept 1 has one vector (the second absent): error 0
     only_one = jnp.asarray([[[1.0, 1.0], [1.0, 0.0]]])
     np.testing.assert_allclose(losses.attention_loss(maps_BxCxVxhxw, masks, both, only_one), 0.25)
+
+
+def test_outside_loss_reads_only_the_cells_outside_the_union():
+    eps, ref = jnp.zeros((1, 2, 2, 2)), jnp.ones((1, 2, 2, 2)) * 2.0
+    union = jnp.array([[[[1.0, 1.0], [1.0, 0.0]]]])  # one of four cells outside
+    # (0 - 2)^2 = 4 at that cell's 2 channels, out of 8 elements -> 1.0; inside the union nothing counts
+    assert float(losses.outside_loss(eps, ref, union)) == 1.0
+    assert float(losses.outside_loss(eps, ref, jnp.ones_like(union))) == 0.0
+    assert float(losses.outside_loss(eps, ref, union, jnp.array([0.5]))) == 0.5

@@ -119,6 +119,14 @@ VARIANTS = {
     "ema98_seed1": {"tokens.ema": 0.98, "seed": 1},
     "seed2": {"seed": 2},
     "ema98_seed2": {"tokens.ema": 0.98, "seed": 2},
+    # issue 27, the mixed leak (a token drawing its scene's other object, in its own colour): the prediction outside
+    # a prompt's concept masks held to the words' (losses.outside_loss)
+    "out1": {"tokens.outside_weight": 1.0},
+    "out1_seed1": {"tokens.outside_weight": 1.0, "seed": 1},
+    "out1_seed2": {"tokens.outside_weight": 1.0, "seed": 2},
+    "out10": {"tokens.outside_weight": 10.0},
+    "out10_seed1": {"tokens.outside_weight": 10.0, "seed": 1},
+    "out10_seed2": {"tokens.outside_weight": 10.0, "seed": 2},
 }
 
 def scene_of(tag):

@@ -9,6 +9,8 @@ L_attn: per concept in the prompt, the mean squared error between its max-normal
 map and its mask at the map's resolution; summed over the concepts, averaged over the batch.
 L_ctx: how far the learned rows move the text states of the *other* words of a prompt ("on a pink sand
 background") from where the starting rows put them (CoRe's context regularisation, Wu et al. 2024).
+L_out: how far the learned rows move the noise prediction *outside* the prompt's concept masks from the
+prediction with the starting rows (the words).
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ def attention_loss(maps, masks_BxCxhxw, present_BxC, vectors_BxCxV=None):
     per_BxCxV = jnp.mean((maps_BxCxVxhxw.astype(jnp.float32) - masks_BxCxhxw[:, :, None]) ** 2, axis=(-2, -1))
     per_BxC = jnp.sum(per_BxCxV * vectors_BxCxV, -1) / jnp.maximum(jnp.sum(vectors_BxCxV, -1), 1.0)
     return jnp.sum(per_BxC * present_BxC) / maps.shape[0]
+
+
+def outside_loss(eps_BxZxhxw, eps_ref_BxZxhxw, union_Bx1xhxw, weight_B=None):
+    """The squared difference between the prediction and the reference prediction (the same noisy latents, the
+    prompt with its starting rows, the words) outside the prompt's concept masks, over every element. Why: the
+    masked loss never reads outside the masks, so nothing stops a token from drawing there what it saw beside its
+    object (the source image's other object, in the token's colour); its words do not."""
+    return masked_diffusion_loss(eps_BxZxhxw, eps_ref_BxZxhxw, 1.0 - union_Bx1xhxw, weight_B=weight_B)
 
 
 def diffusion_loss(eps_BxZxhxw, noise_BxZxhxw, weight_B=None):

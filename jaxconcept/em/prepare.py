@@ -121,6 +121,8 @@ def prepare(s: Settings, specs, bundle: ModelBundle | None = None) -> Setup:
         run_data.update(prior_data(s, bundle))
     if s.tokens.attn_all_vectors:
         run_data["attn_vector_ids_CxV"] = jnp.asarray(concepts.ids_CxV)
+    if s.tokens.outside_weight > 0:  # the outside loss's reference: the prediction with the words' rows
+        run_data["start_rows"] = jnp.asarray(concepts.init_rows, bundle.dtype)
     if s.tokens.context_weight > 0:
         run_data.update(context_data(s, bundle, concepts, toks, owner_C, background_C, latents.shape[-2:]))
     return Setup(bundle, concepts, loaded, images.to_uint8(loaded.images_IxHxWx3), run_data, ids_IxT, pos_IxC,

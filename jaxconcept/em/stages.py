@@ -70,7 +70,8 @@ def loss_config(s: settings.Settings, **changes) -> steps.LossConfig:
                            loss_per_area=s.tokens.loss_per_area, flip_prob=s.flip_prob,
                            background_swap=swap_prob(s, "tokens"),
                            prior_weight=s.prior.weight, context_weight=s.tokens.context_weight,
-                           min_snr_gamma=s.min_snr_gamma, rows_ema=s.tokens.ema)
+                           min_snr_gamma=s.min_snr_gamma, rows_ema=s.tokens.ema,
+                           outside_weight=s.tokens.outside_weight)
     return dataclasses.replace(cfg, **changes)
 
 

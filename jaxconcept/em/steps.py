@@ -47,6 +47,7 @@ class LossConfig:
     context_weight: float = 0.0  # > 0: run_data holds the context prompts ("context_ids", "_target", "_weight")
     min_snr_gamma: float = 0.0  # > 0: the diffusion losses' samples weighted by Min-SNR-gamma (diffusion.py)
     rows_ema: float = 0.0  # the decay of the rows' moving average, kept when the state holds one (init_state)
+    outside_weight: float = 0.0  # > 0: run_data holds the starting rows ("start_rows"; losses.outside_loss)
 
 
 # what jax.checkpoint may keep from the UNet's forward pass (None: nothing but its inputs)
@@ -245,6 +246,12 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     l_attn = losses.attention_loss(attn, data.nearest_resize(masks_BxCxhxw, grid), present_BxC, vectors_BxCxV)
     total = l_mask + cfg.attn_weight * l_attn
     metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
+    if cfg.outside_weight > 0 and "start_rows" in run_data:
+        ref = model.condition(text_params, ids[:b], latent_hw, concept_ids, run_data["start_rows"])
+        eps_ref = unet_fn(unet_params, trainable.get("lora"), noisy[:b], t[:b], ref)[0]
+        l_out = losses.outside_loss(eps[:b], jax.lax.stop_gradient(eps_ref), union_Bx1xhxw, w_inst)
+        total = total + cfg.outside_weight * l_out
+        metrics["loss_outside"] = l_out
     if prior:
         l_prior = losses.diffusion_loss(eps[b:], target[b:], w_prior)
         total = total + cfg.prior_weight * l_prior
