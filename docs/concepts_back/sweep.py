@@ -127,6 +127,13 @@ VARIANTS = {
     "out10": {"tokens.outside_weight": 10.0},
     "out10_seed1": {"tokens.outside_weight": 10.0, "seed": 1},
     "out10_seed2": {"tokens.outside_weight": 10.0, "seed": 2},
+    # issue 27, a token drawing its scene's other shape (natural 118's cross token draws a ring): section 16's
+    # every-vector attention loss judged again on fresh seeds (section 24's protocol)
+    "allvec_seed1": {"tokens.attn_all_vectors": True, "seed": 1},
+    "allvec_seed2": {"tokens.attn_all_vectors": True, "seed": 2},
+    # section 14's smaller token lr (rows nearer their words) judged again on fresh seeds under min-SNR 5
+    "tlr5e-3_seed1": {"tokens.lr": 5e-3, "seed": 1},
+    "tlr5e-3_seed2": {"tokens.lr": 5e-3, "seed": 2},
 }
 
 def scene_of(tag):
