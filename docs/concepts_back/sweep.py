@@ -124,6 +124,8 @@ VARIANTS = {
     "out1": {"tokens.outside_weight": 1.0},
     "out1_seed1": {"tokens.outside_weight": 1.0, "seed": 1},
     "out1_seed2": {"tokens.outside_weight": 1.0, "seed": 2},
+    "out1_seed3": {"tokens.outside_weight": 1.0, "seed": 3},
+    "seed3": {"seed": 3},
     "out10": {"tokens.outside_weight": 10.0},
     "out10_seed1": {"tokens.outside_weight": 10.0, "seed": 1},
     "out10_seed2": {"tokens.outside_weight": 10.0, "seed": 2},
