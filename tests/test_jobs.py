@@ -92,10 +92,12 @@ def test_batched_jobs_equal_separate_runs(scenes, batched, tmp_path, tiny):
         assert [round(m["loss"], 5) for m in mine] == [round(m["loss"], 5) for m in theirs]
 
 
-@pytest.mark.parametrize("option", [{"zoom_views": 1}, {"tokens.ema": 0.5}], ids=["zoom_views", "tokens_ema"])
+@pytest.mark.parametrize("option", [{"zoom_views": 1}, {"tokens.ema": 0.5}, {"tokens.outside_weight": 1.0}],
+                         ids=["zoom_views", "tokens_ema", "outside_weight"])
 def test_batched_jobs_with_options_equal_a_run_of_their_own(scenes, tmp_path, tiny, option):
-    """zoom_views > 0 (each job trains on its own scene's views and their masks) and tokens.ema (each job hands on
-    its own rows' average) on the simulated devices: a job's rows equal those of its scene's run alone, with the
+    """zoom_views > 0 (each job trains on its own scene's views and their masks), tokens.ema (each job hands on
+    its own rows' average) and tokens.outside_weight (each job's reference from its own starting rows) on the
+    simulated devices: a job's rows equal those of its scene's run alone, with the
     option, on one device."""
     cfg = set_fields(_cfg(), {**option, "joint.steps": 0})
     summaries = jobs.learn_many(cfg, [(_spec(f, s),) for f, s in scenes], str(tmp_path / "many"), bundle=tiny,
