@@ -126,6 +126,8 @@ VARIANTS = {
     "out1_seed2": {"tokens.outside_weight": 1.0, "seed": 2},
     "out1_seed3": {"tokens.outside_weight": 1.0, "seed": 3},
     "seed3": {"seed": 3},
+    "out03_seed1": {"tokens.outside_weight": 0.3, "seed": 1},
+    "out03_seed2": {"tokens.outside_weight": 0.3, "seed": 2},
     "out10": {"tokens.outside_weight": 10.0},
     "out10_seed1": {"tokens.outside_weight": 10.0, "seed": 1},
     "out10_seed2": {"tokens.outside_weight": 10.0, "seed": 2},
