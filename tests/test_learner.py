@@ -826,12 +826,12 @@ def test_outside_loss_holds_the_prediction_outside_the_masks_to_the_words(scene_
     cfg = _cfg(**{"tokens.outside_weight": 3.0})
     s = settings.resolve(cfg)
     assert stages.loss_config(s).outside_weight == stages.joint_loss_config(s).outside_weight == 3.0
-    assert "outside_weight" not in settings.resolve(_cfg()).result_fields()["tokens"]
+    assert "outside_weight" not in settings.resolve(_cfg(**{"tokens.outside_weight": 0.0})).result_fields()["tokens"]
     assert s.result_fields()["tokens"]["outside_weight"] == 3.0
     st = prepare(cfg, [_spec(scene_dir)])
     rows0 = jax.numpy.asarray(st.concepts.init_rows)
     np.testing.assert_array_equal(np.asarray(st.run_data["start_rows"]), np.asarray(rows0))
-    assert "start_rows" not in prepare(_cfg(), [_spec(scene_dir)]).run_data
+    assert "start_rows" not in prepare(_cfg(**{"tokens.outside_weight": 0.0}), [_spec(scene_dir)]).run_data
     frozen = {"text_encoder": st.bundle.params["text_encoder"], "unet": st.bundle.params["unet"]}
     half = np.zeros((3,) + st.latent_hw, np.float32)
     half[:, :, : st.latent_hw[1] // 2] = 1.0  # every concept on the left half: the right half is outside

@@ -68,6 +68,9 @@ def stable_diffusion(model: str, resolution: int):
     # every timestep weighs alike, as in Break-a-Scene: the toy's min-SNR 5 matches how the toy model was trained,
     # which SD was not (docs/concepts_back.md section 21); --config.min_snr_gamma=5 to try it
     c.min_snr_gamma = 0.0
+    # the outside loss (the toy's 0.3, docs/concepts_back.md section 25) costs one more UNet pass per step and was
+    # measured on the toy model only: off, as in Break-a-Scene; --config.tokens.outside_weight=0.3 to try it
+    c.tokens.outside_weight = 0.0
     # the same values in a fraction of the memory (docs/memory.md, SD 1.5: token step 15.2 -> 8.2 GiB, E-step
     # 34.6 -> 4.7 GiB, LoRA joint step 16.9 -> 8.4 GiB): self-attention in chunks, the E-step 10 timesteps a call
     c.memory_efficient_attention, c.masks.timestep_chunk = True, 10
