@@ -5,7 +5,7 @@ the toy recipe otherwise: one vector per init word, joint lr 3e-5, min-SNR 5, ou
 of both together (DDIM 25, guidance 5, sample seed = run seed), judged by the toy analysis. "Shown": samples of the 24
 where every object the prompt names is found. Measured on the 2-core CPU, run seeds 0-4 (seed 3 tested):
 
-    recipe              shown of 24: 11 / 10 / 12 / 18 / 18 (mean 13.8, seed-to-seed SD 4.1); together >= 1 of 8 each
+    recipe              shown of 24: 11 / 10 / 12 / 18 / 18 (mean 13.8, seed-to-seed SD 3.9); together >= 1 of 8 each
     ... without the outside loss (stop 44): 13 / 10 / 10 / 17 / 15 (mean 13.0, SD 3.1)
     ... uniform weights (before min-SNR 5, stop 41): 11 / 15 / 11 / 20 / 17 (mean 14.8, SD 3.9)
     previous recipe     (one vector at the mean of the words, joint lr 1e-4), seeds 0-2: 7 / 8 / 6; together 0 of 8
