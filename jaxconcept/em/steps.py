@@ -180,13 +180,10 @@ class StepStatics:
     concept_ids: tuple[int, ...] | None = None  # the rows' vocabulary ids; None: an argument (jobs, traced)
 
 
-def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepStatics, concept_ids_N):
-    """L_mask + lambda * L_attn (+ prior) for one drawn batch; returns (loss, metrics)."""
-    model, cfg, mesh, concept_ids = statics.model, statics.cfg, statics.mesh, concept_ids_N
-    # joint tuning moves the UNet (or its LoRA adapters; optionally the text encoder) into `trainable`
-    text_params = {k: trainable.get(k, v) for k, v in conditioning.text_params(frozen).items()}
-    text_params.update(conditioning.text_params(trainable))
-    unet_params = trainable["unet"] if "unet" in trainable else frozen["unet"]
+def _noised_batch(key, run_data, masks_Cxhxw, statics: StepStatics):
+    """The step's drawn batch (instances, then one class image per instance when prior latents are given) with
+    its timesteps, noisy latents and training target: a dict of arrays, sharded over the mesh when they divide."""
+    model, cfg, mesh = statics.model, statics.cfg, statics.mesh
     k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
     table = run_data["table"] if cfg.background_prompts else {**run_data["table"], "logw_P": run_data["joint_logw_P"]}
     # zoomed views (prepare.view_latents) come with masks V x C x h x w
@@ -197,27 +194,73 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
         latents = data.swap_background(jax.random.fold_in(key, 1), latents, batch["masks"], batch["positions"],
                                        run_data["background_C"], run_data["backgrounds"], cfg.background_swap)
     b = cfg.batch_size
-    prior = "prior_latents" in run_data
-    if prior:  # one class image per instance, with the class prompt; no attention loss on it
+    if "prior_latents" in run_data:  # one class image per instance, with the class prompt; no attention loss on it
         idx = jax.random.randint(k_prior, (b,), 0, run_data["prior_latents"].shape[0])
         latents = jnp.concatenate([latents, run_data["prior_latents"][idx]])
         ids = jnp.concatenate([ids, jnp.broadcast_to(run_data["prior_ids"], ids.shape)])
     if mesh is not None and latents.shape[0] % mesh.size == 0:
         latents, ids = (jax.lax.with_sharding_constraint(x, sharding.batch_sharded(mesh)) for x in (latents, ids))
-    n = latents.shape[0]
-    t = jax.random.randint(k_t, (n,), 0, model.num_train_timesteps)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, model.num_train_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     alphas_cumprod = model.alphas()
-    noisy = diffusion.add_noise(alphas_cumprod, latents, noise, t)
-    target = diffusion.training_target(model.prediction_type, alphas_cumprod, latents, noise, t)  # eps or v
-    latent_hw = latents.shape[2:]
-    if prior and "prior_context" in run_data and "text_encoder" not in trainable:
+    return dict(batch, ids=ids, latents=latents, t=t, noisy=diffusion.add_noise(alphas_cumprod, latents, noise, t),
+                target=diffusion.training_target(model.prediction_type, alphas_cumprod, latents, noise, t))  # eps or v
+
+
+def _split_params(trainable, frozen):
+    """(text encoder params, UNet params): joint tuning moves the UNet (or its LoRA adapters; optionally the text
+    encoder) into `trainable`."""
+    text_params = {k: trainable.get(k, v) for k, v in conditioning.text_params(frozen).items()}
+    text_params.update(conditioning.text_params(trainable))
+    return text_params, trainable["unet"] if "unet" in trainable else frozen["unet"]
+
+
+def _context(trainable, text_params, run_data, nb, statics: StepStatics, concept_ids):
+    """The batch's text conditioning from the current rows (instances, then the prior's class prompt)."""
+    ids, latent_hw, b = nb["ids"], nb["latents"].shape[2:], statics.cfg.batch_size
+    if "prior_latents" in run_data and "prior_context" in run_data and "text_encoder" not in trainable:
         # the class prompt's encoding is fixed while the text encoder is: cached once, not re-run each step
-        inst = model.condition(text_params, ids[:b], latent_hw, concept_ids, trainable["rows"])
+        inst = statics.model.condition(text_params, ids[:b], latent_hw, concept_ids, trainable["rows"])
         prior_1 = conditioning.batch_of(run_data["prior_context"], None)  # one prompt, batch axis added
-        context = conditioning.concatenate([inst, conditioning.broadcast(prior_1, b)])
-    else:
-        context = model.condition(text_params, ids, latent_hw, concept_ids, trainable["rows"])
+        return conditioning.concatenate([inst, conditioning.broadcast(prior_1, b)])
+    return statics.model.condition(text_params, ids, latent_hw, concept_ids, trainable["rows"])
+
+
+def _attention_term(maps, nb, run_data, masks_BxCxhxw, present_BxC, cfg: LossConfig):
+    """L_attn on the instances: each concept's cross-attention map (max-normalised, on the loss's grid) against
+    its mask."""
+    b, latent_hw = cfg.batch_size, nb["latents"].shape[2:]
+    grid = (cfg.attn_resolution, cfg.attn_resolution * latent_hw[1] // latent_hw[0])
+    positions, vectors_BxCxV = nb["positions"], None
+    if "attn_vector_ids_CxV" in run_data:  # tokens.attn_all_vectors: every vector's map, not the first's only
+        positions, vectors_BxCxV = data.vector_positions(nb["ids"][:b], run_data["attn_vector_ids_CxV"])
+    attn = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latent_hw,
+                                    jnp.maximum(positions.reshape(b, -1), 0), out_hw=grid, normalize="max")
+    attn = attn.reshape(positions.shape + grid)  # B x C x g x g, or B x C x V x g x g per vector
+    return losses.attention_loss(attn, data.nearest_resize(masks_BxCxhxw, grid), present_BxC, vectors_BxCxV)
+
+
+def _outside_term(eps_BxZxhxw, text_params, unet_params, lora, nb, run_data, union_Bx1xhxw, w_inst,
+                  statics: StepStatics, concept_ids):
+    """L_out: the prediction outside the masks held to the words' (the same noisy latents, the starting rows).
+    The reference pass runs without capture, and on stopped inputs, so it is never differentiated. Its prompts'
+    encoding is recomputed each step rather than cached: the text pass is small beside the UNet's, and the
+    presets that would feel it (SD) keep this loss off."""
+    b, model, cfg = statics.cfg.batch_size, statics.model, statics.cfg
+    ref = model.condition(text_params, nb["ids"][:b], nb["latents"].shape[2:], concept_ids, run_data["start_rows"])
+    unet_params, lora_sg, ref = jax.lax.stop_gradient((unet_params, lora, ref))
+    eps_ref = capture.unet_eps(model.unet, unet_params, nb["noisy"][:b], nb["t"][:b], ref,
+                               None if lora_sg is None else (lora_sg, cfg.lora_scale))
+    return losses.outside_loss(eps_BxZxhxw[:b], eps_ref, union_Bx1xhxw, w_inst)
+
+
+def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepStatics, concept_ids_N):
+    """L_mask + lambda * L_attn (+ the optional terms: outside, prior, context) for one drawn batch; returns
+    (loss, metrics)."""
+    model, cfg, concept_ids, b = statics.model, statics.cfg, concept_ids_N, statics.cfg.batch_size
+    text_params, unet_params = _split_params(trainable, frozen)
+    nb = _noised_batch(key, run_data, masks_Cxhxw, statics)
+    context = _context(trainable, text_params, run_data, nb, statics, concept_ids)
     selector = capture.LayerSelector(resolutions=(cfg.attn_resolution,))
 
     def unet_fn(unet_params, adapters, noisy, t, context):
@@ -226,42 +269,32 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
 
     if cfg.remat != "none":  # trade a second UNet forward for the activations' memory (joint stage)
         unet_fn = jax.checkpoint(unet_fn, policy=REMAT_POLICIES[cfg.remat])
-    eps, maps = unet_fn(unet_params, trainable.get("lora"), noisy, t, context)
+    eps, maps = unet_fn(unet_params, trainable.get("lora"), nb["noisy"], nb["t"], context)
 
-    present_BxC = (batch["positions"] >= 0).astype(jnp.float32)
-    masks_BxCxhxw = batch["masks"].astype(jnp.float32)
+    present_BxC = (nb["positions"] >= 0).astype(jnp.float32)
+    masks_BxCxhxw = nb["masks"].astype(jnp.float32)
     union_Bx1xhxw = losses.dilate(losses.union_mask(masks_BxCxhxw, present_BxC), cfg.loss_margin)
     w_inst = w_prior = None  # per-sample weights of the instances and the prior's class images (min-SNR)
     if cfg.min_snr_gamma > 0:
-        snr_w = diffusion.min_snr_weights(model.prediction_type, alphas_cumprod, t, cfg.min_snr_gamma)
+        snr_w = diffusion.min_snr_weights(model.prediction_type, model.alphas(), nb["t"], cfg.min_snr_gamma)
         w_inst, w_prior = snr_w[:b], snr_w[b:]
+    target = nb["target"]
     l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, cfg.loss_per_area, w_inst)
-    grid = (cfg.attn_resolution, cfg.attn_resolution * latents.shape[3] // latents.shape[2])
-    positions, vectors_BxCxV = batch["positions"], None
-    if "attn_vector_ids_CxV" in run_data:  # tokens.attn_all_vectors: every vector's map, not the first's only
-        positions, vectors_BxCxV = data.vector_positions(batch["ids"][:b], run_data["attn_vector_ids_CxV"])
-    attn = aggregate.aggregate_maps({k: v[:b] for k, v in maps.items()}, latents.shape[2:],
-                                    jnp.maximum(positions.reshape(b, -1), 0), out_hw=grid, normalize="max")
-    attn = attn.reshape(positions.shape + grid)  # B x C x g x g, or B x C x V x g x g per vector
-    l_attn = losses.attention_loss(attn, data.nearest_resize(masks_BxCxhxw, grid), present_BxC, vectors_BxCxV)
-    total = l_mask + cfg.attn_weight * l_attn
-    metrics = {"loss_mask": l_mask, "loss_attn": l_attn}
+    l_attn = _attention_term(maps, nb, run_data, masks_BxCxhxw, present_BxC, cfg)
+    terms = {"loss_mask": (1.0, l_mask), "loss_attn": (cfg.attn_weight, l_attn)}
     if cfg.outside_weight > 0 and "start_rows" in run_data:
-        ref = model.condition(text_params, ids[:b], latent_hw, concept_ids, run_data["start_rows"])
-        eps_ref = unet_fn(unet_params, trainable.get("lora"), noisy[:b], t[:b], ref)[0]
-        l_out = losses.outside_loss(eps[:b], jax.lax.stop_gradient(eps_ref), union_Bx1xhxw, w_inst)
-        total = total + cfg.outside_weight * l_out
-        metrics["loss_outside"] = l_out
-    if prior:
-        l_prior = losses.diffusion_loss(eps[b:], target[b:], w_prior)
-        total = total + cfg.prior_weight * l_prior
-        metrics["loss_prior"] = l_prior
+        terms["loss_outside"] = (cfg.outside_weight, _outside_term(
+            eps, text_params, unet_params, trainable.get("lora"), nb, run_data, union_Bx1xhxw, w_inst, statics,
+            concept_ids))
+    if "prior_latents" in run_data:
+        terms["loss_prior"] = (cfg.prior_weight, losses.diffusion_loss(eps[b:], target[b:], w_prior))
     if cfg.context_weight > 0 and "context_ids" in run_data:  # the text encoder alone: no UNet pass
-        states = model.text_states(text_params, run_data["context_ids"], latent_hw, concept_ids, trainable["rows"])
-        l_ctx = losses.context_loss(states, run_data["context_target"], run_data["context_weight"])
-        total = total + cfg.context_weight * l_ctx
-        metrics["loss_ctx"] = l_ctx
-    return total, metrics
+        states = model.text_states(text_params, run_data["context_ids"], nb["latents"].shape[2:], concept_ids,
+                                   trainable["rows"])
+        terms["loss_ctx"] = (cfg.context_weight,
+                             losses.context_loss(states, run_data["context_target"], run_data["context_weight"]))
+    total = sum(w * v for w, v in terms.values())
+    return total, {name: v for name, (_, v) in terms.items()}
 
 
 def train_step(statics: StepStatics, state, frozen, run_data, masks_Cxhxw, base_key, concept_ids_N=None):
