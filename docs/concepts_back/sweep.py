@@ -138,6 +138,9 @@ VARIANTS = {
     # section 14's smaller token lr (rows nearer their words) judged again on fresh seeds under min-SNR 5
     "tlr5e-3_seed1": {"tokens.lr": 5e-3, "seed": 1},
     "tlr5e-3_seed2": {"tokens.lr": 5e-3, "seed": 2},
+    # section 26: the attention loss's weight 1.0 (from 0.3) on the recipe with the outside loss, fresh seeds
+    "attn1_seed1": {"tokens.attn_weight": 1.0, "seed": 1},
+    "attn1_seed2": {"tokens.attn_weight": 1.0, "seed": 2},
 }
 
 def scene_of(tag):
