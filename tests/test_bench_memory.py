@@ -140,3 +140,61 @@ def test_sdxl_programs_build_with_both_text_encoders_on_the_tiny_sdxl_architectu
     s = sdxl.settings(memory.option_overrides("fp32"))
     assert (sdxl.resolution(s), tuple(s.masks.resolutions), s.tokens.attn_resolution) == (1024, (32, 64), 32)
     assert sdxl.text_2["hidden_size"] + sdxl.text["hidden_size"] == sdxl.unet["cross_attention_dim"]
+
+
+def test_execute_runs_each_program_once_in_a_process_of_its_own(tmp_path):
+    """--execute: the compiled program runs on placeholder inputs in a spawned process; the CPU backend keeps no
+    allocator statistics, so its peak is left out with the reason, and the entry is kept on a second call."""
+    out = tmp_path / "memory.json"
+    _main("--presets", "tiny", "--programs", "token:fp32", "--execute", "--out", str(out))
+    e = _entry(json.loads(out.read_text()), "token", "fp32")
+    assert e["executed"] and e["run_s"] > 0
+    assert e["run_peak_bytes"] is None and "keeps no allocator statistics" in e["run_note"]
+    assert "kept (fingerprint" in _main("--presets", "tiny", "--programs", "token:fp32", "--execute", "--out",
+                                        str(out))
+
+
+def test_a_compiled_only_entry_is_run_again_when_execute_asks(first, tmp_path):
+    out = tmp_path / "memory.json"
+    out.write_text(first[0].read_text())
+    assert "joint" not in _main("--presets", "tiny", "--programs", "token:fp32", "--out", str(out)).split("kept")[0]
+    printed = _main("--presets", "tiny", "--programs", "token:fp32", "--execute", "--out", str(out))
+    assert "in a process of its own (compiled before, not run)" in printed and "ran in" in printed
+    assert _entry(json.loads(out.read_text()), "token", "fp32")["executed"]
+
+
+class _Device:
+    platform = "gpu"
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_run_once_feeds_zeros_and_keys_placed_as_compiled_and_reads_the_allocators_peak():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxconcept.bench import run_peak
+
+    def step(state, key):
+        return {"w": state["w"] + jax.random.normal(key, state["w"].shape), "n": state["n"] + 1}
+
+    lowered = jax.jit(step, donate_argnums=0).lower(
+        {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32), "n": jax.ShapeDtypeStruct((), jnp.int32)},
+        jax.eval_shape(lambda: jax.random.key(0)))
+    compiled = lowered.compile()
+    args = run_peak.placeholder_args(lowered, compiled)
+    assert args[0]["w"].shape == (4, 3) and float(jnp.abs(args[0]["w"]).sum()) == 0.0 and args[0]["n"].dtype == jnp.int32
+    assert jax.dtypes.issubdtype(args[1].dtype, jax.dtypes.prng_key)
+    measured = run_peak.run_once(lowered, compiled, _Device({"peak_bytes_in_use": 12345, "bytes_limit": 80 << 30}))
+    assert measured["run_peak_bytes"] == 12345 and measured["run_bytes_limit"] == 80 << 30 and measured["run_s"] >= 0
+    assert run_peak.run_once(lowered, compiled, _Device(None))["run_peak_bytes"] is None
+
+
+def test_execute_refuses_targets_compiled_ahead_of_time(tmp_path, capsys):
+    assert memory.main(["--presets", "tiny", "--programs", "token:fp32", "--target", "tpu-v5e", "--execute",
+                        "--out", str(tmp_path / "m.json")]) == 2
+    assert "compiled ahead of time" in capsys.readouterr().err

@@ -6,6 +6,7 @@
     python -m jaxconcept.bench.memory --presets sd21 --programs joint:lora4 --target tpu-v5e     # needs libtpu
     python -m jaxconcept.bench.memory --report                          # docs/memory.md from docs/memory.json
     python -m jaxconcept.bench.memory --presets tiny --out /tmp/memory.json                  # seconds
+    python -m jaxconcept.bench.memory --presets sd15 --target gpu --execute   # on a GPU: also the device's peak
 
 Each program is built exactly as a run builds it (`em/stages.py`: the settings of the preset, `loss_config`,
 `joint_loss_config`, `frozen_weights`, `joint_tuned`, `joint_frozen`, `stage_optimizers`; `em/steps.py`:
@@ -29,7 +30,9 @@ with 3 concepts (2 objects and the background, one vector each: 15 prompts of 77
 and the model's dtype; the token step and the E-step depend on the dtype only (`fp32`, `bf16`).
 
 Targets: `cpu` (this machine's XLA CPU backend: a proxy for a GPU, whose compiler fuses and schedules
-differently), and TPUs ahead of time, `tpu-v5e` (= `tpu-v5e:1x1`), `tpu-v5e:2x2`, `tpu-v6e:1x1`, ... (libtpu
+differently), `gpu` / `tpu` (this machine's own accelerator; with `--execute` each program also runs once on
+placeholder inputs, in a process of its own, and the device allocator's peak is kept: `bench/run_peak.py`), and TPUs
+ahead of time, `tpu-v5e` (= `tpu-v5e:1x1`), `tpu-v5e:2x2`, `tpu-v6e:1x1`, ... (libtpu
 must be importable: `pip install libtpu`): `jax.experimental.topologies` gives the chips of a topology to compile
 for on this CPU; the executable cannot run here, but its memory analysis is the TPU compiler's own. On several
 chips the mesh's fsdp axis spans them all: the state and the frozen weights are FSDP-split
@@ -72,6 +75,7 @@ from ..errors import JaxconceptError
 from ..model import adapter, capture, conditioning
 from ..model import loading as model
 from ..parallel import sharding
+from . import run_peak
 from .torch_reference import torch_training_memory
 from .workload import (SD15_TEXT, SD15_UNET, SD15_VAE, SD21_TEXT, SD21_UNET, SD_VOCAB, SDXL_TEXT, SDXL_TEXT_2,
                        SDXL_UNET, SDXL_VAE)
@@ -223,6 +227,14 @@ def make_target(name: str) -> Target:
     versions = {"jax": jax.__version__, "jaxlib": _version("jaxlib")}
     if name == "cpu":
         devices = tuple(jax.devices("cpu")[:1])
+    elif name in ("gpu", "tpu"):  # this machine's own accelerator (the first one)
+        try:
+            devices = tuple(jax.devices(name)[:1])
+        except RuntimeError as e:
+            hint = "`pip install -U 'jax[cuda12]'`" if name == "gpu" else "`pip install -U 'jax[tpu]'` on a TPU VM"
+            raise JaxconceptError(f"target {name!r}: jax sees no {name.upper()} here ({e}); install jax for it "
+                                  f"({hint}) on a machine with one, or use --target cpu") from e
+        versions["platform_version"] = devices[0].client.platform_version
     elif name.startswith("tpu-"):
         if not libtpu_available():
             raise JaxconceptError(f"target {name!r} compiles for TPUs ahead of time with libtpu, which is not "
@@ -237,8 +249,8 @@ def make_target(name: str) -> Target:
         versions["libtpu"] = _version("libtpu")
         versions["topology"] = topo
     else:
-        raise JaxconceptError(f"unknown target {name!r}: use cpu or tpu-<topology> (tpu-v5e, tpu-v5e:2x2, "
-                              "tpu-v6e:1x1, ...)")
+        raise JaxconceptError(f"unknown target {name!r}: use cpu, gpu, tpu (this machine's own) or tpu-<topology> "
+                              "(ahead of time: tpu-v5e, tpu-v5e:2x2, tpu-v6e:1x1, ...)")
     return Target(name, devices, devices[0].device_kind, versions)
 
 
@@ -454,12 +466,15 @@ def lower(st: Setup, program: str) -> tuple[Any, dict, float]:
 
 
 def compile_entry(st: Setup, program: str, option: str, target: Target, fp: str, lowered, trees: dict,
-                  lower_s: float) -> dict:
-    """Compile a lowered program: its entry (figures, tree sizes, times)."""
+                  lower_s: float, execute: bool = False) -> dict:
+    """Compile a lowered program: its entry (figures, tree sizes, times); with `execute`, also run once on
+    placeholder arguments for the device allocator's peak (`run_peak.run_once`)."""
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     figures = memory_figures(compiled)
+    if execute:
+        figures.update(run_peak.run_once(lowered, compiled, target.devices[0]))
     del compiled
     s, p = st.settings, st.preset
     # jit leaves the arguments a program never reads out of it (the E-step's finest UNet level, whose output it
@@ -476,9 +491,9 @@ def compile_entry(st: Setup, program: str, option: str, target: Target, fp: str,
     }
 
 
-def measure(st: Setup, program: str, option: str, target: Target, fp: str) -> dict:
-    """Lower and compile one program: its entry."""
-    return compile_entry(st, program, option, target, fp, *lower(st, program))
+def measure(st: Setup, program: str, option: str, target: Target, fp: str, execute: bool = False) -> dict:
+    """Lower and compile one program (and run it, with `execute`): its entry."""
+    return compile_entry(st, program, option, target, fp, *lower(st, program), execute=execute)
 
 
 # ------------------------------------------------------------------------------------------ results file
@@ -525,16 +540,19 @@ def xla_peak(e: dict) -> int | None:
 
 def best_peak(e: dict) -> int:
     """What a run holds while the program runs: the larger of arguments + outputs - aliased + temporaries and the
-    backend's own peak (TPU), plus the weights the program does not read (kept on the device by the run)."""
-    return max(e["peak_bytes"], xla_peak(e) or 0) + (e.get("unread_bytes") or 0)
+    backend's own peak (TPU), plus the weights the program does not read (kept on the device by the run); or the
+    device allocator's measured peak, where the program was run (`--execute`) and that is larger."""
+    planned = max(e["peak_bytes"], xla_peak(e) or 0) + (e.get("unread_bytes") or 0)
+    return max(planned, e.get("run_peak_bytes") or 0)
 
 
 def format_table(entries: list[dict]) -> str:
     """The printed table: one row per entry."""
-    head = ["entry", "px", "arguments", "outputs", "aliased", "temporaries", "peak", "XLA peak", "compile s"]
+    head = ["entry", "px", "arguments", "outputs", "aliased", "temporaries", "peak", "XLA peak", "run peak",
+            "compile s"]
     rows = [[e["id"], str(e["resolution"]), *(fmt_bytes(e[k]) for k in ("argument_bytes", "output_bytes",
                                                                          "alias_bytes", "temp_bytes", "peak_bytes")),
-             fmt_bytes(xla_peak(e)), f"{e['compile_s']:.1f}"] for e in entries]
+             fmt_bytes(xla_peak(e)), fmt_bytes(e.get("run_peak_bytes")), f"{e['compile_s']:.1f}"] for e in entries]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
 
     def line(r):
@@ -579,7 +597,10 @@ def render_markdown(results: dict, out_json: str) -> str:
         "allocates (activations, gradients, updates).",
         "- **peak = arguments + outputs - aliased + temporaries**. **XLA peak** is the backend's own "
         "`peak_memory_in_bytes` (its heap simulation) where it means one: TPU (the CPU backend reports its "
-        "arguments' size there; kept in the JSON, not shown). The \"what fits\" table uses the larger of the two.",
+        "arguments' size there; kept in the JSON, not shown). **run peak**: the device allocator's own peak "
+        "(`memory_stats()['peak_bytes_in_use']`) while the program ran once on placeholder inputs in a process of "
+        "its own (`--execute`, `bench/run_peak.py`; GPUs and TPUs: the CPU backend keeps no such statistics). The "
+        "\"what fits\" table uses the largest of these.",
         "- Batch 1 at the preset's resolution; one image with 3 concepts (2 objects + background, one vector "
         "each: 15 prompts of 77 tokens); the token table of SD's 49408 rows plus the 3 concept rows. "
         "`token`: stage 2 (rows trainable, AdamW). `estep`: the E-step's attention pass (50 timesteps in one "
@@ -589,7 +610,8 @@ def render_markdown(results: dict, out_json: str) -> str:
         "schedules differently; a GPU process also holds its CUDA context and cuDNN/cuBLAS workspaces, and XLA "
         "preallocates 75% of the memory unless told otherwise). `tpu-*` are compiled ahead of time for that TPU "
         "topology with libtpu on this CPU (`jax.experimental.topologies`): the TPU compiler's own figures, per "
-        "chip. GB in the tables below is GiB (2^30 bytes).",
+        "chip. `gpu` / `tpu`: the machine's own accelerator, compiled and run there (`launch/gpu_check.sh` on a "
+        "borrowed GPU). GB in the tables below is GiB (2^30 bytes).",
         "",
         "Option sets:",
         "",
@@ -600,13 +622,14 @@ def render_markdown(results: dict, out_json: str) -> str:
     lines += [f"| `{n}` | {_option_text(n)} |" for n in used]
     lines += ["", "## Figures (GiB)", "",
               "| preset | px | program | options | target | arguments | outputs | aliased | temporaries | peak "
-              "| XLA peak | trainable | optimiser state | compile s |",
-              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| XLA peak | run peak | trainable | optimiser state | compile s |",
+              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in entries:
         lines.append(
             f"| {e['preset']} | {e['resolution']} | {e['program']} | `{e['options']}` | {e['target']} | "
             f"{_gib(e['argument_bytes'])} | {_gib(e['output_bytes'])} | {_gib(e['alias_bytes'])} | "
             f"{_gib(e['temp_bytes'])} | **{_gib(e['peak_bytes'])}** | {_gib(xla_peak(e))} | "
+            f"{_gib(e.get('run_peak_bytes'))} | "
             f"{_gib(e.get('trainable_bytes'))} | {_gib(e.get('opt_state_bytes'))} | {e['compile_s']:.0f} |")
     lines += ["", "## What fits", "",
               "Held = the peak (the larger of the sum and the XLA peak) plus the weights the program never reads "
@@ -693,10 +716,18 @@ def check_options(names) -> None:
 
 
 def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | None = None, force: bool = False,
-        command: str = "", jobs: int = 1) -> list[dict]:
+        command: str = "", jobs: int = 1, execute: bool = False) -> list[dict]:
     """Compute (or read from `out`) every entry; prints progress and the table, writes `out` (and `md`) after
     each entry; returns the entries of this run in order. With jobs > 1 the programs are lowered one after
-    the other while up to `jobs` of them compile at once (in threads: XLA's compiler releases the GIL)."""
+    the other while up to `jobs` of them compile at once (in threads: XLA's compiler releases the GIL). With
+    `execute` each entry is also run once, one after the other, each in a process of its own (`run_peak`)."""
+    if execute:
+        ahead = [t for t in targets if t.startswith("tpu-")]
+        if ahead:
+            raise JaxconceptError(f"--execute runs each program, but {', '.join(ahead)} is compiled ahead of time "
+                                  "on this machine and cannot run here: use --execute with --target cpu or gpu "
+                                  "(on a TPU VM: --target tpu, the chip itself)")
+        run_peak.no_preallocation()  # before this process first touches a GPU
     results = load_results(out)
     order, todo = [], []
     for target_name in targets:
@@ -715,10 +746,12 @@ def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | N
                 st = make_setup(preset, option, target)
                 fp = fingerprint(st, program, target)
                 old = results["entries"].get(eid)
-                if old is not None and old.get("fingerprint") == fp and not force:
+                if old is not None and old.get("fingerprint") == fp and not force and (old.get("executed")
+                                                                                       or not execute):
                     phase(f"{eid}: kept (fingerprint {fp}), peak {fmt_bytes(old['peak_bytes'])}")
                     continue
-                why = ("forced" if force else "fingerprint changed") if old else "new"
+                why = "new" if old is None else "forced" if force else (
+                    "fingerprint changed" if old.get("fingerprint") != fp else "compiled before, not run")
                 todo.append((eid, st, program, option, target, fp, why))
 
     def done(e: dict) -> None:
@@ -728,11 +761,19 @@ def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | N
         if md:
             write_markdown(results, out, md)
         xla = f", XLA peak {fmt_bytes(xla_peak(e))}" if xla_peak(e) else ""
+        ran = ""
+        if e.get("executed"):
+            ran = (f"; ran in {e['run_s']:.2f} s, device peak {fmt_bytes(e['run_peak_bytes'])}"
+                   if e.get("run_peak_bytes") else f"; ran in {e['run_s']:.2f} s ({e.get('run_note')})")
         phase(f"{e['id']}: compiled in {e['compile_s']:.1f} s (lowered in {e['lower_s']:.1f} s): arguments "
               f"{fmt_bytes(e['argument_bytes'])}, temporaries {fmt_bytes(e['temp_bytes'])}, peak "
-              f"{fmt_bytes(e['peak_bytes'])}{xla}")
+              f"{fmt_bytes(e['peak_bytes'])}{xla}{ran}")
 
-    if jobs <= 1:
+    if execute:
+        for eid, st, program, option, target, fp, why in todo:
+            phase(f"{eid}: compiling for {target.kind} and running once, in a process of its own ({why})")
+            done(run_peak.measure_in_fresh_process(st.preset.name, program, option, target.name))
+    elif jobs <= 1:
         for eid, st, program, option, target, fp, why in todo:
             phase(f"{eid}: compiling for {target.kind} ({why})")
             done(measure(st, program, option, target, fp))
@@ -775,13 +816,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--options", default=",".join(OPTIONS),
                    help=f"comma-separated option sets (token and estep take {' and '.join(STEP_OPTIONS)} only): "
                         f"{', '.join(OPTIONS)}")
-    p.add_argument("--target", default="cpu", help="cpu, or tpu-<topology> (tpu-v5e, tpu-v5e:2x2, tpu-v6e:1x1, "
-                                                    "...; needs libtpu); comma-separated for several")
+    p.add_argument("--target", default="cpu", help="cpu, gpu, tpu (this machine's accelerator), or tpu-<topology> "
+                                                    "(ahead of time: tpu-v5e, tpu-v5e:2x2, tpu-v6e:1x1, ...; needs "
+                                                    "libtpu); comma-separated for several")
     p.add_argument("--out", default="docs/memory.json")
     p.add_argument("--md", default=None, help="the rendered page (default: --out with .md)")
     p.add_argument("--force", action="store_true", help="recompute entries already in --out")
     p.add_argument("--report", action="store_true", help="only render --md from --out")
     p.add_argument("--jobs", type=int, default=1, help="programs compiling at once (threads; memory grows with it)")
+    p.add_argument("--execute", action="store_true",
+                   help="also run each program once, in a process of its own, for the device allocator's peak "
+                        "(--target gpu / tpu: this machine's accelerator; on cpu the run is done, no peak is read)")
     return p.parse_args(argv)
 
 
@@ -802,7 +847,7 @@ def main(argv=None) -> int:
         presets = [p.strip() for p in a.presets.split(",") if p.strip()]
         targets = [t.strip() for t in a.target.split(",") if t.strip()]
         command = "python -m jaxconcept.bench.memory " + " ".join(shlex.quote(x) for x in argv)
-        run(presets, programs, targets, a.out, md, a.force, command, a.jobs)
+        run(presets, programs, targets, a.out, md, a.force, command, a.jobs, a.execute)
     except JaxconceptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
