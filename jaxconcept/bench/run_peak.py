@@ -76,5 +76,5 @@ def measure_in_fresh_process(preset: str, program: str, option: str, target_name
     """One entry measured with its run, in a spawned process of its own (its allocator's peak is its own)."""
     no_preallocation()
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, max_tasks_per_child=1) as pool:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:  # a pool per entry: a process each
         return pool.submit(_measure_executed, preset, program, option, target_name).result()
