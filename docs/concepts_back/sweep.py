@@ -141,6 +141,9 @@ VARIANTS = {
     # section 26: the attention loss's weight 1.0 (from 0.3) on the recipe with the outside loss, fresh seeds
     "attn1_seed1": {"tokens.attn_weight": 1.0, "seed": 1},
     "attn1_seed2": {"tokens.attn_weight": 1.0, "seed": 2},
+    # section 26: the outside loss's adoption re-judged on fresh validation scenes (natural 9-13, hard 9-12)
+    "out03b_seed1": {"tokens.outside_weight": 0.3, "seed": 1},
+    "out0_seed1": {"tokens.outside_weight": 0.0, "seed": 1},
 }
 
 def scene_of(tag):
