@@ -144,6 +144,9 @@ VARIANTS = {
     # section 26: the outside loss's adoption re-judged on fresh validation scenes (natural 9-13, hard 9-12)
     "out03b_seed1": {"tokens.outside_weight": 0.3, "seed": 1},
     "out0_seed1": {"tokens.outside_weight": 0.0, "seed": 1},
+    # section 26: the objects on plain backgrounds in the token stage only, a quarter of the draws
+    "tswap025_seed1": {"background_swap": 0.25, "background_swap_stages": "tokens", "seed": 1},
+    "tswap025_seed2": {"background_swap": 0.25, "background_swap_stages": "tokens", "seed": 2},
 }
 
 def scene_of(tag):
