@@ -715,20 +715,18 @@ def check_options(names) -> None:
         raise JaxconceptError(f"unknown option set {', '.join(unknown)}: use {', '.join(OPTIONS)}")
 
 
-def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | None = None, force: bool = False,
-        command: str = "", jobs: int = 1, execute: bool = False) -> list[dict]:
-    """Compute (or read from `out`) every entry; prints progress and the table, writes `out` (and `md`) after
-    each entry; returns the entries of this run in order. With jobs > 1 the programs are lowered one after
-    the other while up to `jobs` of them compile at once (in threads: XLA's compiler releases the GIL). With
-    `execute` each entry is also run once, one after the other, each in a process of its own (`run_peak`)."""
-    if execute:
-        ahead = [t for t in targets if t.startswith("tpu-")]
-        if ahead:
-            raise JaxconceptError(f"--execute runs each program, but {', '.join(ahead)} is compiled ahead of time "
-                                  "on this machine and cannot run here: use --execute with --target cpu or gpu "
-                                  "(on a TPU VM: --target tpu, the chip itself)")
-        run_peak.no_preallocation()  # before this process first touches a GPU
-    results = load_results(out)
+def _check_executable(targets) -> None:
+    """--execute runs each program: not possible for a TPU compiled for ahead of time on this machine."""
+    ahead = [t for t in targets if t.startswith("tpu-")]
+    if ahead:
+        raise JaxconceptError(f"--execute runs each program, but {', '.join(ahead)} is compiled ahead of time "
+                              "on this machine and cannot run here: use --execute with --target cpu or gpu "
+                              "(on a TPU VM: --target tpu, the chip itself)")
+
+
+def _plan(results: dict, presets, programs, targets, force: bool, execute: bool) -> tuple[list, list]:
+    """(every entry id in order, the entries to compute: (id, setup, program, option, target, fingerprint, why));
+    adds the PyTorch reference of each preset to `results` where torch can give it."""
     order, todo = [], []
     for target_name in targets:
         target = make_target(target_name)
@@ -753,6 +751,32 @@ def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | N
                 why = "new" if old is None else "forced" if force else (
                     "fingerprint changed" if old.get("fingerprint") != fp else "compiled before, not run")
                 todo.append((eid, st, program, option, target, fp, why))
+    return order, todo
+
+
+def _described(e: dict) -> str:
+    """One computed entry in a line."""
+    xla = f", XLA peak {fmt_bytes(xla_peak(e))}" if xla_peak(e) else ""
+    ran = ""
+    if e.get("executed"):
+        ran = (f"; ran in {e['run_s']:.2f} s, device peak {fmt_bytes(e['run_peak_bytes'])}"
+               if e.get("run_peak_bytes") else f"; ran in {e['run_s']:.2f} s ({e.get('run_note')})")
+    return (f"{e['id']}: compiled in {e['compile_s']:.1f} s (lowered in {e['lower_s']:.1f} s): arguments "
+            f"{fmt_bytes(e['argument_bytes'])}, temporaries {fmt_bytes(e['temp_bytes'])}, peak "
+            f"{fmt_bytes(e['peak_bytes'])}{xla}{ran}")
+
+
+def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | None = None, force: bool = False,
+        command: str = "", jobs: int = 1, execute: bool = False) -> list[dict]:
+    """Compute (or read from `out`) every entry; prints progress and the table, writes `out` (and `md`) after
+    each entry; returns the entries of this run in order. With jobs > 1 the programs are lowered one after
+    the other while up to `jobs` of them compile at once (in threads: XLA's compiler releases the GIL). With
+    `execute` each entry is also run once, one after the other, each in a process of its own (`run_peak`)."""
+    if execute:
+        _check_executable(targets)
+        run_peak.no_preallocation()  # before this process first touches a GPU
+    results = load_results(out)
+    order, todo = _plan(results, presets, programs, targets, force, execute)
 
     def done(e: dict) -> None:
         e["command"] = command
@@ -760,14 +784,7 @@ def run(presets, programs: list[tuple[str, str]], targets, out: str, md: str | N
         save_results(results, out)
         if md:
             write_markdown(results, out, md)
-        xla = f", XLA peak {fmt_bytes(xla_peak(e))}" if xla_peak(e) else ""
-        ran = ""
-        if e.get("executed"):
-            ran = (f"; ran in {e['run_s']:.2f} s, device peak {fmt_bytes(e['run_peak_bytes'])}"
-                   if e.get("run_peak_bytes") else f"; ran in {e['run_s']:.2f} s ({e.get('run_note')})")
-        phase(f"{e['id']}: compiled in {e['compile_s']:.1f} s (lowered in {e['lower_s']:.1f} s): arguments "
-              f"{fmt_bytes(e['argument_bytes'])}, temporaries {fmt_bytes(e['temp_bytes'])}, peak "
-              f"{fmt_bytes(e['peak_bytes'])}{xla}{ran}")
+        phase(_described(e))
 
     if execute:
         for eid, st, program, option, target, fp, why in todo:
