@@ -1,8 +1,8 @@
 """The bundled scene's concepts come back on the shipped toy model (issue 27, docs/concepts_back.md).
 
 A shortened default run of the bundled scene (100 token steps, an E-step every 50 over 8 timesteps, 100 joint steps;
-the toy recipe otherwise: one vector per init word, joint lr 3e-5, min-SNR 5, outside loss 0.3), then 8 samples of each object alone and
-of both together (DDIM 25, guidance 5, sample seed = run seed), judged by the toy analysis. "Shown": samples of the 24
+the toy recipe otherwise: one vector per init word, joint lr 3e-5, min-SNR 5, outside loss 0.3), then 8 samples of
+each object alone and of both together (DDIM 25, guidance 5, sample seed = run seed), judged by the toy analysis. "Shown": samples of the 24
 where every object the prompt names is found. Measured on the 2-core CPU, run seeds 0-4 (seed 3 tested):
 
     recipe              shown of 24: 11 / 10 / 12 / 18 / 18 (mean 13.8, seed-to-seed SD 3.9); together >= 1 of 8 each
@@ -11,7 +11,8 @@ where every object the prompt names is found. Measured on the 2-core CPU, run se
     previous recipe     (one vector at the mean of the words, joint lr 1e-4), seeds 0-2: 7 / 8 / 6; together 0 of 8
 
 The bar, 10, is at or under every recipe seed and over every previous-recipe seed: the tested seed's 18 is 2 SDs
-above it (`docs/concepts_back/bar_seeds.py` measures the five seeds). It fails when a concept is lost again (the ring drawn as a purple triangle) or never comes back together."""
+above it (`docs/concepts_back/bar_seeds.py` measures the five seeds). It fails when a concept is lost again (the ring
+drawn as a purple triangle) or never comes back together."""
 
 import os
 

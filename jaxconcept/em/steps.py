@@ -182,7 +182,8 @@ class StepStatics:
 
 def _noised_batch(key, run_data, masks_Cxhxw, statics: StepStatics):
     """The step's drawn batch (instances, then one class image per instance when prior latents are given) with
-    its timesteps, noisy latents and training target: a dict of arrays, sharded over the mesh when they divide."""
+    its timesteps, noisy latents, training target and the schedule's alphas_cumprod: a dict of arrays, sharded
+    over the mesh when they divide."""
     model, cfg, mesh = statics.model, statics.cfg, statics.mesh
     k_draw, k_t, k_noise, k_prior = jax.random.split(key, 4)
     table = run_data["table"] if cfg.background_prompts else {**run_data["table"], "logw_P": run_data["joint_logw_P"]}
@@ -204,7 +205,8 @@ def _noised_batch(key, run_data, masks_Cxhxw, statics: StepStatics):
     noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
     alphas_cumprod = model.alphas()
     return dict(batch, ids=ids, latents=latents, t=t, noisy=diffusion.add_noise(alphas_cumprod, latents, noise, t),
-                target=diffusion.training_target(model.prediction_type, alphas_cumprod, latents, noise, t))  # eps or v
+                target=diffusion.training_target(model.prediction_type, alphas_cumprod, latents, noise, t),  # eps or v
+                alphas_cumprod=alphas_cumprod)
 
 
 def _split_params(trainable, frozen):
@@ -276,7 +278,7 @@ def concept_loss(trainable, frozen, run_data, masks_Cxhxw, key, statics: StepSta
     union_Bx1xhxw = losses.dilate(losses.union_mask(masks_BxCxhxw, present_BxC), cfg.loss_margin)
     w_inst = w_prior = None  # per-sample weights of the instances and the prior's class images (min-SNR)
     if cfg.min_snr_gamma > 0:
-        snr_w = diffusion.min_snr_weights(model.prediction_type, model.alphas(), nb["t"], cfg.min_snr_gamma)
+        snr_w = diffusion.min_snr_weights(model.prediction_type, nb["alphas_cumprod"], nb["t"], cfg.min_snr_gamma)
         w_inst, w_prior = snr_w[:b], snr_w[b:]
     target = nb["target"]
     l_mask = losses.masked_diffusion_loss(eps[:b], target[:b], union_Bx1xhxw, cfg.loss_per_area, w_inst)
